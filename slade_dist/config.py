@@ -1,0 +1,509 @@
+"""Typed configuration: dataclasses for every section, YAML layering, validation at load.
+
+Owns: the schema (every knob the system has, with its default), layering
+`configs/defaults.yaml` -> a run file -> `key.sub=value` overrides, and the errors a user sees for
+an unknown key (closest valid key suggested), a wrong type, an out-of-range value or a missing input
+path (each naming the key and the file it came from). Also the resolved-config dump and its hash.
+Tests: tests/unit/test_config.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the file it came from in the message."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+       input_path: bool = False, help: str = "", factory: Any = None) -> Any:
+    """A field with validation metadata: lo/hi bounds (inclusive), input_path (must exist if set)."""
+    meta = {"lo": lo, "hi": hi, "input_path": input_path, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------- schema
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/demo", help="run directory: every stage writes under it")
+    rounds: int = _f(2, lo=1, help="self-training rounds (embed -> cluster -> student)")
+    round: int = _f(1, lo=1, help="round a per-round stage (embed/cluster/student) works on")
+    seed: int = _f(0, lo=0)
+
+
+@dataclass
+class DemoConfig:
+    """The procedural fine-grained demo dataset (python -m slade_dist demo-data)."""
+    out: str = _f("shards/demo", help="where the demo shards go (train/ test/ unlabeled/)")
+    image_size: int = _f(64, lo=16, hi=1024)
+    train_classes: int = _f(40, lo=2)
+    test_classes: int = _f(40, lo=2)
+    extra_classes: int = _f(20, lo=0, help="unseen classes that appear only in the unlabeled set")
+    labeled_per_class: int = _f(10, lo=1)
+    test_per_class: int = _f(20, lo=2)
+    unlabeled_per_class: int = _f(40, lo=0)
+    shard_size: int = _f(500, lo=1)
+    seed: int = _f(0, lo=0)
+    workers: int = _f(2, lo=1)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = _f("", input_path=True, help="labeled training shard dir (index.json inside)")
+    test_shards: str = _f("", input_path=True, help="class-disjoint test shard dir")
+    query_shards: str = _f("", input_path=True, help="In-shop protocol: query shard dir")
+    gallery_shards: str = _f("", input_path=True, help="In-shop protocol: gallery shard dir")
+    unlabeled_shards: str = _f("", input_path=True, help="unlabeled shard dir")
+    image_size: int = _f(224, lo=8, help="crop size fed to the model")
+    resize_size: int = _f(256, lo=8, help="eval: shorter side before the center crop")
+    crop_scale_min: float = _f(0.16, lo=0.01, hi=1.0)
+    num_workers: int = _f(2, lo=0)
+    shuffle_buffer: int = _f(1000, lo=0)
+    max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
+    pseudo_max_dist_percentile: float = _f(100.0, lo=0.0, hi=100.0,
+                                           help="drop pseudo-labeled samples farther from their centroid")
+    pseudo_min_cluster_size: int = _f(2, lo=1)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("resnet50", help="resnet50 | resnet18 | tiny_cnn | timm:<name>")
+    embed_dim: int = _f(128, lo=2)
+    pretrained_path: str = _f("", input_path=True, help="local weights file; never downloaded")
+    freeze_bn: bool = _f(True)
+    pooling: Literal["avg", "max", "avgmax"] = _f("avg")
+
+
+@dataclass
+class LossConfig:
+    name: Literal["ms", "contrastive"] = _f("ms")
+    ms_alpha: float = _f(2.0, lo=0.0)
+    ms_beta: float = _f(50.0, lo=0.0)
+    ms_lambda: float = _f(0.5)
+    ms_eps: float = _f(0.1, lo=0.0)
+    pos_margin: float = _f(0.0, lo=0.0)
+    neg_margin: float = _f(1.0, lo=0.0)
+    cross_rank: bool = _f(False, help="all-gather embeddings so anchors see the global batch")
+
+
+@dataclass
+class PretrainConfig:
+    """SwAV continued pre-training on labeled + unlabeled images (labels ignored)."""
+    steps: int = _f(200, lo=0)
+    batch_size: int = _f(64, lo=2)
+    prototypes: int = _f(300, lo=2)
+    proj_dim: int = _f(128, lo=2)
+    temperature: float = _f(0.1, lo=1e-4)
+    epsilon: float = _f(0.05, lo=1e-4)
+    sinkhorn_iters: int = _f(3, lo=1)
+    lr: float = _f(1e-3, lo=0.0)
+    freeze_prototypes_steps: int = _f(50, lo=0)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation shared by the teacher and the student."""
+    teacher_steps: int = _f(1000, lo=0)
+    student_steps: int = _f(1000, lo=0)
+    classes_per_batch: int = _f(8, lo=2, help="P of the labeled P x K batch")
+    samples_per_class: int = _f(4, lo=2, help="K of the labeled P x K batch")
+    optimizer: Literal["adamw", "sgd"] = _f("adamw")
+    lr: float = _f(1e-4, lo=0.0, help="head learning rate")
+    backbone_lr_mult: float = _f(0.1, lo=0.0)
+    basis_lr_mult: float = _f(10.0, lo=0.0)
+    weight_decay: float = _f(1e-4, lo=0.0)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    warmup_steps: int = _f(50, lo=0)
+    grad_clip: float = _f(10.0, lo=0.0, help="0 disables clipping")
+    grad_accum: int = _f(1, lo=1)
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", help="auto: bf16 on GPU, fp32 on CPU")
+    zero_stage: int = _f(0, lo=0, hi=3)
+    ckpt_every: int = _f(200, lo=1)
+    log_every: int = _f(10, lo=1)
+    eval_every: int = _f(0, lo=0, help="periodic eval during training (0: only at the end)")
+
+
+@dataclass
+class StudentConfig:
+    init: Literal["teacher", "pretrain"] = _f("teacher")
+    unlabeled_classes_per_batch: int = _f(8, lo=2, help="P of the pseudo-labeled P x K batch")
+    unlabeled_samples_per_class: int = _f(4, lo=2)
+    lambda1: float = _f(1.0, lo=0.0, help="weight of the ranking loss on mined unlabeled pairs")
+    lambda2: float = _f(0.25, lo=0.0, help="weight of L_CE + L_SD")
+    basis_warmup_steps: int = _f(100, lo=0, help="train W_a alone first, embeddings detached")
+    ablation: Literal["full", "no_mining", "no_basis", "raw_pairs"] = _f("full")
+
+
+@dataclass
+class BasisConfig:
+    scale: float = _f(16.0, lo=0.0, help="s of normalized softmax (temperature 1/s)")
+    beta: float = _f(0.99, lo=0.0, hi=1.0, help="running-Gaussian momentum")
+    margin: float = _f(0.5, lo=0.0, help="m of L_SD")
+    lambda_sd: float = _f(1.0, lo=0.0, help="weight of the variance term of L_SD")
+
+
+@dataclass
+class MiningConfig:
+    enabled: bool = _f(True)
+    require_cluster_agreement: bool = _f(False, help="also require same/different pseudo label (non-literal reading)")
+
+
+@dataclass
+class PseudoConfig:
+    """Embedding the unlabeled set and clustering it into pseudo labels."""
+    embed_batch_size: int = _f(256, lo=1)
+    k: int = _f(400, lo=2, help="number of k-means clusters")
+    niter: int = _f(20, lo=1)
+    max_points_per_centroid: int = _f(256, lo=1)
+    init: Literal["kmeans++", "random"] = _f("kmeans++")
+    spherical: bool = _f(True)
+    backend: Literal["auto", "faiss_gpu", "torch", "faiss_cpu"] = _f("auto")
+    chunk_size: int = _f(65536, lo=1, help="points per assignment chunk (bounds memory)")
+    seed: int = _f(0, lo=0)
+    gpu_tf32: bool = _f(True, help="torch backend on CUDA: TF32 distance matmuls (~8x faster on Hopper)")
+
+
+@dataclass
+class EvalConfig:
+    protocol: Literal["self", "query_gallery"] = _f("self")
+    recall_k: list[int] = _f(factory=lambda: [1, 2, 4, 8])
+    batch_size: int = _f(256, lo=1)
+    chunk_size: int = _f(8192, lo=1, help="query chunk of the exact kNN search")
+    nmi: bool = _f(True)
+
+
+@dataclass
+class JobShape:
+    nodes: int = _f(1, lo=1)
+    gpus_per_node: int = _f(0, lo=0)
+    tasks_per_node: int = _f(0, lo=0, help="0: one per GPU (or 1 without GPUs)")
+    cpus_per_task: int = _f(2, lo=1)
+    mem_gb: int = _f(0, lo=0, help="0: Slurm default")
+    time_min: int = _f(60, lo=1)
+
+
+@dataclass
+class LaunchConfig:
+    cluster: Literal["auto", "slurm", "local", "debug"] = _f("auto")
+    partition: str = _f("")
+    account: str = _f("")
+    qos: str = _f("")
+    constraint: str = _f("")
+    requeue: bool = _f(True)
+    pretrain: JobShape = _f(factory=JobShape)
+    teacher: JobShape = _f(factory=JobShape)
+    embed: JobShape = _f(factory=JobShape)
+    cluster_job: JobShape = _f(factory=JobShape)
+    student: JobShape = _f(factory=JobShape)
+    eval: JobShape = _f(factory=JobShape)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    basis: BasisConfig = field(default_factory=BasisConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    # where each leaf key's value came from ("defaults", a file path, or "command line")
+    _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not f.name.startswith("_")}
+
+    def section_hash(self, sections: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
+        """Short stable hash of the named sections (+ extra facts): identifies a stage's work."""
+        d = self.to_dict()
+        payload = {s: d[s] for s in sections}
+        if extra:
+            payload["_extra"] = dict(extra)
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def hash(self) -> str:
+        return self.section_hash([f.name for f in dataclasses.fields(self)
+                                  if not f.name.startswith("_") and f.name != "launch"])
+
+    def source_of(self, key: str) -> str:
+        return self._sources.get(key, "defaults")
+
+    def require_inputs(self, *keys: str) -> None:
+        """Fail clearly unless each dotted key names a non-empty, existing path."""
+        for key in keys:
+            value = self.get(key)
+            if not value:
+                raise ConfigError(f"{key} must be set for this stage (set it in your run file or "
+                                  f"pass {key}=PATH)")
+            if not Path(value).exists():
+                raise ConfigError(f"{key}: path {value!r} does not exist (from {self.source_of(key)})")
+
+    def get(self, dotted: str) -> Any:
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the resolved config (atomically) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"# resolved slade_dist config, hash {self.hash()}\n" + self.dump_yaml())
+        tmp.replace(path)
+        return path
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")]
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------- loading
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema (what --help and suggestions show)."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys.extend(valid_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _suggest(key: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if not close:  # a right leaf in the wrong section ("lr" -> "train.lr")
+        leaf = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:3]
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, sources: dict[str, str],
+           prefix: str = "") -> None:
+    """Deep-merge `layer` into `base`, recording the source of every leaf it sets."""
+    for k, v in layer.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v, source, sources, key + ".")
+        else:
+            base[k] = v
+            sources[key] = source
+            if isinstance(v, Mapping):
+                for leaf in _leaves(v, key + "."):
+                    sources[leaf] = source
+
+
+def _leaves(d: Mapping[str, Any], prefix: str) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.extend(_leaves(v, f"{prefix}{k}."))
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so 3 -> int, true -> bool, [1,2] -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    where = f"{key} (from {source})"
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        arg = next(a for a in typing.get_args(tp) if a is not type(None))
+        return _check_type(value, arg, key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: str,
+           all_keys: Sequence[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            if isinstance(v, Mapping):  # an unknown section: name the full key the user wrote
+                key = next(iter(_leaves(v, key + ".")), key)
+            src = sources.get(key, "?")
+            hint = _suggest(key, all_keys)
+            raise ConfigError(f"unknown config key {key!r} (from {src}). {hint}".rstrip()
+                              + (f"\nvalid keys in {prefix.rstrip('.') or 'the top level'}: "
+                                 f"{', '.join(sorted(prefix + n for n in names))}"))
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{key} (from {sources.get(key, '?')}) must be a mapping of "
+                                  f"{', '.join(valid_keys(tp))}, got {v!r}")
+            kwargs[k] = _build(tp, v, sources, key + ".", all_keys)
+            continue
+        src = sources.get(key, "defaults")
+        val = _check_type(v, tp, key, src)
+        meta = names[k].metadata
+        lo, hi = meta.get("lo"), meta.get("hi")
+        for item in (val if isinstance(val, list) else [val]):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                if lo is not None and item < lo:
+                    raise ConfigError(f"{key} (from {src}): {item!r} is below the minimum {lo}")
+                if hi is not None and item > hi:
+                    raise ConfigError(f"{key} (from {src}): {item!r} is above the maximum {hi}")
+        kwargs[k] = val
+    return cls(**kwargs)
+
+
+def _check_paths(cfg: Config, obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        if f.name.startswith("_"):
+            continue
+        v = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            _check_paths(cfg, v, key + ".")
+        elif f.metadata.get("input_path") and v and not Path(v).exists():
+            raise ConfigError(f"{key} (from {cfg.source_of(key)}): input path {v!r} does not exist")
+
+
+def load_config(run_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
+                *, defaults_file: str | os.PathLike[str] | None = None, check_paths: bool = True) -> Config:
+    """defaults.yaml -> run file -> key=value overrides, validated into a Config.
+
+    Relative paths in configs resolve against the current directory (run from the repo root, as
+    the README does). check_paths=False skips the input-path existence check (e.g. before the demo
+    data has been generated).
+    """
+    sources: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    dpath = Path(defaults_file) if defaults_file else DEFAULTS_FILE
+    if dpath.exists():
+        _merge(merged, _read_yaml(dpath), str(dpath), sources)
+    if run_file:
+        rpath = Path(run_file)
+        layer = _read_yaml(rpath)
+        _merge(merged, layer, str(rpath), sources)
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(merged, _nest(key, value), "command line", sources)
+    all_keys = valid_keys()
+    cfg = _build(Config, merged, sources, "", all_keys)
+    cfg._sources = sources
+    if check_paths:
+        _check_paths(cfg, cfg, "")
+    return cfg
+
+
+def describe_sections() -> str:
+    """One line per section with its keys (for --help)."""
+    hints = typing.get_type_hints(Config)
+    lines = []
+    for name in SECTIONS:
+        sub = typing.get_type_hints(hints[name])
+        flat = [f.name for f in dataclasses.fields(hints[name]) if not dataclasses.is_dataclass(sub[f.name])]
+        nested = [f.name for f in dataclasses.fields(hints[name]) if dataclasses.is_dataclass(sub[f.name])]
+        keys = ", ".join(flat)
+        if nested:  # e.g. launch.<stage>.nodes: name the sub-sections once instead of every leaf
+            leaf = ", ".join(f.name for f in dataclasses.fields(sub[nested[0]]))
+            keys += f"; {{{','.join(nested)}}}.{{{leaf}}}"
+        lines.append(f"  {name:9s} {keys}")
+    return "\n".join(lines)

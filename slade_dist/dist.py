@@ -1,0 +1,303 @@
+"""The distributed environment: the ONLY module that reads rank/world from the environment.
+
+Owns: detecting how we were started (Slurm/submitit, torchrun-style env vars, or one plain process),
+initialising torch.distributed (nccl with GPUs, gloo on CPU), rank-0 printing/logging, and
+collective helpers that degrade to no-ops in a single process. Everything else asks this module.
+Tests: tests/unit/test_dist.py (env detection from real env dicts, single-process no-ops) and
+tests/integration/test_dist_multiproc.py (2 real gloo processes).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as tdist
+
+__all__ = [
+    "DistEnv", "detect_env", "init_distributed", "shutdown", "is_dist", "rank", "world_size",
+    "local_rank", "is_main", "device", "barrier", "all_reduce_sum", "all_gather_cat",
+    "all_gather_object", "broadcast_object", "print0", "get_logger", "find_free_port",
+    "expand_slurm_nodelist", "export_submitit_env", "run_local_processes", "shard_slice",
+    "set_default_accelerator",
+]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job. `source` says which launcher's variables were read."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"  # "torchrun" (RANK/WORLD_SIZE, also what submitit exports) | "slurm" | "single"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compact host list ("node[1-3,5],gpu01") without calling scontrol."""
+    hosts: list[str] = []
+    # split on commas that are not inside brackets
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-")
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def _int(environ: Mapping[str, str], key: str, default: int) -> int:
+    value = environ.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        return int(str(value).split("(")[0].split(",")[0])  # SLURM_TASKS_PER_NODE may be "2(x3)"
+    except ValueError as e:
+        raise RuntimeError(f"environment variable {key}={value!r} is not an integer") from e
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read rank/world from torchrun-style variables, then Slurm's, else a single process.
+
+    torchrun-style (RANK + WORLD_SIZE) wins because submitit's TorchDistributedEnvironment.export()
+    and DeepSpeed's launcher both set them; raw SLURM_* is used inside a plain `srun` step.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE", 1)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        rank_ = _int(env, "RANK", 0)
+        return DistEnv(
+            rank=rank_, world_size=world, local_rank=_int(env, "LOCAL_RANK", 0),
+            local_world_size=local_world, node_rank=_int(env, "GROUP_RANK", rank_ // max(local_world, 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT", 29500),
+            source="torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        job_id = _int(env, "SLURM_JOB_ID", 0)
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID", 0), world_size=_int(env, "SLURM_NTASKS", 1),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", _int(env, "SLURM_STEP_TASKS_PER_NODE", 1)),
+            node_rank=_int(env, "SLURM_NODEID", 0), master_addr=env.get("MASTER_ADDR", nodes[0]),
+            # same port on every task of the job without any communication
+            master_port=_int(env, "MASTER_PORT", 20000 + job_id % 20000), source="slurm")
+    return DistEnv()
+
+
+def export_submitit_env() -> None:
+    """Inside a submitit task: export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.
+
+    set_cuda_visible_devices=False: DeepSpeed picks the GPU by LOCAL_RANK; pinning would break that.
+    """
+    import submitit  # only here: the trainer never imports submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+_ENV: DistEnv = DistEnv()
+
+
+def init_distributed(backend: str | None = None, env: DistEnv | None = None,
+                     timeout_s: float = 1800.0) -> DistEnv:
+    """Initialise torch.distributed for this process (idempotent). A single process inits nothing.
+
+    The variables torch (and DeepSpeed) read are written back so both agree with what we detected.
+    """
+    global _ENV
+    env = env or detect_env()
+    _ENV = env
+    if not env.distributed or tdist.is_initialized():
+        return env
+    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
+                       "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
+                       "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)})
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank % max(torch.cuda.device_count(), 1))
+    tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    return env
+
+
+def shutdown() -> None:
+    global _ENV
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    _ENV = DistEnv()
+
+
+def is_dist() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    return _ENV.local_rank if is_dist() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """cuda:<local rank> when GPUs are visible, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_dist():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks in place (returned for chaining); identity in one process."""
+    if is_dist():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's tensor along `dim` (rank order). Sizes may differ along dim 0.
+
+    No gradient flows through the result (use it for candidates, not for the local anchors).
+    """
+    if not is_dist():
+        return t.detach()
+    n = world_size()
+    if dim != 0:
+        t = t.transpose(0, dim)
+    t = t.detach().contiguous()
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(n)]
+    tdist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.long, device=t.device))
+    max_n = int(max(s.item() for s in sizes))
+    padded = torch.zeros((max_n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(n)]
+    tdist.all_gather(out, padded)
+    res = torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)], dim=0)
+    return res.transpose(0, dim) if dim != 0 else res
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only (flushes, so Slurm logs show progress promptly)."""
+    if is_main():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main() or record.levelno >= logging.WARNING
+
+
+def get_logger(name: str = "slade_dist") -> logging.Logger:
+    """A logger that prints INFO on rank 0 and WARNING+ on every rank (prefixed with the rank)."""
+    logger = logging.getLogger(name)
+    if not getattr(logger, "_slade_configured", False):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_RankFormatter())
+        handler.addFilter(_RankZeroFilter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger._slade_configured = True  # type: ignore[attr-defined]
+    return logger
+
+
+class _RankFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[{datetime.datetime.now():%H:%M:%S} r{rank()}] {record.getMessage()}"
+
+
+def set_default_accelerator() -> None:
+    """DeepSpeed must be told to use the CPU when no GPU is visible (it would try CUDA otherwise).
+
+    Call before deepspeed is imported; an explicit DS_ACCELERATOR always wins.
+    """
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def find_free_port() -> int:
+    """A TCP port free on this host right now (for local multi-process runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shard_slice(items: Sequence[Any], rank_: int | None = None, world: int | None = None) -> list[Any]:
+    """This rank's disjoint, deterministic share of `items` (round-robin; may be empty)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return list(items[r::w])
+
+
+def _local_worker(rank_: int, fn: Callable[..., Any], world: int, port: int, args: tuple,
+                  extra_env: dict[str, str]) -> None:
+    os.environ.update(extra_env)
+    os.environ.update({"RANK": str(rank_), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank_),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    fn(*args)
+
+
+def run_local_processes(fn: Callable[..., Any], world: int, args: tuple = (),
+                        extra_env: Mapping[str, str] | None = None) -> None:
+    """Run fn(*args) in `world` fresh processes on this machine with torchrun-style env set.
+
+    `fn` must be importable (module level). Raises if any process fails. Used by tests and by the
+    launcher's local mode; each process calls init_distributed() itself.
+    """
+    import torch.multiprocessing as mp
+
+    port = find_free_port()
+    mp.start_processes(_local_worker, args=(fn, world, port, tuple(args), dict(extra_env or {})),
+                       nprocs=world, join=True, start_method="spawn")

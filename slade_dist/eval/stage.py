@@ -1,0 +1,117 @@
+"""The eval stage: every model the run produced, measured on the class-disjoint test split.
+
+Owns: `run(cfg, run_dir)` — embeds the test split (or In-shop query + gallery) with the teacher
+and each round's student (so the self-training gain is visible in one table), gathers the
+embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval/metrics.json`,
+logs them to TensorBoard (tb/eval, one step per model in chain order) and prints the table.
+Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
+when the unlabeled data carried hidden labels. Tests: tests/integration/test_pipeline_e2e.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dist
+from ..config import Config
+from ..stages import RunLayout
+from .report import format_table
+
+
+def models_to_evaluate(layout: RunLayout, rounds: int) -> list[tuple[str, Path]]:
+    """(name, final.pt) in chain order, for those that exist."""
+    found = [("teacher", layout.stage_dir("teacher") / "final.pt")]
+    found += [(f"student r{r}", layout.stage_dir("student", r) / "final.pt") for r in range(1, rounds + 1)]
+    return [(n, p) for n, p in found if p.exists()]
+
+
+@torch.no_grad()
+def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, labels) of a labeled shard dir, gathered from all ranks (rank order, then sorted by key)."""
+    from ..data.readers import finite_batches
+
+    device = dist.device()
+    model.eval().to(device)
+    embs, labels, keys = [], [], []
+    for batch in finite_batches(shard_dir, cfg.data, cfg.eval.batch_size):
+        x = batch["images"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            e = model(x)
+        embs.append(torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy())
+        labels.append(batch["labels"].numpy())
+        keys.extend(batch["keys"])
+    dim = getattr(model, "embed_dim", cfg.model.embed_dim)
+    local = (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
+             np.concatenate(labels) if labels else np.zeros((0,), np.int64), keys)
+    parts = dist.all_gather_object(local)
+    emb = np.concatenate([p[0] for p in parts])
+    lab = np.concatenate([p[1] for p in parts])
+    order = np.argsort(np.array([k for p in parts for k in p[2]]), kind="stable")  # rank-independent order
+    return emb[order], lab[order]
+
+
+def evaluate_model(path: Path, cfg: Config) -> dict[str, float] | None:
+    """Metrics of one exported model (rank 0 gets the dict, other ranks None)."""
+    from ..models import load_embedder
+    from .metrics import query_gallery_metrics, retrieval_metrics
+
+    model = load_embedder(path, map_location="cpu")
+    if cfg.eval.protocol == "query_gallery":
+        q, ql = embed_split(model, cfg.data.query_shards, cfg)
+        g, gl = embed_split(model, cfg.data.gallery_shards, cfg)
+        if not dist.is_main():
+            return None
+        return query_gallery_metrics(q, ql, g, gl, recall_k=tuple(cfg.eval.recall_k), chunk_size=cfg.eval.chunk_size)
+    emb, lab = embed_split(model, cfg.data.test_shards, cfg)
+    if not dist.is_main():
+        return None
+    return retrieval_metrics(emb, lab, recall_k=tuple(cfg.eval.recall_k), chunk_size=cfg.eval.chunk_size,
+                             nmi=cfg.eval.nmi, seed=cfg.run.seed)
+
+
+def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, Any]]:
+    out = {}
+    for r in range(1, rounds + 1):
+        stats = layout.stage_dir("cluster", r) / "stats.json"
+        if stats.exists():
+            s = json.loads(stats.read_text())
+            out[f"round {r}"] = {k: s[k] for k in ("purity", "nmi", "k", "n", "imbalance") if k in s}
+    return out
+
+
+def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    need = ("data.query_shards", "data.gallery_shards") if cfg.eval.protocol == "query_gallery" else ("data.test_shards",)
+    cfg.require_inputs(*need)
+    layout = RunLayout(run_dir)
+    models = models_to_evaluate(layout, cfg.run.rounds)
+    if not models:
+        raise FileNotFoundError(f"eval: no trained model under {layout.root} (expected teacher/final.pt or "
+                                f"round<r>/student/final.pt); run the teacher stage first")
+    results: dict[str, Any] = {"protocol": cfg.eval.protocol, "models": {}, "final": models[-1][0]}
+    for name, path in models:
+        metrics = evaluate_model(path, cfg)
+        if metrics is not None:
+            results["models"][name] = {k: float(v) for k, v in metrics.items()}
+    if not dist.is_main():
+        return {}
+    results["pseudo_labels"] = pseudo_label_quality(layout, cfg.run.rounds)
+    out = layout.stage_dir("eval") / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    _log_tensorboard(layout, results)
+    print(format_table(results), flush=True)
+    return {"final": results["final"], **results["models"][results["final"]]}
+
+
+def _log_tensorboard(layout: RunLayout, results: dict[str, Any]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(layout.tb_dir("eval"))) as w:
+        for step, (name, metrics) in enumerate(results["models"].items()):
+            for k, v in metrics.items():
+                w.add_scalar(f"eval/{k}", v, step)
+            w.add_text("eval/model", name, step)

@@ -1,0 +1,138 @@
+"""Config layering and every error path of slade_dist.config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slade_dist.config import Config, ConfigError, load_config, parse_override, valid_keys
+
+
+def write(tmp_path: Path, name: str, body: dict) -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(body))
+    return p
+
+
+def test_defaults_file_matches_schema():
+    """configs/defaults.yaml sets every key of the schema to its dataclass default."""
+    cfg = load_config()
+    assert cfg.to_dict() == Config().to_dict()
+    text = Path("configs/defaults.yaml").read_text()
+    for key in valid_keys():
+        assert key.split(".")[-1] + ":" in text, f"{key} missing from configs/defaults.yaml"
+
+
+def test_layering_defaults_runfile_overrides(tmp_path):
+    run = write(tmp_path, "run.yaml", {"train": {"lr": 0.01, "teacher_steps": 7}, "model": {"embed_dim": 32}})
+    cfg = load_config(run, ["train.lr=0.5", "eval.recall_k=[1,5]", "mining.enabled=false"])
+    assert cfg.train.lr == 0.5                      # command line beats run file
+    assert cfg.train.teacher_steps == 7             # run file beats defaults
+    assert cfg.model.embed_dim == 32
+    assert cfg.train.student_steps == Config().train.student_steps  # untouched default
+    assert cfg.eval.recall_k == [1, 5] and cfg.mining.enabled is False
+    assert cfg.source_of("train.lr") == "command line"
+    assert cfg.source_of("train.teacher_steps") == str(run)
+    assert cfg.source_of("train.warmup_steps").endswith("defaults.yaml")
+
+
+def test_int_accepted_for_float_and_nested_launch_shape(tmp_path):
+    run = write(tmp_path, "r.yaml", {"train": {"lr": 1}, "launch": {"student": {"nodes": 8, "gpus_per_node": 8}}})
+    cfg = load_config(run)
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
+    assert cfg.launch.student.nodes == 8 and cfg.launch.teacher.nodes == 1
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    run = write(tmp_path, "r.yaml", {"train": {"teacher_stpes": 5}})
+    with pytest.raises(ConfigError) as e:
+        load_config(run)
+    msg = str(e.value)
+    assert "train.teacher_stpes" in msg and "train.teacher_steps" in msg and str(run) in msg
+
+
+def test_unknown_section_and_misplaced_leaf():
+    with pytest.raises(ConfigError, match=r"'trian.lr'.*did you mean 'train.lr'"):
+        load_config(None, ["trian.lr=3"])
+    with pytest.raises(ConfigError, match=r"did you mean .*'train.teacher_steps'"):
+        load_config(None, ["teacher_steps=3"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.lr=abc", r"train.lr \(from command line\): expected a number"),
+    ("train.teacher_steps=1.5", r"expected an integer"),
+    ("train.teacher_steps=true", r"expected an integer"),
+    ("mining.enabled=3", r"expected true/false"),
+    ("loss.name=triplet", r"'triplet' is not one of 'ms', 'contrastive'"),
+    ("eval.recall_k=5", r"expected a list"),
+    ("eval.recall_k=[1,x]", r"eval.recall_k\[1\]"),
+    ("train.zero_stage=4", r"above the maximum 3"),
+    ("basis.beta=-0.1", r"below the minimum 0"),
+    ("model=3", r"model .*must be a mapping"),
+])
+def test_bad_values_name_key_and_source(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_bad_type_in_file_names_file(tmp_path):
+    run = write(tmp_path, "r.yaml", {"pseudo": {"k": "many"}})
+    with pytest.raises(ConfigError, match=rf"pseudo.k \(from {run}\): expected an integer"):
+        load_config(run)
+
+
+def test_missing_input_path_fails_at_load(tmp_path):
+    run = write(tmp_path, "r.yaml", {"data": {"train_shards": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match=rf"data.train_shards \(from {run}\): input path .*nope.* does not exist"):
+        load_config(run)
+    (tmp_path / "nope").mkdir()
+    assert load_config(run).data.train_shards == str(tmp_path / "nope")
+    assert load_config(write(tmp_path, "s.yaml", {"data": {"unlabeled_shards": "/x/y"}}), check_paths=False)
+
+
+def test_require_inputs_for_stage():
+    cfg = load_config()
+    with pytest.raises(ConfigError, match="data.train_shards must be set"):
+        cfg.require_inputs("data.train_shards")
+
+
+def test_bad_files():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=") == ("a.b", "")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.lr")
+
+
+def test_hash_and_saved_config_round_trip(tmp_path):
+    a = load_config(None, ["train.lr=0.5"])
+    b = load_config(None, ["train.lr=0.5", "launch.teacher.nodes=4"])
+    c = load_config(None, ["train.lr=0.25"])
+    assert a.hash() == b.hash() != c.hash()          # the job shape is not part of the work's identity
+    assert len(a.hash()) == 12
+    assert a.section_hash(["model"]) == c.section_hash(["model"])
+    saved = a.save(tmp_path / "out" / "config.yaml")
+    again = load_config(saved)
+    assert again.to_dict() == a.to_dict() and again.hash() == a.hash()
+    assert a.hash() in saved.read_text()
+
+
+def test_every_run_file_loads():
+    for f in sorted(Path("configs").glob("*.yaml")):
+        load_config(f, check_paths=False)

@@ -1,0 +1,88 @@
+"""Environment detection of slade_dist.dist from real env dicts, and single-process no-ops."""
+from __future__ import annotations
+
+import torch
+
+from slade_dist import dist
+
+
+def test_single_process_defaults():
+    env = dist.detect_env({"HOME": "/root", "PATH": "/usr/bin"})
+    assert env == dist.DistEnv() and env.source == "single" and not env.distributed
+
+
+def test_torchrun_env():
+    env = dist.detect_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                           "MASTER_ADDR": "node7", "MASTER_PORT": "29123", "GROUP_RANK": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank) == (3, 8, 1, 2, 1)
+    assert (env.master_addr, env.master_port, env.source) == ("node7", 29123, "torchrun")
+
+
+def test_slurm_env_inside_srun_step():
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8",
+             "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_JOB_NODELIST": "gpu[07-09,12]", "SLURM_STEP_NODELIST": "gpu[07-09,12]"}
+    env = dist.detect_env(slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.local_world_size) == (5, 8, 1, 2, 2)
+    assert env.master_addr == "gpu07" and env.source == "slurm"
+    assert env.master_port == 20000 + 4242 % 20000
+    # the same job seen from another task agrees on the rendezvous point
+    other = dist.detect_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    assert (other.master_addr, other.master_port) == (env.master_addr, env.master_port)
+
+
+def test_torchrun_vars_win_over_slurm():
+    """submitit exports RANK/WORLD_SIZE inside Slurm jobs: those are the ones to use."""
+    env = dist.detect_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+                           "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node1", "MASTER_PORT": "31000"})
+    assert env.source == "torchrun" and env.master_port == 31000
+
+
+def test_slurm_batch_script_without_step_is_single():
+    """sbatch's own shell (no srun step) is one process, not rank k of the job."""
+    env = dist.detect_env({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
+    assert env.source == "single" and env.world_size == 1
+
+
+def test_expand_nodelist():
+    assert dist.expand_slurm_nodelist("node1") == ["node1"]
+    assert dist.expand_slurm_nodelist("node[1-3],gpu05") == ["node1", "node2", "node3", "gpu05"]
+    assert dist.expand_slurm_nodelist("a[08-10]b") == ["a08b", "a09b", "a10b"]
+
+
+def test_bad_integer_is_named():
+    try:
+        dist.detect_env({"RANK": "x", "WORLD_SIZE": "2"})
+    except RuntimeError as e:
+        assert "RANK" in str(e)
+    else:
+        raise AssertionError("expected an error")
+
+
+def test_single_process_collectives_are_noops(capsys):
+    assert not dist.is_dist() and dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
+    t = torch.arange(4.0)
+    assert torch.equal(dist.all_reduce_sum(t.clone()), t)
+    assert torch.equal(dist.all_gather_cat(t), t)
+    assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert dist.broadcast_object(5) == 5
+    dist.barrier()
+    dist.print0("hello rank0")
+    assert "hello rank0" in capsys.readouterr().out
+    env = dist.init_distributed(env=dist.DistEnv())
+    assert not env.distributed and not dist.is_dist()
+
+
+def test_shard_slice_is_disjoint_and_complete():
+    items = list(range(7))
+    parts = [dist.shard_slice(items, r, 3) for r in range(3)]
+    assert sorted(x for p in parts for x in p) == items
+    assert dist.shard_slice(items[:2], 3, 4) == []
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = dist.find_free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
