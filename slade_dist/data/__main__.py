@@ -1,0 +1,91 @@
+"""`python -m slade_dist.data`: shard tools.
+
+  write  convert a dataset, as distributed, into WebDataset shards (or index img2dataset output)
+  index  (re)build index.json of a shard directory by scanning its tars
+  check-pseudo  verify that pseudo-label files zip with their image shards (keys, order)
+
+Tests: tests/unit/test_writers.py (runs the CLI in a subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .writers import FORMATS, DatasetLayoutError, convert
+
+LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distributed):
+  imagefolder  ROOT/<class>/**/*.jpg (labeled, class = sub-directory) or ROOT/*.jpg (flat = unlabeled)
+  cub          ROOT/{images.txt,image_class_labels.txt,classes.txt,images/} (or ROOT/CUB_200_2011/...);
+               classes 1-100 -> OUT/train, 101-200 -> OUT/test
+  cars196      ROOT/cars_annos.mat + ROOT/car_ims/; classes 1-98 -> OUT/train, 99-196 -> OUT/test
+  inshop       ROOT/[Eval/]list_eval_partition.txt + ROOT/[Img/]img/...; OUT/{train,query,gallery}
+               (query and gallery share one class-id space)
+  nabirds      ROOT/{images.txt,image_class_labels.txt,classes.txt,images/}  -> unlabeled, truth in json
+  compcars     ROOT/[data/]image/<make>/<model>/<year>/*.jpg               -> unlabeled, truth in json
+  fashion200k  ROOT/labels/*.txt (path<TAB>score<TAB>description) + ROOT/women/... -> unlabeled
+  img2dataset  ROOT/<digits>.tar written by img2dataset: validated and indexed in place (no copy);
+               OUT/index.json points at ROOT's tars
+Single-split formats write OUT/<prefix>-%06d.tar; re-running skips finished shards."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m slade_dist.data", description="slade_dist shard tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="convert a dataset into shards", epilog=LAYOUTS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("--format", required=True, choices=FORMATS)
+    w.add_argument("--root", required=True, help="dataset directory as distributed")
+    w.add_argument("--out", required=True, help="output shard directory, e.g. shards/cub")
+    w.add_argument("--split", default="all", choices=["all", "train", "test", "query", "gallery", "unlabeled"],
+                   help="multi-split formats: which split to write (default all); single-split formats: "
+                        "the shard name prefix")
+    w.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
+    w.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    w.add_argument("--resize", type=int, default=0, metavar="SHORTER_SIDE",
+                   help="shrink images whose shorter side is larger (re-encodes JPEG); 0 keeps bytes as is")
+    w.add_argument("--seed", type=int, default=0, help="seed of the fixed write order (default 0)")
+    w.add_argument("--no-progress", action="store_true")
+    ix = sub.add_parser("index", help="rebuild index.json of a shard directory from its tars")
+    ix.add_argument("shard_dir")
+    cp = sub.add_parser("check-pseudo", help="verify pl-%%06d.npz files against their image shards")
+    cp.add_argument("unlabeled_dir")
+    cp.add_argument("pseudo_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "write":
+            if args.workers < 1 or args.shard_size < 1 or args.resize < 0:
+                raise ValueError("--workers and --shard-size must be >= 1, --resize >= 0")
+            done = convert(args.format, args.root, args.out, split=args.split, shard_size=args.shard_size,
+                           workers=args.workers, resize=args.resize, seed=args.seed, progress=not args.no_progress)
+            for split, idx in done.items():
+                print(f"{split}: {idx['total']} images in {len(idx['shards'])} shards, {idx.get('rejected', 0)} "
+                      f"rejected" + (f", {idx['num_classes']} classes" if "num_classes" in idx else ""))
+            return 0
+        if args.cmd == "index":
+            from .shards import INDEX_FILE, read_index
+
+            (Path(args.shard_dir) / INDEX_FILE).unlink(missing_ok=True)
+            idx = read_index(args.shard_dir)
+            print(json.dumps({"shards": len(idx["shards"]), "total": idx["total"], "kind": idx["kind"]}))
+            return 0
+        if args.cmd == "check-pseudo":
+            from .pseudo_labels import check_zip
+            from .readers import resolve_shards
+
+            n = sum(check_zip(s, args.pseudo_dir) for s in resolve_shards(args.unlabeled_dir))
+            print(f"ok: {n} pseudo-labeled samples zip with their image shards")
+            return 0
+    except (DatasetLayoutError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Streaming readers over WebDataset shards: what the trainers, embed and eval iterate.
+
+Owns three streams, all decoding + augmenting inside torch DataLoader workers:
+- `labeled_batches`: INFINITE resampled P x K batches of labeled shards (teacher/student). Each
+  (rank, worker) draws shards at random with its own seed from (seed, rank, worker), so every rank
+  can take exactly N batches (training counts optimizer steps; no rank runs dry, no collective hangs).
+- `pseudo_labeled_batches`: the same over unlabeled shards zipped with their `pl-%06d.npz` pseudo
+  labels (key mismatch -> PseudoLabelMismatch naming both files), filtered per cluster.
+- `finite_batches`: ONE pass for embed/eval; each rank owns `shard_slice(shards, rank, world)`, each
+  DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
+  ranks x workers (idle readers yield nothing).
+plus `iter_shard` for one shard. Sharding is done here (not by webdataset's nodesplitter /
+split_by_node, which read the env and raise or double-read with few shards; stack_notes).
+Tar members are parsed by webdataset's own tar iterator and key rule (`base_plus_ext`).
+A corrupt image, a sample without an image, or a truncated tar is skipped and counted ("skipped" in
+every batch: total so far over this rank's workers), never a crash.
+Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import tarfile
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from .. import dist
+from .batcher import PKBatcher
+from .pseudo_labels import (cluster_thresholds, keep_sample, pseudo_label_path, read_pseudo_labels,
+                            zip_pseudo_labels)
+from .shards import read_index, shard_paths
+from .transforms import (IMAGE_EXTS, CorruptImage, decode, eval_geometry, eval_resize_for,
+                         normalize_batch, train_geometry)
+
+__all__ = ["labeled_batches", "pseudo_labeled_batches", "finite_batches", "iter_shard", "TarSamples",
+           "BatchStream", "rank_shards", "resolve_shards"]
+
+
+# ------------------------------------------------------------------------------------ one tar
+class TarSamples:
+    """Samples of one tar in order ({"__key__", member ext: bytes}); a truncated/unreadable tar ends
+    the iteration early with `truncated` set (its partial last sample is dropped)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.truncated = False
+        self.error = ""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cur: dict[str, Any] | None = None
+        try:
+            with open(self.path, "rb") as f:
+                for member in tar_file_iterator(f):
+                    prefix, suffix = base_plus_ext(member["fname"])
+                    if prefix is None:
+                        continue
+                    if cur is not None and cur["__key__"] != prefix:
+                        yield cur
+                        cur = None
+                    if cur is None:
+                        cur = {"__key__": prefix}
+                    cur[suffix.lower()] = member["data"]
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
+            self.truncated = True
+            self.error = f"{type(e).__name__}: {str(e)[:200]}"
+            return
+        if cur is not None:
+            yield cur
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise CorruptImage(f"sample {sample.get('__key__')!r} has no image member ({'/'.join(IMAGE_EXTS)})")
+
+
+def sample_cls(sample: dict[str, Any]) -> int:
+    """The `cls` member as int; -1 when absent or unparsable (unlabeled data)."""
+    raw = sample.get("cls")
+    if raw is None:
+        return -1
+    try:
+        return int(raw.decode() if isinstance(raw, bytes) else raw)
+    except ValueError:
+        return -1
+
+
+def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {"value": meta}
+
+
+class _ShardIter:
+    """Iterator of (key, image, cls, meta) over one shard; counts what it skips in `skipped`."""
+
+    def __init__(self, path: str | os.PathLike[str], transform: Callable | None) -> None:
+        self.tar = TarSamples(path)
+        self.transform = transform
+        self.skipped = 0
+        self._gen: Iterator[tuple[str, Any, int, dict[str, Any]]] | None = None
+
+    def __iter__(self) -> "_ShardIter":
+        return self
+
+    def __next__(self) -> tuple[str, Any, int, dict[str, Any]]:
+        if self._gen is None:
+            self._gen = self._rows()
+        return next(self._gen)
+
+    def _rows(self) -> Iterator[tuple[str, Any, int, dict[str, Any]]]:
+        for s in self.tar:
+            try:
+                img = decode(image_bytes(s))
+            except CorruptImage:
+                self.skipped += 1
+                continue
+            yield s["__key__"], (self.transform(img) if self.transform else img), sample_cls(s), sample_meta(s)
+        if self.tar.truncated:
+            self.skipped += 1
+
+
+def iter_shard(path: str | os.PathLike[str], transform: Callable | None = None) -> _ShardIter:
+    """(key, image, cls, meta) for one shard in order; image is a uint8 (3,H,W) tensor when transform
+    is None, else transform(that tensor). `.skipped` counts corrupt samples (+1 for a truncated tar)."""
+    return _ShardIter(path, transform)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def resolve_shards(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """A shard dir (its index.json, rebuilt if missing) or an explicit list of tar paths."""
+    if isinstance(shard_dir_or_paths, (str, os.PathLike)):
+        p = Path(shard_dir_or_paths)
+        if p.is_file():
+            return [p]
+        return shard_paths(p)
+    return [Path(x) for x in shard_dir_or_paths]
+
+
+def rank_shards(paths: Sequence[Path], rank: int, world: int) -> list[Path]:
+    """The disjoint, deterministic shards a rank owns in a finite pass (round-robin)."""
+    return dist.shard_slice(list(paths), rank, world)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _shuffle(stream: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle with a bounded buffer."""
+    if bufsize <= 1:
+        yield from stream
+        return
+    buf: list[Any] = []
+    for item in stream:
+        buf.append(item)
+        if len(buf) >= bufsize:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class BatchStream:
+    """Main-process side of a DataLoader: folds each worker's running skip count into one total.
+
+    Workers send {"worker": id, "skipped": n, ...}; batches with images=None only carry counts.
+    """
+
+    def __init__(self, loader: Iterable[dict[str, Any]] | None) -> None:
+        self._it = iter(loader) if loader is not None else iter(())
+        self._skips: dict[int, int] = {}
+
+    @property
+    def skipped(self) -> int:
+        return sum(self._skips.values())
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            b = next(self._it)
+            self._skips[b.pop("worker")] = b["skipped"]
+            b["skipped"] = self.skipped
+            if b.get("images") is not None:
+                return b
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    # fork explicitly: under a spawn-started rank (torch.multiprocessing, submitit) the inherited
+    # default would re-import torch in every worker (~10 s each). Workers never touch CUDA.
+    ctx = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, multiprocessing_context=ctx,
+                      pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)
+
+
+def _seed_for(*parts: Any) -> int:
+    return random.Random("/".join(map(str, parts))).randrange(1 << 62)
+
+
+# ------------------------------------------------------------------------------ training streams
+class _ResampledPK(IterableDataset):
+    """Infinite P x K batches from randomly drawn shards (labels: `cls`, or pseudo labels)."""
+
+    def __init__(self, shards: list[Path], P: int, K: int, geometry: Callable, max_buffered: int,
+                 shuffle_buffer: int, seed: int, rank: int, pl_paths: list[Path] | None = None,
+                 thresholds: np.ndarray | None = None, max_samples_without_batch: int = 0) -> None:
+        if not shards:
+            raise ValueError("no shards to read")
+        self.shards, self.P, self.K, self.geometry = shards, P, K, geometry
+        self.max_buffered, self.shuffle_buffer, self.seed, self.rank = max_buffered, shuffle_buffer, seed, rank
+        self.pl_paths, self.thresholds = pl_paths, thresholds
+        self.max_without_batch = max_samples_without_batch or max(50 * max_buffered, 100_000)
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, _ = _worker()
+        rng = random.Random(_seed_for(self.seed, self.rank, wid))
+        torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
+        batcher = PKBatcher(self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31))
+        self.skipped = 0
+        self._since_batch = 0
+        samples = self._pseudo_samples(rng) if self.pl_paths is not None else self._class_samples(rng)
+        for batch in batcher(_shuffle(samples, self.shuffle_buffer, rng)):
+            self._since_batch = 0
+            out = self._decode_batch(batch, rng)
+            if out is not None:
+                out["worker"] = wid
+                yield out
+
+    def _draw_shards(self, rng: random.Random) -> Iterator[int]:
+        while True:
+            yield rng.randrange(len(self.shards))
+
+    def _count_progress(self) -> None:
+        self._since_batch += 1
+        if self._since_batch > self.max_without_batch:
+            raise RuntimeError(
+                f"read {self._since_batch} samples without completing one P x K batch (P={self.P}, K={self.K}) "
+                f"from {len(self.shards)} shards: fewer than P labels with >= 2 samples? Lower P, or check "
+                f"the pseudo-label filters (pseudo_min_cluster_size, pseudo_max_dist_percentile)")
+
+    def _class_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
+        for i in self._draw_shards(rng):
+            tar = TarSamples(self.shards[i])
+            for s in tar:
+                self._count_progress()
+                label = sample_cls(s)
+                if label < 0:
+                    self.skipped += 1  # no usable cls member: corrupt for a labeled stream
+                    continue
+                yield s, label
+            if tar.truncated:
+                self.skipped += 1
+            self._count_progress()
+
+    def _pseudo_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
+        assert self.pl_paths is not None
+        for i in self._draw_shards(rng):
+            keys, cls, dists = read_pseudo_labels(self.pl_paths[i])
+            tar = TarSamples(self.shards[i])
+            zipped = zip_pseudo_labels(tar, keys, cls, dists, str(self.shards[i]), str(self.pl_paths[i]),
+                                       ended_early=self._truncated_flag(tar), on_unlabeled=self._skip_one)
+            for s, c, d in zipped:
+                self._count_progress()
+                if keep_sample(self.thresholds, c, d):
+                    yield s, c
+            if tar.truncated:
+                self.skipped += 1
+            self._count_progress()
+
+    @staticmethod
+    def _truncated_flag(tar: TarSamples) -> Callable[[], bool]:
+        def flag() -> bool:
+            return tar.truncated
+        return flag
+
+    def _skip_one(self, _sample: dict[str, Any]) -> None:
+        self.skipped += 1
+
+    def _decode_batch(self, batch: list[tuple[dict[str, Any], int]], rng: random.Random) -> dict[str, Any] | None:
+        """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
+        decodable sample of the same label (all K corrupt: the batch is dropped)."""
+        decoded: list[torch.Tensor | None] = []
+        for s, _ in batch:
+            try:
+                decoded.append(decode(image_bytes(s)))
+            except CorruptImage:
+                self.skipped += 1
+                decoded.append(None)
+        images, labels = [], []
+        for g in range(0, len(batch), self.K):
+            group = decoded[g: g + self.K]
+            good = [d for d in group if d is not None]
+            if not good:
+                return None
+            for d in group:
+                images.append(self.geometry(d if d is not None else rng.choice(good)))
+            labels.extend([batch[g][1]] * self.K)
+        return {"images": normalize_batch(torch.stack([torch.as_tensor(x) for x in images])),
+                "labels": torch.tensor(labels, dtype=torch.long), "keys": [s["__key__"] for s, _ in batch],
+                "skipped": self.skipped}
+
+
+def _check_pk(P: int, K: int, data_cfg: Any) -> None:
+    if P < 1 or K < 1 or data_cfg.max_buffered < P * K:
+        raise ValueError(f"P x K batches need P, K >= 1 and data.max_buffered >= P*K; got P={P} K={K} "
+                         f"max_buffered={data_cfg.max_buffered}")
+
+
+def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Callable:
+    size = image_size or data_cfg.image_size
+    if train:
+        return train_geometry(size, data_cfg.crop_scale_min)
+    return eval_geometry(size, eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size))
+
+
+def labeled_batches(shard_dir: str | os.PathLike[str], data_cfg: Any, P: int, K: int, *, seed: int,
+                    rank: int | None = None, world: int | None = None, train: bool = True,
+                    image_size: int | None = None) -> BatchStream:
+    """INFINITE P x K batches {"images" (P*K,3,H,W) float, "labels" (P*K,) long, "keys" list[str],
+    "skipped" int}; entries are grouped by label (K consecutive rows per label).
+
+    Every rank reads all shards, resampled with a (seed, rank, worker) seed: never runs dry.
+    `world` is accepted for symmetry (resampling needs no split).
+    """
+    rank = dist.rank() if rank is None else rank
+    _check_pk(P, K, data_cfg)
+    if Path(shard_dir).is_dir() and read_index(shard_dir).get("kind") == "unlabeled":
+        raise ValueError(f"{shard_dir} holds unlabeled shards (no cls): labeled_batches needs a labeled "
+                         f"shard dir; use pseudo_labeled_batches for unlabeled data")
+    ds = _ResampledPK(resolve_shards(shard_dir), P, K, _train_geometry(data_cfg, image_size, train),
+                      data_cfg.max_buffered, data_cfg.shuffle_buffer, seed, rank)
+    return BatchStream(_loader(ds, data_cfg.num_workers))
+
+
+def pseudo_labeled_batches(unlabeled_dir: str | os.PathLike[str], pseudo_dir: str | os.PathLike[str],
+                           data_cfg: Any, P: int, K: int, *, seed: int, rank: int | None = None,
+                           world: int | None = None, train: bool = True,
+                           image_size: int | None = None) -> BatchStream:
+    """Like labeled_batches, labels = pseudo labels of `pl-%06d.npz` zipped with each image shard.
+
+    Samples farther from their centroid than the cluster's data_cfg.pseudo_max_dist_percentile, and
+    clusters smaller than data_cfg.pseudo_min_cluster_size, are left out.
+    """
+    rank = dist.rank() if rank is None else rank
+    _check_pk(P, K, data_cfg)
+    shards = resolve_shards(unlabeled_dir)
+    pl_paths = [pseudo_label_path(pseudo_dir, s) for s in shards]
+    missing = [str(p) for p in pl_paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(pl_paths)} pseudo-label files missing in {pseudo_dir} "
+                                f"(first: {missing[0]} for {shards[pl_paths.index(Path(missing[0]))]}); "
+                                f"run the cluster stage first")
+    thresholds = None
+    if data_cfg.pseudo_max_dist_percentile < 100.0 or data_cfg.pseudo_min_cluster_size > 1:
+        thresholds = cluster_thresholds(pl_paths, data_cfg.pseudo_max_dist_percentile,
+                                        data_cfg.pseudo_min_cluster_size, seed=seed)
+    ds = _ResampledPK(shards, P, K, _train_geometry(data_cfg, image_size, train), data_cfg.max_buffered,
+                      data_cfg.shuffle_buffer, seed, rank, pl_paths=pl_paths, thresholds=thresholds)
+    return BatchStream(_loader(ds, data_cfg.num_workers))
+
+
+# ---------------------------------------------------------------------------------- finite pass
+class _FinitePass(IterableDataset):
+    def __init__(self, shards: list[Path], batch_size: int, geometry: Callable) -> None:
+        self.shards, self.batch_size, self.geometry = shards, batch_size, geometry
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, nw = _worker()
+        skipped = 0
+        rows: list[tuple[str, str, int, dict[str, Any], torch.Tensor]] = []
+        for path in self.shards[wid::nw]:
+            it = iter_shard(path, self.geometry)
+            for key, img, cls, meta in it:
+                rows.append((key, path.name, cls, meta, img))
+                if len(rows) == self.batch_size:
+                    yield self._collate(rows, skipped + it.skipped, wid)
+                    rows = []
+            skipped += it.skipped
+        if rows:
+            yield self._collate(rows, skipped, wid)
+        yield {"images": None, "skipped": skipped, "worker": wid}  # final count, absorbed by BatchStream
+
+    @staticmethod
+    def _collate(rows: list, skipped: int, wid: int) -> dict[str, Any]:
+        return {"images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows])),
+                "keys": [r[0] for r in rows], "shards": [r[1] for r in rows],
+                "labels": torch.tensor([r[2] for r in rows], dtype=torch.long),
+                "meta": [r[3] for r in rows], "skipped": skipped, "worker": wid}
+
+
+def finite_batches(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                   data_cfg: Any, batch_size: int, *, rank: int | None = None, world: int | None = None,
+                   image_size: int | None = None) -> BatchStream:
+    """ONE pass over this rank's shards with eval transforms, batches of up to batch_size:
+    {"images", "keys", "shards" (file name per sample), "labels" (cls, -1 where absent), "meta",
+    "skipped"}. Ranks own disjoint shards (rank_shards); each worker a disjoint part of those;
+    within a shard, samples come in shard order. The union over ranks covers every sample once.
+    """
+    rank = dist.rank() if rank is None else rank
+    world = dist.world_size() if world is None else world
+    mine = rank_shards(resolve_shards(shard_dir_or_paths), rank, world)
+    if not mine:
+        return BatchStream(None)
+    ds = _FinitePass(mine, batch_size, _train_geometry(data_cfg, image_size, train=False))
+    return BatchStream(_loader(ds, min(data_cfg.num_workers, len(mine))))
