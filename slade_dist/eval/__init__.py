@@ -1,0 +1,2 @@
+"""Evaluation: retrieval metrics (metrics.py) and the eval stage (stage.py).
+Tests: tests/unit/test_metrics.py."""

@@ -1,0 +1,226 @@
+"""Backbone registry: name -> a module that maps images (B, 3, H, W) to a feature map.
+
+Owns: torchvision ResNet-50/18 trunks (always built with weights=None; weights come only from a
+local file, see `load_pretrained_backbone`), `tiny_cnn` (a small BatchNorm conv net for CPU tests
+and the 64x64 demo) and optional `timm:<name>` backbones (timm imported lazily). Also the checked
+state-dict loader used for every checkpoint we read, which names missing / unexpected / mis-shaped
+keys exactly. Tests: tests/unit/test_models.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["Backbone", "build_backbone", "BACKBONES", "TinyCNN", "ResNetTrunk", "StateDictMismatchError",
+           "KeyReport", "load_state_dict_checked", "read_checkpoint", "load_pretrained_backbone",
+           "strip_prefixes"]
+
+
+class StateDictMismatchError(RuntimeError):
+    """A state dict does not fit a module; the message lists every offending key."""
+
+
+class KeyReport(NamedTuple):
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]  # "key: checkpoint shape (..) vs model shape (..)"
+
+
+# ------------------------------------------------------------------------------------ backbones
+class Backbone(nn.Module):
+    """Base: forward(x) -> feature map (B, C, H, W) or tokens (B, N, C); `feature_dim` = C."""
+
+    feature_dim: int
+
+
+class ResNetTrunk(Backbone):
+    """A torchvision ResNet without avgpool/fc. Submodule names equal torchvision's, so a
+    torchvision (or SwAV) ResNet state dict loads after dropping its `fc.*` keys."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        import torchvision
+
+        ctor = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
+        net = ctor(weights=None)  # never download: weights only from model.pretrained_path
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(net, name))
+        self.feature_dim = net.fc.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class TinyCNN(Backbone):
+    """Four conv blocks (3x3 conv + BN + ReLU, 2x2 max-pool after each; blocks 3-4 have two convs).
+
+    Sized for 2 CPU cores: ~0.1 GMAC per 64x64 image, 16x downsampling (64x64 -> 4x4 map), enough
+    receptive field (~70 px) and width to separate fine details of the procedural demo images.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 192)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, w in enumerate(widths):
+            layers += _conv_bn_relu(cin, w)
+            if i >= 2:  # second conv only at low resolution, where it is cheap
+                layers += _conv_bn_relu(w, w)
+            layers.append(nn.MaxPool2d(2))
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = widths[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class TimmBackbone(Backbone):
+    """A timm model's `forward_features` (CNN feature map or ViT tokens); classifier removed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        try:
+            import timm  # optional dependency: imported only when a timm backbone is asked for
+        except ImportError as e:
+            raise ImportError(f"model.backbone='timm:{name}' needs the optional package timm "
+                              "(pip install timm); it is not installed") from e
+        try:
+            self.net = timm.create_model(name, pretrained=False, num_classes=0)
+        except Exception as e:  # timm raises RuntimeError for unknown names
+            raise ValueError(f"timm does not know the model {name!r}: {e}") from e
+        self.feature_dim = int(self.net.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+
+BACKBONES: dict[str, Callable[[], Backbone]] = {
+    "resnet50": lambda: ResNetTrunk(50),
+    "resnet18": lambda: ResNetTrunk(18),
+    "tiny_cnn": TinyCNN,
+}
+
+
+def build_backbone(name: str) -> Backbone:
+    """`resnet50 | resnet18 | tiny_cnn | timm:<name>` -> an untrained backbone."""
+    if name.startswith("timm:"):
+        return TimmBackbone(name.split(":", 1)[1])
+    if name not in BACKBONES:
+        raise ValueError(f"unknown model.backbone {name!r}; choose one of "
+                         f"{', '.join(sorted(BACKBONES))} or timm:<model name>")
+    return BACKBONES[name]()
+
+
+# ---------------------------------------------------------------------------- state-dict loading
+def _key_report(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> KeyReport:
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    mismatched = sorted(f"{k}: checkpoint shape {tuple(v.shape)} vs model shape {tuple(own[k].shape)}"
+                        for k, v in state_dict.items()
+                        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape))
+    return KeyReport(missing, unexpected, mismatched)
+
+
+def _fmt_keys(keys: list[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                            what: str = "state dict") -> KeyReport:
+    """Load `state_dict` into `module`, naming every key that does not fit.
+
+    strict: any missing / unexpected / mis-shaped key raises StateDictMismatchError listing them all
+    (nothing is loaded). Non-strict: loads the keys that fit and returns the KeyReport.
+    """
+    report = _key_report(module, state_dict)
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        parts = [f"{what} does not match {type(module).__name__}:"]
+        if report.missing:
+            parts.append(f"  missing keys ({len(report.missing)}): {_fmt_keys(report.missing)}")
+        if report.unexpected:
+            parts.append(f"  unexpected keys ({len(report.unexpected)}): {_fmt_keys(report.unexpected)}")
+        if report.mismatched:
+            parts.append(f"  shape mismatches ({len(report.mismatched)}): {_fmt_keys(report.mismatched)}")
+        raise StateDictMismatchError("\n".join(parts))
+    bad = {m.split(":")[0] for m in report.mismatched}
+    fitting = {k: v for k, v in state_dict.items() if k not in report.unexpected and k not in bad}
+    module.load_state_dict(fitting, strict=False)
+    return report
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load with clear errors for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        # weights_only=False: our files carry plain dicts (config, extra) besides tensors
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
+                           f"({type(e).__name__}: {e})") from e
+
+
+# Prefixes that wrappers put in front of backbone keys: DataParallel/DDP ("module."), SwAV/DINO
+# style trainers ("backbone.", "encoder.", "model."), our own Embedder ("backbone.", "net." of timm).
+KNOWN_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+# Heads that pretraining checkpoints carry and a backbone does not have.
+HEAD_PREFIXES = ("fc.", "projection_head.", "prototypes.", "head.", "heads.", "classifier.")
+
+
+def strip_prefixes(state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = KNOWN_PREFIXES) -> dict[str, Any]:
+    """Remove wrapper prefixes repeatedly while EVERY key carries the same one."""
+    sd = dict(state_dict)
+    changed = True
+    while changed and sd:
+        changed = False
+        for p in prefixes:
+            if all(k.startswith(p) for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items()}
+                changed = True
+    # SwAV saves "module.<trunk keys>" next to "module.projection_head..." -> after "module." the
+    # trunk keys are bare; our Embedder saves "backbone.*" next to "head.*": strip per key too.
+    out = {}
+    for k, v in sd.items():
+        out[k[len("backbone."):] if k.startswith("backbone.") else k] = v
+    return out
+
+
+def _unwrap(obj: Any) -> Mapping[str, Any]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "module", "teacher"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
+                if any(hasattr(v, "shape") for v in inner.values()):
+                    return inner
+        if obj and any(hasattr(v, "shape") for v in obj.values()):
+            return obj
+    raise RuntimeError("checkpoint holds no state dict (looked at the top level and under "
+                       "'state_dict', 'model', 'module', 'teacher')")
+
+
+def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
+    """Load local pretrained weights (torchvision, SwAV `module.` style, timm, or our own
+    embedder file) into a backbone; classifier/projection heads are dropped, anything else that
+    does not fit raises with the exact keys."""
+    sd = strip_prefixes(_unwrap(read_checkpoint(path)))
+    target = backbone.net if isinstance(backbone, TimmBackbone) else backbone
+    if isinstance(backbone, TimmBackbone):
+        sd = {k[len("net."):] if k.startswith("net.") else k: v for k, v in sd.items()}
+    own = target.state_dict()
+    sd = {k: v for k, v in sd.items() if k in own or not k.startswith(HEAD_PREFIXES)}
+    return load_state_dict_checked(target, sd, strict=True, what=f"pretrained weights {str(path)!r}")

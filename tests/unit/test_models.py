@@ -1,0 +1,162 @@
+"""Tests for slade_dist/models (backbones.py, embedder.py): shapes, pooling, freeze_bn,
+save/load round-trip, checked state-dict loading (exact key lists), local pretrained weights
+(torchvision and SwAV-style files), clear errors."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torchvision
+
+from slade_dist.config import ModelConfig
+from slade_dist.models import (StateDictMismatchError, build_embedder, load_embedder, load_state_dict_checked,
+                               save_weights)
+from slade_dist.models.backbones import ResNetTrunk
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(backbone="tiny_cnn", embed_dim=16, freeze_bn=False, pooling="avg")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("backbone,feature_dim", [("tiny_cnn", 192), ("resnet18", 512), ("resnet50", 2048)])
+def test_shapes(backbone, feature_dim):
+    emb = build_embedder(_cfg(backbone=backbone))
+    assert emb.feature_dim == feature_dim and emb.embed_dim == 16
+    assert emb.head.in_features == feature_dim and emb.head.out_features == 16
+    out = emb.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 16)
+    assert not torch.allclose(out.norm(dim=1), torch.ones(2))  # raw, not normalised
+    groups = emb.param_groups()
+    assert set(groups) == {"backbone", "head"} and len(groups["head"]) == 2 and groups["backbone"]
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "avgmax"])
+def test_pooling(pooling):
+    emb = build_embedder(_cfg(pooling=pooling)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    fmap = emb.backbone(x)
+    expect = {"avg": fmap.mean((2, 3)), "max": fmap.amax((2, 3)), "avgmax": fmap.mean((2, 3)) + fmap.amax((2, 3))}
+    assert torch.allclose(emb.features(x), expect[pooling])
+
+
+def test_bad_names_raise_clear_errors():
+    with pytest.raises(ValueError, match="unknown model.backbone 'resnet9'"):
+        build_embedder(_cfg(backbone="resnet9"))
+    with pytest.raises(ValueError, match="pooling"):
+        from slade_dist.models import Embedder
+        from slade_dist.models.backbones import TinyCNN
+        Embedder(TinyCNN(), 8, pooling="median")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
+def test_timm_backbone_without_timm_says_so():
+    with pytest.raises(ImportError, match="optional package timm"):
+        build_embedder(_cfg(backbone="timm:vit_small_patch16_224"))
+
+
+def test_freeze_bn_keeps_statistics_and_params_fixed():
+    emb = build_embedder(_cfg(freeze_bn=True)).train()
+    bns = [m for m in emb.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    assert emb.training and emb.head.training
+    before = [m.running_mean.clone() for m in bns]
+    emb(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    assert all(p.grad is None and not p.requires_grad for m in bns for p in m.parameters())
+    bn_ids = {id(p) for m in bns for p in m.parameters()}
+    assert not bn_ids & {id(p) for p in emb.param_groups()["backbone"]}
+    # without freezing, train() updates running stats
+    free = build_embedder(_cfg(freeze_bn=False)).train()
+    bn0 = next(m for m in free.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    rm = bn0.running_mean.clone()
+    free(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(rm, bn0.running_mean)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = _cfg(pooling="avgmax", freeze_bn=False)
+    emb = build_embedder(cfg)
+    emb.train()(torch.randn(4, 3, 32, 32))  # BN running stats move away from their init
+    with torch.no_grad():
+        emb.head.bias.add_(0.5)
+    path = save_weights(tmp_path / "sub" / "final.pt", emb, cfg, extra={"step": 7})
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == ["final.pt"]  # no tmp left
+    raw = torch.load(path, weights_only=False)
+    assert raw["extra"] == {"step": 7} and raw["model"]["pooling"] == "avgmax"
+    back = load_embedder(path)
+    assert back.pooling == "avgmax" and not back.freeze_bn
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(emb.eval()(x), back.eval()(x))
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_embedder(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file at all")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        load_embedder(bad)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="not an embedder weights file"):
+        load_embedder(tmp_path / "other.pt")
+
+
+def test_mismatched_keys_are_named_exactly():
+    emb = build_embedder(_cfg())
+    sd = emb.state_dict()
+    sd["backbone.extra.weight"] = torch.zeros(1)
+    del sd["head.bias"]
+    sd["head.weight"] = torch.zeros(3, 3)
+    with pytest.raises(StateDictMismatchError) as err:
+        load_state_dict_checked(emb, sd, what="test file")
+    msg = str(err.value)
+    assert "test file" in msg
+    assert "missing keys (1): head.bias" in msg
+    assert "unexpected keys (1): backbone.extra.weight" in msg
+    assert "head.weight: checkpoint shape (3, 3) vs model shape (16, 192)" in msg
+    # non-strict: loads what fits and reports the rest
+    before = emb.head.weight.clone()
+    report = load_state_dict_checked(emb, sd, strict=False)
+    assert report.missing == ["head.bias"] and report.unexpected == ["backbone.extra.weight"]
+    assert len(report.mismatched) == 1 and torch.equal(before, emb.head.weight)
+
+
+def test_pretrained_torchvision_and_swav_files_load_into_backbone(tmp_path):
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18(weights=None)
+    tv_path = tmp_path / "resnet18_tv.pth"
+    torch.save(tv.state_dict(), tv_path)  # includes fc.* (dropped as a known head)
+    emb = build_embedder(_cfg(backbone="resnet18", pretrained_path=str(tv_path)))
+    assert torch.equal(emb.backbone.conv1.weight, tv.conv1.weight)
+    assert torch.equal(emb.backbone.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var)
+    # SwAV-style: {"state_dict": {"module.<trunk>", "module.projection_head.*", "module.prototypes.*"}}
+    swav = {f"module.{k}": v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    swav["module.projection_head.0.weight"] = torch.zeros(4, 512)
+    swav["module.prototypes.weight"] = torch.zeros(10, 4)
+    swav_path = tmp_path / "swav.pth.tar"
+    torch.save({"epoch": 3, "state_dict": swav}, swav_path)
+    emb2 = build_embedder(_cfg(backbone="resnet18", pretrained_path=str(swav_path)))
+    assert torch.equal(emb2.backbone.layer2[0].conv1.weight, tv.layer2[0].conv1.weight)
+    # a truncated trunk names what is missing
+    partial = {k: v for k, v in tv.state_dict().items() if not k.startswith("layer4.1.")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(StateDictMismatchError, match=r"missing keys \(\d+\): layer4\.1\.bn1\.bias"):
+        build_embedder(_cfg(backbone="resnet18", pretrained_path=str(tmp_path / "partial.pth")))
+
+
+def test_our_weights_file_works_as_pretrained_backbone(tmp_path):
+    cfg = _cfg()
+    emb = build_embedder(cfg)
+    path = save_weights(tmp_path / "teacher.pt", emb, cfg)
+    other = build_embedder(_cfg(embed_dim=32, pretrained_path=str(path)))  # different head: dropped
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(emb.eval().features(x), other.eval().features(x))
+
+
+def test_resnet_trunk_has_torchvision_key_names():
+    trunk_keys = set(ResNetTrunk(18).state_dict())
+    tv_keys = {k for k in torchvision.models.resnet18(weights=None).state_dict() if not k.startswith("fc.")}
+    assert trunk_keys == tv_keys
