@@ -1,0 +1,8 @@
+"""Training stages on the DeepSpeed engine: SwAV pretrain, teacher, student.
+
+`engine.py` wraps DeepSpeed (optimizer groups, schedule, checkpoint/resume, the step loop),
+`tb.py` is the rank-0 TensorBoard writer, and `pretrain.py` / `teacher.py` / `student.py` are the
+stage functions `run(cfg, run_dir) -> dict` registered in slade_dist.stages.
+Tests: tests/unit/test_engine.py, tests/unit/test_pretrain.py, tests/unit/test_student.py, tests/integration/test_train_multirank.py,
+tests/integration/test_resume.py.
+"""

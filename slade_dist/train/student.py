@@ -1,0 +1,201 @@
+"""Student stage of round r: labels + pseudo labels + feature basis W_a + pair mining.
+
+Owns `run(cfg, run_dir)`. Each optimizer step draws a labeled P x K batch and a pseudo-labeled
+P x K batch (pseudo labels of RunLayout.stage_dir("cluster", r)); both go through the embedder in
+one forward. For the first student.basis_warmup_steps only W_a trains (embeddings computed without
+grad; the embedder's lr groups start after the warm-up), then
+    L = L_rank(labeled) + lambda1 * L_rank(mined unlabeled pairs) + lambda2 * (L_CE + L_SD).
+Ablations (student.ablation, the paper's Table 4):
+    full       the objective above
+    no_mining  no unlabeled ranking term: L_rank(labeled) + lambda2 * (L_CE + L_SD)
+    no_basis   no W_a: L_rank(labeled) + lambda1 * L_rank(unlabeled, pseudo labels as classes)
+    raw_pairs  pseudo-label pairs used directly in L_rank, plus the basis losses
+W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
+are exported in final.pt's `extra`.
+Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
+tests/integration/test_resume.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..config import Config
+from ..stages import RunLayout
+from . import engine as E
+from .teacher import pretrain_init_path, ranking_loss_fn
+
+
+class StudentNet(nn.Module):
+    """The engine's module: the embedder plus (unless ablated) the feature basis."""
+
+    def __init__(self, embedder: nn.Module, basis: nn.Module | None):
+        super().__init__()
+        self.embedder = embedder
+        self.basis = basis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedder(x)
+
+
+def student_init_path(cfg: Config, run_dir: Path) -> Path | None:
+    r = cfg.run.round
+    if cfg.student.init == "teacher":
+        p = RunLayout(run_dir).teacher_weights(r)
+        if not p.exists():
+            raise FileNotFoundError(f"student round {r} starts from {p}, which does not exist: run the "
+                                    f"{'teacher' if r <= 1 else f'round {r - 1} student'} stage first "
+                                    f"(or set student.init=pretrain)")
+        return p
+    return pretrain_init_path(run_dir)
+
+
+def build_student(cfg: Config, run_dir: Path) -> tuple[StudentNet, Path | None, int]:
+    from ..basis import FeatureBasis
+    from ..data.shards import read_classes
+
+    init = student_init_path(cfg, run_dir)
+    embedder = E.init_embedder(cfg.model, init)
+    num_classes = len(read_classes(cfg.data.train_shards))
+    basis = None
+    if cfg.student.ablation != "no_basis":
+        b = cfg.basis
+        basis = FeatureBasis(num_classes, embedder.embed_dim, b.scale, b.beta, b.margin, b.lambda_sd)
+    return StudentNet(embedder, basis), init, num_classes
+
+
+def param_groups(net: StudentNet, cfg: Config) -> list[E.ParamGroup]:
+    warm = cfg.student.basis_warmup_steps if net.basis is not None else 0
+    groups = E.embedder_groups(net.embedder, cfg.train, start=warm)
+    if net.basis is not None:
+        # W_a has no weight decay: its rows are normalised in L_CE, decay would only shrink them
+        groups.append(E.ParamGroup("basis", [p for p in net.basis.parameters() if p.requires_grad],
+                                   cfg.train.lr * cfg.train.basis_lr_mult, 0, weight_decay=0.0))
+    return groups
+
+
+def _pairs_count(pairs: Any) -> int:
+    """Number of pairs in a (2, n) index tensor (None -> 0)."""
+    if pairs is None:
+        return 0
+    return int(pairs.shape[-1]) if pairs.dim() == 2 else int(pairs.numel())
+
+
+def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    from ..data.readers import labeled_batches, pseudo_labeled_batches
+    from ..models import save_weights
+
+    run_dir = Path(run_dir)
+    r = cfg.run.round
+    layout = RunLayout(run_dir)
+    stage_dir = layout.stage_dir("student", r)
+    pseudo_dir = layout.stage_dir("cluster", r)
+    if not pseudo_dir.is_dir():
+        raise FileNotFoundError(f"pseudo labels {pseudo_dir} are missing: run the round {r} cluster stage first")
+    torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, W_a) on every rank
+    net, init, num_classes = build_student(cfg, run_dir)
+    P, K = cfg.train.classes_per_batch, cfg.train.samples_per_class
+    Pu, Ku = cfg.student.unlabeled_classes_per_batch, cfg.student.unlabeled_samples_per_class
+    trainer = E.Trainer(net, param_groups(net, cfg), cfg.train, stage_dir=stage_dir,
+                        total_steps=cfg.train.student_steps, micro_batch=P * K + Pu * Ku)
+    seeds = {"labeled_stream_seed": E.stream_seed(cfg.run.seed, trainer.step, salt=r),
+             "pseudo_stream_seed": E.stream_seed(cfg.run.seed, trainer.step, salt=1000 + r)}
+    lab_stream = labeled_batches(cfg.data.train_shards, cfg.data, P, K, seed=seeds["labeled_stream_seed"],
+                                 rank=dist.rank(), world=dist.world_size(), train=True)
+    unl_stream = pseudo_labeled_batches(cfg.data.unlabeled_shards, pseudo_dir, cfg.data, Pu, Ku,
+                                        seed=seeds["pseudo_stream_seed"], rank=dist.rank(),
+                                        world=dist.world_size())
+    tb = E.open_tb(cfg, run_dir, "student", r, trainer.step)
+    step_fn = StudentStep(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream)
+    resumed = dict(trainer.resume_info)
+    if resumed and trainer.module.basis is not None:  # the Gaussians as restored from the checkpoint
+        resumed["basis"] = {k: float(v) for k, v in trainer.module.basis.stats().items()
+                            if k in ("mu_pos", "mu_neg", "var_pos", "var_neg")}
+    result = E.fit(trainer, step_fn, tb=tb, state_fn=lambda: {"stream_seeds": seeds},
+                   eval_fn=E.make_eval_fn(cfg, lambda: trainer.module.embedder), desc=f"student r{r}")
+    tb.close()
+    module: StudentNet = trainer.module  # type: ignore[assignment]
+    basis_stats = module.basis.stats() if module.basis is not None else {}
+    if dist.is_main():
+        extra: dict[str, Any] = {"stage": "student", "round": r, "step": trainer.step,
+                                 "ablation": cfg.student.ablation, "init": str(init) if init else ""}
+        if module.basis is not None:
+            extra["basis_state_dict"] = {k: v.detach().cpu() for k, v in module.basis.state_dict().items()}
+            extra["basis_num_classes"] = num_classes
+        save_weights(stage_dir / "final.pt", module.embedder, cfg.model, extra=extra)
+    dist.barrier()
+    return {"steps": result.steps, "resumed_from": result.start_step, "first_loss": result.first_loss,
+            "final_loss": result.final_loss, "round": r, "ablation": cfg.student.ablation,
+            "init": str(init) if init else "", "num_classes": num_classes,
+            "basis": {k: float(v) for k, v in basis_stats.items() if isinstance(v, (int, float))},
+            "seconds": round(result.seconds, 2), "param_digest": result.param_digest, "resumed": resumed,
+            "loss_history": result.history}
+
+
+class StudentStep:
+    """One micro-batch of the student objective (callable for engine.fit)."""
+
+    def __init__(self, cfg: Config, trainer: E.Trainer, rank_loss: Any, lab_stream: Any, unl_stream: Any):
+        self.cfg = cfg
+        self.trainer = trainer
+        self.rank_loss = rank_loss
+        self.lab_stream = lab_stream
+        self.unl_stream = unl_stream
+        self.ablation = cfg.student.ablation
+        self.mining = cfg.mining.enabled and self.ablation == "full"
+        self.skip = E.SkipDelta()
+
+    def __call__(self, step: int) -> E.MicroResult:
+        cfg, tr = self.cfg, self.trainer
+        net: StudentNet = tr.module  # type: ignore[assignment]
+        lab, wait_l = E.timed_next(self.lab_stream)
+        unl, wait_u = E.timed_next(self.unl_stream)
+        dev = tr.device
+        x = torch.cat([lab["images"], unl["images"]]).to(dev, non_blocking=True)
+        y = lab["labels"].to(dev, non_blocking=True)
+        pl = unl["labels"].to(dev, non_blocking=True)
+        n_lab = int(lab["images"].shape[0])
+        warmup = net.basis is not None and step < cfg.student.basis_warmup_steps
+        if warmup:
+            with torch.no_grad():  # W_a alone: the embedder gets no gradient (its lr is 0 too)
+                emb = tr.forward(x).float()
+        else:
+            emb = tr.forward(x).float()
+        emb_l, emb_u = emb[:n_lab], emb[n_lab:]
+        terms: dict[str, torch.Tensor] = {}
+        scalars: dict[str, float] = {}
+        if not warmup:
+            terms["rank_labeled"] = self.rank_loss(emb_l, y)
+        if net.basis is not None:
+            terms.update(self._basis_terms(net, emb_l, y, emb_u, pl, warmup, scalars))
+        if self.ablation in ("no_basis", "raw_pairs") and not warmup:
+            terms["rank_unlabeled"] = cfg.student.lambda1 * self.rank_loss(emb_u, pl)
+        loss = sum(terms.values()) if terms else emb.sum() * 0.0
+        scalars.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
+        skipped = self.skip("labeled", lab.get("skipped", 0)) + self.skip("pseudo", unl.get("skipped", 0))
+        return E.MicroResult(loss=loss, scalars=scalars, images=int(x.shape[0]), skipped=skipped,
+                             wait_s=wait_l + wait_u)
+
+    def _basis_terms(self, net: StudentNet, emb_l: torch.Tensor, y: torch.Tensor, emb_u: torch.Tensor,
+                     pl: torch.Tensor, warmup: bool, scalars: dict[str, float]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        basis = net.basis
+        ce = basis.ce_loss(emb_l, y)
+        sim = basis.basis_similarity(emb_u)
+        sd, stats = basis.sd_loss(sim, pl)
+        for k, v in (stats or {}).items():
+            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
+                scalars[f"basis/{k}"] = float(v)
+        terms = {"ce": cfg.student.lambda2 * ce, "sd": cfg.student.lambda2 * sd}
+        if self.mining and not warmup:
+            pos, neg = basis.mine_pairs(sim.detach(), pl, cfg.mining.require_cluster_agreement)
+            n_pos, n_neg = _pairs_count(pos), _pairs_count(neg)
+            scalars["mining/pos_pairs"] = float(n_pos)
+            scalars["mining/neg_pairs"] = float(n_neg)
+            # with no mined pair the loss is a zero connected to emb_u (same graph on every rank)
+            terms["rank_mined"] = cfg.student.lambda1 * self.rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg)
+        return terms
