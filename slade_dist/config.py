@@ -177,6 +177,10 @@ class PseudoConfig:
     chunk_size: int = _f(65536, lo=1, help="points per assignment chunk (bounds memory)")
     seed: int = _f(0, lo=0)
     gpu_tf32: bool = _f(True, help="torch backend on CUDA: TF32 distance matmuls (~8x faster on Hopper)")
+    assign: Literal["exact", "ivf"] = _f("exact", help="ivf: two-level assignment for very large k "
+                                                     "(FAISS backends; see docs/SCALING.md)")
+    ivf_nlist: int = _f(0, lo=0, help="coarse lists of the ivf assignment (0: about 4 sqrt(k))")
+    ivf_nprobe: int = _f(16, lo=1, help="lists searched per point by the ivf assignment")
 
 
 @dataclass

@@ -1,0 +1,4 @@
+"""Pseudo labels: embed (teacher inference over the unlabeled shards), kmeans (distributed k-means)
+and cluster (k-means -> one pseudo-label file per unlabeled shard). See slade_dist/pseudo/README.md.
+Tests: tests/unit/test_kmeans.py, test_cluster.py, test_embed.py, tests/integration/test_pseudo_multirank.py.
+"""

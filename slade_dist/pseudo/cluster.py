@@ -1,0 +1,294 @@
+"""The "cluster" stage: distributed k-means on the teacher embeddings -> pseudo-label shards.
+
+Owns: reading the embed stage's per-shard files (RunLayout.stage_dir("embed", r)), capping k to
+the data, training centroids (kmeans.train_centroids, each rank owning its shards' embeddings),
+the streaming assignment of every point (each rank writes the pseudo-label file of its own shards:
+pl-%06d.npz, same index and key order as the image shard), and the run facts: centroids.npy,
+meta.json, stats.json (sizes, imbalance, inertia, timings, purity/NMI against hidden labels when the
+unlabeled json carried them) and a cluster-size histogram in TensorBoard (rank 0).
+Resumable: centroids are reused when centroids.json matches (config, embeddings, k), and shards
+whose pseudo-label file already exists are only read back for the statistics.
+Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dist
+from ..config import Config
+from ..data.pseudo_labels import write_meta
+from ..data.shards import shard_paths
+from ..stages import RunLayout
+from . import embed as embed_files
+from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
+
+CENTROIDS_FILE = "centroids.npy"
+FINGERPRINT_FILE = "centroids.json"
+STATS_FILE = "stats.json"
+SIZES_FILE = "sizes.npy"
+SIZES_IN_JSON_MAX_K = 65536
+
+
+def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Cluster round cfg.run.round's embeddings; every rank calls it (collectives inside)."""
+    t0 = time.time()
+    log = dist.get_logger()
+    r = cfg.run.round
+    layout = RunLayout(run_dir)
+    emb_dir, out_dir = layout.stage_dir("embed", r), layout.stage_dir("cluster", r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = _unlabeled_shards(cfg)
+    _check_embeddings(emb_dir, shards, r)
+    mine = dist.shard_slice(shards)
+    parts = {embed_files.shard_index(p): embed_files.load_embeddings(emb_dir, p) for p in mine}
+
+    n_total = int(_sum_all(torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64))[0])
+    if n_total == 0:
+        raise ValueError(f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image "
+                         f"corrupt or every shard empty?)")
+    k = cap_k(cfg.pseudo.k, n_total)
+    params = KMeansParams.from_config(cfg.pseudo, k=k)
+    embed_facts = embed_files.read_embed_facts(emb_dir)
+    fingerprint = {"pseudo": dataclasses.asdict(cfg.pseudo), "k": k, "n_total": n_total,
+                   "shards": [p.name for p in shards], "embed": embed_facts}
+
+    centroids, train_info = _reuse_centroids(out_dir, fingerprint)
+    t_train = time.time()
+    if centroids is None:
+        res = train_centroids(parts, params)
+        centroids = res.centroids
+        train_info = {"objective": res.objective, "n_train": res.n_train, "backend": res.backend,
+                      "splits": res.splits, "train_s": round(res.seconds, 3),
+                      "timings": {a: round(b, 3) for a, b in res.timings.items()}}
+        if dist.is_main():
+            _remove_stale_labels(out_dir)
+            _save_centroids(out_dir, centroids, {**fingerprint, "train": train_info})
+        dist.barrier()
+    else:
+        log.info(f"[cluster] reusing {out_dir / CENTROIDS_FILE} (same config and embeddings)")
+    t_train = time.time() - t_train
+
+    t_assign = time.time()
+    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params)
+    t_assign = time.time() - t_assign
+    stats = _global_stats(local, k, n_total, train_info)
+    stats["timing"] = {"train_s": round(t_train, 3), "assign_s": round(t_assign, 3),
+                       "total_s": round(time.time() - t0, 3)}
+    stats.update(k=k, k_requested=cfg.pseudo.k, round=r, world_size=dist.world_size())
+    if dist.is_main():
+        _write_json(out_dir / STATS_FILE, stats)
+        tmp = out_dir / f".{SIZES_FILE}.tmp.npy"
+        np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
+        tmp.replace(out_dir / SIZES_FILE)
+        write_meta(out_dir, **_meta(cfg, layout, k, centroids, n_total, embed_facts))
+        _tensorboard(layout.tb_dir("cluster", r), stats, np.asarray(local["sizes_all"]), r)
+    dist.barrier()
+    summary = {k_: stats[k_] for k_ in ("k", "n", "inertia", "imbalance", "empty_clusters") if k_ in stats}
+    for key in ("purity", "nmi", "n_labeled"):
+        if key in stats:
+            summary[key] = stats[key]
+    log.info(f"[cluster] round {r}: k={k} n={n_total} imbalance={stats['imbalance']:.3f}"
+             + (f" purity={stats['purity']:.3f} nmi={stats['nmi']:.3f}" if "purity" in stats else ""))
+    return summary
+
+
+# ------------------------------------------------------------------------------------- inputs
+def _unlabeled_shards(cfg: Config) -> list[Path]:
+    if not cfg.data.unlabeled_shards:
+        raise ValueError("data.unlabeled_shards must be set for the cluster stage")
+    shards = shard_paths(cfg.data.unlabeled_shards)
+    if not shards:
+        raise ValueError(f"no shards listed in {cfg.data.unlabeled_shards}/index.json")
+    return shards
+
+
+def _check_embeddings(emb_dir: Path, shards: list[Path], round_: int) -> None:
+    missing = [p.name for p in shards if not embed_files.is_embedded(emb_dir, p)]
+    if missing:
+        raise FileNotFoundError(
+            f"cluster round {round_}: {len(missing)} of {len(shards)} shards have no embeddings in "
+            f"{emb_dir} (first: {', '.join(missing[:3])}); run the embed stage for round {round_} first")
+
+
+def _sum_all(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_dist() and torch.distributed.get_backend() == "nccl":
+        return dist.all_reduce_sum(t.to(dist.device())).cpu()
+    return dist.all_reduce_sum(t)
+
+
+# ---------------------------------------------------------------------------------- centroids
+def _reuse_centroids(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Rank 0 decides (one reader of the files), every rank then loads the same array."""
+    ok = False
+    if dist.is_main():
+        try:
+            saved = json.loads((out_dir / FINGERPRINT_FILE).read_text())
+            ok = (out_dir / CENTROIDS_FILE).exists() and \
+                {k: saved.get(k) for k in fingerprint} == json.loads(json.dumps(fingerprint))
+        except (FileNotFoundError, json.JSONDecodeError):
+            ok = False
+    if not dist.broadcast_object(ok):
+        return None, {}
+    saved = json.loads((out_dir / FINGERPRINT_FILE).read_text())
+    return np.load(out_dir / CENTROIDS_FILE).astype(np.float32), saved.get("train", {})
+
+
+def _save_centroids(out_dir: Path, centroids: np.ndarray, fingerprint: dict[str, Any]) -> None:
+    tmp = out_dir / f".{CENTROIDS_FILE}.tmp.npy"
+    np.save(tmp, centroids.astype(np.float32))
+    tmp.replace(out_dir / CENTROIDS_FILE)
+    _write_json(out_dir / FINGERPRINT_FILE, fingerprint)  # written last: marks the centroids final
+
+
+def _remove_stale_labels(out_dir: Path) -> None:
+    """New centroids make every existing pseudo-label file wrong."""
+    for p in out_dir.glob("pl-*.npz"):
+        p.unlink()
+    (out_dir / FINGERPRINT_FILE).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- assignment
+def _assign_my_shards(mine: list[Path], emb_dir: Path, out_dir: Path, centroids: np.ndarray,
+                      params: KMeansParams) -> dict[str, Any]:
+    from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_pseudo_labels
+
+    k = centroids.shape[0]
+    assigner = params_assigner(params)
+    assigner.set_centroids(torch.from_numpy(centroids))
+    sizes = np.zeros(k, dtype=np.int64)
+    sq_sum, n = 0.0, 0
+    pairs: Counter = Counter()
+    bar = _bar(mine, "assign shards")
+    for shard in bar:
+        pl_path = pseudo_label_path(out_dir, shard)
+        keys = embed_files.read_keys(emb_dir, shard)
+        if Path(pl_path).exists():  # resumed run: this shard was labelled with these centroids
+            done_keys, labels, dists = read_pseudo_labels(pl_path)
+            if done_keys != keys:
+                raise RuntimeError(f"{pl_path} does not match the keys of {shard.name}'s embeddings; "
+                                   f"delete it and rerun the cluster stage")
+        else:
+            emb = embed_files.load_embeddings(emb_dir, shard)
+            labels, dists = assign_array(emb, assigner, spherical=params.spherical,
+                                         chunk_size=params.chunk_size)
+            write_pseudo_labels(pl_path, keys, labels, dists)
+        sizes += np.bincount(labels, minlength=k)
+        sq_sum += float(np.square(dists.astype(np.float64)).sum())
+        n += len(labels)
+        hidden = embed_files.read_hidden_labels(emb_dir, shard)
+        if hidden is not None:
+            pairs.update(zip(hidden.tolist(), labels.tolist()))
+    return {"sizes": sizes, "sq_sum": sq_sum, "n": n, "pairs": pairs}
+
+
+def _bar(items: list[Any], desc: str) -> Any:
+    if not dist.is_main():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------- stats
+def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[str, Any]) -> dict[str, Any]:
+    packed = torch.from_numpy(np.concatenate([local["sizes"].astype(np.float64),
+                                              [local["sq_sum"], float(local["n"])]]))
+    packed = _sum_all(packed).numpy()
+    sizes = packed[:k].round().astype(np.int64)
+    inertia, n = float(packed[k]), int(round(packed[k + 1]))
+    if n != n_total:
+        raise RuntimeError(f"cluster: assigned {n} points but the embeddings hold {n_total}")
+    local["sizes_all"] = sizes
+    stats: dict[str, Any] = {
+        "n": n, "inertia": inertia, "mean_sq_dist": inertia / max(n, 1),
+        "imbalance": imbalance_factor(sizes), "empty_clusters": int((sizes == 0).sum()),
+        "size_min": int(sizes.min()), "size_max": int(sizes.max()), "size_median": float(np.median(sizes)),
+        "train": train_info,
+    }
+    # the full size list only while it stays readable; sizes.npy always has it
+    if k <= SIZES_IN_JSON_MAX_K:
+        stats["sizes"] = sizes.tolist()
+    pairs: Counter = Counter()
+    for part in dist.all_gather_object(local["pairs"]):
+        pairs.update(part)
+    if pairs:
+        stats.update(contingency_scores(pairs))
+    return stats
+
+
+def imbalance_factor(sizes: np.ndarray) -> float:
+    """k * sum(size^2) / n^2 (FAISS's definition): 1 for equal sizes, k when one cluster has all."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    n = sizes.sum()
+    return float(len(sizes) * np.square(sizes).sum() / (n * n)) if n else 0.0
+
+
+def contingency_scores(pairs: Counter) -> dict[str, Any]:
+    """Purity and NMI (arithmetic normalisation, as sklearn's default) from {(truth, cluster): count}."""
+    truths = sorted({t for t, _ in pairs}, key=str)
+    clusters = sorted({c for _, c in pairs})
+    ti = {t: i for i, t in enumerate(truths)}
+    ci = {c: i for i, c in enumerate(clusters)}
+    table = np.zeros((len(truths), len(clusters)), dtype=np.float64)
+    for (t, c), v in pairs.items():
+        table[ti[t], ci[c]] += v
+    n = table.sum()
+    purity = float(table.max(axis=0).sum() / n)
+    pt, pc = table.sum(1) / n, table.sum(0) / n
+    nz = table > 0
+    p = table[nz] / n
+    mi = float((p * (np.log(p) - np.log(np.outer(pt, pc)[nz]))).sum())
+    h_t = float(-(pt[pt > 0] * np.log(pt[pt > 0])).sum())
+    h_c = float(-(pc[pc > 0] * np.log(pc[pc > 0])).sum())
+    denom = (h_t + h_c) / 2
+    nmi = mi / denom if denom > 0 else 1.0
+    return {"purity": purity, "nmi": float(min(max(nmi, 0.0), 1.0)), "n_labeled": int(n),
+            "n_true_classes": len(truths), "chance_purity": float(pt.max())}
+
+
+# ------------------------------------------------------------------------------------- outputs
+def _meta(cfg: Config, layout: RunLayout, k: int, centroids: np.ndarray, n: int,
+          embed_facts: dict[str, Any]) -> dict[str, Any]:
+    step = embed_facts.get("teacher_step")
+    return {"round": cfg.run.round, "k": k, "teacher_step": -1 if step is None else int(step),
+            "k_requested": cfg.pseudo.k, "n": n,
+            "dim": int(centroids.shape[1]), "spherical": cfg.pseudo.spherical, "seed": cfg.pseudo.seed,
+            "teacher_weights": embed_facts.get("teacher_weights",
+                                               str(layout.teacher_weights(cfg.run.round))),
+            "teacher_sha256": embed_facts.get("teacher_sha256"),
+            "unlabeled_shards": str(cfg.data.unlabeled_shards),
+            "dist": "Euclidean distance to the centroid (of the unit-normalised embedding when spherical)",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _tensorboard(tb_dir: Path, stats: dict[str, Any], sizes: np.ndarray, round_: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(log_dir=str(tb_dir))
+    try:
+        w.add_histogram("cluster/size", sizes.astype(np.float64), global_step=round_,
+                        bins=np.linspace(0, max(int(sizes.max()), 1) + 1, 51))
+        for key in ("imbalance", "inertia", "mean_sq_dist", "empty_clusters", "purity", "nmi"):
+            if key in stats:
+                w.add_scalar(f"cluster/{key}", float(stats[key]), global_step=round_)
+        for it, obj in enumerate(stats.get("train", {}).get("objective", [])):
+            if math.isfinite(obj):
+                w.add_scalar(f"cluster/round{round_}_train_objective", float(obj), global_step=it)
+    finally:
+        w.close()
+
+
+def _write_json(path: Path, body: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(body, indent=1, default=str))
+    tmp.replace(path)

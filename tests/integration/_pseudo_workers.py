@@ -1,0 +1,145 @@
+"""Fixtures and spawned-process entry points for the pseudo-label tests (embed, k-means, cluster).
+
+Used by tests/unit/test_embed.py, tests/unit/test_cluster.py and
+tests/integration/test_pseudo_multirank.py. Everything is real: demo WebDataset shards, a tiny_cnn
+teacher saved with save_weights, torch.distributed over gloo in separate processes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from slade_dist import dist
+from slade_dist.config import Config, DemoConfig, ModelConfig, load_config
+from slade_dist.stages import RunLayout
+
+# 8 classes x 30 unlabeled images of 32 px in shards of 40 -> 6 shards (the last one shorter)
+DEMO = dict(image_size=32, train_classes=4, test_classes=2, extra_classes=2, labeled_per_class=2,
+            test_per_class=2, unlabeled_per_class=30, shard_size=40, workers=1, seed=0)
+
+
+def make_demo(root: Path, **over) -> Path:
+    """Demo shards under root/demo; returns the unlabeled shard dir."""
+    from slade_dist.data.demo import generate
+
+    cfg = DemoConfig(out=str(root / "demo"), **{**DEMO, **over})
+    generate(cfg, progress=False)
+    return Path(cfg.out) / "unlabeled"
+
+
+def make_teacher(run_dir: Path, round_: int = 1, embed_dim: int = 16, seed: int = 0) -> Path:
+    """A randomly initialised tiny_cnn embedder, saved where round `round_` reads its teacher."""
+    from slade_dist.models import build_embedder, save_weights
+
+    torch.manual_seed(seed)
+    mcfg = ModelConfig(backbone="tiny_cnn", embed_dim=embed_dim, freeze_bn=False)
+    return save_weights(RunLayout(run_dir).teacher_weights(round_), build_embedder(mcfg), mcfg,
+                        extra={"step": 123})
+
+
+def make_cfg(run_dir: Path, unlabeled: Path, overrides: Sequence[str] = ()) -> Config:
+    base = [f"run.dir={run_dir}", f"data.unlabeled_shards={unlabeled}", "data.image_size=32",
+            "data.resize_size=32", "data.num_workers=0", "pseudo.embed_batch_size=16",
+            "pseudo.k=8", "pseudo.niter=10", "pseudo.chunk_size=64", "model.backbone=tiny_cnn",
+            "model.embed_dim=16"]
+    return load_config(None, base + list(overrides))
+
+
+def write_embeddings(emb_dir: Path, shard_names: Sequence[str], per_shard: Sequence[int], d: int = 8,
+                     k: int = 5, seed: int = 0) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Embed-stage files for synthetic Gaussian blobs (unit-normalised, float16) with hidden labels,
+    as the embed stage would write them. Returns {shard name: (keys, true labels)}."""
+    from slade_dist.pseudo import embed as ef
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, d)) * 3
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for name, n in zip(shard_names, per_shard):
+        y = rng.integers(k, size=n)
+        x = centers[y] + rng.standard_normal((n, d)) * 0.3
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        keys = [f"{Path(name).stem}_{j:05d}" for j in range(n)]
+        ef._write_shard_files(emb_dir, Path(name), x.astype(np.float16), keys, [str(v) for v in y])
+        truth[name] = (keys, y)
+    (emb_dir / ef.FACTS_FILE).write_text(json.dumps({"teacher_sha256": "synthetic", "teacher_step": 7}))
+    return truth
+
+
+def write_index_only(shard_dir: Path, shard_names: Sequence[str], per_shard: Sequence[int]) -> Path:
+    from slade_dist.data.shards import write_index
+
+    write_index(shard_dir, [{"name": n, "count": c} for n, c in zip(shard_names, per_shard)], "unlabeled")
+    return shard_dir
+
+
+# ------------------------------------------------------------------------- spawned entry points
+def session_worker(run_dir: str, unlabeled: str, cluster_overrides: list[str], kmeans_data: str,
+                   out_dir: str) -> None:
+    """Everything the 2-rank tests check, in ONE pair of processes (start-up dominates on CI):
+    3 embed runs, the cluster stage, then distributed k-means on saved parts with both CPU backends."""
+    dist.init_distributed()
+    try:
+        torch.set_num_threads(1)
+        embed_log = _embed_runs(run_dir, unlabeled)
+        cluster_res = _cluster_run(run_dir, unlabeled, cluster_overrides)
+        km = _kmeans_runs(kmeans_data, k=12, niter=10, backends=["faiss_cpu", "torch"])
+        if dist.is_main():
+            Path(out_dir, "embed.json").write_text(json.dumps(embed_log))
+            Path(out_dir, "cluster.json").write_text(json.dumps(cluster_res))
+            np.savez(Path(out_dir, "kmeans.npz"), **km)
+    finally:
+        dist.shutdown()
+
+
+def _embed_runs(run_dir: str, unlabeled: str) -> dict:
+    """Three embed runs: fresh, again (must write nothing), and after rank 0 deleted every other
+    shard's .npy (a run killed half-way: must complete exactly those)."""
+    from slade_dist.data.shards import shard_paths
+    from slade_dist.pseudo import embed
+
+    cfg = make_cfg(Path(run_dir), Path(unlabeled))
+    results, snapshots = [], []
+    out = RunLayout(run_dir).stage_dir("embed", 1)
+    for attempt in range(3):
+        if attempt == 2 and dist.is_main():
+            for s in shard_paths(unlabeled)[::2]:
+                embed.emb_path(out, s).unlink()
+        dist.barrier()
+        results.append(embed.run(cfg, Path(run_dir)))
+        if dist.is_main():
+            snapshots.append({s.name: embed.emb_path(out, s).stat().st_mtime_ns for s in shard_paths(unlabeled)})
+    return {"results": results, "mtimes": snapshots}
+
+
+def _cluster_run(run_dir: str, unlabeled: str, overrides: list[str]) -> dict:
+    from slade_dist.pseudo import cluster
+
+    return cluster.run(make_cfg(Path(run_dir), Path(unlabeled), overrides), Path(run_dir))
+
+
+def _kmeans_runs(data_file: str, k: int, niter: int, backends: list[str]) -> dict[str, np.ndarray]:
+    """Each rank owns the parts i with i % world == rank of a saved npz of parts p0, p1, ..."""
+    from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+
+    z = np.load(data_file)
+    parts = {int(name[1:]): z[name] for name in z.files if int(name[1:]) % dist.world_size() == dist.rank()}
+    out = {}
+    for backend in backends:
+        res = train_centroids(parts, KMeansParams(k=k, niter=niter, backend=backend, progress=False,
+                                                  max_points_per_centroid=40))
+        out.update({f"{backend}_centroids": res.centroids, f"{backend}_objective": np.array(res.objective),
+                    f"{backend}_n_train": np.array(res.n_train)})
+    return out
+
+
+def kmeans_parts(seed: int = 0) -> dict[str, np.ndarray]:
+    """12 blobs in 8-d split into uneven parts (one empty), 1103 points."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((12, 8)) * 4
+    return {f"p{i}": (centers[rng.integers(12, size=n)] + rng.standard_normal((n, 8))).astype(np.float32)
+            for i, n in enumerate([400, 250, 0, 333, 120])}

@@ -1,0 +1,107 @@
+"""Pseudo labelling with 2 real ranks (gloo, separate processes): embed is aligned with the shards,
+idempotent and completes a half-done run; distributed k-means and the cluster stage give the
+1-rank centroids; pseudo labels zip with the image shards through the data readers, with purity
+well above chance. One pair of processes runs all the 2-rank work (W.session_worker); each test
+checks one part of it against single-process references computed here.
+Workers: tests/integration/_pseudo_workers.py."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from slade_dist import dist
+from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels, zip_pseudo_labels
+from slade_dist.data.readers import TarSamples, finite_batches, iter_shard, pseudo_labeled_batches
+from slade_dist.data.shards import shard_paths
+from slade_dist.models import load_embedder
+from slade_dist.pseudo import cluster, embed
+from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+from slade_dist.stages import RunLayout
+from tests.integration import _pseudo_workers as W
+
+ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+# k=16 for 8 hidden classes; 10 points per centroid -> the 160-point sample of 240 is exercised
+CLUSTER = ["pseudo.k=16", "pseudo.niter=15", "pseudo.max_points_per_centroid=10"]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pseudo2")
+    unl = W.make_demo(root)
+    run = root / "run"
+    W.make_teacher(run)
+    np.savez(root / "parts.npz", **W.kmeans_parts())
+    dist.run_local_processes(W.session_worker, 2, args=(str(run), str(unl), CLUSTER, str(root / "parts.npz"),
+                                                        str(root)), extra_env=ENV)
+    return root, unl, run
+
+
+def test_embed_two_ranks_aligned_idempotent_and_resumable(session):
+    root, unl, run = session
+    log = json.loads((root / "embed.json").read_text())
+    first, second, third = log["results"]
+    mt1, mt2, mt3 = log["mtimes"]
+    out = RunLayout(run).stage_dir("embed", 1)
+    shards = shard_paths(unl)
+    assert first["written"] == len(shards) == 6 and first["images"] == 240 and first["skipped_corrupt"] == 0
+    for shard in shards:
+        keys = [key for key, *_ in iter_shard(shard)]
+        assert embed.read_keys(out, shard) == keys
+        assert embed.load_embeddings(out, shard).shape == (len(keys), 16)
+    # second run: nothing to do, nothing touched
+    assert second["written"] == 0 and second["images"] == 0 and second["already_done"] == 6
+    assert mt2 == mt1
+    # third run after every other .npy was deleted: exactly those are written again
+    assert third["written"] == 3 and third["already_done"] == 3 and third["images"] == 120
+    redone = {s.name for s in shards[::2]}
+    assert all((mt3[n] != mt1[n]) == (n in redone) for n in mt1)
+    teacher = load_embedder(RunLayout(run).teacher_weights(1)).eval()
+    batch = next(iter(finite_batches([shards[3]], W.make_cfg(run, unl).data, 64, rank=0, world=1)))
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(teacher(batch["images"]), dim=1).numpy()
+    np.testing.assert_allclose(embed.load_embeddings(out, shards[3]).astype(np.float32), want, atol=2e-3)
+
+
+def test_cluster_two_ranks_equals_one_rank_and_zips_with_shards(session):
+    root, unl, run2 = session
+    run1 = root / "run_single"
+    shutil.copytree(RunLayout(run2).stage_dir("embed", 1), RunLayout(run1).stage_dir("embed", 1))
+    res1 = cluster.run(W.make_cfg(run1, unl, CLUSTER), run1)
+    res2 = json.loads((root / "cluster.json").read_text())
+    out1, out2 = RunLayout(run1).stage_dir("cluster", 1), RunLayout(run2).stage_dir("cluster", 1)
+    np.testing.assert_allclose(np.load(out2 / "centroids.npy"), np.load(out1 / "centroids.npy"), atol=1e-4)
+    stats = json.loads((out2 / "stats.json").read_text())
+    assert stats["world_size"] == 2 and stats["train"]["n_train"] == 160
+    assert res2["n"] == res1["n"] == 240 and res2["k"] == 16
+    assert res2["purity"] == pytest.approx(res1["purity"], abs=1e-9)
+    # 8 equally frequent hidden classes: chance purity 1/8; even a random tiny CNN groups them
+    assert stats["chance_purity"] == pytest.approx(1 / 8)
+    assert res2["purity"] > 2 * stats["chance_purity"] and res2["nmi"] > 0.1
+
+    for shard in shard_paths(unl):
+        keys, cls, dists = read_pseudo_labels(pseudo_label_path(out2, shard))
+        assert np.array_equal(cls, read_pseudo_labels(pseudo_label_path(out1, shard))[1])
+        zipped = list(zip_pseudo_labels(TarSamples(shard), keys, cls, dists, shard.name, "pl"))
+        assert [s["__key__"] for s, _, _ in zipped] == keys == [k for k, *_ in iter_shard(shard)]
+    stream = pseudo_labeled_batches(unl, out2, W.make_cfg(run2, unl, CLUSTER).data, 2, 2, seed=0,
+                                    rank=0, world=1)
+    batch = next(iter(stream))
+    assert batch["images"].shape == (4, 3, 32, 32) and int(batch["labels"].max()) < 16
+
+
+def test_kmeans_two_ranks_match_one_rank_with_sampling(session):
+    root, _, _ = session
+    parts = W.kmeans_parts()
+    single = train_centroids({int(k[1:]): v for k, v in parts.items()},
+                             KMeansParams(k=12, niter=10, backend="torch", progress=False,
+                                          max_points_per_centroid=40))
+    assert single.n_train == 480  # sampled from 1103 points
+    z = np.load(root / "kmeans.npz")
+    for backend in ("faiss_cpu", "torch"):
+        assert int(z[f"{backend}_n_train"]) == 480
+        np.testing.assert_allclose(z[f"{backend}_centroids"], single.centroids, atol=1e-4)
+        np.testing.assert_allclose(z[f"{backend}_objective"], single.objective, rtol=1e-5)
