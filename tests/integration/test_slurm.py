@@ -1,0 +1,238 @@
+"""The launcher on a REAL two-node Slurm cluster (tests/integration/slurm_cluster.sh).
+
+Mechanics (run now, on the `probe` test stage from launch_probe.py, through real sbatch/srun and
+submitit jobs running slade_dist.jobs.StageJob): a 2-node gloo job, afterok chains, a failed job
+cancelling its dependants, real preemption -> requeue -> resume from the checkpoint, DONE skip on
+resubmission, and every pre-submission error against the real `sinfo`.
+The real chain (teacher on 2 nodes, `--stage all` to metrics, preempting the real teacher) waits on
+the stages: see conftest.require_stages.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import REPO_ROOT, launch, require_stages, tiny_config
+from tests.integration.launch_probe import ProbeJob, probe_dir
+
+sys.path.insert(0, str(REPO_ROOT / "launch"))
+import submit  # noqa: E402
+
+pytestmark = [pytest.mark.slurm]
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+def sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                         text=True, timeout=30).stdout.split()
+    return out[-1].split()[0] if out else "UNKNOWN"
+
+
+def wait_states(job_ids: list[str], timeout_s: float = 240) -> dict[str, str]:
+    """Poll sacct (not submitit's cached states) until every job ended; returns the final states."""
+    deadline = time.time() + timeout_s
+    while True:
+        states = {j: sacct_state(j) for j in job_ids}
+        if all(s in TERMINAL for s in states.values()):
+            return states
+        if time.time() > deadline:
+            raise AssertionError(f"jobs did not finish in {timeout_s}s: {states}")
+        time.sleep(0.5)
+
+
+def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def probe_config(tmp_path: Path, steps: int = 12, ckpt_every: int = 3) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")},
+                                    "train": {"teacher_steps": steps, "ckpt_every": ckpt_every}}))
+    return path
+
+
+def submitted(tmp_path: Path) -> dict[str, dict]:
+    body = json.loads((tmp_path / "run" / "logs" / "submitted.json").read_text())
+    return {j["name"]: j for j in body["jobs"]}
+
+
+def run_probe(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Submit the probe stage through the launcher's main() (the job runs on Slurm)."""
+    rc = submit.main(["--stage", "probe", "--config", str(tmp_path / "probe.yaml"), "--cluster", "slurm",
+                      "--cpus-per-task", "1", *flags], job_cls=functools.partial(ProbeJob, env=env or {}))
+    assert rc == 0
+    return submitted(tmp_path)
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch):
+    # jobs start in the submission directory: the probe module must be importable from there
+    monkeypatch.chdir(REPO_ROOT)
+
+
+def test_two_node_job_runs_one_gloo_group(slurm_cluster, probe_stage, tmp_path, at_repo_root):
+    probe_config(tmp_path)
+    jobs = run_probe(tmp_path, "--nodes", "2", "--mem", "1", "--time", "5")
+    assert wait_states([jobs["probe"]["job_id"]]) == {jobs["probe"]["job_id"]: "COMPLETED"}
+    done = json.loads((probe_dir(tmp_path / "run") / "DONE.json").read_text())
+    assert done["world_size"] == 2
+    assert done["result"]["hosts"] == ["node1", "node2"]  # one task on each virtual node
+    assert done["result"]["total"] == 2 * 12  # every step's all_reduce saw both ranks
+    assert Path(jobs["probe"]["stdout"]).exists()
+
+
+def test_afterok_chains_done_markers_and_kill_on_invalid_dep(slurm_cluster, probe_stage, tmp_path, at_repo_root):
+    """Two chains at once: first -> second succeeds (second skips: DONE.json), a failing first
+    cancels its dependant."""
+    shape = submit.JobShape(cpus_per_task=1, tasks_per_node=1)
+    plan = [submit.JobSpec("first", "probe", 1, shape), submit.JobSpec("second", "probe", 1, shape, after="first")]
+    ok_cfg = submit.load_config(probe_config(tmp_path / "ok"))
+    bad_cfg = submit.load_config(probe_config(tmp_path / "bad"))
+    ok = submit.submit_slurm(ok_cfg, plan, force=False, job_cls=ProbeJob)
+    bad = submit.submit_slurm(bad_cfg, plan, force=False,
+                              job_cls=functools.partial(ProbeJob, env={"PROBE_FAIL": "1"}))
+    ids = [s.job_id for s in ok + bad]
+    states = wait_states(ids)
+    assert [states[i] for i in ids] == ["COMPLETED", "COMPLETED", "FAILED", "CANCELLED"]
+    times = {}
+    for j in ids[:2]:
+        times[j] = subprocess.run(["sacct", "-n", "-X", "-P", "-j", j, "-o", "Start,End"], capture_output=True,
+                                  text=True).stdout.split()[-1].split("|")
+    assert times[ids[1]][0] >= times[ids[0]][1], f"second started before first ended: {times}"
+    # the second job found the first's DONE.json: submitit stores its result (None = skipped)
+    assert ok[0].jobs[0].results()[0]["steps"] == 12
+    assert ok[1].jobs[0].results() == [None]
+    assert (probe_dir(tmp_path / "ok" / "run") / "starts.txt").read_text().split() == ["0"]
+    assert not (probe_dir(tmp_path / "bad" / "run") / "DONE.json").exists()
+
+
+def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, tmp_path, at_repo_root):
+    probe_config(tmp_path, steps=30, ckpt_every=5)
+    # 2 CPUs: the job fills node1, so a job on all nodes of the `high` partition must preempt it
+    rc = submit.main(["--stage", "probe", "--config", str(tmp_path / "probe.yaml"), "--cluster", "slurm",
+                      "--cpus-per-task", "2"], job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.2"}))
+    assert rc == 0
+    job_id = submitted(tmp_path)["probe"]["job_id"]
+    ckpt = probe_dir(tmp_path / "run") / "ckpt.json"
+    wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 10, "a checkpoint at step >= 10")
+    high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
+                           "--ntasks-per-node", "2", "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+    high_id = high.stdout.strip().split(";")[0]
+    states = wait_states([job_id, high_id])
+    assert states == {job_id: "COMPLETED", high_id: "COMPLETED"}
+    info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in info, info
+    starts = [int(s) for s in (probe_dir(tmp_path / "run") / "starts.txt").read_text().split()]
+    assert starts[0] == 0 and len(starts) == 2 and 10 <= starts[1] < 30, starts  # resumed, not from step 0
+    done = json.loads((probe_dir(tmp_path / "run") / "DONE.json").read_text())
+    assert done["result"]["steps"] == 30 and done["result"]["total"] == 30.0
+    log = Path(submitted(tmp_path)["probe"]["stdout"]).read_text()
+    assert "preempted" in log or "timed-out" in log  # submitit's own account of the USR2
+
+
+# ------------------------------------------------------------------ errors before submitting
+def _squeue_count() -> int:
+    return len(subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.splitlines())
+
+
+BAD_ARGUMENTS = [
+    (["--stage", "teacher", "--nodes", "3"], "asks for 3 nodes but partition 'debug' has 2"),
+    (["--stage", "teacher", "--partition", "nosuch"], "partition 'nosuch' does not exist"),
+    (["--stage", "teacher", "--cpus-per-task", "8"], "nodes of partition 'debug' have 2 CPUs"),
+    (["--stage", "teacher", "train.lrr=0.1"], "unknown config key 'train.lrr'"),
+    (["--stage", "teachr"], "invalid choice: 'teachr'"),
+]
+
+
+def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, tmp_path, capsys):
+    cfg = probe_config(tmp_path)
+    before = _squeue_count()
+    for args, message in BAD_ARGUMENTS:  # in process: one interpreter start for all cases
+        try:
+            rc = submit.main([*args, "--config", str(cfg), "--cluster", "slurm"])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        err = capsys.readouterr().err
+        assert rc == 2, (args, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err
+    proc = launch("--stage", "teacher", "--nodes", "3", "--config", str(cfg))  # the real CLI once
+    assert proc.returncode == 2 and BAD_ARGUMENTS[0][1] in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
+    assert _squeue_count() == before
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_dry_run_prints_config_and_exact_sbatch_lines(slurm_cluster, tmp_path, capsys):
+    cfg = probe_config(tmp_path)
+    rc = submit.main(["--stage", "all", "--config", str(cfg), "--rounds", "2", "--dry-run", "--array", "2",
+                      "--cluster", "slurm", "launch.student.nodes=2", "train.lr=0.5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    resolved = yaml.safe_load(out.split("\n# ", 1)[0].split("\n", 1)[1])  # the YAML after the hash line
+    assert resolved["train"]["lr"] == 0.5 and resolved["run"]["rounds"] == 2
+    jobs = [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("## job ")]
+    assert jobs == ["pretrain", "teacher", "round1-embed-array", "round1-embed", "round1-cluster",
+                    "round1-student", "round2-embed-array", "round2-embed", "round2-cluster",
+                    "round2-student", "eval"]
+    student = out.split("## job round1-student")[1].split("## job")[0]
+    assert "#SBATCH --nodes=2" in student
+    assert "#SBATCH --dependency='afterok:<job id of round1-cluster>'" in student
+    assert "#SBATCH --kill-on-invalid-dep=yes" in student and "#SBATCH --requeue" in student
+    assert "#SBATCH --array=0-1%2" in out.split("## job round1-embed-array")[1]
+    assert not (tmp_path / "run").exists()  # nothing submitted, nothing written
+
+
+# ------------------------------------------------------- the real chain (waits on the stages)
+@pytest.mark.slow
+def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluster, tiny_demo, tmp_path):
+    """One chain covers three promises (each real chain costs minutes on 2 cores): the teacher trains
+    as a 2-node job (one task per node, gloo) and checkpoints; preempted mid-run it is requeued and
+    resumes from its checkpoint, while the jobs after it keep waiting; `--stage all` ends with metrics."""
+    require_stages("pretrain", "teacher", "embed", "cluster", "student", "eval")
+    cfg = tiny_config(tmp_path / "tiny.yaml", tiny_demo, tmp_path / "run",
+                      pretrain={"steps": 2}, train={"teacher_steps": 16, "ckpt_every": 4})
+    t0 = time.time()
+    # the teacher fills both nodes (2 CPUs each), so a job on all of `high` must preempt it
+    proc = launch("--stage", "all", "--config", str(cfg), "--cluster", "slurm", "--array", "2",
+                  "launch.teacher.nodes=2", "launch.teacher.cpus_per_task=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "tensorboard --logdir" in proc.stdout
+    jobs = submitted(tmp_path)
+    assert list(jobs) == ["pretrain", "teacher", "round1-embed-array", "round1-embed", "round1-cluster",
+                          "round1-student", "eval"]
+    ckpt_dir = tmp_path / "run" / "teacher" / "ckpt"
+    wait_for(lambda: bool(list(ckpt_dir.glob("step*/slade_meta.json"))), "the teacher's first checkpoint", 400)
+    high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
+                           "--ntasks-per-node", "2", "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+    ids = [j["job_id"] for j in jobs.values() if not j["array"]]
+    ids += [f"{jobs['round1-embed-array']['job_id']}_{i}" for i in range(2)]
+    states = wait_states(ids + [high.stdout.strip()], timeout_s=900)
+    assert set(states.values()) == {"COMPLETED"}, states
+    print(f"demo chain through Slurm (with one preemption): {time.time() - t0:.1f}s")
+    teacher = json.loads((tmp_path / "run" / "teacher" / "DONE.json").read_text())
+    assert teacher["world_size"] == 2 and teacher["result"]["steps"] == 16
+    assert teacher["result"]["resumed_from"] > 0, teacher  # from its checkpoint, not from step 0
+    assert (tmp_path / "run" / "teacher" / "final.pt").exists()
+    info = subprocess.run(["scontrol", "show", "job", "-o", jobs["teacher"]["job_id"]], capture_output=True,
+                          text=True).stdout
+    assert "Restarts=1" in info, info
+    embed = json.loads((tmp_path / "run" / "round1" / "embed" / "DONE.json").read_text())["result"]
+    # the 2 array tasks embedded the 3 unlabeled shards; the embed job after them found them done
+    assert (embed["shards"], embed["already_done"], embed["written"]) == (3, 3, 0), embed
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["models"], metrics

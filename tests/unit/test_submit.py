@@ -1,0 +1,235 @@
+"""Unit tests of launch/submit.py (planning, parameters, dry run, errors) and slade_dist/jobs.py.
+
+No cluster needed: Slurm parameters are checked through the #SBATCH lines submitit itself renders,
+and the one execution test runs the `probe` test stage in this process (--cluster debug).
+Real Slurm / LocalExecutor runs: tests/integration/test_slurm.py and test_launch_local.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import submitit
+import yaml
+
+from slade_dist import stages
+from slade_dist.jobs import StageJob, array_part
+from tests.integration.launch_probe import PROBE, ProbeJob, probe_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "launch"))
+import submit  # noqa: E402
+
+
+def flags(**kw) -> argparse.Namespace:
+    base = dict(nodes=None, gpus_per_node=None, tasks_per_node=None, cpus_per_task=None, mem=None, time=None,
+                array=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def config(tmp_path: Path, *overrides: str, **sections: dict):
+    body = {"run": {"dir": str(tmp_path / "run")}, **sections}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return submit.load_config(path, list(overrides)), path
+
+
+# ----------------------------------------------------------------------------------- planning
+def test_all_is_the_whole_chain_linked_in_order(tmp_path):
+    cfg, _ = config(tmp_path, "run.rounds=2")
+    plan = submit.plan_jobs(cfg, "all", flags())
+    assert [(j.name, j.stage, j.round) for j in plan] == [
+        ("pretrain", "pretrain", 1), ("teacher", "teacher", 1),
+        ("round1-embed", "embed", 1), ("round1-cluster", "cluster", 1), ("round1-student", "student", 1),
+        ("round2-embed", "embed", 2), ("round2-cluster", "cluster", 2), ("round2-student", "student", 2),
+        ("eval", "eval", 1)]
+    assert [j.after for j in plan] == [None] + [j.name for j in plan[:-1]]
+
+
+def test_each_stage_gets_its_own_shape_and_flags_override_all(tmp_path):
+    cfg, _ = config(tmp_path, "run.rounds=1", "launch.student.nodes=4", "launch.student.gpus_per_node=8",
+                    "launch.cluster_job.nodes=2", "launch.cluster_job.tasks_per_node=3")
+    plan = {j.name: j.shape for j in submit.plan_jobs(cfg, "all", flags())}
+    assert (plan["round1-student"].nodes, plan["round1-student"].tasks_per_node) == (4, 8)  # one task per GPU
+    assert (plan["round1-cluster"].nodes, plan["round1-cluster"].tasks_per_node) == (2, 3)  # launch.cluster_job
+    assert (plan["teacher"].nodes, plan["teacher"].tasks_per_node) == (1, 1)  # CPU: one task
+    forced = submit.plan_jobs(cfg, "all", flags(nodes=3, cpus_per_task=5, time=7, mem=9))
+    assert {(s.shape.nodes, s.shape.cpus_per_task, s.shape.time_min, s.shape.mem_gb) for s in forced} == {(3, 5, 7, 9)}
+
+
+def test_single_round_stage_uses_run_round(tmp_path):
+    cfg, _ = config(tmp_path, "run.round=2")
+    (job,) = submit.plan_jobs(cfg, "student", flags())
+    assert (job.name, job.round, job.after) == ("round2-student", 2, None)
+
+
+def test_embed_array_is_followed_by_the_embed_job_that_marks_it_done(tmp_path):
+    cfg, _ = config(tmp_path, "run.rounds=1")
+    plan = submit.plan_jobs(cfg, "all", flags(array=4))
+    names = [j.name for j in plan]
+    assert names[2:4] == ["round1-embed-array", "round1-embed"]
+    assert plan[2].array == 4 and plan[3].array == 0 and plan[3].after == "round1-embed-array"
+
+
+def test_finished_stages_are_not_submitted_and_the_chain_relinks(tmp_path):
+    cfg, _ = config(tmp_path, "run.rounds=1")
+    stages.write_done(cfg, "teacher", {}, 0.0)
+    kept, dropped = submit.drop_done(cfg, submit.plan_jobs(cfg, "all", flags()))
+    assert [j.name for j in dropped] == ["teacher"]
+    assert [(j.name, j.after) for j in kept] == [("pretrain", None), ("round1-embed", "pretrain"),
+                                                 ("round1-cluster", "round1-embed"),
+                                                 ("round1-student", "round1-cluster"), ("eval", "round1-student")]
+    cfg2, _ = config(tmp_path, "run.rounds=1", "loss.ms_alpha=3.0")  # another teacher config: not done
+    assert submit.drop_done(cfg2, submit.plan_jobs(cfg2, "teacher", flags()))[1] == []
+
+
+def test_array_parts_cover_every_shard_once():
+    ids = list(range(10))
+    parts = [array_part(ids, i, 4) for i in range(4)]
+    assert parts == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]  # contiguous ranges
+    assert [array_part([1, 2], i, 3) for i in range(3)] == [[1], [2], []]
+    with pytest.raises(ValueError):
+        array_part(ids, 4, 4)
+
+
+# --------------------------------------------------------------------------------- parameters
+def test_sbatch_lines_carry_shape_dependency_and_requeue(tmp_path):
+    cfg, _ = config(tmp_path, "launch.partition=gpu", "launch.account=proj", "launch.qos=high",
+                    "launch.constraint=a100", "launch.student.nodes=8", "launch.student.gpus_per_node=8",
+                    "launch.student.mem_gb=400", "launch.student.cpus_per_task=10", "launch.student.time_min=240")
+    (job,) = submit.plan_jobs(cfg, "student", flags())
+    lines = submit.sbatch_lines(submit.slurm_params(job, cfg, "afterok:41"), tmp_path / "logs")
+    for expected in ["--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=400GB",
+                     "--time=240", "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100",
+                     "--dependency=afterok:41", "--kill-on-invalid-dep=yes", "--requeue", "--signal=USR2@90",
+                     "--job-name=slade-round1-student"]:
+        assert f"#SBATCH {expected}" in lines, (expected, lines)
+
+
+def test_no_requeue_no_dependency_and_arrays(tmp_path):
+    cfg, _ = config(tmp_path, "launch.requeue=false", "launch.embed.time_min=2")
+    (job,) = submit.plan_jobs(cfg, "embed", flags(array=3))[:1]
+    lines = submit.sbatch_lines(submit.slurm_params(job, cfg, None), tmp_path / "logs", job.array)
+    assert not any(ln.startswith(("#SBATCH --requeue", "#SBATCH --dependency")) for ln in lines)
+    assert "#SBATCH --array=0-2%3" in lines
+    assert "#SBATCH --signal=USR2@12" in lines  # short jobs get the signal early enough to requeue
+
+
+def test_gres_gpu_counts():
+    assert submit._gres_gpus("gpu:4") == 4
+    assert submit._gres_gpus("gpu:a100:8(S:0-1)") == 8
+    assert submit._gres_gpus("(null)") == 0
+
+
+def test_local_when_no_sbatch(monkeypatch, tmp_path):
+    cfg, _ = config(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert submit.pick_cluster(None, cfg) == "local"
+    assert submit.pick_cluster("debug", cfg) == "debug"
+    cfg.launch.cluster = "slurm"
+    assert submit.pick_cluster(None, cfg) == "slurm"
+
+
+def test_job_error_line_finds_the_exception():
+    err = RuntimeError("Job (task=0) failed during processing with trace:\n----\nTraceback (most recent call "
+                       "last):\n  File \"x.py\", line 3, in f\nValueError: boom\n\n----\nYou can check full logs")
+    assert submit.job_error_line(err) == "ValueError: boom"
+
+
+# ---------------------------------------------------------------------------- dry run / errors
+def test_dry_run_local_prints_config_and_plan_and_writes_nothing(tmp_path, capsys):
+    _, path = config(tmp_path)
+    assert submit.main(["--stage", "all", "train.lr=0.25", "--config", str(path), "--cluster", "local",
+                        "--rounds", "1", "--dry-run", "model.embed_dim=8"]) == 0  # overrides between flags
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.split("\n# ", 1)[0].split("\n", 1)[1])
+    assert resolved["train"]["lr"] == 0.25 and resolved["model"]["embed_dim"] == 8 and resolved["run"]["rounds"] == 1
+    assert "## job round1-cluster: stage cluster round 1" in out
+    assert "local executor: tasks_per_node=1" in out and "(starts after round1-embed succeeded)" in out
+    assert "WARNING: a real submission would stop here" in out  # no data configured
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "teacher", "--nodes", "2", "--cluster", "local"], "runs on this one machine"),
+    (["--stage", "teacher", "--nodes", "0", "--cluster", "local"], "--nodes must be >= 1"),
+    (["--stage", "teacher", "--array", "2", "--cluster", "local"], "--array applies to the embed stage"),
+    (["--stage", "teacher", "--cluster", "local"], "data.train_shards must be set"),
+    (["--stage", "teacher", "--cluster", "local", "model.backbone=7"], None),  # int -> str is accepted
+    (["--stage", "teacher", "--cluster", "local", "train.lr=fast"], "train.lr"),
+])
+def test_errors_are_one_clear_line_before_anything_runs(tmp_path, capsys, args, message):
+    _, path = config(tmp_path)
+    rc = submit.main([*args, "--config", str(path)])
+    err = capsys.readouterr().err
+    if message is None:
+        assert rc == 2 and "data.train_shards must be set" in err  # got past the config, stopped at inputs
+        return
+    assert rc == 2 and message in err, err
+    assert err.startswith("launch/submit.py: error: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert submit.main(["--stage", "eval", "--config", str(tmp_path / "nope.yaml"), "--cluster", "local"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_explains_every_option():
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "submit.py"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for opt in ["--stage", "--config", "--nodes", "--gpus-per-node", "--cpus-per-task", "--mem", "--time",
+                "--partition", "--account", "--qos", "--constraint", "--cluster", "--rounds", "--force",
+                "--dry-run", "--array", "cluster_job", "teacher_steps"]:  # ... and the config keys
+        assert opt in out, opt
+
+
+# --------------------------------------------------------------------------------- jobs.py
+def test_probe_stage_does_not_leak_into_the_registry(tmp_path):
+    assert "probe" not in stages.STAGES  # importing the test stage registers nothing
+    cfg, _ = config(tmp_path, train={"teacher_steps": 2, "ckpt_every": 1})
+    with pytest.raises(KeyError):
+        ProbeJob(cfg, "probe")
+
+
+def test_stage_job_checks_its_arguments(tmp_path):
+    cfg, _ = config(tmp_path)
+    with pytest.raises(KeyError, match="unknown stage"):
+        StageJob(cfg, "nosuch")
+    with pytest.raises(ValueError, match="only the embed stage"):
+        StageJob(cfg, "teacher", array_parts=2)
+
+
+def test_checkpoint_only_resubmits_the_same_call(tmp_path):
+    cfg, _ = config(tmp_path)
+    job = StageJob(cfg, "teacher", force=True)
+    delayed = job.checkpoint(3)
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function is job and delayed.args == (3,)
+    assert not (tmp_path / "run").exists()  # no save, no files: the stage resumes from its own checkpoint
+
+
+def test_debug_cluster_runs_the_stage_in_process_then_skips_it_when_done(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(stages.STAGES, "probe", PROBE)  # the launcher test stage, for this test only
+    _, path = config(tmp_path, train={"teacher_steps": 4, "ckpt_every": 2})
+    args = ["--stage", "probe", "--config", str(path), "--cluster", "debug"]
+    env_before = dict(os.environ)
+    assert submit.main(args, job_cls=ProbeJob) == 0
+    done = json.loads((probe_dir(tmp_path / "run") / "DONE.json").read_text())
+    assert done["result"]["steps"] == 4 and done["world_size"] == 1
+    assert dict(os.environ) == env_before  # the job's RANK/MASTER_* do not leak into the launcher
+    record = json.loads((tmp_path / "run" / "logs" / "submitted.json").read_text())
+    assert record["cluster"] == "debug" and record["jobs"][0]["name"] == "probe"
+    assert "tensorboard --logdir" in capsys.readouterr().out
+    assert submit.main(args, job_cls=ProbeJob) == 0  # DONE.json matches: not even started
+    assert "probe                  already done" in capsys.readouterr().out
+    assert ProbeJob(submit.load_config(path), "probe")() is None  # a job started anyway exits at once
+    assert submit.main([*args, "--force"], job_cls=ProbeJob) == 0  # --force reruns it (it resumes at step 4)
+    assert (probe_dir(tmp_path / "run") / "starts.txt").read_text().split() == ["0", "4"]
+    assert stages.is_done(submit.load_config(path), "probe")
