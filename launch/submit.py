@@ -469,6 +469,15 @@ def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], out=None) 
                   + (f" (starts after {spec.after} succeeded)" if spec.after else ""), file=out)
 
 
+def print_metrics(cfg: Config) -> None:
+    """The eval stage's table, when the chain that just ran here produced one."""
+    from slade_dist.eval.report import format_table
+
+    metrics = run_root(cfg) / "eval" / "metrics.json"
+    if metrics.exists():
+        print(format_table(json.loads(metrics.read_text())))
+
+
 def main(argv: Sequence[str] | None = None, job_cls: type | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may sit between the flags
@@ -495,6 +504,8 @@ def main(argv: Sequence[str] | None = None, job_cls: type | None = None) -> int:
             print(f"  {extra}", file=sys.stderr)
         return 2
     print(f"record:      {record}")
+    if cluster != "slurm":
+        print_metrics(cfg)
     if cluster == "slurm" and subs:
         print(f"follow:      squeue -j {','.join(s.job_id for s in subs)}   (sacct -j ... once done)")
     print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")

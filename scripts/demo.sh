@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup_env.sh
 "$PY" -m slade_dist demo-data --config configs/demo.yaml "$@"
-exec "$PY" -m slade_dist pipeline --config configs/demo.yaml "$@"
+exec "$PY" launch/submit.py --stage all --cluster local --config configs/demo.yaml "$@"

@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.shutdown()
     if result is not None:
         dist.print0(json.dumps({"stage": args.command, "result": result}, default=str))
+    if args.command == "eval":
+        print_summary(cfg)
     return 0
 
 

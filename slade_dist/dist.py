@@ -113,10 +113,16 @@ def export_submitit_env() -> None:
     """
     import submitit  # only here: the trainer never imports submitit
 
+    # Inside a submitit task the job environment is the truth. Values left by an earlier stage run
+    # in this same process (--cluster debug runs jobs in-process; DeepSpeed needs LOCAL_RANK set)
+    # would make export() refuse to overwrite them.
+    for key in _TORCH_ENV_KEYS:
+        os.environ.pop(key, None)
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 _ENV: DistEnv = DistEnv()
+_TORCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def init_distributed(backend: str | None = None, env: DistEnv | None = None,

@@ -3,7 +3,8 @@
 Owns: `run(cfg, run_dir)` — embeds the test split (or In-shop query + gallery) with the teacher
 and each round's student (so the self-training gain is visible in one table), gathers the
 embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval/metrics.json`,
-logs them to TensorBoard (tb/eval, one step per model in chain order) and prints the table.
+logs them to TensorBoard (tb/eval, one step per model in chain order); the CLI, the pipeline
+and the local launcher print them as a table (`eval.report`).
 Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
 when the unlabeled data carried hidden labels. Tests: tests/integration/test_pipeline_e2e.py.
 """
@@ -19,7 +20,6 @@ import torch
 from .. import dist
 from ..config import Config
 from ..stages import RunLayout
-from .report import format_table
 
 
 def models_to_evaluate(layout: RunLayout, rounds: int) -> list[tuple[str, Path]]:
@@ -103,7 +103,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _log_tensorboard(layout, results)
-    print(format_table(results), flush=True)
+    dist.get_logger().info(f"[eval] metrics of {len(results['models'])} model(s) -> {out}")
     return {"final": results["final"], **results["models"][results["final"]]}
 
 

@@ -130,7 +130,8 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, t
     ckpt = probe_dir(tmp_path / "run") / "ckpt.json"
     wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 10, "a checkpoint at step >= 10")
     high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
-                           "--ntasks-per-node", "2", "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+                           "--ntasks-per-node", "2", "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1"],
+                          capture_output=True, text=True, check=True)
     high_id = high.stdout.strip().split(";")[0]
     states = wait_states([job_id, high_id])
     assert states == {job_id: "COMPLETED", high_id: "COMPLETED"}
@@ -218,7 +219,8 @@ def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluste
     ckpt_dir = tmp_path / "run" / "teacher" / "ckpt"
     wait_for(lambda: bool(list(ckpt_dir.glob("step*/slade_meta.json"))), "the teacher's first checkpoint", 400)
     high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
-                           "--ntasks-per-node", "2", "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+                           "--ntasks-per-node", "2", "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1"],
+                          capture_output=True, text=True, check=True)
     ids = [j["job_id"] for j in jobs.values() if not j["array"]]
     ids += [f"{jobs['round1-embed-array']['job_id']}_{i}" for i in range(2)]
     states = wait_states(ids + [high.stdout.strip()], timeout_s=900)
