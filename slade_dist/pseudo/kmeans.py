@@ -165,9 +165,12 @@ class FaissCPUAssigner(Assigner):
     def set_centroids(self, c: torch.Tensor) -> None:
         c_np = np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32)
         if self.index is None or self.index.d != c_np.shape[1]:
-            self.index = self.faiss.IndexFlatL2(c_np.shape[1])
+            self.index = self._new_index(c_np)  # built once; later calls only swap the centroids
         self.index.reset()
         self.index.add(c_np)
+
+    def _new_index(self, c_np: np.ndarray) -> Any:
+        return self.faiss.IndexFlatL2(c_np.shape[1])
 
     def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_np = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
@@ -185,17 +188,13 @@ class FaissGPUAssigner(FaissCPUAssigner):
         self.res = self.faiss.StandardGpuResources()
         self.device_id = device_id
 
-    def set_centroids(self, c: torch.Tensor) -> None:
-        c_np = np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32)
-        if self.index is None or self.index.d != c_np.shape[1]:
-            cfg = self.faiss.GpuIndexFlatConfig()
-            cfg.device = self.device_id
-            self.index = self.faiss.GpuIndexFlatL2(self.res, c_np.shape[1], cfg)
-        self.index.reset()
-        self.index.add(c_np)
+    def _new_index(self, c_np: np.ndarray) -> Any:
+        cfg = self.faiss.GpuIndexFlatConfig()
+        cfg.device = self.device_id
+        return self.faiss.GpuIndexFlatL2(self.res, c_np.shape[1], cfg)
 
 
-class FaissIVFAssigner(Assigner):
+class FaissIVFAssigner(FaissCPUAssigner):
     """Two-level assignment for very large k: the k centroids go into an IndexIVFFlat whose
     coarse quantizer (nlist groups of centroids) is trained once, on the first centroids it sees;
     each point is compared with the centroids of its `nprobe` nearest groups only, so the cost
@@ -207,38 +206,26 @@ class FaissIVFAssigner(Assigner):
     name = "faiss_ivf"
 
     def __init__(self, nlist: int = 0, nprobe: int = 16, gpu_device: int | None = None) -> None:
-        import faiss
-
-        self.faiss = faiss
+        super().__init__()
         self.nlist, self.nprobe, self.gpu_device = nlist, nprobe, gpu_device
-        self.index = None
-        self.res = faiss.StandardGpuResources() if gpu_device is not None else None
+        self.res = self.faiss.StandardGpuResources() if gpu_device is not None else None
 
     @staticmethod
     def auto_nlist(k: int) -> int:
         return int(max(1, min(k // 39, round(4 * math.sqrt(k)))))  # >= 39 centroids per list to train
 
-    def set_centroids(self, c: torch.Tensor) -> None:
-        c_np = np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32)
+    def _new_index(self, c_np: np.ndarray) -> Any:
         k, d = c_np.shape
-        if self.index is None or self.index.d != d:
-            nlist = min(self.nlist or self.auto_nlist(k), k)
-            quantizer = self.faiss.IndexFlatL2(d)
-            index = self.faiss.IndexIVFFlat(quantizer, d, nlist, self.faiss.METRIC_L2)
-            index.cp.seed = 1234
-            index.train(c_np)
-            if self.res is not None:
-                index = self.faiss.index_cpu_to_gpu(self.res, self.gpu_device, index)
-            self._quantizer = quantizer  # keep the Python reference alive with the index
-            self.index = index
-            self.index.nprobe = min(self.nprobe, nlist)
-        self.index.reset()
-        self.index.add(c_np)
-
-    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_np = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        d2, idx = self.index.search(x_np, 1)
-        return torch.from_numpy(idx[:, 0].astype(np.int64)), torch.from_numpy(np.maximum(d2[:, 0], 0))
+        nlist = min(self.nlist or self.auto_nlist(k), k)
+        quantizer = self.faiss.IndexFlatL2(d)
+        index = self.faiss.IndexIVFFlat(quantizer, d, nlist, self.faiss.METRIC_L2)
+        index.cp.seed = 1234
+        index.train(c_np)
+        if self.res is not None:
+            index = self.faiss.index_cpu_to_gpu(self.res, self.gpu_device, index)
+        self._quantizer = quantizer  # keep the Python reference alive with the index
+        index.nprobe = min(self.nprobe, nlist)
+        return index
 
 
 def params_assigner(params: "KMeansParams") -> Assigner:

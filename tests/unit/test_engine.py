@@ -19,16 +19,7 @@ from slade_dist.train import engine as E
 from slade_dist.train.tb import TBWriter
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_process_group():
-    """One thread (tiny models: more threads only contend on 2 shared cores); and the engine
-    gives a plain process a world-1 group, which other tests must not inherit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 
 
 def _model() -> torch.nn.Module:

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as tdist
 
 from slade_dist.models import load_embedder
 from slade_dist.stages import RunLayout
@@ -20,16 +19,7 @@ from slade_dist.train.teacher import pretrain_init_path
 from ..integration import _train_workers as W
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_process_group():
-    """One thread (tiny models: more threads only contend on 2 shared cores); and the engine
-    gives a plain process a world-1 group, which other tests must not inherit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 
 
 def test_sinkhorn_codes_are_doubly_stochastic():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as tdist
 
 from slade_dist.train import engine as E
 from slade_dist.train.student import StudentNet, StudentStep, param_groups
@@ -16,14 +15,7 @@ from slade_dist.train.teacher import ranking_loss_fn
 from ..integration import _train_workers as W
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_no_leftover_group():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 
 
 def _batches(n_classes: int, seed: int):
