@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from slade_dist import stages
 from slade_dist.config import ConfigError, load_config
 from slade_dist.stages import STAGES, RunLayout, Stage, pipeline_plan, run_stage, stage_hash
 
@@ -16,7 +15,6 @@ from . import _stage_fixtures
 def counter_stage():
     STAGES["unit_counter"] = Stage("unit_counter", "tests.unit._stage_fixtures:counting_stage",
                                    ("data", "model", "train"), False, (), "test stage")
-    stages._CHAIN_SECTIONS  # noqa: B018 - the registry is the real one under test
     _stage_fixtures.CALLS.clear()
     yield
     del STAGES["unit_counter"]
