@@ -587,8 +587,8 @@ def make_eval_fn(cfg: Any, embed_module: Callable[[], torch.nn.Module]) -> Calla
     if cfg.train.eval_every <= 0 or not cfg.data.test_shards:
         return None
     try:
-        from ..data.readers import finite_batches
         from ..eval.metrics import retrieval_metrics
+        from ..eval.stage import embed_split
     except ImportError as e:
         dist.get_logger().warning(f"train.eval_every > 0 but eval is unavailable ({e}); skipping periodic eval")
         return None
@@ -596,23 +596,11 @@ def make_eval_fn(cfg: Any, embed_module: Callable[[], torch.nn.Module]) -> Calla
     def run_eval(step: int) -> dict[str, float]:
         model = embed_module()
         was_training = model.training
-        model.eval()
-        embs, labels = [], []
-        with torch.no_grad():
-            for batch in finite_batches(cfg.data.test_shards, cfg.data, cfg.eval.batch_size,
-                                        rank=dist.rank(), world=dist.world_size()):
-                x = batch["images"].to(dist.device())
-                embs.append(model(x).float().cpu())
-                labels.append(batch["labels"].cpu())
+        emb, lab = embed_split(model, cfg.data.test_shards, cfg)  # the eval stage's own pass
         model.train(was_training)
-        emb = torch.cat(embs) if embs else torch.zeros(0, getattr(model, "embed_dim", 1))
-        lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-        parts = dist.all_gather_object((emb, lab))
         metrics: dict[str, float] = {}
         if dist.is_main():
-            all_emb = torch.cat([p[0] for p in parts]).numpy()
-            all_lab = torch.cat([p[1] for p in parts]).numpy()
-            res = retrieval_metrics(all_emb, all_lab, recall_k=cfg.eval.recall_k, chunk_size=cfg.eval.chunk_size,
+            res = retrieval_metrics(emb, lab, recall_k=cfg.eval.recall_k, chunk_size=cfg.eval.chunk_size,
                                     nmi=cfg.eval.nmi, seed=cfg.run.seed)
             metrics = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
         return dist.broadcast_object(metrics)
