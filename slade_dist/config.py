@@ -278,12 +278,9 @@ class Config:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the resolved config (atomically) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"# resolved slade_dist config, hash {self.hash()}\n" + self.dump_yaml())
-        tmp.replace(path)
-        return path
+        from .fileio import atomic_write_text
+
+        return atomic_write_text(path, f"# resolved slade_dist config, hash {self.hash()}\n" + self.dump_yaml())
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")]

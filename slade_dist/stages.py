@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from . import dist
 from .config import Config
+from .fileio import atomic_write_json
 
 # The sections a stage's result depends on are cumulative along the chain: changing the teacher's
 # loss invalidates everything downstream, changing eval.* reruns only eval.
@@ -139,16 +140,11 @@ def is_done(cfg: Config, stage: str) -> bool:
 
 def write_done(cfg: Config, stage: str, result: dict[str, Any], seconds: float) -> Path:
     layout = RunLayout(cfg.run.dir)
-    path = layout.done_file(stage, cfg.run.round)
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"stage": stage, "round": cfg.run.round if STAGES[stage].per_round else None,
             "config_hash": stage_hash(cfg, stage), "seconds": round(seconds, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": dist.world_size(),
             "result": result}
-    tmp = path.with_name("DONE.json.tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(layout.done_file(stage, cfg.run.round), body, indent=2)
 
 
 class StageNotAvailable(RuntimeError):

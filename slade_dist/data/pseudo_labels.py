@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write_json
+
 META_FILE = "meta.json"
 _INDEX_RE = re.compile(r"(\d+)\.tar$")
 
@@ -87,12 +89,8 @@ def read_pseudo_labels(path: str | os.PathLike[str]) -> tuple[list[str], np.ndar
 
 def write_meta(pseudo_dir: str | os.PathLike[str], round: int, teacher_step: int, k: int,
                **extra: Any) -> Path:
-    path = Path(pseudo_dir) / META_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{META_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"round": round, "teacher_step": teacher_step, "k": k, **extra}, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(Path(pseudo_dir) / META_FILE,
+                             {"round": round, "teacher_step": teacher_step, "k": k, **extra})
 
 
 def read_meta(pseudo_dir: str | os.PathLike[str]) -> dict[str, Any]:

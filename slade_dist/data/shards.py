@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import webdataset as wds
 
+from ..fileio import atomic_write_json
+
 INDEX_FILE = "index.json"
 CLASSES_FILE = "classes.json"
 
@@ -53,13 +55,13 @@ def write_index(out_dir: str | os.PathLike[str], shards: Sequence[Mapping[str, A
     out_dir = Path(out_dir)
     shards = sorted(({"name": s["name"], "count": int(s["count"])} for s in shards), key=lambda s: s["name"])
     body = {"kind": kind, "shards": shards, "total": sum(s["count"] for s in shards), **extra}
-    _atomic_json(out_dir / INDEX_FILE, body)
+    atomic_write_json(out_dir / INDEX_FILE, body)
     return body
 
 
 def write_classes(out_dir: str | os.PathLike[str], names: Sequence[str]) -> None:
     """`classes.json`: {"0": name0, "1": name1, ...} (id -> name, ids dense 0..C-1)."""
-    _atomic_json(Path(out_dir) / CLASSES_FILE, {str(i): n for i, n in enumerate(names)})
+    atomic_write_json(Path(out_dir) / CLASSES_FILE, {str(i): n for i, n in enumerate(names)})
 
 
 def read_classes(shard_dir: str | os.PathLike[str]) -> list[str]:
@@ -103,13 +105,6 @@ def shard_paths(shard_dir: str | os.PathLike[str]) -> list[Path]:
     """Absolute shard paths in index order."""
     shard_dir = Path(shard_dir)
     return [shard_dir / s["name"] for s in read_index(shard_dir)["shards"]]
-
-
-def _atomic_json(path: Path, body: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1))
-    tmp.replace(path)
 
 
 def encode_jpeg(img: Any, quality: int = 90) -> bytes:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from .. import dist
 from ..config import Config
 from ..data.pseudo_labels import write_meta
 from ..data.shards import shard_paths
+from ..fileio import atomic_write_json
 from ..stages import RunLayout
 from . import embed as embed_files
 from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
@@ -86,7 +86,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
                        "total_s": round(time.time() - t0, 3)}
     stats.update(k=k, k_requested=cfg.pseudo.k, round=r, world_size=dist.world_size())
     if dist.is_main():
-        _write_json(out_dir / STATS_FILE, stats)
+        atomic_write_json(out_dir / STATS_FILE, stats)
         tmp = out_dir / f".{SIZES_FILE}.tmp.npy"
         np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
         tmp.replace(out_dir / SIZES_FILE)
@@ -147,7 +147,7 @@ def _save_centroids(out_dir: Path, centroids: np.ndarray, fingerprint: dict[str,
     tmp = out_dir / f".{CENTROIDS_FILE}.tmp.npy"
     np.save(tmp, centroids.astype(np.float32))
     tmp.replace(out_dir / CENTROIDS_FILE)
-    _write_json(out_dir / FINGERPRINT_FILE, fingerprint)  # written last: marks the centroids final
+    atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)  # written last: marks the centroids final
 
 
 def _remove_stale_labels(out_dir: Path) -> None:
@@ -287,8 +287,3 @@ def _tensorboard(tb_dir: Path, stats: dict[str, Any], sizes: np.ndarray, round_:
     finally:
         w.close()
 
-
-def _write_json(path: Path, body: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1, default=str))
-    tmp.replace(path)

@@ -31,6 +31,7 @@ from .. import dist
 from ..config import Config
 from ..data.pseudo_labels import shard_index
 from ..data.shards import shard_paths
+from ..fileio import atomic_write_json, atomic_write_text
 from ..stages import RunLayout
 
 __all__ = ["run", "emb_path", "keys_path", "labels_path", "is_embedded", "load_embeddings", "read_keys",
@@ -137,7 +138,7 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
     result.update(shards=len(shards), seconds=round(seconds, 2),
                   images_per_s=round(result["images"] / seconds, 1) if seconds > 0 else 0.0)
     if dist.is_main():
-        _write_json(out_dir / FACTS_FILE, {**facts, "dim": _dim(out_dir, shards)})
+        atomic_write_json(out_dir / FACTS_FILE, {**facts, "dim": _dim(out_dir, shards)})
     dist.barrier()
     log.info(f"[embed] round {r}: {result['written']} shards written ({result['images']} images, "
              f"{result['skipped_corrupt']} corrupt skipped), {result['already_done']} already done")
@@ -196,7 +197,7 @@ def _drop_other_teachers_outputs(out_dir: Path, facts: dict[str, Any]) -> None:
             p.unlink()
         (out_dir / FACTS_FILE).unlink()
     if not (out_dir / FACTS_FILE).exists():
-        _write_json(out_dir / FACTS_FILE, facts)  # claim the dir before any shard is written
+        atomic_write_json(out_dir / FACTS_FILE, facts)  # claim the dir before any shard is written
 
 
 def _load_teacher(weights: Path, device: torch.device) -> torch.nn.Module:
@@ -270,7 +271,7 @@ def _write_shard_files(out_dir: Path, shard: Path, arr: np.ndarray, keys: list[s
                            f"{len(arr)} embeddings")
     tag = f".tmp{os.getpid()}"
     kp = keys_path(out_dir, shard)
-    _atomic_text(kp, "".join(k + "\n" for k in keys), tag)
+    atomic_write_text(kp, "".join(k + "\n" for k in keys))
     lp = labels_path(out_dir, shard)
     if any(h is not None for h in hidden):
         tmp = lp.with_name(f".{lp.name}{tag}.npy")
@@ -282,16 +283,6 @@ def _write_shard_files(out_dir: Path, shard: Path, arr: np.ndarray, keys: list[s
     tmp = ep.with_name(f".{ep.name}{tag}.npy")
     np.save(tmp, np.ascontiguousarray(arr, dtype=np.float16))
     tmp.replace(ep)
-
-
-def _atomic_text(path: Path, text: str, tag: str) -> None:
-    tmp = path.with_name(f".{path.name}{tag}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, body: Any) -> None:
-    _atomic_text(path, json.dumps(body, indent=1, default=str), f".tmp{os.getpid()}")
 
 
 def _dim(out_dir: Path, shards: Iterable[Path]) -> int | None:

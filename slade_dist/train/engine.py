@@ -41,6 +41,7 @@ import torch.distributed as tdist
 
 from .. import dist
 from ..config import TrainConfig
+from ..fileio import atomic_write_json
 from .tb import TBWriter
 
 META_FILE = "slade_meta.json"
@@ -353,9 +354,7 @@ class Trainer:
         if dist.is_main():
             meta = {"step": self.step, "world_size": dist.world_size(), "zero_stage": int(self.tcfg.zero_stage),
                     "time": time.time()}
-            tmp = self.ckpt_dir / tag / f".{META_FILE}.tmp"
-            tmp.write_text(json.dumps(meta))
-            tmp.replace(self.ckpt_dir / tag / META_FILE)
+            atomic_write_json(self.ckpt_dir / tag / META_FILE, meta, indent=None)
             self._prune()
         dist.barrier()
         return self.ckpt_dir / tag
