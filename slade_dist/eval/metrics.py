@@ -1,4 +1,4 @@
-"""Retrieval metrics with exact FAISS kNN: Recall@K, P@1, R-Precision, MAP@R, NMI.
+"""Retrieval metrics with exact kNN: Recall@K, P@1, R-Precision, MAP@R, NMI.
 
 Owns `retrieval_metrics` (test set against itself, query left out) and `query_gallery_metrics`
 (In-shop protocol). numpy in, plain dict of floats out.
@@ -6,9 +6,10 @@ Tests: tests/unit/test_metrics.py (agreement with pytorch-metric-learning's Accu
 hand-made cases for ties, lone classes and self-exclusion). Bench: bench/eval.py.
 
 Definitions (Musgrave et al., "A Metric Learning Reality Check", as in PML's AccuracyCalculator):
-- similarity = inner product of L2-normalised embeddings (= cosine), exact search (IndexFlatIP;
-  a GPU index when faiss has GPUs and k <= 2048), queries processed in chunks of `chunk_size`
-  so memory stays O(chunk_size * k) whatever the reference size.
+- similarity = inner product of L2-normalised embeddings (= cosine), exact search: on CPU
+  `slade_dist.eval.knn.exact_topk` (tiled BLAS + threshold filter, and half the work for the
+  self protocol by symmetry; see its docstring), on GPU FAISS's flat index (k <= 2048). The
+  metrics are accumulated over query chunks of `chunk_size`; the kNN itself holds n x k results.
 - R_i = number of references with query i's label (self protocol: the query itself excluded).
 - recall@k: 1 if any of the k nearest references shares the label. precision_at_1 = recall@1.
 - r_precision: (same-label references among the R_i nearest) / R_i.
@@ -21,16 +22,18 @@ Definitions (Musgrave et al., "A Metric Learning Reality Check", as in PML's Acc
 - Ties: the definitions assume one ranking; ours is deterministic: among the returned
   neighbours, equal similarities are ordered by lower reference index (FAISS's heap leaves them
   in arbitrary order). Which of several tied candidates makes it into the top k at the cut-off
-  is FAISS's choice; it cannot change any metric except when that tie straddles rank k.
-- nmi: k-means (FAISS, niter 20, `seed`) on the normalised embeddings with as many clusters as
+  is arbitrary; it cannot change any metric except when that tie straddles rank k.
+- nmi: k-means (FAISS's, niter 20, `seed`; on CPU reproduced exactly with fewer distance
+  computations by `slade_dist.eval.lloyd`) on the normalised embeddings with as many clusters as
   labels, NMI with the arithmetic-mean normaliser (sklearn's default), computed here.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from slade_dist.eval.lloyd import faiss_kmeans_assign
 
 __all__ = ["retrieval_metrics", "query_gallery_metrics", "knn_search", "nmi_score", "kmeans_assign"]
 
@@ -45,6 +48,10 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     if x.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise ValueError(f"{bad.size} embeddings contain NaN or inf (first rows: {bad[:5].tolist()}); "
+                         "a diverged model or a corrupt embedding file")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
 
@@ -56,12 +63,9 @@ def _labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y
 
 
-def _make_index(d: int, k: int):
+def _faiss_gpus() -> int:
     faiss = _faiss()
-    index = faiss.IndexFlatIP(d)
-    if k <= 2048 and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)  # GPU k-selection is limited to k <= 2048
-    return index
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def _drop_self(dist: np.ndarray, idx: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,37 +77,33 @@ def _drop_self(dist: np.ndarray, idx: np.ndarray, lo: int) -> tuple[np.ndarray, 
     return dist[keep].reshape(n, -1), idx[keep].reshape(n, -1)
 
 
-# FAISS's CPU flat search multiplies 4096-query blocks by 1024-vector database blocks by default;
-# 4096-wide database blocks measured ~30% less CPU time here (20k x 20k x 128, k = 101, AVX2).
-FAISS_DATABASE_BLOCK = 4096
-
-
-@contextmanager
-def _faiss_blocks() -> Iterator[None]:
-    """Temporarily widen FAISS's BLAS database block (a process-global FAISS setting, restored)."""
+def _gpu_search(queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int):
+    """Yield (lo, hi, dist, idx) from FAISS's GPU flat index, rows ordered by (-dist, idx)."""
     faiss = _faiss()
-    old = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = max(old, FAISS_DATABASE_BLOCK)
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = old
-
-
-def _chunks(queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int, exclude_self: bool):
-    """Yield (lo, hi, dist, idx) of exact top-k inner-product neighbours, chunk by chunk."""
-    extra = 1 if exclude_self else 0
-    k_search = min(k + extra, refs.shape[0])
-    index = _make_index(refs.shape[1], k_search)
+    index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(refs.shape[1]))
     index.add(refs)
     for lo in range(0, queries.shape[0], chunk_size):
         hi = min(lo + chunk_size, queries.shape[0])
-        with _faiss_blocks():
-            dist, idx = index.search(queries[lo:hi], k_search)
+        dist, idx = index.search(queries[lo:hi], k)
+        order = np.lexsort((idx, -dist), axis=-1)  # FAISS leaves equal similarities in any order
+        yield lo, hi, np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _chunks(queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int, exclude_self: bool):
+    """Yield (lo, hi, dist, idx) of exact top-k inner-product neighbours, chunk by chunk; rows by
+    decreasing similarity, equal similarities by lower index. exclude_self: queries is refs."""
+    k_search = min(k + (1 if exclude_self else 0), refs.shape[0])
+    if k_search <= 2048 and _faiss_gpus() > 0:  # GPU k-selection is limited to k <= 2048
+        found = _gpu_search(queries, refs, k_search, chunk_size)
+    else:
+        from slade_dist.eval.knn import exact_topk  # lazily: compiled kernels, numba import
+
+        all_dist, all_idx = exact_topk(queries, refs, k_search, symmetric=exclude_self)
+        found = ((lo, min(lo + chunk_size, len(all_dist)), all_dist[lo:lo + chunk_size], all_idx[lo:lo + chunk_size])
+                 for lo in range(0, len(all_dist), chunk_size))
+    for lo, hi, dist, idx in found:
         if exclude_self:
             dist, idx = _drop_self(dist, idx, lo)
-        order = np.lexsort((idx, -dist), axis=-1)  # equal similarity: lower index first
-        dist, idx = np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
         yield lo, hi, dist, idx
 
 
@@ -164,9 +164,15 @@ def _evaluate(q: np.ndarray, q_labels: np.ndarray, g: np.ndarray, g_labels: np.n
 
 
 def kmeans_assign(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
-    """FAISS k-means (GPU when available) and each point's nearest centroid."""
+    """Each point's cluster after FAISS k-means (`faiss.Kmeans(..., niter, seed)` + a final search).
+    On CPU `lloyd.faiss_kmeans_assign` gives FAISS's exact answer with fewer distance computations;
+    FAISS itself runs when that cannot vouch for the result, and on GPU."""
     faiss = _faiss()
-    gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    gpu = _faiss_gpus() > 0
+    if not gpu:
+        assign = faiss_kmeans_assign(np.ascontiguousarray(x, dtype=np.float32), int(k), seed=seed, niter=niter)
+        if assign is not None:
+            return assign
     # min_points_per_centroid only governs FAISS's "too few points" warning (test sets have ~40
     # images per class, below its default 39 x k); the clustering itself is unchanged.
     km = faiss.Kmeans(x.shape[1], int(k), niter=niter, seed=seed, gpu=gpu, verbose=False, min_points_per_centroid=1)

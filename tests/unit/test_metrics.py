@@ -65,6 +65,21 @@ def test_self_protocol_matches_pml_accuracy_calculator(seed):
     assert ours["recall_at_1"] == ours["precision_at_1"]
 
 
+def test_large_self_protocol_matches_pml_on_the_threshold_filtered_knn():
+    # n > 2 x 2048 takes exact_topk's sampled-threshold path with its default sizes (the one the
+    # 100k benchmark measures), in class order so some thresholds miss and rows are recomputed
+    emb, labels = _clustered(6000, 60, d=32, spread=1.2, seed=3)
+    order = np.argsort(labels, kind="stable")
+    emb, labels = emb[order], labels[order]
+    ours = retrieval_metrics(emb, labels, recall_k=(1, 8), seed=FAISS_DEFAULT_SEED)
+    ref = _pml(emb, labels)
+    for mine, theirs in PML_KEYS.items():
+        assert ours[mine] == pytest.approx(ref[theirs], abs=1e-5), mine
+    assert ours["nmi"] == pytest.approx(ref["NMI"], abs=1e-5)
+    brute = _brute_recall(emb, labels, (1, 8))
+    assert ours["recall_at_8"] == pytest.approx(brute[8], abs=1e-9)
+
+
 def test_query_gallery_matches_pml_and_brute_force():
     emb, labels = _clustered(900, 30, seed=5)
     q, ql, g, gl = emb[:300], labels[:300], emb[300:], labels[300:]
