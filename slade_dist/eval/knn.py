@@ -344,15 +344,16 @@ def exact_topk(queries: np.ndarray, refs: np.ndarray, k: int, symmetric: bool = 
     if symmetric and nq * per_row > KEPT_BYTES:  # bounded memory: query chunks, no symmetry
         symmetric = False
     chunk = nq if symmetric else max(tile, int(KEPT_BYTES / per_row) // tile * tile)
-    vals = np.empty((nq, k), dtype=np.float32)
-    idx = np.empty((nq, k), dtype=np.int64)
+    parts = []
     for lo in range(0, nq, chunk):
         hi = min(lo + chunk, nq)
         v, i, failed = _filtered(q[lo:hi], r, k, symmetric, tile, theta[lo:hi], workers)
         if failed.any():
             v[failed], i[failed] = _sorted(*_direct(q[lo:hi][failed], r, k, tile, workers))
-        vals[lo:hi], idx[lo:hi] = v, i
-    return vals, idx
+        parts.append((v, i))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _sorted(vals: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
