@@ -260,8 +260,8 @@ class _Kept:
     def __init__(self, capacity: int):
         self.arrays = (np.empty(capacity, np.int32), np.empty(capacity, np.float32), np.empty(capacity, np.int64))
 
-    def grow(self, needed: int) -> None:
-        self.__init__(max(needed, 2 * self.arrays[0].shape[0]))
+    def grow(self) -> None:
+        self.__init__(2 * self.arrays[0].shape[0])
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return tuple(a[:n].copy() for a in self.arrays)
@@ -282,15 +282,16 @@ def _filtered(q: np.ndarray, r: np.ndarray, k: int, symmetric: bool, tile: int, 
             local.kept = (_Kept(tile * tile // 64), _Kept(tile * tile // 64))
         qa, rb = q[r0:r0 + tile], r[c0:c0 + tile]
         sims = local.buf[:qa.shape[0] * rb.shape[0]].reshape(qa.shape[0], rb.shape[0])
-        np.matmul(qa, (rb.copy() if c0 == r0 and symmetric else rb).T, out=sims)  # copy: numpy would
-        both = symmetric and c0 != r0  # take the slower SYRK path for a @ a.T
+        # the copy on the diagonal: numpy would take its slower SYRK path for a @ a.T
+        np.matmul(qa, (rb.copy() if c0 == r0 and symmetric else rb).T, out=sims)
+        both = symmetric and c0 != r0
         kr, kc = local.kept
         while True:
             n_r, n_c = _scan(sims, theta[r0:r0 + tile], theta[c0:c0 + tile], both, kr.arrays, kc.arrays)
             if n_r >= 0:
                 break
-            kr.grow(0)
-            kc.grow(0)
+            kr.grow()
+            kc.grow()
         rows, vals, refs = kr.take(n_r)
         per_block[r0 // tile].append((rows, vals, refs + c0))
         if both:

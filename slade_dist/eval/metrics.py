@@ -64,8 +64,9 @@ def _labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
 
 
 def _faiss_gpus() -> int:
-    faiss = _faiss()
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    from slade_dist.pseudo.kmeans import faiss_gpu_count  # lazily: that module imports torch
+
+    return faiss_gpu_count()
 
 
 def _drop_self(dist: np.ndarray, idx: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:

@@ -232,7 +232,8 @@ def params_assigner(params: "KMeansParams") -> Assigner:
     return make_assigner(params.backend, params.gpu_tf32, params.assign, params.ivf_nlist, params.ivf_nprobe)
 
 
-def _faiss_gpus() -> int:
+def faiss_gpu_count() -> int:
+    """GPUs FAISS can use (0 with faiss-cpu, or without faiss at all)."""
     try:
         import faiss
 
@@ -247,10 +248,10 @@ def choose_backend(name: str = "auto") -> str:
     if name not in BACKENDS:
         raise ValueError(f"k-means backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        if _faiss_gpus() > 0:
+        if faiss_gpu_count() > 0:
             return "faiss_gpu"
         return "torch" if torch.cuda.is_available() else "faiss_cpu"
-    if name == "faiss_gpu" and _faiss_gpus() == 0:
+    if name == "faiss_gpu" and faiss_gpu_count() == 0:
         raise RuntimeError("pseudo.backend=faiss_gpu but faiss sees no GPU (install the faiss-gpu "
                            "package, not faiss-cpu, on a GPU node) - or use backend=auto")
     return name
@@ -263,10 +264,10 @@ def make_assigner(backend: str, gpu_tf32: bool = True, assign: str = "exact", iv
         if backend == "torch":
             raise ValueError("pseudo.assign=ivf (two-level assignment) needs a FAISS backend: set "
                              "pseudo.backend=faiss_gpu (faiss-gpu installed) or faiss_cpu, or assign=exact")
-        gpu = dist.local_rank() % max(_faiss_gpus(), 1) if backend == "faiss_gpu" else None
+        gpu = dist.local_rank() % max(faiss_gpu_count(), 1) if backend == "faiss_gpu" else None
         return FaissIVFAssigner(ivf_nlist, ivf_nprobe, gpu)
     if backend == "faiss_gpu":
-        return FaissGPUAssigner(dist.local_rank() % max(_faiss_gpus(), 1))
+        return FaissGPUAssigner(dist.local_rank() % max(faiss_gpu_count(), 1))
     if backend == "torch":
         return TorchAssigner(dist.device(), gpu_tf32=gpu_tf32)
     return FaissCPUAssigner()
