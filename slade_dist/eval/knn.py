@@ -1,9 +1,10 @@
-"""Exact top-k inner-product search on CPU: tiled BLAS similarities, a per-row threshold filter,
-and the self-similarity matrix's symmetry.
+"""Exact top-k inner-product search on CPU: a fused similarity/threshold kernel (or tiled BLAS and a
+scan), a per-row threshold filter, and the self-similarity matrix's symmetry.
 
 Owns `exact_topk`, the kNN behind the retrieval metrics (`slade_dist/eval/metrics.py`) when no GPU
-is present. Tests: tests/unit/test_knn.py (against brute force and FAISS: ragged sizes, ties,
-duplicates, sorted data, k near n, rows whose threshold misses). Bench: bench/eval.py.
+is present. Tests: tests/unit/test_knn.py (against brute force and FAISS, on both paths below:
+ragged sizes, ties, duplicates, sorted data, k near n, rows whose threshold misses),
+tests/unit/test_native.py (the kernel itself). Bench: bench/eval.py.
 
 Why not FAISS's flat index: on these CPUs the similarity GEMM is the floor, and FAISS's CPU flat
 search spends about as long again pushing each of the n^2 similarities through a per-query heap.
@@ -11,38 +12,45 @@ Here:
 1. A per-row threshold theta_i is estimated from a strided sample of m references: the j-th best
    sampled similarity, j chosen so that, for references in random order, fewer than k of the row's
    similarities exceed theta_i with probability < MISS_PROBABILITY (Poisson tail).
-2. Similarities are computed tile by tile (`tile` x `tile`: 16 MB, stays in L3) by numpy's BLAS
-   into a reused buffer (fresh large buffers cost page faults), and a compiled scan (numba) keeps
-   only the values above theta_i: a few hundred per row instead of n.
+2. Similarities are computed tile by tile, and only the values above theta_i are kept: a few
+   hundred per row instead of n. Two paths:
+   - fused (default): the C kernel of _kernels.c (compiled at first use, native.py) computes each
+     6 x 16 block in AVX registers and compares it there; the similarities never reach memory.
+     It reads queries and references from packed copies (one more copy of each in memory).
+   - portable (no C compiler, no AVX2/FMA, or SLADE_DIST_NATIVE=0): numpy's BLAS fills a reused
+     `tile` x `tile` buffer, then a compiled numba scan keeps the values above theta_i.
 3. For the test set against itself, S = X X^T is symmetric: only tiles on and above the diagonal
    are computed and each off-diagonal tile also serves, transposed, the rows of its columns, in the
-   same scan: half the GEMM.
-4. One worker thread per core takes whole tiles: single-threaded BLAS and scan, both without the
-   GIL, so two tiles run at once. Kept values are appended as (row, value, ref) runs per query
-   block, never scattered into per-row buffers (that cost a cache and TLB miss per value).
-   Thread pools that spin (OpenBLAS's, OpenMP's) are never mixed: alternating them cost 4x here.
+   same pass: half the GEMM.
+4. One worker thread per core takes whole tiles, without the GIL (ctypes / numba nogil, with
+   single-threaded BLAS), so two tiles run at once. Kept values are appended as (row, value, ref)
+   runs per query block, never scattered into per-row buffers (that cost a cache and TLB miss per
+   value). Thread pools that spin (OpenBLAS's, OpenMP's) are never mixed: alternating them cost 4x.
 5. A row's kept values give its exact top k when there are at least k of them (every value above
    theta_i was kept, so the k-th best, being above theta_i, is among them): a bucket pass per row
    finds them and sorts them. Rows with fewer (theta too high: many duplicates, an unlucky order)
    are recomputed in full: the result is exact whatever the data; bad luck only costs time.
 Returned rows are sorted by decreasing value, equal values by lower index, including at the cut-off
 (the plain path used for small problems and recomputed rows breaks a cut-off tie arbitrarily).
+Values are float32 dot products; the two paths sum in different orders, so they can differ in the
+last bits and swap neighbours whose similarities are that close.
 
-Measured (100,000 x 128, k = 101, 2-core AVX2 VM, same process): 14.3 s against 27.8 s for FAISS's
-IndexFlatIP (with 4096-wide BLAS blocks; PML's IndexFlatL2 takes ~37 s). The symmetric GEMM alone
-is ~9 s of it (1.28e12 flop at the ~140 GFLOP/s that two-threaded OpenBLAS reaches here); the scan
-adds ~3 s, the thresholds 0.5 s, the per-row selection 0.7 s.
+Measured (100,000 x 128, k = 101, 2-core AVX2 VM, same process): fused path 9-10 s, portable path
+14-15 s, FAISS's IndexFlatIP 27.8 s (PML's IndexFlatL2 ~37 s). The symmetric GEMM is 1.28e12 flop;
+the fused kernel runs it at ~150 GFLOP/s on the two cores (single-threaded OpenBLAS tiles: ~120,
+plus ~3 s of scan); the thresholds add 0.6 s, the per-row selection 0.8 s.
 """
 from __future__ import annotations
 
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
+
+from slade_dist.eval import native
 
 __all__ = ["exact_topk"]
 
@@ -215,7 +223,7 @@ def _poisson_quantile(lam: float, p: float) -> int:
 
 
 def _workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return native.usable_cpus()
 
 
 def _run_parallel(fn, items, workers: int) -> None:
@@ -230,9 +238,19 @@ def _thresholds(q: np.ndarray, r: np.ndarray, k: int, m: int, tile: int, workers
     sample = np.ascontiguousarray(r[np.linspace(0, r.shape[0] - 1, m).round().astype(np.int64)])
     j = min(_poisson_quantile(k * m / r.shape[0], MISS_PROBABILITY), m)
     theta = np.empty(q.shape[0], dtype=np.float32)
+    lib = _native_lib()
+    if lib is not None:  # fused: the sample's similarities stay in registers
+        sample_p = native.pack_rows(lib, sample, lib.simfilter_nr())
 
-    def block(lo: int) -> None:
-        _jth_best(q[lo:lo + tile] @ sample.T, j, theta[lo:lo + tile])
+        def block(lo: int) -> None:
+            qb = q[lo:lo + tile]
+            best = np.full((qb.shape[0], j), -np.inf, np.float32)
+            qp = native.pack_rows(lib, qb, lib.simfilter_mr())  # named: a temporary's memory would be freed
+            lib.topj_tile(qp.ctypes.data, sample_p.ctypes.data, q.shape[1], qb.shape[0], m, j, best.ctypes.data)
+            theta[lo:lo + tile] = best[:, j - 1]
+    else:
+        def block(lo: int) -> None:
+            _jth_best(q[lo:lo + tile] @ sample.T, j, theta[lo:lo + tile])
 
     _run_parallel(block, range(0, q.shape[0], tile), workers)
     return theta
@@ -268,35 +286,39 @@ class _Kept:
 
 
 def _filtered(q: np.ndarray, r: np.ndarray, k: int, symmetric: bool, tile: int, theta: np.ndarray,
-              workers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One tiled pass keeping the values above theta; returns (sorted values, indices, failed)."""
+              workers: int, packed_refs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One tiled pass keeping the values above theta; returns (sorted values, indices, failed).
+    packed_refs: r in the fused kernel's layout (exact_topk packs it once for all query chunks);
+    None: the portable path."""
     nq, nr = q.shape[0], r.shape[0]
+    fused = None if packed_refs is None else _Fused(_native_lib(), q, packed_refs, nr, symmetric, theta)
+    if fused is not None:
+        tile = max(fused.step, tile // fused.step * fused.step)  # tiles start on sliver/panel edges
     per_block: list[list] = [[] for _ in range(0, nq, tile)]  # kept triples of each query block
     local = threading.local()
     tiles = [(r0, c0) for r0 in range(0, nq, tile) for c0 in range(r0 if symmetric else 0, nr, tile)]
 
     def one_tile(t: tuple[int, int]) -> None:
         r0, c0 = t
-        if not hasattr(local, "buf"):
-            local.buf = np.empty(tile * tile, dtype=np.float32)
+        if not hasattr(local, "kept"):
             local.kept = (_Kept(tile * tile // 64), _Kept(tile * tile // 64))
-        qa, rb = q[r0:r0 + tile], r[c0:c0 + tile]
-        sims = local.buf[:qa.shape[0] * rb.shape[0]].reshape(qa.shape[0], rb.shape[0])
-        # the copy on the diagonal: numpy would take its slower SYRK path for a @ a.T
-        np.matmul(qa, (rb.copy() if c0 == r0 and symmetric else rb).T, out=sims)
+        h, w = min(tile, nq - r0), min(tile, nr - c0)
         both = symmetric and c0 != r0
         kr, kc = local.kept
         while True:
-            n_r, n_c = _scan(sims, theta[r0:r0 + tile], theta[c0:c0 + tile], both, kr.arrays, kc.arrays)
+            if fused is not None:
+                n_r, n_c = fused.tile(r0, c0, h, w, both, kr.arrays, kc.arrays)
+            else:
+                n_r, n_c = _blas_scan_tile(q, r, r0, c0, h, w, symmetric, theta, tile, local, kr, kc, both)
             if n_r >= 0:
                 break
             kr.grow()
             kc.grow()
         rows, vals, refs = kr.take(n_r)
-        per_block[r0 // tile].append((rows, vals, refs + c0))
+        per_block[r0 // tile].append((rows, vals, refs if fused is not None else refs + c0))
         if both:
             rows, vals, refs = kc.take(n_c)
-            per_block[c0 // tile].append((rows, vals, refs + r0))
+            per_block[c0 // tile].append((rows, vals, refs if fused is not None else refs + r0))
 
     _run_parallel(one_tile, tiles, workers)
     out_vals = np.empty((nq, k), dtype=np.float32)
@@ -314,12 +336,59 @@ def _filtered(q: np.ndarray, r: np.ndarray, k: int, symmetric: bool, tile: int, 
     return out_vals, out_idx, failed
 
 
+def _blas_scan_tile(q, r, r0, c0, h, w, symmetric, theta, tile, local, kr, kc, both) -> tuple[int, int]:
+    """Portable path: the tile's similarities by BLAS into a reused buffer, then the numba scan."""
+    if not hasattr(local, "buf"):
+        local.buf = np.empty(tile * tile, dtype=np.float32)
+    qa, rb = q[r0:r0 + h], r[c0:c0 + w]
+    sims = local.buf[:h * w].reshape(h, w)
+    # the copy on the diagonal: numpy would take its slower SYRK path for a @ a.T
+    np.matmul(qa, (rb.copy() if c0 == r0 and symmetric else rb).T, out=sims)
+    return _scan(sims, theta[r0:r0 + tile], theta[c0:c0 + tile], both, kr.arrays, kc.arrays)
+
+
+class _Fused:
+    """The compiled kernel (_kernels.c via native.py): similarities never leave the registers.
+    Holds the packed queries (the packed references are given) and the +inf-padded thresholds
+    (the kernel reads them in whole blocks) of one pass."""
+
+    def __init__(self, lib, q: np.ndarray, packed_refs: np.ndarray, n_refs: int, symmetric: bool,
+                 theta: np.ndarray):
+        self.lib, self.d = lib, q.shape[1]
+        self.step = math.lcm(lib.simfilter_mr(), lib.simfilter_nr())
+        self.qp, self.rp = native.pack_rows(lib, q, lib.simfilter_mr()), packed_refs
+        pad = self.step + 64
+        self.theta_r = np.full(q.shape[0] + pad, np.inf, np.float32)
+        self.theta_r[:q.shape[0]] = theta
+        self.theta_c = self.theta_r if symmetric else np.full(n_refs + pad, np.inf, np.float32)
+        self.counts = threading.local()
+
+    def tile(self, r0: int, c0: int, h: int, w: int, both: bool, kept_r, kept_c) -> tuple[int, int]:
+        if not hasattr(self.counts, "a"):
+            self.counts.a = np.zeros(2, np.int64)
+        cnt = self.counts.a
+        (rr, rv, rf), (cr, cv, cf) = kept_r, kept_c
+        fp = np.dtype(np.float32).itemsize
+        rc = self.lib.simfilter_tile(
+            self.qp.ctypes.data + r0 * self.d * fp, self.rp.ctypes.data + c0 * self.d * fp, self.d, h, w,
+            self.theta_r.ctypes.data + r0 * fp, self.theta_c.ctypes.data + c0 * fp, int(both),
+            rr.ctypes.data, rv.ctypes.data, rf.ctypes.data, rr.shape[0], c0,
+            cr.ctypes.data, cv.ctypes.data, cf.ctypes.data, cr.shape[0], r0, cnt.ctypes.data)
+        return (-1, -1) if rc < 0 else (int(cnt[0]), int(cnt[1]))
+
+
+def _native_lib():
+    """The compiled kernels (native.py), or None: the portable numba path."""
+    return native.kernels()
+
+
 def exact_topk(queries: np.ndarray, refs: np.ndarray, k: int, symmetric: bool = False, tile: int = 2048,
                sample_size: int = SAMPLE_SIZE, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products of every query against refs: (values float32, ref indices int64),
     each (n_queries, k), rows sorted by decreasing value, equal values by lower index.
     symmetric: queries is refs (the self-similarity matrix; the query itself is not removed).
-    tile, sample_size: see the module docstring (defaults measured on 2-core AVX2 machines).
+    tile, sample_size: see the module docstring (defaults measured on 2-core AVX2 machines); the
+    fused path rounds tile down to a multiple of 48 (its 6-row and 16-column blocks).
     workers: threads (default: the CPUs this process may use)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2 or np.ndim(refs) != 2 or q.shape[1] != np.shape(refs)[1]:
@@ -345,10 +414,12 @@ def exact_topk(queries: np.ndarray, refs: np.ndarray, k: int, symmetric: bool = 
     if symmetric and nq * per_row > KEPT_BYTES:  # bounded memory: query chunks, no symmetry
         symmetric = False
     chunk = nq if symmetric else max(tile, int(KEPT_BYTES / per_row) // tile * tile)
+    lib = _native_lib()
+    packed_refs = None if lib is None else native.pack_rows(lib, r, lib.simfilter_nr())  # once for all chunks
     parts = []
     for lo in range(0, nq, chunk):
         hi = min(lo + chunk, nq)
-        v, i, failed = _filtered(q[lo:hi], r, k, symmetric, tile, theta[lo:hi], workers)
+        v, i, failed = _filtered(q[lo:hi], r, k, symmetric, tile, theta[lo:hi], workers, packed_refs)
         if failed.any():
             v[failed], i[failed] = _sorted(*_direct(q[lo:hi][failed], r, k, tile, workers))
         parts.append((v, i))

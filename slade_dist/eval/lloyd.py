@@ -6,9 +6,10 @@ Owns `faiss_kmeans_assign(x, k, seed, niter)`: the final assignment that
 the same FAISS call). Why: FAISS recomputes all n x k distances at each of the niter + 1 assignments
 (100,000 x 128 to 1,000 clusters: ~5.5 s here, bench/eval.py), while after the first iterations few
 centroids move and few points can change cluster. Same Lloyd iterations, same float32 centroids
-bit for bit, fewer distances; about 0.7-0.8x FAISS's time at that size (see the numbers below).
+bit for bit, fewer distances; about 0.5x FAISS's time at that size with the fused kernel.
 Tests: tests/unit/test_lloyd.py (real FAISS: identical assignments and centroids on several data
-sets and niter values, the None cases, NMI, the near-tie and early-stop paths).
+sets and niter values, the None cases, NMI, the near-tie and early-stop paths; fused and
+portable).
 
 Guarantee: the returned int64 array (length n) equals FAISS's assignment, given the facts below
 about faiss 1.15 (checked by the tests) and one statistical assumption (early stop, below: the
@@ -39,6 +40,11 @@ How each FAISS step is reproduced (faiss 1.15 Clustering.cpp, utils/distances.cp
   (`distance_compute_blas_query_bs`) and on that block's length, not on the other rows, so those
   points are searched at their own offsets in a batch with the same block layout (FAISS's
   distances and ties bit for bit; checked by the tests).
+- The "all k distances" passes and the movers' distances use the fused kernel of _kernels.c when
+  it is available (native.py): GEMM and running nearest / second-nearest search in AVX registers,
+  no n x k matrix in memory; else numpy's GEMM and argmin. Its float32 sums run in another order
+  than BLAS's, which B covers (it bounds any summation order), and near-ties go to FAISS either
+  way: the same answer.
 - Early stop: FAISS 1.15 stops after iteration i when its objective (float32 sum of the n
   distances, in point order) equals iteration i-1's. From our estimates of FAISS's distances
   (within 2B each) we test whether the two float32 sums can be equal: the change against float32
@@ -50,9 +56,12 @@ How each FAISS step is reproduced (faiss 1.15 Clustering.cpp, utils/distances.cp
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from slade_dist.eval import native
 
 __all__ = ["faiss_kmeans_assign", "MAX_POINTS_PER_CENTROID"]
 
@@ -64,6 +73,18 @@ _SIGMAS = 6.0                   # early-stop test: margin on float32 rounding no
 _DENSE_COST = 1.0               # cost of recomputing all distances (1 = n x k), vs the mover options
 _TAU_QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # candidate mover thresholds (quantiles of the shifts)
 _DECAY_PENALTY = 2.0            # lowering l has a cost in later iterations too
+_MR, _NR = 6, 16                # the fused kernel's sliver heights (_kernels.c MR / NR)
+
+
+def _kernels():
+    lib = native.kernels()
+    if lib is not None and (lib.simfilter_mr(), lib.simfilter_nr()) != (_MR, _NR):
+        raise RuntimeError("_kernels.c MR/NR differ from lloyd._MR/_NR")
+    return lib
+
+
+def _workers() -> int:
+    return native.usable_cpus()
 
 
 def faiss_kmeans_assign(x: np.ndarray, k: int, seed: int, niter: int = 20, *,
@@ -105,6 +126,8 @@ class _Lloyd:
         self.bs = int(faiss.cvar.distance_compute_blas_query_bs)
         self.blas = self.n * self.d >= int(faiss.cvar.distance_compute_blas_threshold)
         self.sample = np.linspace(0, self.n - 1, min(self.n, 4096)).astype(np.int64)
+        self.lib = _kernels()  # fused GEMM + top-2 (native.py), or None: numpy GEMMs
+        self.xp = native.pack_rows(self.lib, x, _MR) if self.lib is not None else None
         self._set_centroids(c0)
         stats.update(iterations=0, converged=False, recomputed=[], tau=[], ambiguous=0, faiss_batches=0,
                      risky=[], stop_test_stage2=0, exact_checks=0, stopped_early_at=None,
@@ -118,10 +141,49 @@ class _Lloyd:
         self.cmax = float(np.sqrt((c.astype(np.float64) ** 2).sum(1)).max())
         self.bound = self.bcoef * (self.xnorm + self.cmax) ** 2  # per point: |float32 sq. dist - exact| <= bound
         self.index = None
+        self.cp = native.pack_rows(self.lib, self.negc2, _NR) if self.lib is not None else None
+
+    def _native_min2(self, rows: np.ndarray | None, cols: np.ndarray | None,
+                     skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fused kernel: per point (rows; None: all), the smallest and second smallest float32
+        x . (-2 c) + |c|^2 over the centroids `cols` (None: all; returned indices are positions in
+        cols), leaving out skip[i] (a position, -1: none). The same float32 values as the numpy
+        path up to summation order, which the bound B covers."""
+        m = self.n if rows is None else rows.shape[0]
+        cp = self.cp if cols is None else native.pack_rows(self.lib, np.ascontiguousarray(self.negc2[cols]), _NR)
+        w = self.k if cols is None else cols.shape[0]
+        add = np.full(w + 2 * _NR, np.inf, np.float32)  # +inf past the last column (kernel contract)
+        add[:w] = self.cn if cols is None else self.cn[cols]
+        best = np.full(m, np.inf, np.float32)
+        second = np.full(m, np.inf, np.float32)
+        best_j = np.full(m, -1, np.int64)
+        skip = None if skip is None else np.ascontiguousarray(skip, dtype=np.int64)
+        step = max(_MR, -(-m // (4 * _workers())) // _MR * _MR)
+        fp = np.dtype(np.float32).itemsize
+
+        def chunk(lo: int) -> None:
+            hi = min(m, lo + step)
+            if rows is None:
+                xp, a = None, self.xp.ctypes.data + lo * self.d * fp
+            else:
+                xp = native.pack_rows(self.lib, self.x[rows[lo:hi]], _MR)
+                a = xp.ctypes.data
+            self.lib.min2_tile(a, cp.ctypes.data, self.d, hi - lo, w, add.ctypes.data, 0,
+                               None if skip is None else skip.ctypes.data + lo * 8,
+                               best.ctypes.data + lo * fp, best_j.ctypes.data + lo * 8,
+                               second.ctypes.data + lo * fp)
+
+        with ThreadPoolExecutor(_workers()) as pool:
+            list(pool.map(chunk, range(0, m, step)))
+        return best_j, best, second
 
     def _top2(self, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All k distances (float32 GEMM) of rows (None: all points): nearest centroid and the two
         smallest squared distances (float64)."""
+        xsq = self.xsq if rows is None else self.xsq[rows]
+        if self.lib is not None:
+            i1, v1, v2 = self._native_min2(rows, None)
+            return i1, v1 + xsq, v2 + xsq
         m = self.n if rows is None else rows.shape[0]
         i1 = np.empty(m, dtype=np.int64)
         v1 = np.empty(m, dtype=np.float32)
@@ -139,7 +201,6 @@ class _Lloyd:
             b[r, am] = np.inf
             v2[lo:hi] = b.min(axis=1)
             i1[lo:hi] = am
-        xsq = self.xsq if rows is None else self.xsq[rows]
         return i1, v1 + xsq, v2 + xsq
 
     def _exact_dist(self, rows: np.ndarray, cl: np.ndarray) -> np.ndarray:
@@ -314,6 +375,9 @@ class _Lloyd:
         col = np.full(self.k, -1, dtype=np.int64)
         col[movers] = np.arange(h)
         own_col = col[self.a]
+        if self.lib is not None:
+            self._native_mover_distances(movers, own_col)
+            return
         wt = self.negc2[movers].T
         cn = self.cn[movers]
         step = max(_CHUNK, (1 << 22) // max(h, 1))
@@ -334,6 +398,24 @@ class _Lloyd:
             m = b.min(axis=1).astype(np.float64) + xsq
             lm = np.sqrt(np.maximum(m - bnd, 0.0)) * (1.0 - 1e-12)
             np.minimum(self.l[lo:hi], lm, out=self.l[lo:hi])
+
+    def _native_mover_distances(self, movers: np.ndarray, own_col: np.ndarray) -> None:
+        """_mover_distances with the fused kernel: the others' minimum leaves the own column out;
+        the own distance is one float32 dot product per point (any order: B covers it)."""
+        _, others, _ = self._native_min2(None, movers, skip=own_col)
+        ownrow = np.flatnonzero(own_col >= 0)
+        if ownrow.size:
+            own = self.a[ownrow]
+            g = np.empty(ownrow.size, np.float32)
+            for lo in range(0, ownrow.size, 8192):
+                pts, cl = ownrow[lo:lo + 8192], own[lo:lo + 8192]
+                g[lo:lo + 8192] = np.einsum("ij,ij->i", self.x[pts], self.negc2[cl]) + self.cn[cl]
+            gown = g.astype(np.float64) + self.xsq[ownrow]
+            self.u[ownrow] = np.sqrt(gown + self.bound[ownrow]) * (1.0 + 1e-12)
+            self.dis[ownrow] = np.maximum(gown, 0.0)
+        m = others.astype(np.float64) + self.xsq
+        lm = np.sqrt(np.maximum(m - self.bound, 0.0)) * (1.0 - 1e-12)
+        np.minimum(self.l, lm, out=self.l)
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> np.ndarray | None:

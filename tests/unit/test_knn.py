@@ -3,6 +3,8 @@
 Small tiles and samples (tile=64, sample_size=32) push a few hundred points through every path the
 100k-point benchmark takes: the threshold filter, symmetric tiles, ragged edge tiles, rows whose
 threshold misses (recomputed), and the plain path.
+Every test runs on both paths (the `kernel_path` fixture): the compiled fused kernel and the
+portable BLAS + numba scan.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import pytest
 
 from slade_dist.eval import knn
 from slade_dist.eval.knn import exact_topk
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # compiled kernels and portable path
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -104,3 +108,15 @@ def test_plain_path_thread_counts_and_argument_errors():
     bad[7, 2] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         exact_topk(bad, x, 3)
+
+
+def test_thresholds_are_each_rows_jth_best_sampled_similarity():
+    # a wrong threshold never breaks exactness (too high: rows recomputed; too low: more kept),
+    # only speed, so it is checked on its own
+    q, r = _unit(150, 24, seed=6), _unit(900, 24, seed=7)
+    m, k = 100, 40
+    theta = knn._thresholds(q, r, k, m, 64, 2)
+    sample = r[np.linspace(0, 899, m).round().astype(np.int64)]
+    j = knn._poisson_quantile(k * m / 900, knn.MISS_PROBABILITY)
+    want = -np.sort(-(q.astype(np.float64) @ sample.T.astype(np.float64)), axis=1)[:, j - 1]
+    assert 1 < j < m and np.abs(theta - want).max() < 1e-5

@@ -12,6 +12,8 @@ from slade_dist.eval import lloyd
 from slade_dist.eval.lloyd import faiss_kmeans_assign
 from slade_dist.eval.metrics import nmi_score
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # compiled kernels and portable path
+
 
 def _blobs(n: int, d: int, k: int, spread: float, seed: int, normalise: bool = True):
     rng = np.random.default_rng(seed)
