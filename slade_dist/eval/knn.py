@@ -35,10 +35,11 @@ Returned rows are sorted by decreasing value, equal values by lower index, inclu
 Values are float32 dot products; the two paths sum in different orders, so they can differ in the
 last bits and swap neighbours whose similarities are that close.
 
-Measured (100,000 x 128, k = 101, 2-core AVX2 VM, same process): fused path 9-10 s, portable path
+Measured (100,000 x 128, k = 101, 2-core AVX2 VM, same process): fused path 10-11 s, portable path
 14-15 s, FAISS's IndexFlatIP 27.8 s (PML's IndexFlatL2 ~37 s). The symmetric GEMM is 1.28e12 flop;
 the fused kernel runs it at ~150 GFLOP/s on the two cores (single-threaded OpenBLAS tiles: ~120,
-plus ~3 s of scan); the thresholds add 0.6 s, the per-row selection 0.8 s.
+plus ~3 s of scan); the thresholds add 0.4 s (fused: the kernel's running j best; portable:
+BLAS + numba, 0.6 s), the per-row selection 0.7 s.
 """
 from __future__ import annotations
 
