@@ -27,8 +27,8 @@
 #define NR 16  /* the 16 ymm registers (the usual AVX2 GEMM shape) */
 #define MC 384 /* query slivers per pass over a reference panel: 384 x 6 x 128 floats ~ L2 */
 
-int simfilter_mr(void) { return MR; }
-int simfilter_nr(void) { return NR; }
+int kernel_mr(void) { return MR; }  /* the block shape, for the callers' packing (native.py) */
+int kernel_nr(void) { return NR; }
 
 void pack_rows(const float *x, int64_t n, int64_t d, int64_t mr, float *out) {
     int64_t slivers = (n + mr - 1) / mr;

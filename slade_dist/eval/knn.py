@@ -239,14 +239,14 @@ def _thresholds(q: np.ndarray, r: np.ndarray, k: int, m: int, tile: int, workers
     sample = np.ascontiguousarray(r[np.linspace(0, r.shape[0] - 1, m).round().astype(np.int64)])
     j = min(_poisson_quantile(k * m / r.shape[0], MISS_PROBABILITY), m)
     theta = np.empty(q.shape[0], dtype=np.float32)
-    lib = _native_lib()
+    lib = native.kernels()
     if lib is not None:  # fused: the sample's similarities stay in registers
-        sample_p = native.pack_rows(lib, sample, lib.simfilter_nr())
+        sample_p = native.pack_rows(lib, sample, lib.nr)
 
         def block(lo: int) -> None:
             qb = q[lo:lo + tile]
             best = np.full((qb.shape[0], j), -np.inf, np.float32)
-            qp = native.pack_rows(lib, qb, lib.simfilter_mr())  # named: a temporary's memory would be freed
+            qp = native.pack_rows(lib, qb, lib.mr)  # named: a temporary's memory would be freed
             lib.topj_tile(qp.ctypes.data, sample_p.ctypes.data, q.shape[1], qb.shape[0], m, j, best.ctypes.data)
             theta[lo:lo + tile] = best[:, j - 1]
     else:
@@ -292,7 +292,7 @@ def _filtered(q: np.ndarray, r: np.ndarray, k: int, symmetric: bool, tile: int, 
     packed_refs: r in the fused kernel's layout (exact_topk packs it once for all query chunks);
     None: the portable path."""
     nq, nr = q.shape[0], r.shape[0]
-    fused = None if packed_refs is None else _Fused(_native_lib(), q, packed_refs, nr, symmetric, theta)
+    fused = None if packed_refs is None else _Fused(native.kernels(), q, packed_refs, nr, symmetric, theta)
     if fused is not None:
         tile = max(fused.step, tile // fused.step * fused.step)  # tiles start on sliver/panel edges
     per_block: list[list] = [[] for _ in range(0, nq, tile)]  # kept triples of each query block
@@ -356,8 +356,8 @@ class _Fused:
     def __init__(self, lib, q: np.ndarray, packed_refs: np.ndarray, n_refs: int, symmetric: bool,
                  theta: np.ndarray):
         self.lib, self.d = lib, q.shape[1]
-        self.step = math.lcm(lib.simfilter_mr(), lib.simfilter_nr())
-        self.qp, self.rp = native.pack_rows(lib, q, lib.simfilter_mr()), packed_refs
+        self.step = math.lcm(lib.mr, lib.nr)
+        self.qp, self.rp = native.pack_rows(lib, q, lib.mr), packed_refs
         pad = self.step + 64
         self.theta_r = np.full(q.shape[0] + pad, np.inf, np.float32)
         self.theta_r[:q.shape[0]] = theta
@@ -376,11 +376,6 @@ class _Fused:
             rr.ctypes.data, rv.ctypes.data, rf.ctypes.data, rr.shape[0], c0,
             cr.ctypes.data, cv.ctypes.data, cf.ctypes.data, cr.shape[0], r0, cnt.ctypes.data)
         return (-1, -1) if rc < 0 else (int(cnt[0]), int(cnt[1]))
-
-
-def _native_lib():
-    """The compiled kernels (native.py), or None: the portable numba path."""
-    return native.kernels()
 
 
 def exact_topk(queries: np.ndarray, refs: np.ndarray, k: int, symmetric: bool = False, tile: int = 2048,
@@ -415,8 +410,8 @@ def exact_topk(queries: np.ndarray, refs: np.ndarray, k: int, symmetric: bool = 
     if symmetric and nq * per_row > KEPT_BYTES:  # bounded memory: query chunks, no symmetry
         symmetric = False
     chunk = nq if symmetric else max(tile, int(KEPT_BYTES / per_row) // tile * tile)
-    lib = _native_lib()
-    packed_refs = None if lib is None else native.pack_rows(lib, r, lib.simfilter_nr())  # once for all chunks
+    lib = native.kernels()  # None: the portable numba path
+    packed_refs = None if lib is None else native.pack_rows(lib, r, lib.nr)  # once for all chunks
     parts = []
     for lo in range(0, nq, chunk):
         hi = min(lo + chunk, nq)

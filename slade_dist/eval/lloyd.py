@@ -73,14 +73,6 @@ _SIGMAS = 6.0                   # early-stop test: margin on float32 rounding no
 _DENSE_COST = 1.0               # cost of recomputing all distances (1 = n x k), vs the mover options
 _TAU_QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # candidate mover thresholds (quantiles of the shifts)
 _DECAY_PENALTY = 2.0            # lowering l has a cost in later iterations too
-_MR, _NR = 6, 16                # the fused kernel's sliver heights (_kernels.c MR / NR)
-
-
-def _kernels():
-    lib = native.kernels()
-    if lib is not None and (lib.simfilter_mr(), lib.simfilter_nr()) != (_MR, _NR):
-        raise RuntimeError("_kernels.c MR/NR differ from lloyd._MR/_NR")
-    return lib
 
 
 def _workers() -> int:
@@ -126,8 +118,8 @@ class _Lloyd:
         self.bs = int(faiss.cvar.distance_compute_blas_query_bs)
         self.blas = self.n * self.d >= int(faiss.cvar.distance_compute_blas_threshold)
         self.sample = np.linspace(0, self.n - 1, min(self.n, 4096)).astype(np.int64)
-        self.lib = _kernels()  # fused GEMM + top-2 (native.py), or None: numpy GEMMs
-        self.xp = native.pack_rows(self.lib, x, _MR) if self.lib is not None else None
+        self.lib = native.kernels()  # fused GEMM + top-2 (native.py), or None: numpy GEMMs
+        self.xp = native.pack_rows(self.lib, x, self.lib.mr) if self.lib is not None else None
         self._set_centroids(c0)
         stats.update(iterations=0, converged=False, recomputed=[], tau=[], ambiguous=0, faiss_batches=0,
                      risky=[], stop_test_stage2=0, exact_checks=0, stopped_early_at=None,
@@ -141,7 +133,7 @@ class _Lloyd:
         self.cmax = float(np.sqrt((c.astype(np.float64) ** 2).sum(1)).max())
         self.bound = self.bcoef * (self.xnorm + self.cmax) ** 2  # per point: |float32 sq. dist - exact| <= bound
         self.index = None
-        self.cp = native.pack_rows(self.lib, self.negc2, _NR) if self.lib is not None else None
+        self.cp = native.pack_rows(self.lib, self.negc2, self.lib.nr) if self.lib is not None else None
 
     def _native_min2(self, rows: np.ndarray | None, cols: np.ndarray | None,
                      skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -150,15 +142,16 @@ class _Lloyd:
         cols), leaving out skip[i] (a position, -1: none). The same float32 values as the numpy
         path up to summation order, which the bound B covers."""
         m = self.n if rows is None else rows.shape[0]
-        cp = self.cp if cols is None else native.pack_rows(self.lib, np.ascontiguousarray(self.negc2[cols]), _NR)
+        mr, nr = self.lib.mr, self.lib.nr
+        cp = self.cp if cols is None else native.pack_rows(self.lib, np.ascontiguousarray(self.negc2[cols]), nr)
         w = self.k if cols is None else cols.shape[0]
-        add = np.full(w + 2 * _NR, np.inf, np.float32)  # +inf past the last column (kernel contract)
+        add = np.full(w + 2 * nr, np.inf, np.float32)  # +inf past the last column (kernel contract)
         add[:w] = self.cn if cols is None else self.cn[cols]
         best = np.full(m, np.inf, np.float32)
         second = np.full(m, np.inf, np.float32)
         best_j = np.full(m, -1, np.int64)
         skip = None if skip is None else np.ascontiguousarray(skip, dtype=np.int64)
-        step = max(_MR, -(-m // (4 * _workers())) // _MR * _MR)
+        step = max(mr, -(-m // (4 * _workers())) // mr * mr)
         fp = np.dtype(np.float32).itemsize
 
         def chunk(lo: int) -> None:
@@ -166,7 +159,7 @@ class _Lloyd:
             if rows is None:
                 xp, a = None, self.xp.ctypes.data + lo * self.d * fp
             else:
-                xp = native.pack_rows(self.lib, self.x[rows[lo:hi]], _MR)
+                xp = native.pack_rows(self.lib, self.x[rows[lo:hi]], mr)
                 a = xp.ctypes.data
             self.lib.min2_tile(a, cp.ctypes.data, self.d, hi - lo, w, add.ctypes.data, 0,
                                None if skip is None else skip.ctypes.data + lo * 8,

@@ -119,7 +119,7 @@ def kernels() -> ctypes.CDLL | None:
     """_kernels.c with its C signatures declared (the kNN filter and thresholds, the k-means top-2),
     or None."""
     lib = load("kernels")
-    if lib is not None and not hasattr(lib, "_declared"):
+    if lib is not None and not hasattr(lib, "mr"):  # declared once per process
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.pack_rows.argtypes = [p, i64, i64, i64, p]
         lib.pack_rows.restype = None
@@ -130,7 +130,7 @@ def kernels() -> ctypes.CDLL | None:
         lib.min2_tile.restype = None
         lib.topj_tile.argtypes = [p, p, i64, i64, i64, i64, p]
         lib.topj_tile.restype = None
-        lib._declared = True
+        lib.mr, lib.nr = lib.kernel_mr(), lib.kernel_nr()  # last: marks it declared; pack rows with mr, columns with nr
     return lib
 
 

@@ -79,7 +79,7 @@ def _filter(lib, q, r, theta_r, theta_c, both, cap):
     pad = 64
     tr = np.concatenate([theta_r, np.full(pad, np.inf, np.float32)])
     tc = np.concatenate([theta_c, np.full(pad, np.inf, np.float32)])
-    qp, rp = native.pack_rows(lib, q, lib.simfilter_mr()), native.pack_rows(lib, r, lib.simfilter_nr())
+    qp, rp = native.pack_rows(lib, q, lib.mr), native.pack_rows(lib, r, lib.nr)
     kr, kc = knn._Kept(cap), knn._Kept(cap)
     counts = np.zeros(2, np.int64)
     (rr, rv, rf), (cr, cv, cf) = kr.arrays, kc.arrays
@@ -132,9 +132,9 @@ def test_min2_matches_numpy_over_column_ranges_with_a_skipped_column(lib):
     best = np.full(61, np.inf, np.float32)
     second = np.full(61, np.inf, np.float32)
     best_j = np.full(61, -1, np.int64)
-    xp = native.pack_rows(lib, x, lib.simfilter_mr())
+    xp = native.pack_rows(lib, x, lib.mr)
     for lo, hi in [(0, 20), (20, 45)]:  # two calls continue one search
-        cp = native.pack_rows(lib, np.ascontiguousarray(negc2[lo:hi]), lib.simfilter_nr())
+        cp = native.pack_rows(lib, np.ascontiguousarray(negc2[lo:hi]), lib.nr)
         add = np.full(hi - lo + 32, np.inf, np.float32)
         add[:hi - lo] = cn[lo:hi]
         lib.min2_tile(xp.ctypes.data, cp.ctypes.data, 24, 61, hi - lo, add.ctypes.data, lo, skip.ctypes.data,
@@ -153,7 +153,7 @@ def test_topj_keeps_each_rows_j_largest_in_order(lib):
     r = rng.standard_normal((70, 16)).astype(np.float32)
     r[40] = r[3]  # an exact tie inside every row
     best = np.full((29, 5), -np.inf, np.float32)
-    qp, rp = native.pack_rows(lib, q, lib.simfilter_mr()), native.pack_rows(lib, r, lib.simfilter_nr())
+    qp, rp = native.pack_rows(lib, q, lib.mr), native.pack_rows(lib, r, lib.nr)
     lib.topj_tile(qp.ctypes.data, rp.ctypes.data, 16, 29, 70, 5, best.ctypes.data)
     want = -np.sort(-(q.astype(np.float64) @ r.T.astype(np.float64)), axis=1)[:, :5]
     assert np.abs(best - want).max() < 1e-4
