@@ -218,6 +218,9 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
         "cpus_per_task": s.cpus_per_task, "time": s.time_min,
         # USR2 this long before the time limit: submitit then checkpoints (= requeues) the job
         "signal_delay_s": min(90, max(10, s.time_min * 60 // 10)),
+        # one task failing (e.g. rank 0 cannot open the rendezvous port) ends the whole step: the other
+        # tasks would otherwise wait in init_process_group until its timeout, holding the nodes
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node

@@ -1,10 +1,12 @@
 """The distributed environment: the ONLY module that reads rank/world from the environment.
 
 Owns: detecting how we were started (Slurm/submitit, torchrun-style env vars, or one plain process),
-initialising torch.distributed (nccl with GPUs, gloo on CPU), rank-0 printing/logging, and
-collective helpers that degrade to no-ops in a single process. Everything else asks this module.
-Tests: tests/unit/test_dist.py (env detection from real env dicts, single-process no-ops) and
-tests/integration/test_dist_multiproc.py (2 real gloo processes).
+the rendezvous port of cluster jobs (job_master_port), initialising torch.distributed (nccl with
+GPUs, gloo on CPU), rank-0 printing/logging, and collective helpers that degrade to no-ops in a
+single process. Everything else asks this module.
+Tests: tests/unit/test_dist.py (env detection from real env dicts, ports, a taken port's error,
+single-process no-ops), tests/integration/test_dist_multiproc.py (2 real gloo processes) and
+test_slurm.py (2-node jobs, a failing rank ending its job).
 """
 from __future__ import annotations
 
@@ -25,8 +27,15 @@ __all__ = [
     "local_rank", "is_main", "device", "barrier", "all_reduce_sum", "all_gather_cat",
     "all_gather_object", "broadcast_object", "print0", "get_logger", "find_free_port",
     "expand_slurm_nodelist", "export_submitit_env", "run_local_processes", "shard_slice",
-    "set_default_accelerator",
+    "set_default_accelerator", "job_master_port", "MASTER_PORT_ENV",
 ]
+
+# The rendezvous port of a cluster job, when the user does not choose one. Every task derives it alone
+# from the job id (there is no channel before the store exists). The range lies below Linux's default
+# ephemeral range (32768-60999), which any outgoing connection on the master node may be holding: a
+# port picked there (submitit's own choice is 20000-60000) failed a 2-node job with EADDRINUSE.
+MASTER_PORT_MIN, MASTER_PORT_MAX = 20000, 32767
+MASTER_PORT_ENV = "SLADE_DIST_MASTER_PORT"  # a fixed port for every cluster job (overrides the above)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,16 @@ def _int(environ: Mapping[str, str], key: str, default: int) -> int:
         raise RuntimeError(f"environment variable {key}={value!r} is not an integer") from e
 
 
+def job_master_port(job_id: str | int, environ: Mapping[str, str] | None = None) -> int:
+    """The port every task of job `job_id` rendezvouses on: $SLADE_DIST_MASTER_PORT, else one taken
+    from the job id (consecutive jobs get different ports; array tasks "312_1" count as 3121)."""
+    env = os.environ if environ is None else environ
+    if env.get(MASTER_PORT_ENV):
+        return _int(env, MASTER_PORT_ENV, 0)
+    number = int(re.sub(r"\D", "", str(job_id)) or 0)
+    return MASTER_PORT_MIN + number % (MASTER_PORT_MAX - MASTER_PORT_MIN + 1)
+
+
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read rank/world from torchrun-style variables, then Slurm's, else a single process.
 
@@ -102,7 +121,7 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", _int(env, "SLURM_STEP_TASKS_PER_NODE", 1)),
             node_rank=_int(env, "SLURM_NODEID", 0), master_addr=env.get("MASTER_ADDR", nodes[0]),
             # same port on every task of the job without any communication
-            master_port=_int(env, "MASTER_PORT", 20000 + job_id % 20000), source="slurm")
+            master_port=_int(env, "MASTER_PORT", job_master_port(job_id, env)), source="slurm")
     return DistEnv()
 
 
@@ -113,16 +132,14 @@ def export_submitit_env() -> None:
     """
     import submitit  # only here: the trainer never imports submitit
 
-    # Inside a submitit task the job environment is the truth. Values left by an earlier stage run
-    # in this same process (--cluster debug runs jobs in-process; DeepSpeed needs LOCAL_RANK set)
-    # would make export() refuse to overwrite them.
-    for key in _TORCH_ENV_KEYS:
-        os.environ.pop(key, None)
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # Inside a submitit task the job environment is the truth: overwrite=True replaces values left by
+    # an earlier stage run in this same process (--cluster debug runs jobs in-process). submitit reads
+    # MASTER_PORT as given; unset it would pick one in the ephemeral range (see job_master_port).
+    os.environ["MASTER_PORT"] = str(job_master_port(submitit.JobEnvironment().job_id))
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 _ENV: DistEnv = DistEnv()
-_TORCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def init_distributed(backend: str | None = None, env: DistEnv | None = None,
@@ -136,16 +153,43 @@ def init_distributed(backend: str | None = None, env: DistEnv | None = None,
     _ENV = env
     if not env.distributed or tdist.is_initialized():
         return env
-    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
-                       "LOCAL_RANK": str(env.local_rank), "LOCAL_WORLD_SIZE": str(env.local_world_size),
-                       "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)})
+    written = {"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+               "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
+               "MASTER_PORT": str(env.master_port)}
+    before = {key: os.environ.get(key) for key in written}
+    os.environ.update(written)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank % max(torch.cuda.device_count(), 1))
-    tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                             timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(env.local_rank % max(torch.cuda.device_count(), 1))
+        tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:
+        # leave nothing half-set: a later detect_env() in this process would read RANK/WORLD_SIZE and
+        # wait for ranks that do not exist
+        _restore_env(before)
+        _ENV = DistEnv()
+        if isinstance(e, tdist.DistNetworkError) and _address_in_use(e):
+            raise RuntimeError(
+                f"rank {env.rank}: the rendezvous port {env.master_addr}:{env.master_port} is already in "
+                f"use on this node, so the process group cannot start. A cluster job takes its port from its "
+                f"job id: resubmit (a new id gives a new port), or set {MASTER_PORT_ENV} to a port free on "
+                f"every node; a torchrun-style start reads MASTER_PORT.") from e
+        raise
     return env
+
+
+def _address_in_use(error: Exception) -> bool:
+    return "EADDRINUSE" in str(error) or "address already in use" in str(error).lower()
+
+
+def _restore_env(saved: Mapping[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def shutdown() -> None:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -27,7 +28,7 @@ def in_ci() -> bool:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> dict[str, str]:
+def slurm_cluster() -> Iterator[dict[str, str]]:
     """A running local Slurm cluster: nodes node1/node2, partitions debug (default) and high."""
     if os.geteuid() != 0 and not in_ci():
         pytest.skip("the local Slurm cluster needs root to install and start its daemons")
@@ -36,7 +37,17 @@ def slurm_cluster() -> dict[str, str]:
         pytest.fail(f"local Slurm cluster did not start (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
                     pytrace=False)
     assert shutil.which("sbatch"), "slurm_cluster.sh succeeded but sbatch is not on PATH"
-    return {"partition": "debug", "high_partition": "high", "nodes": "2", "log": proc.stdout}
+    before = set(_queued_job_ids())
+    yield {"partition": "debug", "high_partition": "high", "nodes": "2", "log": proc.stdout}
+    # a failed test can leave its jobs queued or running: they would hold the nodes for the next session
+    left = [j for j in _queued_job_ids() if j not in before]
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+
+
+def _queued_job_ids() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%F"], capture_output=True, text=True, timeout=60).stdout
+    return sorted(set(out.split()))
 
 
 @pytest.fixture

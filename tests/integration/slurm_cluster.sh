@@ -202,11 +202,22 @@ for f in /run/slurmd-*.pid; do   # slurmd of nodes no longer configured
   n=${f#/run/slurmd-}; n=${n%.pid}
   nodes | grep -qx "$n" || stop_one "$f" slurmd
 done
+ctld_started=0
 if ! alive /run/slurmctld.pid slurmctld; then
   /usr/sbin/slurmctld
+  ctld_started=1
   for ((i = 0; i < 200; i++)); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.1; done
 fi
 scontrol ping 2>/dev/null | grep -q UP || die "slurmctld is not up (see $LOGDIR/slurmctld.log)"
+# slurmctld restores its saved jobs. After a restart (machine reboot, VM snapshot) their processes are
+# gone, but a job saved as RUNNING keeps its nodes allocated and the nodes never turn idle: cancel them.
+if ((ctld_started)); then
+  stale=$(squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ')
+  if [[ -n ${stale// /} ]]; then
+    say "cancelling jobs left from before the restart: $stale"
+    scancel $stale 2>/dev/null || true
+  fi
+fi
 declare -A started=()
 for n in $(nodes); do
   alive "/run/slurmd-$n.pid" slurmd && continue

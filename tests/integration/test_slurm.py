@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from slade_dist import dist
 from tests.integration.conftest import REPO_ROOT, launch, require_stages, tiny_config
 from tests.integration.launch_probe import ProbeJob, probe_dir
 
@@ -57,6 +59,14 @@ def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
         time.sleep(0.2)
 
 
+def log_tails(folder: Path, job_id: str, lines: int = 15) -> str:
+    """The last lines of every task log of one job (what a failure message should show)."""
+    parts = []
+    for path in sorted(folder.glob(f"{job_id}_*_log.*")):
+        parts.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(parts) or f"(no logs of job {job_id} in {folder})"
+
+
 def probe_config(tmp_path: Path, steps: int = 12, ckpt_every: int = 3) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "probe.yaml"
@@ -93,6 +103,24 @@ def test_two_node_job_runs_one_gloo_group(slurm_cluster, probe_stage, tmp_path, 
     assert done["result"]["hosts"] == ["node1", "node2"]  # one task on each virtual node
     assert done["result"]["total"] == 2 * 12  # every step's all_reduce saw both ranks
     assert Path(jobs["probe"]["stdout"]).exists()
+
+
+def test_a_failing_rank_ends_its_two_node_job(slurm_cluster, probe_stage, tmp_path, at_repo_root):
+    """Rank 0 cannot open the rendezvous port (held here): it fails with a clear error, and srun's
+    --kill-on-bad-exit ends rank 1 too, which would otherwise wait for the store until its timeout."""
+    probe_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.time()
+        jobs = run_probe(tmp_path, "--nodes", "2", "--time", "5", env={dist.MASTER_PORT_ENV: str(port)})
+        job_id = jobs["probe"]["job_id"]
+        assert wait_states([job_id], timeout_s=120) == {job_id: "FAILED"}
+    print(f"2-node job with a taken port failed after {time.time() - t0:.1f}s")
+    err = Path(jobs["probe"]["stdout"]).with_suffix(".err").read_text()
+    assert f"rendezvous port node1:{port} is already in use" in err, err[-2000:]
+    assert not (probe_dir(tmp_path / "run") / "DONE.json").exists()
 
 
 def test_afterok_chains_done_markers_and_kill_on_invalid_dep(slurm_cluster, probe_stage, tmp_path, at_repo_root):
@@ -217,7 +245,12 @@ def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluste
     assert list(jobs) == ["pretrain", "teacher", "round1-embed-array", "round1-embed", "round1-cluster",
                           "round1-student", "eval"]
     ckpt_dir = tmp_path / "run" / "teacher" / "ckpt"
-    wait_for(lambda: bool(list(ckpt_dir.glob("step*/slade_meta.json"))), "the teacher's first checkpoint", 400)
+    teacher_id = jobs["teacher"]["job_id"]
+    wait_for(lambda: bool(list(ckpt_dir.glob("step*/slade_meta.json"))) or sacct_state(teacher_id) in TERMINAL,
+             "the teacher's first checkpoint", 400)
+    assert list(ckpt_dir.glob("step*/slade_meta.json")), (
+        f"teacher job {teacher_id} ended ({sacct_state(teacher_id)}) before its first checkpoint:\n"
+        + log_tails(Path(jobs["teacher"]["stdout"]).parent, teacher_id))
     high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
                            "--ntasks-per-node", "2", "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1"],
                           capture_output=True, text=True, check=True)

@@ -1,6 +1,10 @@
 """Environment detection of slade_dist.dist from real env dicts, and single-process no-ops."""
 from __future__ import annotations
 
+import os
+import socket
+
+import pytest
 import torch
 
 from slade_dist import dist
@@ -25,10 +29,38 @@ def test_slurm_env_inside_srun_step():
     env = dist.detect_env(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.local_world_size) == (5, 8, 1, 2, 2)
     assert env.master_addr == "gpu07" and env.source == "slurm"
-    assert env.master_port == 20000 + 4242 % 20000
+    assert env.master_port == dist.job_master_port(4242) == 24242
     # the same job seen from another task agrees on the rendezvous point
     other = dist.detect_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
     assert (other.master_addr, other.master_port) == (env.master_addr, env.master_port)
+
+
+def test_job_master_port_stays_below_the_ephemeral_range():
+    """Outgoing connections take ports from 32768-60999 on Linux; a rendezvous port there can be taken."""
+    ports = [dist.job_master_port(j, {}) for j in range(0, 40_000)]
+    assert min(ports) == dist.MASTER_PORT_MIN and max(ports) == dist.MASTER_PORT_MAX < 32768
+    assert len({dist.job_master_port(j, {}) for j in range(311, 311 + 1000)}) == 1000  # neighbours differ
+    assert dist.job_master_port("312_1", {}) == dist.job_master_port(3121, {})  # array task ids
+    assert dist.job_master_port(311, {dist.MASTER_PORT_ENV: "29001"}) == 29001
+
+
+def test_port_in_use_is_a_clear_error(monkeypatch):
+    """Rank 0 cannot open the rendezvous port: say which port and what to do (torch says EADDRINUSE)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "12345")  # restored, not left pointing at the taken port
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dist.DistEnv(rank=0, world_size=2, master_port=port, source="slurm")
+        with pytest.raises(RuntimeError, match=f"rendezvous port 127.0.0.1:{port} is already in use") as e:
+            dist.init_distributed("gloo", env, timeout_s=20)
+    assert dist.MASTER_PORT_ENV in str(e.value)
+    assert not dist.is_dist()
+    # nothing half-set is left: the next detect_env() in this process must not wait for rank 1
+    assert "WORLD_SIZE" not in os.environ and os.environ.get("MASTER_PORT") == "12345"
+    assert dist.detect_env().world_size == 1 and dist.world_size() == 1
 
 
 def test_torchrun_vars_win_over_slurm():
