@@ -11,7 +11,8 @@ line is one JSON object.
 Both sides are warmed up once on a small set before timing (imports, FAISS/BLAS thread pools, and
 our compiled kernels: the C kernels of slade_dist/eval/_kernels.c, built once per machine into
 ~/.cache/slade_dist, and the numba ones of the portable path, once per install into __pycache__);
-the warm-up times are printed too. SLADE_DIST_NATIVE=0 times the portable path. Ours uses every CPU through its own threads, PML through FAISS's.
+the warm-up times are printed too. SLADE_DIST_NATIVE=0 times the portable path. Ours uses every
+CPU through its own threads, PML through FAISS's.
 """
 from __future__ import annotations
 

@@ -91,7 +91,10 @@ def job_master_port(job_id: str | int, environ: Mapping[str, str] | None = None)
     from the job id (consecutive jobs get different ports; array tasks "312_1" count as 3121)."""
     env = os.environ if environ is None else environ
     if env.get(MASTER_PORT_ENV):
-        return _int(env, MASTER_PORT_ENV, 0)
+        port = _int(env, MASTER_PORT_ENV, 0)
+        if not 1 <= port <= 65535:
+            raise RuntimeError(f"{MASTER_PORT_ENV}={port} is not a TCP port (1-65535)")
+        return port
     number = int(re.sub(r"\D", "", str(job_id)) or 0)
     return MASTER_PORT_MIN + number % (MASTER_PORT_MAX - MASTER_PORT_MIN + 1)
 

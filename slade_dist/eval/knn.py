@@ -223,10 +223,6 @@ def _poisson_quantile(lam: float, p: float) -> int:
     return j
 
 
-def _workers() -> int:
-    return native.usable_cpus()
-
-
 def _run_parallel(fn, items, workers: int) -> None:
     """fn over items on `workers` threads (each single-threaded BLAS); re-raises the first error."""
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
@@ -397,7 +393,7 @@ def exact_topk(queries: np.ndarray, refs: np.ndarray, k: int, symmetric: bool = 
     nq, nr = q.shape[0], r.shape[0]
     if not 1 <= k <= nr:
         raise ValueError(f"k={k} must be between 1 and the number of references ({nr})")
-    workers = workers or _workers()
+    workers = workers or native.usable_cpus()
     if nq == 0:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     if tile < 1 or sample_size < 1:

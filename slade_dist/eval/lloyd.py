@@ -75,10 +75,6 @@ _TAU_QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)  # candidate mover thresholds 
 _DECAY_PENALTY = 2.0            # lowering l has a cost in later iterations too
 
 
-def _workers() -> int:
-    return native.usable_cpus()
-
-
 def faiss_kmeans_assign(x: np.ndarray, k: int, seed: int, niter: int = 20, *,
                         stats: dict[str, Any] | None = None) -> np.ndarray | None:
     """FAISS k-means (niter iterations, `seed`) then each point's nearest centroid, as FAISS (CPU)
@@ -151,7 +147,7 @@ class _Lloyd:
         second = np.full(m, np.inf, np.float32)
         best_j = np.full(m, -1, np.int64)
         skip = None if skip is None else np.ascontiguousarray(skip, dtype=np.int64)
-        step = max(mr, -(-m // (4 * _workers())) // mr * mr)
+        step = max(mr, -(-m // (4 * native.usable_cpus())) // mr * mr)
         fp = np.dtype(np.float32).itemsize
 
         def chunk(lo: int) -> None:
@@ -166,7 +162,7 @@ class _Lloyd:
                                best.ctypes.data + lo * fp, best_j.ctypes.data + lo * 8,
                                second.ctypes.data + lo * fp)
 
-        with ThreadPoolExecutor(_workers()) as pool:
+        with ThreadPoolExecutor(native.usable_cpus()) as pool:
             list(pool.map(chunk, range(0, m, step)))
         return best_j, best, second
 

@@ -42,6 +42,8 @@ def test_job_master_port_stays_below_the_ephemeral_range():
     assert len({dist.job_master_port(j, {}) for j in range(311, 311 + 1000)}) == 1000  # neighbours differ
     assert dist.job_master_port("312_1", {}) == dist.job_master_port(3121, {})  # array task ids
     assert dist.job_master_port(311, {dist.MASTER_PORT_ENV: "29001"}) == 29001
+    with pytest.raises(RuntimeError, match="not a TCP port"):
+        dist.job_master_port(311, {dist.MASTER_PORT_ENV: "70000"})
 
 
 def test_port_in_use_is_a_clear_error(monkeypatch):
