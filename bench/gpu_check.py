@@ -9,6 +9,7 @@ assignments TF32 changes against exact fp32, and the time of one full streaming 
 Without a CUDA GPU it prints a clear message and exits 0. The last line is one JSON object.
 Whole script: estimated 1-3 min on an H200 (most of it the 20 timed iterations); not yet run on one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slade_dist.pseudo.kmeans import (KMeansParams, TorchAssigner, assign_array,  # noqa: E402
-                                      choose_backend, train_centroids)
+from slade_dist.pseudo.kmeans import KMeansParams, TorchAssigner, assign_array, choose_backend, train_centroids  # noqa: E402
 
 
 def blobs_on(device: torch.device, n: int, d: int, blobs: int, seed: int = 0) -> torch.Tensor:
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         msg = "no CUDA GPU visible: bench/gpu_check.py measures GPU k-means only; nothing was run"
         print(msg)
-        out = {"bench": "kmeans_gpu", "ours": None, "baseline": None, "unit": "s", "ratio": None,
-               "skipped": msg}
+        out = {"bench": "kmeans_gpu", "ours": None, "baseline": None, "unit": "s", "ratio": None, "skipped": msg}
         print(json.dumps(out))
         return out
     device = torch.device("cuda", 0)
@@ -81,14 +80,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPU: {torch.cuda.get_device_name(device)}; backend {backend}; torch {torch.__version__}", flush=True)
 
     check = gpu_matches_cpu(device)
-    print(f"GPU vs CPU (fp32, 50k x 64, k=256): max |centroid diff| {check['max_abs_centroid_diff']:.2e}"
-          f" {'OK' if check['ok'] else 'MISMATCH'}", flush=True)
+    print(
+        f"GPU vs CPU (fp32, 50k x 64, k=256): max |centroid diff| {check['max_abs_centroid_diff']:.2e}"
+        f" {'OK' if check['ok'] else 'MISMATCH'}",
+        flush=True,
+    )
 
     x = blobs_on(device, n, args.d, blobs=k)
     init = x[torch.randperm(n, device=device, generator=torch.Generator(device=device).manual_seed(1))[:k]]
     init = init.cpu().numpy()
-    params = KMeansParams(k=k, niter=niter, backend=backend, progress=False, gpu_tf32=not args.no_tf32,
-                          max_points_per_centroid=max(256, -(-n // k)), chunk_size=1 << 20)
+    params = KMeansParams(
+        k=k,
+        niter=niter,
+        backend=backend,
+        progress=False,
+        gpu_tf32=not args.no_tf32,
+        max_points_per_centroid=max(256, -(-n // k)),
+        chunk_size=1 << 20,
+    )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
@@ -96,24 +105,44 @@ def main(argv: list[str] | None = None) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     flops = 2.0 * n * k * args.d * niter
-    print(f"k-means n={n:,} d={args.d} k={k:,} {niter} it: {seconds:.2f} s "
-          f"({seconds / niter:.3f} s/it, {flops / seconds / 1e12:.0f} TFLOP/s effective GEMM), "
-          f"objective {res.objective[0]:.5g} -> {res.objective[-1]:.5g}, splits {res.splits}", flush=True)
+    print(
+        f"k-means n={n:,} d={args.d} k={k:,} {niter} it: {seconds:.2f} s "
+        f"({seconds / niter:.3f} s/it, {flops / seconds / 1e12:.0f} TFLOP/s effective GEMM), "
+        f"objective {res.objective[0]:.5g} -> {res.objective[-1]:.5g}, splits {res.splits}",
+        flush=True,
+    )
 
     t = time.perf_counter()
     labels, _ = assign_array(x, res.centroids, chunk_size=1 << 20, backend=backend, gpu_tf32=not args.no_tf32)
     assign_s = time.perf_counter() - t
     agree = tf32_agreement(x, res.centroids) if backend == "torch" and not args.no_tf32 else 1.0
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
-    print(f"full assignment pass (to host labels): {assign_s:.2f} s; TF32 vs fp32 assignment agreement "
-          f"{agree:.5f}; peak GPU memory {peak_gb:.1f} GiB; clusters used {len(np.unique(labels)):,}", flush=True)
+    print(
+        f"full assignment pass (to host labels): {assign_s:.2f} s; TF32 vs fp32 assignment agreement "
+        f"{agree:.5f}; peak GPU memory {peak_gb:.1f} GiB; clusters used {len(np.unique(labels)):,}",
+        flush=True,
+    )
     goal = 30.0 if (n, k, niter) == (10_000_000, 65_536, 20) else None
-    out = {"bench": "kmeans_gpu", "ours": round(seconds, 3), "baseline": goal, "unit": "s",
-           "ratio": round(goal / seconds, 3) if goal else None, "n": n, "d": args.d, "k": k, "niter": niter,
-           "backend": backend, "tf32": not args.no_tf32, "tflops_effective": round(flops / seconds / 1e12, 1),
-           "assign_pass_s": round(assign_s, 3), "tf32_agreement": round(agree, 6),
-           "gpu_vs_cpu": check, "peak_gib": round(peak_gb, 2), "timings": res.timings,
-           "goal_met": (seconds <= goal) if goal else None}
+    out = {
+        "bench": "kmeans_gpu",
+        "ours": round(seconds, 3),
+        "baseline": goal,
+        "unit": "s",
+        "ratio": round(goal / seconds, 3) if goal else None,
+        "n": n,
+        "d": args.d,
+        "k": k,
+        "niter": niter,
+        "backend": backend,
+        "tf32": not args.no_tf32,
+        "tflops_effective": round(flops / seconds / 1e12, 1),
+        "assign_pass_s": round(assign_s, 3),
+        "tf32_agreement": round(agree, 6),
+        "gpu_vs_cpu": check,
+        "peak_gib": round(peak_gb, 2),
+        "timings": res.timings,
+        "goal_met": (seconds <= goal) if goal else None,
+    }
     print(json.dumps(out))
     return out
 

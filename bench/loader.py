@@ -11,6 +11,7 @@ Last output line: one JSON object {"bench", "ours", "baseline", "unit", "ratio",
   python bench/loader.py            # 2000 images of 500x375, 2 workers
   python bench/loader.py --quick    # 300 images, under a minute
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,15 @@ def make_images(root: Path, n: int, classes: int, size: tuple[int, int], seed: i
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     noise = rng.normal(0, 12, (h, 2 * w, 3)).astype(np.float32)  # sliced per image: cheap variety
-    waves = [np.stack([60 * np.sin(xx * f * (k + 1) + yy * f * 0.7) for k in range(3)], -1)
-             for f in np.linspace(0.005, 0.05, 8)]
+    waves = [
+        np.stack([60 * np.sin(xx * f * (k + 1) + yy * f * 0.7) for k in range(3)], -1)
+        for f in np.linspace(0.005, 0.05, 8)
+    ]
     total = 0
     for i in range(n):
         c = i % classes
         off = int(rng.integers(0, w))
-        img = waves[i % 8] + rng.uniform(0, 128, 3).astype(np.float32) + noise[:, off:off + w]
+        img = waves[i % 8] + rng.uniform(0, 128, 3).astype(np.float32) + noise[:, off : off + w]
         buf = io.BytesIO()
         Image.fromarray(np.clip(img + 64, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
         p = root / f"class{c:03d}" / f"{i:06d}.jpg"
@@ -78,9 +81,15 @@ def run_baseline(folder: Path, cfg: DataConfig, batch: int, n_batches: int, warm
 
     tf = transforms.full_transform(transforms.train_geometry(cfg.image_size, cfg.crop_scale_min))
     ds = ImageFolder(str(folder), transform=tf)
-    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10 ** 9)  # never runs out
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=cfg.num_workers,
-                                     drop_last=True, multiprocessing_context="fork")
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**9)  # never runs out
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        multiprocessing_context="fork",
+    )
     return time_batches(iter(dl), n_batches, warmup)
 
 
@@ -101,8 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.images, args.classes, args.batches, args.rounds = 300, 15, 15, 2
     torch.set_num_threads(1)
-    cfg = dataclasses.replace(DataConfig(), image_size=args.image_size, num_workers=args.workers,
-                              max_buffered=max(1000, 4 * args.P * args.K), shuffle_buffer=200)
+    cfg = dataclasses.replace(
+        DataConfig(),
+        image_size=args.image_size,
+        num_workers=args.workers,
+        max_buffered=max(1000, 4 * args.P * args.K),
+        shuffle_buffer=200,
+    )
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         folder, shards = Path(tmp) / "folder", Path(tmp) / "shards"
         nbytes = make_images(folder, args.images, args.classes, (args.width, args.height))
@@ -115,13 +129,22 @@ def main(argv: list[str] | None = None) -> dict:
             base.append(run_baseline(folder, cfg, args.P * args.K, args.batches, warmup=3))
             print(f"round {r}: ours {ours[-1]:.1f} img/s, baseline (ImageFolder) {base[-1]:.1f} img/s", flush=True)
     o, b = float(np.mean(ours)), float(np.mean(base))
-    print(f"{args.images} JPEGs {args.width}x{args.height} (mean {nbytes / args.images / 1024:.1f} KiB), "
-          f"{args.workers} workers, batch {args.P}x{args.K}, crop {args.image_size}: "
-          f"ours {o:.1f} img/s vs ImageFolder {b:.1f} img/s -> ratio {o / b:.2f} (goal >= 1.3); "
-          f"shard writing {args.images / write_s:.0f} img/s")
-    result = {"bench": "loader", "ours": round(o, 1), "baseline": round(b, 1), "unit": "images/s",
-              "ratio": round(o / b, 3), "images": args.images, "workers": args.workers,
-              "write_images_per_s": round(args.images / write_s, 1)}
+    print(
+        f"{args.images} JPEGs {args.width}x{args.height} (mean {nbytes / args.images / 1024:.1f} KiB), "
+        f"{args.workers} workers, batch {args.P}x{args.K}, crop {args.image_size}: "
+        f"ours {o:.1f} img/s vs ImageFolder {b:.1f} img/s -> ratio {o / b:.2f} (goal >= 1.3); "
+        f"shard writing {args.images / write_s:.0f} img/s"
+    )
+    result = {
+        "bench": "loader",
+        "ours": round(o, 1),
+        "baseline": round(b, 1),
+        "unit": "images/s",
+        "ratio": round(o / b, 3),
+        "images": args.images,
+        "workers": args.workers,
+        "write_images_per_s": round(args.images / write_s, 1),
+    }
     print(json.dumps(result))
     return result
 

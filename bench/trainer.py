@@ -14,6 +14,7 @@ batch 256; ours (engine, torch.compile'd module) vs a plain torch.compile'd loop
 images/s and ratio.
 --quick: fewer steps (under a minute on 2 CPU cores). The last line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ from slade_dist.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from slade_dist.losses import build_loss  # noqa: E402
 from slade_dist.models import build_embedder  # noqa: E402
 from slade_dist.train import engine as E  # noqa: E402
+from slade_dist.train.common import embedder_groups  # noqa: E402
 
 
 def make_batch(P: int, K: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +51,9 @@ def build(backbone: str, seed: int = 0) -> torch.nn.Module:
 
 def ours_step_fn(backbone: str, tcfg: TrainConfig, batch: tuple, stage_dir: str, compile_: bool = False):
     model = build(backbone)
-    tr = E.Trainer(model, E.embedder_groups(model, tcfg), tcfg, stage_dir=stage_dir, total_steps=10 ** 6,
-                   micro_batch=batch[0].shape[0])
+    tr = E.Trainer(
+        model, embedder_groups(model, tcfg), tcfg, stage_dir=stage_dir, total_steps=10**6, micro_batch=batch[0].shape[0]
+    )
     if compile_:
         tr.engine.compile()
     loss_fn = build_loss(LossConfig())
@@ -68,9 +71,14 @@ def baseline_step_fn(backbone: str, tcfg: TrainConfig, batch: tuple, bf16: bool 
     model = build(backbone).to(batch[0].device)
     model.train()
     groups = model.param_groups()
-    opt = torch.optim.AdamW([{"params": groups["backbone"], "lr": tcfg.lr * tcfg.backbone_lr_mult},
-                             {"params": groups["head"], "lr": tcfg.lr}], weight_decay=tcfg.weight_decay,
-                            fused=batch[0].is_cuda or None)
+    opt = torch.optim.AdamW(
+        [
+            {"params": groups["backbone"], "lr": tcfg.lr * tcfg.backbone_lr_mult},
+            {"params": groups["head"], "lr": tcfg.lr},
+        ],
+        weight_decay=tcfg.weight_decay,
+        fused=batch[0].is_cuda or None,
+    )
     fwd = torch.compile(model) if compile_ else model
     loss_fn = build_loss(LossConfig())
     x, y = batch
@@ -97,15 +105,16 @@ def time_block(step, n: int, sync, clock) -> float:
     return n / max(clock() - t0, 1e-9)
 
 
-def compare(step_ours, step_base, blocks: int, per_block: int, warmup: int, sync,
-            clock=time.perf_counter) -> tuple[float, float]:
+def compare(
+    step_ours, step_base, blocks: int, per_block: int, warmup: int, sync, clock=time.perf_counter
+) -> tuple[float, float]:
     for _ in range(warmup):
         step_ours()
         step_base()
     ours, base = [], []
     for b in range(blocks):  # alternate the order so neither always runs right after the other
         pair = [(step_ours, ours), (step_base, base)]
-        for fn, acc in (pair if b % 2 == 0 else pair[::-1]):
+        for fn, acc in pair if b % 2 == 0 else pair[::-1]:
             acc.append(time_block(fn, per_block, sync, clock))
     return statistics.median(ours), statistics.median(base)
 
@@ -124,10 +133,19 @@ def cpu_bench(quick: bool) -> dict:
             wall0 = time.perf_counter()
             o, b = compare(ours, base, blocks, per_block, warmup, lambda: None, clock=time.process_time)
             wall = time.perf_counter() - wall0
-        rows[backbone] = {"ours_steps_per_cpu_s": round(o, 3), "baseline_steps_per_cpu_s": round(b, 3),
-                          "ratio": round(o / b, 3), "images": P * K, "px": size, "wall_s": round(wall, 1)}
-        print(f"{backbone:9s} {size}px batch {P * K}: ours {o:7.2f} steps/cpu-s  bare torch {b:7.2f} steps/cpu-s  "
-              f"ratio {o / b:.3f}  ({wall:.0f} s wall)", flush=True)
+        rows[backbone] = {
+            "ours_steps_per_cpu_s": round(o, 3),
+            "baseline_steps_per_cpu_s": round(b, 3),
+            "ratio": round(o / b, 3),
+            "images": P * K,
+            "px": size,
+            "wall_s": round(wall, 1),
+        }
+        print(
+            f"{backbone:9s} {size}px batch {P * K}: ours {o:7.2f} steps/cpu-s  bare torch {b:7.2f} steps/cpu-s  "
+            f"ratio {o / b:.3f}  ({wall:.0f} s wall)",
+            flush=True,
+        )
     return rows
 
 
@@ -146,8 +164,10 @@ def gpu_bench(quick: bool) -> dict | None:
         base = baseline_step_fn("resnet50", tcfg, batch, bf16=True, compile_=True)
         o, b = compare(ours, base, blocks, per_block, warmup, torch.cuda.synchronize)
     n = batch[0].shape[0]
-    print(f"resnet50 224px bf16 batch {n}: ours {o * n:8.1f} img/s  compiled torch {b * n:8.1f} img/s  "
-          f"ratio {o / b:.3f}", flush=True)
+    print(
+        f"resnet50 224px bf16 batch {n}: ours {o * n:8.1f} img/s  compiled torch {b * n:8.1f} img/s  ratio {o / b:.3f}",
+        flush=True,
+    )
     return {"ours_images_s": round(o * n, 1), "baseline_images_s": round(b * n, 1), "ratio": round(o / b, 3)}
 
 
@@ -160,19 +180,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         res = gpu_bench(args.quick)
         if res is None:
-            print(json.dumps({"bench": "trainer_gpu", "ours": None, "baseline": None, "unit": "images/s",
-                              "ratio": None, "skipped": "no CUDA GPU"}))
+            print(
+                json.dumps(
+                    {
+                        "bench": "trainer_gpu",
+                        "ours": None,
+                        "baseline": None,
+                        "unit": "images/s",
+                        "ratio": None,
+                        "skipped": "no CUDA GPU",
+                    }
+                )
+            )
             return 0
-        print(json.dumps({"bench": "trainer_gpu_resnet50_bf16", "ours": res["ours_images_s"],
-                          "baseline": res["baseline_images_s"], "unit": "images/s", "ratio": res["ratio"]}))
+        print(
+            json.dumps(
+                {
+                    "bench": "trainer_gpu_resnet50_bf16",
+                    "ours": res["ours_images_s"],
+                    "baseline": res["baseline_images_s"],
+                    "unit": "images/s",
+                    "ratio": res["ratio"],
+                }
+            )
+        )
         return 0
     rows = cpu_bench(args.quick)
     ratios = [r["ratio"] for r in rows.values()]
     r18 = rows["resnet18"]
-    print(json.dumps({"bench": "trainer_cpu", "ours": r18["ours_steps_per_cpu_s"],
-                      "baseline": r18["baseline_steps_per_cpu_s"],
-                      "unit": f"steps per CPU-second (resnet18 {r18['px']}px batch 32, 1 thread)",
-                      "ratio": r18["ratio"], "min_ratio": min(ratios), "models": rows}))
+    print(
+        json.dumps(
+            {
+                "bench": "trainer_cpu",
+                "ours": r18["ours_steps_per_cpu_s"],
+                "baseline": r18["baseline_steps_per_cpu_s"],
+                "unit": f"steps per CPU-second (resnet18 {r18['px']}px batch 32, 1 thread)",
+                "ratio": r18["ratio"],
+                "min_ratio": min(ratios),
+                "models": rows,
+            }
+        )
+    )
     return 0
 
 

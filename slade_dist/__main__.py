@@ -4,19 +4,22 @@ Owns: argument parsing and the human-facing output of one-process runs (stage co
 demo-data generator, the in-process pipeline, show-config). Multi-node runs go through
 `launch/submit.py`, which calls the same stage functions. Tests: tests/unit/test_cli.py.
 """
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import dist
 from .config import Config, ConfigError, describe_sections, load_config
-from .stages import STAGES, RunLayout, StageNotAvailable, pipeline_plan, run_stage
+from .data.demo import generate
+from .eval.report import format_table
+from .runner import StageNotAvailable, run_pipeline, run_stage
+from .stages import STAGES, RunLayout
 
 EPILOG = """\
 stages (each is also a command):
@@ -41,20 +44,23 @@ examples:
 """
 
 
-def with_round(cfg: Config, round_: int) -> Config:
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, round=round_))
-
-
 def build_parser() -> argparse.ArgumentParser:
     stages = "\n".join(f"  {s.name:12s} {s.help}" for s in STAGES.values())
     p = argparse.ArgumentParser(
-        prog="python -m slade_dist", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m slade_dist",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SLADE self-training for deep metric learning (distributed).",
-        epilog=EPILOG.format(stages=stages, sections=describe_sections()))
-    p.add_argument("command", choices=[*STAGES, "demo-data", "pipeline", "show-config"], metavar="command",
-                   help="a stage (" + ", ".join(STAGES) + ") or demo-data / pipeline / show-config")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, applied after the --config file")
+        epilog=EPILOG.format(stages=stages, sections=describe_sections()),
+    )
+    p.add_argument(
+        "command",
+        choices=[*STAGES, "demo-data", "pipeline", "show-config"],
+        metavar="command",
+        help="a stage (" + ", ".join(STAGES) + ") or demo-data / pipeline / show-config",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="config overrides, applied after the --config file"
+    )
     p.add_argument("--config", "-c", default=None, help="run file layered over configs/defaults.yaml")
     p.add_argument("--force", action="store_true", help="rerun even if DONE.json matches the config hash")
     return p
@@ -75,49 +81,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo-data":
         return _demo_data(cfg, args.force)
     if args.command == "pipeline":
-        return run_pipeline(cfg, force=args.force)
+        return _pipeline(cfg, force=args.force)
     dist.init_distributed()
     try:
         result = run_stage(cfg, args.command, force=args.force)
+        # printed before shutdown: afterwards every rank would think it is rank 0
+        if result is not None:
+            dist.print0(json.dumps({"stage": args.command, "result": result}, default=str))
+        if args.command == "eval":
+            print_summary(cfg)
     except (StageNotAvailable, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         dist.shutdown()
-    if result is not None:
-        dist.print0(json.dumps({"stage": args.command, "result": result}, default=str))
-    if args.command == "eval":
-        print_summary(cfg)
     return 0
 
 
 def _demo_data(cfg: Config, force: bool) -> int:
-    from .data.demo import generate
-
     res = generate(cfg.demo, force=force)
     if res["skipped"]:
         print(f"demo data already in {res['out']} with these parameters (--force regenerates)")
     else:
-        print(f"demo data: {res['counts']} images in {res['seconds']} s "
-              f"({res['images_per_minute']} images/min) -> {res['out']}")
+        print(
+            f"demo data: {res['counts']} images in {res['seconds']} s "
+            f"({res['images_per_minute']} images/min) -> {res['out']}"
+        )
     return 0
 
 
-def run_pipeline(cfg: Config, force: bool = False) -> int:
-    """Every stage in order, in this process. Stops at the first stage not implemented yet."""
+def _pipeline(cfg: Config, force: bool = False) -> int:
+    """Every stage in order, in this process (runner.run_pipeline), then the metrics table."""
     t0 = time.time()
     dist.init_distributed()
-    missing = [s for s in STAGES.values() if not s.available()]
-    for stage, round_ in pipeline_plan(cfg.run.rounds):
-        st = STAGES[stage]
-        if st in missing:
-            dist.print0(f"[pipeline] stage {stage!r} is not implemented yet: stopping here. "
-                        f"Missing: {', '.join(s.name for s in missing)}")
-            break
-        run_stage(with_round(cfg, round_), stage, force=force)
-    dist.print0(f"[pipeline] finished in {time.time() - t0:.0f} s")
-    print_summary(cfg)
-    dist.shutdown()
+    try:
+        run_pipeline(cfg, force=force)
+        dist.print0(f"[pipeline] finished in {time.time() - t0:.0f} s")
+        print_summary(cfg)
+    finally:
+        dist.shutdown()
     return 0
 
 
@@ -125,8 +127,6 @@ def print_summary(cfg: Config) -> None:
     """The metrics table (when eval ran) and where to look at the run."""
     metrics = RunLayout(cfg.run.dir).stage_dir("eval") / "metrics.json"
     if metrics.exists() and dist.is_main():
-        from .eval.report import format_table
-
         print(format_table(json.loads(metrics.read_text())))
     dist.print0(f"\nTensorBoard:  tensorboard --logdir {Path(cfg.run.dir) / 'tb'}")
 

@@ -1,7 +1,7 @@
 """SLADE feature basis (student only): W_a, L_CE, basis similarity, L_SD with running Gaussians,
 Eq. 7 pair mining.
 
-Owns `FeatureBasis`. Method: ../shared/reference/slade_method.md "Feature basis".
+Owns `FeatureBasis`. Method: docs/METHOD.md "Feature basis".
 Tests: tests/unit/test_basis.py (planted clusters, Eq. 6 over several batches, mining, state dict)
 and tests/integration/test_basis_multirank.py (2 gloo ranks hold identical mu/var).
 
@@ -23,6 +23,7 @@ Choices where the paper is silent (documented here, stable API):
   uses the Gaussians including this batch. Mined pairs come in both orderings (i, j) and (j, i);
   n_pos_mined / n_neg_mined count these ordered pairs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,14 +47,21 @@ def global_sum(local: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureBasis(nn.Module):
-    def __init__(self, num_classes: int, dim: int, scale: float = 16.0, beta: float = 0.99,
-                 margin: float = 0.5, lambda_sd: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        scale: float = 16.0,
+        beta: float = 0.99,
+        margin: float = 0.5,
+        lambda_sd: float = 1.0,
+    ) -> None:
         super().__init__()
         if num_classes < 2 or dim < 1:
             raise ValueError(f"FeatureBasis needs num_classes >= 2 and dim >= 1, got {num_classes}, {dim}")
         self.num_classes, self.dim = int(num_classes), int(dim)
         self.scale, self.beta, self.margin, self.lambda_sd = float(scale), float(beta), float(margin), float(lambda_sd)
-        self.W_a = nn.Parameter(torch.randn(num_classes, dim) / dim ** 0.5)
+        self.W_a = nn.Parameter(torch.randn(num_classes, dim) / dim**0.5)
         # running Gaussians G+ / G-: buffers so they live in state_dict / checkpoints
         for name in ("mu_pos", "mu_neg", "var_pos", "var_neg"):
             self.register_buffer(name, torch.zeros((), dtype=torch.float32))
@@ -90,7 +98,9 @@ class FeatureBasis(nn.Module):
         same = pl.view(-1, 1) == pl.view(1, -1)
         return same & upper, ~same & upper
 
-    def _update(self, kind: str, s: torch.Tensor, s2: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update(
+        self, kind: str, s: torch.Tensor, s2: torch.Tensor, n: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 6 for one Gaussian; returns (mu, var) carrying the batch gradient."""
         mu_buf, var_buf = getattr(self, f"mu_{kind}"), getattr(self, f"var_{kind}")
         seeded = getattr(self, f"seeded_{kind}")
@@ -132,8 +142,9 @@ class FeatureBasis(nn.Module):
 
     # ---------------------------------------------------------------------------------- mining
     @torch.no_grad()
-    def mine_pairs(self, sim: torch.Tensor, pseudo_labels: torch.Tensor | None = None,
-                   require_cluster_agreement: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def mine_pairs(
+        self, sim: torch.Tensor, pseudo_labels: torch.Tensor | None = None, require_cluster_agreement: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 7: positives s_ij >= mu+, negatives s_ij <= mu-, i != j, both orderings, as (2, n)
         long tensors of (anchor, other) indices into the batch. Empty while a Gaussian is
         unseeded or mu+ <= mu-. require_cluster_agreement also demands same / different
@@ -160,7 +171,13 @@ class FeatureBasis(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Running Gaussians and the last call's counts, for logging."""
-        return {"mu_pos": float(self.mu_pos), "mu_neg": float(self.mu_neg),
-                "var_pos": float(self.var_pos), "var_neg": float(self.var_neg),
-                "n_pos_pairs": self._last_counts[0], "n_neg_pairs": self._last_counts[1],
-                "n_pos_mined": self._last_mined[0], "n_neg_mined": self._last_mined[1]}
+        return {
+            "mu_pos": float(self.mu_pos),
+            "mu_neg": float(self.mu_neg),
+            "var_pos": float(self.var_pos),
+            "var_neg": float(self.var_neg),
+            "n_pos_pairs": self._last_counts[0],
+            "n_neg_pairs": self._last_counts[1],
+            "n_pos_mined": self._last_mined[0],
+            "n_neg_mined": self._last_mined[1],
+        }

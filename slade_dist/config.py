@@ -6,20 +6,25 @@ an unknown key (closest valid key suggested), a wrong type, an out-of-range valu
 path (each naming the key and the file it came from). Also the resolved-config dump and its hash.
 Tests: tests/unit/test_config.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
+
+from .fileio import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
@@ -29,19 +34,35 @@ class ConfigError(ValueError):
     """A configuration problem, with the key and the file it came from in the message."""
 
 
-def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-       input_path: bool = False, help: str = "", factory: Any = None) -> Any:
-    """A field with validation metadata: lo/hi bounds (inclusive), input_path (must exist if set)."""
-    meta = {"lo": lo, "hi": hi, "input_path": input_path, "help": help}
+def _f(
+    default: Any = dataclasses.MISSING,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    input_path: bool = False,
+    nonempty: bool = False,
+    result: bool = True,
+    help: str = "",
+    factory: Any = None,
+) -> Any:
+    """A field with validation metadata: lo/hi bounds (inclusive; for lists, of every item),
+    input_path (must exist if set), nonempty (a string or list that must not be empty), result
+    (False: how often to log or checkpoint, how many loader workers... such a knob never changes
+    what a stage computes, so it is left out of the stage hashes and changing it reruns nothing)."""
+    meta = {"lo": lo, "hi": hi, "input_path": input_path, "nonempty": nonempty, "result": result, "help": help}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
+# Backbones built in (slade_dist/models/backbones.py registers one constructor per name).
+BACKBONE_NAMES = ("resnet50", "resnet18", "tiny_cnn")
+
+
 # ----------------------------------------------------------------------------------------- schema
 @dataclass
 class RunConfig:
-    dir: str = _f("runs/demo", help="run directory: every stage writes under it")
+    dir: str = _f("runs/demo", nonempty=True, help="run directory: every stage writes under it")
     rounds: int = _f(2, lo=1, help="self-training rounds (embed -> cluster -> student)")
     round: int = _f(1, lo=1, help="round a per-round stage (embed/cluster/student) works on")
     seed: int = _f(0, lo=0)
@@ -50,6 +71,7 @@ class RunConfig:
 @dataclass
 class DemoConfig:
     """The procedural fine-grained demo dataset (python -m slade_dist demo-data)."""
+
     out: str = _f("shards/demo", help="where the demo shards go (train/ test/ unlabeled/)")
     image_size: int = _f(64, lo=16, hi=1024)
     train_classes: int = _f(40, lo=2)
@@ -73,17 +95,18 @@ class DataConfig:
     image_size: int = _f(224, lo=8, help="crop size fed to the model")
     resize_size: int = _f(256, lo=8, help="eval: shorter side before the center crop")
     crop_scale_min: float = _f(0.16, lo=0.01, hi=1.0)
-    num_workers: int = _f(2, lo=0)
+    num_workers: int = _f(2, lo=0, result=False)
     shuffle_buffer: int = _f(1000, lo=0)
     max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
-    pseudo_max_dist_percentile: float = _f(100.0, lo=0.0, hi=100.0,
-                                           help="drop pseudo-labeled samples farther from their centroid")
+    pseudo_max_dist_percentile: float = _f(
+        100.0, lo=0.0, hi=100.0, help="drop pseudo-labeled samples farther from their centroid"
+    )
     pseudo_min_cluster_size: int = _f(2, lo=1)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("resnet50", help="resnet50 | resnet18 | tiny_cnn | timm:<name>")
+    backbone: str = _f("resnet50", help=" | ".join(BACKBONE_NAMES) + " | timm:<name>")
     embed_dim: int = _f(128, lo=2)
     pretrained_path: str = _f("", input_path=True, help="local weights file; never downloaded")
     freeze_bn: bool = _f(True)
@@ -105,6 +128,7 @@ class LossConfig:
 @dataclass
 class PretrainConfig:
     """SwAV continued pre-training on labeled + unlabeled images (labels ignored)."""
+
     steps: int = _f(200, lo=0)
     batch_size: int = _f(64, lo=2)
     prototypes: int = _f(300, lo=2)
@@ -119,6 +143,7 @@ class PretrainConfig:
 @dataclass
 class TrainConfig:
     """Optimisation shared by the teacher and the student."""
+
     teacher_steps: int = _f(1000, lo=0)
     student_steps: int = _f(1000, lo=0)
     classes_per_batch: int = _f(8, lo=2, help="P of the labeled P x K batch")
@@ -134,9 +159,9 @@ class TrainConfig:
     grad_accum: int = _f(1, lo=1)
     precision: Literal["auto", "fp32", "bf16"] = _f("auto", help="auto: bf16 on GPU, fp32 on CPU")
     zero_stage: int = _f(0, lo=0, hi=3)
-    ckpt_every: int = _f(200, lo=1)
-    log_every: int = _f(10, lo=1)
-    eval_every: int = _f(0, lo=0, help="periodic eval during training (0: only at the end)")
+    ckpt_every: int = _f(200, lo=1, result=False)
+    log_every: int = _f(10, lo=1, result=False)
+    eval_every: int = _f(0, lo=0, result=False, help="periodic eval during training (0: only at the end)")
 
 
 @dataclass
@@ -167,28 +192,56 @@ class MiningConfig:
 @dataclass
 class PseudoConfig:
     """Embedding the unlabeled set and clustering it into pseudo labels."""
-    embed_batch_size: int = _f(256, lo=1)
+
+    embed_batch_size: int = _f(256, lo=1, result=False)
     k: int = _f(400, lo=2, help="number of k-means clusters")
     niter: int = _f(20, lo=1)
     max_points_per_centroid: int = _f(256, lo=1)
-    init: Literal["kmeans++", "random"] = _f("kmeans++")
+    init: Literal["auto", "kmeans++", "random"] = _f(
+        "auto",
+        help="k-means init; auto: kmeans++ up to kmeanspp_max_k centroids, random sample "
+        "points above (kmeans++ costs O(k^2) on one rank)",
+    )
+    kmeanspp_max_k: int = _f(2048, lo=1, hi=65536, help="init=auto uses kmeans++ up to this k")
     spherical: bool = _f(True)
     backend: Literal["auto", "faiss_gpu", "torch", "faiss_cpu"] = _f("auto")
     chunk_size: int = _f(65536, lo=1, help="points per assignment chunk (bounds memory)")
     seed: int = _f(0, lo=0)
     gpu_tf32: bool = _f(True, help="torch backend on CUDA: TF32 distance matmuls (~8x faster on Hopper)")
-    assign: Literal["exact", "ivf"] = _f("exact", help="ivf: two-level assignment for very large k "
-                                                     "(FAISS backends; see docs/SCALING.md)")
-    ivf_nlist: int = _f(0, lo=0, help="coarse lists of the ivf assignment (0: about 4 sqrt(k))")
-    ivf_nprobe: int = _f(16, lo=1, help="lists searched per point by the ivf assignment")
+    assign: Literal["auto", "exact", "ivf"] = _f(
+        "auto",
+        help="full assignment pass; ivf: through coarse lists (the two-level cells when "
+        "trained two-level; FAISS backends); auto: ivf after two-level training on a "
+        "FAISS backend where it computes >= 8x fewer distances, else exact",
+    )
+    ivf_nlist: int = _f(0, lo=0, help="coarse lists of the ivf assignment without two-level cells (0: about 4 sqrt(k))")
+    ivf_nprobe: int = _f(16, lo=1, hi=2048, help="lists (two-level cells) searched per point by the ivf assignment")
+    two_level: Literal["auto", "on", "off", True, False] = _f(
+        "auto",
+        help="two-level k-means: ~sqrt(k) coarse cells, then k-means inside each cell "
+        "(k shared by cell size); auto: on from two_level_min_k (true/false = on/off: "
+        "YAML reads a bare on/off as a boolean)",
+    )
+    two_level_min_k: int = _f(16384, lo=1, help="two_level=auto switches on from this k")
+    coarse_k: int = _f(0, lo=0, help="coarse cells of two-level k-means (0: round(sqrt(k)))")
+    two_level_refine_iters: int = _f(
+        4, lo=0, hi=100, help="Lloyd iterations over all k centroids after the cells (repair cell boundaries)"
+    )
+    ckpt_every_iters: int = _f(
+        5,
+        lo=0,
+        hi=10000,
+        result=False,
+        help="k-means checkpoint every this many Lloyd iterations (0: only when a stage ends)",
+    )
 
 
 @dataclass
 class EvalConfig:
     protocol: Literal["self", "query_gallery"] = _f("self")
-    recall_k: list[int] = _f(factory=lambda: [1, 2, 4, 8])
-    batch_size: int = _f(256, lo=1)
-    chunk_size: int = _f(8192, lo=1, help="query chunk of the exact kNN search")
+    recall_k: list[int] = _f(factory=lambda: [1, 2, 4, 8], lo=1, nonempty=True, help="K of the Recall@K columns")
+    batch_size: int = _f(256, lo=1, result=False)
+    chunk_size: int = _f(8192, lo=1, result=False, help="query chunk of the exact kNN search")
     nmi: bool = _f(True)
 
 
@@ -238,21 +291,24 @@ class Config:
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not f.name.startswith("_")}
+        return {
+            f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.name.startswith("_")
+        }
 
     def section_hash(self, sections: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
-        """Short stable hash of the named sections (+ extra facts): identifies a stage's work."""
+        """Short stable hash of the named sections (+ extra facts): identifies a stage's work.
+        Knobs marked result=False (logging, checkpoint cadence, workers) are left out."""
         d = self.to_dict()
-        payload = {s: d[s] for s in sections}
+        payload = {s: _results_only(d[s], getattr(self, s)) for s in sections}
         if extra:
             payload["_extra"] = dict(extra)
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def hash(self) -> str:
-        return self.section_hash([f.name for f in dataclasses.fields(self)
-                                  if not f.name.startswith("_") and f.name != "launch"])
+        return self.section_hash(
+            [f.name for f in dataclasses.fields(self) if not f.name.startswith("_") and f.name != "launch"]
+        )
 
     def source_of(self, key: str) -> str:
         return self._sources.get(key, "defaults")
@@ -262,8 +318,7 @@ class Config:
         for key in keys:
             value = self.get(key)
             if not value:
-                raise ConfigError(f"{key} must be set for this stage (set it in your run file or "
-                                  f"pass {key}=PATH)")
+                raise ConfigError(f"{key} must be set for this stage (set it in your run file or pass {key}=PATH)")
             if not Path(value).exists():
                 raise ConfigError(f"{key}: path {value!r} does not exist (from {self.source_of(key)})")
 
@@ -278,12 +333,21 @@ class Config:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the resolved config (atomically) and return the path."""
-        from .fileio import atomic_write_text
-
         return atomic_write_text(path, f"# resolved slade_dist config, hash {self.hash()}\n" + self.dump_yaml())
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")]
+
+
+def _results_only(plain: Any, obj: Any) -> Any:
+    """`plain` (a section as a dict) without the fields of `obj` marked result=False."""
+    if not dataclasses.is_dataclass(obj):
+        return plain
+    return {
+        f.name: _results_only(plain[f.name], getattr(obj, f.name))
+        for f in dataclasses.fields(obj)
+        if f.metadata.get("result", True) and f.name in plain
+    }
 
 
 def _to_plain(obj: Any) -> Any:
@@ -318,8 +382,9 @@ def _suggest(key: str, candidates: Sequence[str]) -> str:
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
-def _merge(base: dict[str, Any], layer: Mapping[str, Any], source: str, sources: dict[str, str],
-           prefix: str = "") -> None:
+def _merge(
+    base: dict[str, Any], layer: Mapping[str, Any], source: str, sources: dict[str, str], prefix: str = ""
+) -> None:
     """Deep-merge `layer` into `base`, recording the source of every leaf it sets."""
     for k, v in layer.items():
         key = f"{prefix}{k}"
@@ -418,8 +483,7 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: str,
-           all_keys: Sequence[str]) -> Any:
+def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: str, all_keys: Sequence[str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     kwargs: dict[str, Any] = {}
@@ -430,21 +494,30 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
                 key = next(iter(_leaves(v, key + ".")), key)
             src = sources.get(key, "?")
             hint = _suggest(key, all_keys)
-            raise ConfigError(f"unknown config key {key!r} (from {src}). {hint}".rstrip()
-                              + (f"\nvalid keys in {prefix.rstrip('.') or 'the top level'}: "
-                                 f"{', '.join(sorted(prefix + n for n in names))}"))
+            raise ConfigError(
+                f"unknown config key {key!r} (from {src}). {hint}".rstrip()
+                + (
+                    f"\nvalid keys in {prefix.rstrip('.') or 'the top level'}: "
+                    f"{', '.join(sorted(prefix + n for n in names))}"
+                )
+            )
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, Mapping):
-                raise ConfigError(f"{key} (from {sources.get(key, '?')}) must be a mapping of "
-                                  f"{', '.join(valid_keys(tp))}, got {v!r}")
+                raise ConfigError(
+                    f"{key} (from {sources.get(key, '?')}) must be a mapping of {', '.join(valid_keys(tp))}, got {v!r}"
+                )
             kwargs[k] = _build(tp, v, sources, key + ".", all_keys)
             continue
         src = sources.get(key, "defaults")
         val = _check_type(v, tp, key, src)
         meta = names[k].metadata
         lo, hi = meta.get("lo"), meta.get("hi")
-        for item in (val if isinstance(val, list) else [val]):
+        if meta.get("nonempty") and (val == "" or val == []):
+            raise ConfigError(f"{key} (from {src}) must not be empty")
+        for item in val if isinstance(val, list) else [val]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key} (from {src}): {item!r} is not a finite number")
             if isinstance(item, (int, float)) and not isinstance(item, bool):
                 if lo is not None and item < lo:
                     raise ConfigError(f"{key} (from {src}): {item!r} is below the minimum {lo}")
@@ -452,6 +525,32 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
                     raise ConfigError(f"{key} (from {src}): {item!r} is above the maximum {hi}")
         kwargs[k] = val
     return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Checks that span a field's own type and range (run before any stage or job starts)."""
+    b = cfg.model.backbone
+    if b not in BACKBONE_NAMES and not (b.startswith("timm:") and len(b) > 5):
+        hint = _suggest(b, BACKBONE_NAMES)
+        raise ConfigError(
+            f"model.backbone (from {cfg.source_of('model.backbone')}): unknown backbone {b!r}; "
+            f"choose one of {', '.join(BACKBONE_NAMES)} or timm:<model name>. {hint}".rstrip()
+        )
+
+
+def _check_data_fits(cfg: Config) -> None:
+    """P of the labeled P x K batch needs at least P classes in data.train_shards/classes.json."""
+    classes = Path(cfg.data.train_shards) / "classes.json" if cfg.data.train_shards else None
+    if classes is None or not classes.is_file():
+        return
+    n = len(json.loads(classes.read_text()))
+    P = cfg.train.classes_per_batch
+    if P > n:
+        raise ConfigError(
+            f"train.classes_per_batch (from {cfg.source_of('train.classes_per_batch')}) = {P}, "
+            f"but {classes} lists only {n} classes: a P x K batch needs P distinct classes; "
+            f"set train.classes_per_batch <= {n}"
+        )
 
 
 def _check_paths(cfg: Config, obj: Any, prefix: str) -> None:
@@ -466,8 +565,13 @@ def _check_paths(cfg: Config, obj: Any, prefix: str) -> None:
             raise ConfigError(f"{key} (from {cfg.source_of(key)}): input path {v!r} does not exist")
 
 
-def load_config(run_file: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
-                *, defaults_file: str | os.PathLike[str] | None = None, check_paths: bool = True) -> Config:
+def load_config(
+    run_file: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    defaults_file: str | os.PathLike[str] | None = None,
+    check_paths: bool = True,
+) -> Config:
     """defaults.yaml -> run file -> key=value overrides, validated into a Config.
 
     Relative paths in configs resolve against the current directory (run from the repo root, as
@@ -489,8 +593,10 @@ def load_config(run_file: str | os.PathLike[str] | None = None, overrides: Seque
     all_keys = valid_keys()
     cfg = _build(Config, merged, sources, "", all_keys)
     cfg._sources = sources
+    _check_values(cfg)
     if check_paths:
         _check_paths(cfg, cfg, "")
+        _check_data_fits(cfg)
     return cfg
 
 

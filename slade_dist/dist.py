@@ -8,6 +8,7 @@ Tests: tests/unit/test_dist.py (env detection from real env dicts, ports, a take
 single-process no-ops), tests/integration/test_dist_multiproc.py (2 real gloo processes) and
 test_slurm.py (2-node jobs, a failing rank ending its job).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -16,18 +17,38 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 __all__ = [
-    "DistEnv", "detect_env", "init_distributed", "shutdown", "is_dist", "rank", "world_size",
-    "local_rank", "is_main", "device", "barrier", "all_reduce_sum", "all_gather_cat",
-    "all_gather_object", "broadcast_object", "print0", "get_logger", "find_free_port",
-    "expand_slurm_nodelist", "export_submitit_env", "run_local_processes", "shard_slice",
-    "set_default_accelerator", "job_master_port", "MASTER_PORT_ENV",
+    "DistEnv",
+    "detect_env",
+    "init_distributed",
+    "shutdown",
+    "is_dist",
+    "rank",
+    "world_size",
+    "local_rank",
+    "is_main",
+    "device",
+    "barrier",
+    "all_reduce_sum",
+    "all_gather_cat",
+    "all_gather_object",
+    "broadcast_object",
+    "print0",
+    "get_logger",
+    "find_free_port",
+    "expand_slurm_nodelist",
+    "run_local_processes",
+    "shard_slice",
+    "set_default_accelerator",
+    "job_master_port",
+    "MASTER_PORT_ENV",
 ]
 
 # The rendezvous port of a cluster job, when the user does not choose one. Every task derives it alone
@@ -111,42 +132,36 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         local_world = _int(env, "LOCAL_WORLD_SIZE", world)
         rank_ = _int(env, "RANK", 0)
         return DistEnv(
-            rank=rank_, world_size=world, local_rank=_int(env, "LOCAL_RANK", 0),
-            local_world_size=local_world, node_rank=_int(env, "GROUP_RANK", rank_ // max(local_world, 1)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT", 29500),
-            source="torchrun")
+            rank=rank_,
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            local_world_size=local_world,
+            node_rank=_int(env, "GROUP_RANK", rank_ // max(local_world, 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", 29500),
+            source="torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         job_id = _int(env, "SLURM_JOB_ID", 0)
         return DistEnv(
-            rank=_int(env, "SLURM_PROCID", 0), world_size=_int(env, "SLURM_NTASKS", 1),
+            rank=_int(env, "SLURM_PROCID", 0),
+            world_size=_int(env, "SLURM_NTASKS", 1),
             local_rank=_int(env, "SLURM_LOCALID", 0),
             local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", _int(env, "SLURM_STEP_TASKS_PER_NODE", 1)),
-            node_rank=_int(env, "SLURM_NODEID", 0), master_addr=env.get("MASTER_ADDR", nodes[0]),
+            node_rank=_int(env, "SLURM_NODEID", 0),
+            master_addr=env.get("MASTER_ADDR", nodes[0]),
             # same port on every task of the job without any communication
-            master_port=_int(env, "MASTER_PORT", job_master_port(job_id, env)), source="slurm")
+            master_port=_int(env, "MASTER_PORT", job_master_port(job_id, env)),
+            source="slurm",
+        )
     return DistEnv()
-
-
-def export_submitit_env() -> None:
-    """Inside a submitit task: export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.
-
-    set_cuda_visible_devices=False: DeepSpeed picks the GPU by LOCAL_RANK; pinning would break that.
-    """
-    import submitit  # only here: the trainer never imports submitit
-
-    # Inside a submitit task the job environment is the truth: overwrite=True replaces values left by
-    # an earlier stage run in this same process (--cluster debug runs jobs in-process). submitit reads
-    # MASTER_PORT as given; unset it would pick one in the ephemeral range (see job_master_port).
-    os.environ["MASTER_PORT"] = str(job_master_port(submitit.JobEnvironment().job_id))
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 _ENV: DistEnv = DistEnv()
 
 
-def init_distributed(backend: str | None = None, env: DistEnv | None = None,
-                     timeout_s: float = 1800.0) -> DistEnv:
+def init_distributed(backend: str | None = None, env: DistEnv | None = None, timeout_s: float = 1800.0) -> DistEnv:
     """Initialise torch.distributed for this process (idempotent). A single process inits nothing.
 
     The variables torch (and DeepSpeed) read are written back so both agree with what we detected.
@@ -156,9 +171,14 @@ def init_distributed(backend: str | None = None, env: DistEnv | None = None,
     _ENV = env
     if not env.distributed or tdist.is_initialized():
         return env
-    written = {"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
-               "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
-               "MASTER_PORT": str(env.master_port)}
+    written = {
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.local_world_size),
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+    }
     before = {key: os.environ.get(key) for key in written}
     os.environ.update(written)
     if backend is None:
@@ -166,8 +186,9 @@ def init_distributed(backend: str | None = None, env: DistEnv | None = None,
     try:
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank % max(torch.cuda.device_count(), 1))
-        tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                 timeout=datetime.timedelta(seconds=timeout_s))
+        tdist.init_process_group(
+            backend=backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     except Exception as e:
         # leave nothing half-set: a later detect_env() in this process would read RANK/WORLD_SIZE and
         # wait for ranks that do not exist
@@ -178,7 +199,8 @@ def init_distributed(backend: str | None = None, env: DistEnv | None = None,
                 f"rank {env.rank}: the rendezvous port {env.master_addr}:{env.master_port} is already in "
                 f"use on this node, so the process group cannot start. A cluster job takes its port from its "
                 f"job id: resubmit (a new id gives a new port), or set {MASTER_PORT_ENV} to a port free on "
-                f"every node; a torchrun-style start reads MASTER_PORT.") from e
+                f"every node; a torchrun-style start reads MASTER_PORT."
+            ) from e
         raise
     return env
 
@@ -227,6 +249,15 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def faiss_gpu_count() -> int:
+    """GPUs FAISS can use here (0 with faiss-cpu, or without faiss at all)."""
+    try:
+        import faiss  # lazily: importing slade_dist must not require faiss
+    except ImportError:
+        return 0
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
 def barrier() -> None:
@@ -334,16 +365,26 @@ def shard_slice(items: Sequence[Any], rank_: int | None = None, world: int | Non
     return list(items[r::w])
 
 
-def _local_worker(rank_: int, fn: Callable[..., Any], world: int, port: int, args: tuple,
-                  extra_env: dict[str, str]) -> None:
+def _local_worker(
+    rank_: int, fn: Callable[..., Any], world: int, port: int, args: tuple, extra_env: dict[str, str]
+) -> None:
     os.environ.update(extra_env)
-    os.environ.update({"RANK": str(rank_), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank_),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank_),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank_),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     fn(*args)
 
 
-def run_local_processes(fn: Callable[..., Any], world: int, args: tuple = (),
-                        extra_env: Mapping[str, str] | None = None) -> None:
+def run_local_processes(
+    fn: Callable[..., Any], world: int, args: tuple = (), extra_env: Mapping[str, str] | None = None
+) -> None:
     """Run fn(*args) in `world` fresh processes on this machine with torchrun-style env set.
 
     `fn` must be importable (module level). Raises if any process fails. Used by tests and by the
@@ -352,5 +393,10 @@ def run_local_processes(fn: Callable[..., Any], world: int, args: tuple = (),
     import torch.multiprocessing as mp
 
     port = find_free_port()
-    mp.start_processes(_local_worker, args=(fn, world, port, tuple(args), dict(extra_env or {})),
-                       nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(
+        _local_worker,
+        args=(fn, world, port, tuple(args), dict(extra_env or {})),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )

@@ -27,6 +27,7 @@ Definitions (identical to pytorch-metric-learning 2.x defaults):
 - Contrastive: d = L2 distance of normalised embeddings, pos terms relu(d - m_pos), neg terms
   relu(m_neg - d); loss = mean of the non-zero pos terms + mean of the non-zero neg terms.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,9 +55,15 @@ def _zero_loss(emb: torch.Tensor) -> torch.Tensor:
     return (emb * 0.0).sum()
 
 
-def pair_masks(n_anchor: int, n_cand: int, labels: torch.Tensor | None, cand_labels: torch.Tensor | None,
-               pos_pairs: torch.Tensor | None, neg_pairs: torch.Tensor | None,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_masks(
+    n_anchor: int,
+    n_cand: int,
+    labels: torch.Tensor | None,
+    cand_labels: torch.Tensor | None,
+    pos_pairs: torch.Tensor | None,
+    neg_pairs: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_anchor, n_cand) boolean masks of positive / negative pairs. Candidates 0..n_anchor-1
     are the anchors themselves (so the diagonal is the a == b pair, always excluded)."""
     eye = torch.zeros(n_anchor, n_cand, dtype=torch.bool, device=device)
@@ -85,9 +92,16 @@ def pair_masks(n_anchor: int, n_cand: int, labels: torch.Tensor | None, cand_lab
 class PairLoss(nn.Module):
     """Shared plumbing: normalise, build the candidate set and the pair masks, call `_loss`."""
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor | None = None, *,
-                pos_pairs: torch.Tensor | None = None, neg_pairs: torch.Tensor | None = None,
-                ref_emb: torch.Tensor | None = None, ref_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        emb: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        pos_pairs: torch.Tensor | None = None,
+        neg_pairs: torch.Tensor | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if emb.dim() != 2:
             raise ValueError(f"embeddings must be (B, D), got {tuple(emb.shape)}")
         emb_n = F.normalize(_as_float(emb), dim=1)
@@ -109,8 +123,9 @@ class PairLoss(nn.Module):
             sim = emb_n @ cand.t()
             return self._loss(emb, sim, pos, neg, explicit)
 
-    def _loss(self, emb: torch.Tensor, sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-              explicit: bool) -> torch.Tensor:
+    def _loss(
+        self, emb: torch.Tensor, sim: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, explicit: bool
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -122,8 +137,15 @@ def _masked_logsumexp1(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MultiSimilarityLoss(PairLoss):
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1,
-                 mine: bool = True, mine_explicit: bool = False) -> None:
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        mine: bool = True,
+        mine_explicit: bool = False,
+    ) -> None:
         super().__init__()
         self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
         self.mine, self.mine_explicit = mine, mine_explicit
@@ -162,8 +184,10 @@ class ContrastiveLoss(PairLoss):
         sq = (2.0 - 2.0 * sim).clamp_min(0.0)
         positive = sq > 0
         d = torch.where(positive, torch.sqrt(torch.where(positive, sq, torch.ones_like(sq))), torch.zeros_like(sq))
-        parts = [self._nonzero_mean(F.relu(d[pos] - self.pos_margin)),
-                 self._nonzero_mean(F.relu(self.neg_margin - d[neg]))]
+        parts = [
+            self._nonzero_mean(F.relu(d[pos] - self.pos_margin)),
+            self._nonzero_mean(F.relu(self.neg_margin - d[neg])),
+        ]
         parts = [p for p in parts if p is not None]
         if not parts:
             return _zero_loss(emb)
@@ -199,7 +223,7 @@ def cross_rank_loss(loss_fn: PairLoss, emb: torch.Tensor, labels: torch.Tensor) 
     all_emb = dist.all_gather_cat(emb)
     all_labels = dist.all_gather_cat(labels.view(-1).to(emb.device))
     start = sum(sizes[: dist.rank()])
-    glob = torch.cat([all_emb[:start], emb, all_emb[start + emb.shape[0]:]])
+    glob = torch.cat([all_emb[:start], emb, all_emb[start + emb.shape[0] :]])
     loss = loss_fn(glob, all_labels)
     # value = loss, gradient = world * d loss (see docstring)
     return loss + (world - 1) * (loss - loss.detach())

@@ -1,44 +1,65 @@
-"""Stage registry, run-directory layout, DONE markers and the round loop.
+"""Stage registry, run-directory layout, the identity of a stage's work and its DONE markers.
 
-Owns: which stages exist and where each reads/writes (`RunLayout`), the config sections whose
-hash identifies a stage's work, `DONE.json` (a stage whose marker matches its hash is skipped;
-`force=True` reruns it), and running the whole chain in one process (`run_pipeline`).
-A stage is a plain function `run(cfg, run_dir) -> dict` (counts/timings for DONE.json) in its own
-module, imported lazily so one missing stage never breaks the others.
-Tests: tests/unit/test_stages.py.
+Owns: which stages exist and where each reads/writes (`RunLayout`), the identity of a stage's
+work (`stage_id`: the hash of the config sections it depends on and the content ids of what it
+reads: shard dirs, model files, upstream stages' ids), `DONE.json` (a stage whose marker matches
+both is done; a changed config or input makes it, and so everything downstream, run again) and
+the chain plan. A stage is a plain function `run(cfg, run_dir) -> dict` (counts/timings for
+DONE.json) in its own module, named here by "module:function" and imported only when it runs, so
+the launcher plans and checks a chain without importing torch. Trainer stages also take
+`evaluate`, the periodic evaluator their entry names (handed in, so train/ never imports eval/).
+Running stages is runner.py. Tests: tests/unit/test_stages.py.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from . import dist
 from .config import Config
 from .fileio import atomic_write_json
+from .provenance import MISSING, combine, file_id, shard_dir_id
 
 # The sections a stage's result depends on are cumulative along the chain: changing the teacher's
 # loss invalidates everything downstream, changing eval.* reruns only eval.
-_CHAIN_SECTIONS = ["run_seed", "data", "model", "pretrain", "train", "loss", "pseudo", "student",
-                   "basis", "mining", "eval"]
+_CHAIN_SECTIONS = [
+    "run_seed",
+    "data",
+    "model",
+    "pretrain",
+    "train",
+    "loss",
+    "pseudo",
+    "student",
+    "basis",
+    "mining",
+    "eval",
+]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    target: str                 # "module:function"
-    sections: tuple[str, ...]   # config sections its result depends on
-    per_round: bool             # lives under round<r>/ and depends on run.round
-    requires: tuple[str, ...]   # config keys that must name existing inputs
+    target: str  # "module:function"
+    sections: tuple[str, ...]  # config sections its result depends on
+    per_round: bool  # lives under round<r>/ and depends on run.round
+    requires: tuple[str, ...]  # config keys that must name existing inputs
     help: str
+    evaluator: str = ""  # "module:function" building the periodic evaluator (trainers)
 
-    def load(self) -> Callable[[Config, Path], dict[str, Any]]:
-        module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
+    def load(self) -> Callable[..., dict[str, Any]]:
+        return _load_target(self.target)
+
+    def kwargs(self, cfg: Config) -> dict[str, Any]:
+        """Extra arguments of this stage's function (the periodic evaluator of a trainer)."""
+        return {"evaluate": _load_target(self.evaluator)(cfg)} if self.evaluator else {}
 
     def available(self) -> bool:
         try:
@@ -48,26 +69,72 @@ class Stage:
             return False
 
 
+def _load_target(target: str) -> Callable[..., Any]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def _upto(last: str) -> tuple[str, ...]:
     return tuple(_CHAIN_SECTIONS[: _CHAIN_SECTIONS.index(last) + 1])
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("pretrain", "slade_dist.train.pretrain:run", _upto("pretrain"), False,
-          ("data.train_shards", "data.unlabeled_shards"),
-          "SwAV self-supervised training on labeled + unlabeled images (labels ignored)"),
-    Stage("teacher", "slade_dist.train.teacher:run", _upto("loss"), False, ("data.train_shards",),
-          "ranking loss (MS / contrastive) on labeled P x K batches"),
-    Stage("embed", "slade_dist.pseudo.embed:run", _upto("pseudo"), True, ("data.unlabeled_shards",),
-          "teacher embeddings of every unlabeled image, one file pair per shard"),
-    Stage("cluster", "slade_dist.pseudo.cluster:run", _upto("pseudo"), True, ("data.unlabeled_shards",),
-          "distributed k-means on the embeddings -> pseudo-label shards"),
-    Stage("student", "slade_dist.train.student:run", _upto("mining"), True,
-          ("data.train_shards", "data.unlabeled_shards"),
-          "labels + pseudo labels, feature basis, high-confidence pair mining"),
-    Stage("eval", "slade_dist.eval.stage:run", _upto("eval"), False, (),
-          "Recall@K, P@1, R-Precision, MAP@R, NMI of the final model on the test split"),
-]}
+_PERIODIC_EVAL = "slade_dist.eval.stage:periodic_evaluator"
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "pretrain",
+            "slade_dist.train.pretrain:run",
+            _upto("pretrain"),
+            False,
+            ("data.train_shards", "data.unlabeled_shards"),
+            "SwAV self-supervised training on labeled + unlabeled images (labels ignored)",
+        ),
+        Stage(
+            "teacher",
+            "slade_dist.train.teacher:run",
+            _upto("loss"),
+            False,
+            ("data.train_shards",),
+            "ranking loss (MS / contrastive) on labeled P x K batches",
+            _PERIODIC_EVAL,
+        ),
+        Stage(
+            "embed",
+            "slade_dist.pseudo.embed:run",
+            _upto("pseudo"),
+            True,
+            ("data.unlabeled_shards",),
+            "teacher embeddings of every unlabeled image, one file pair per shard",
+        ),
+        Stage(
+            "cluster",
+            "slade_dist.pseudo.cluster:run",
+            _upto("pseudo"),
+            True,
+            ("data.unlabeled_shards",),
+            "distributed k-means on the embeddings -> pseudo-label shards",
+        ),
+        Stage(
+            "student",
+            "slade_dist.train.student:run",
+            _upto("mining"),
+            True,
+            ("data.train_shards", "data.unlabeled_shards"),
+            "labels + pseudo labels, feature basis, high-confidence pair mining",
+            _PERIODIC_EVAL,
+        ),
+        Stage(
+            "eval",
+            "slade_dist.eval.stage:run",
+            _upto("eval"),
+            False,
+            (),
+            "Recall@K, P@1, R-Precision, MAP@R, NMI of the final model on the test split",
+        ),
+    ]
+}
 
 
 class RunLayout:
@@ -125,6 +192,56 @@ def stage_hash(cfg: Config, stage: str) -> str:
     return cfg.section_hash(sections, extra)
 
 
+def data_keys(cfg: Config, stage: str) -> tuple[str, ...]:
+    """The config keys naming the shard dirs `stage` reads."""
+    if stage == "eval":
+        return (
+            ("data.query_shards", "data.gallery_shards")
+            if cfg.eval.protocol == "query_gallery"
+            else ("data.test_shards",)
+        )
+    return STAGES[stage].requires
+
+
+def _upstream_id(layout: RunLayout, stage: str, round_: int) -> str:
+    marker = read_done(layout.done_file(stage, round_))
+    return str(marker.get("stage_id", MISSING)) if marker else MISSING
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
+    """Content ids of everything `stage` reads: shard dirs, model files, upstream stage outputs.
+
+    A stage reruns when one changes (and so does everything downstream, whose inputs then change).
+    """
+    layout = RunLayout(cfg.run.dir)
+    r = cfg.run.round
+    ids = {key: shard_dir_id(cfg.get(key)) for key in data_keys(cfg, stage)}
+    pretrained = layout.stage_dir("pretrain") / "final.pt"
+    if stage == "pretrain":
+        ids["model.pretrained_path"] = file_id(cfg.model.pretrained_path)
+    elif stage == "teacher":
+        ids["init"] = file_id(pretrained) if pretrained.exists() else file_id(cfg.model.pretrained_path)
+    elif stage == "embed":
+        ids["teacher"] = file_id(layout.teacher_weights(r))
+    elif stage == "cluster":
+        ids["embed"] = _upstream_id(layout, "embed", r)
+    elif stage == "student":
+        ids["cluster"] = _upstream_id(layout, "cluster", r)
+        ids["init"] = file_id(layout.teacher_weights(r) if cfg.student.init == "teacher" else pretrained)
+    elif stage == "eval":
+        models = [layout.stage_dir("teacher") / "final.pt"]
+        models += [layout.stage_dir("student", i) / "final.pt" for i in range(1, cfg.run.rounds + 1)]
+        ids.update({f"model:{p.relative_to(layout.root)}": file_id(p) for p in models})
+    return ids
+
+
+def stage_id(cfg: Config, stage: str, inputs: dict[str, str] | None = None) -> str:
+    """The identity of a stage's work: its config hash and the ids of its inputs. Trainer
+    checkpoints carry it; a checkpoint of another id is never resumed."""
+    inputs = stage_inputs(cfg, stage) if inputs is None else inputs
+    return combine(stage_hash(cfg, stage), *(f"{k}={v}" for k, v in sorted(inputs.items())))
+
+
 def read_done(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -132,58 +249,49 @@ def read_done(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def why_not_done(cfg: Config, stage: str) -> str | None:
+    """None when the stage's DONE.json matches its config and inputs, else the reason it must run."""
+    marker = read_done(RunLayout(cfg.run.dir).done_file(stage, cfg.run.round))
+    if not marker:
+        return "no DONE.json"
+    if marker.get("config_hash") != stage_hash(cfg, stage):
+        return f"config changed (hash {marker.get('config_hash')} -> {stage_hash(cfg, stage)})"
+    now, then = stage_inputs(cfg, stage), marker.get("inputs", {})
+    changed = sorted(k for k in now if then.get(k) != now[k])
+    return f"inputs changed: {', '.join(changed)}" if changed else None
+
+
 def is_done(cfg: Config, stage: str) -> bool:
-    layout = RunLayout(cfg.run.dir)
-    marker = read_done(layout.done_file(stage, cfg.run.round))
-    return bool(marker) and marker.get("config_hash") == stage_hash(cfg, stage)
+    return why_not_done(cfg, stage) is None
 
 
-def write_done(cfg: Config, stage: str, result: dict[str, Any], seconds: float) -> Path:
+def write_done(
+    cfg: Config,
+    stage: str,
+    result: dict[str, Any],
+    seconds: float,
+    inputs: dict[str, str] | None = None,
+    world_size: int = 1,
+) -> Path:
     layout = RunLayout(cfg.run.dir)
-    body = {"stage": stage, "round": cfg.run.round if STAGES[stage].per_round else None,
-            "config_hash": stage_hash(cfg, stage), "seconds": round(seconds, 2),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": dist.world_size(),
-            "result": result}
+    inputs = stage_inputs(cfg, stage) if inputs is None else inputs
+    body = {
+        "stage": stage,
+        "round": cfg.run.round if STAGES[stage].per_round else None,
+        "config_hash": stage_hash(cfg, stage),
+        "inputs": inputs,
+        "stage_id": stage_id(cfg, stage, inputs),
+        "seconds": round(seconds, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "world_size": world_size,
+        "result": result,
+    }
     return atomic_write_json(layout.done_file(stage, cfg.run.round), body, indent=2)
 
 
-class StageNotAvailable(RuntimeError):
-    pass
-
-
-def run_stage(cfg: Config, stage: str, force: bool = False) -> dict[str, Any] | None:
-    """Run one stage in this process (all ranks call it). Returns its result, None when skipped.
-
-    Call dist.init_distributed() first for multi-process runs. Rank 0 writes config + DONE.json.
-    """
-    if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    st = STAGES[stage]
-    log = dist.get_logger()
-    if not force and is_done(cfg, stage):
-        log.info(f"[{stage}] DONE marker matches config hash {stage_hash(cfg, stage)}: skipped "
-                 f"(use --force to rerun)")
-        return None
-    try:
-        fn = st.load()
-    except (ImportError, AttributeError) as e:
-        raise StageNotAvailable(f"stage {stage!r} is not implemented yet ({e})") from e
-    cfg.require_inputs(*st.requires)
-    layout = RunLayout(cfg.run.dir)
-    out_dir = layout.stage_dir(stage, cfg.run.round)
-    if dist.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(layout.root / "config.yaml")
-        cfg.save(out_dir / "config.yaml")
-    dist.barrier()
-    t0 = time.time()
-    log.info(f"[{stage}{f' round {cfg.run.round}' if st.per_round else ''}] start -> {out_dir}")
-    result = fn(cfg, layout.root) or {}
-    dist.barrier()
-    if dist.is_main():
-        write_done(cfg, stage, result, time.time() - t0)
-    log.info(f"[{stage}] done in {time.time() - t0:.1f}s")
-    return result
+def with_round(cfg: Config, round_: int) -> Config:
+    """A copy of cfg for round `round_` of the chain."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, round=round_))
 
 
 def pipeline_plan(rounds: int) -> list[tuple[str, int]]:

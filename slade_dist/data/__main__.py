@@ -6,6 +6,7 @@
 
 Tests: tests/unit/test_writers.py (runs the CLI in a subprocess).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from .pseudo_join import check_zip
+from .readers import resolve_shards
+from .shards import INDEX_FILE, read_index
 from .writers import FORMATS, DatasetLayoutError, convert
 
 LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distributed):
@@ -33,18 +37,30 @@ Single-split formats write OUT/<prefix>-%06d.tar; re-running skips finished shar
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m slade_dist.data", description="slade_dist shard tools")
     sub = p.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write", help="convert a dataset into shards", epilog=LAYOUTS,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    w = sub.add_parser(
+        "write",
+        help="convert a dataset into shards",
+        epilog=LAYOUTS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     w.add_argument("--format", required=True, choices=FORMATS)
     w.add_argument("--root", required=True, help="dataset directory as distributed")
     w.add_argument("--out", required=True, help="output shard directory, e.g. shards/cub")
-    w.add_argument("--split", default="all", choices=["all", "train", "test", "query", "gallery", "unlabeled"],
-                   help="multi-split formats: which split to write (default all); single-split formats: "
-                        "the shard name prefix")
+    w.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "test", "query", "gallery", "unlabeled"],
+        help="multi-split formats: which split to write (default all); single-split formats: the shard name prefix",
+    )
     w.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
     w.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    w.add_argument("--resize", type=int, default=0, metavar="SHORTER_SIDE",
-                   help="shrink images whose shorter side is larger (re-encodes JPEG); 0 keeps bytes as is")
+    w.add_argument(
+        "--resize",
+        type=int,
+        default=0,
+        metavar="SHORTER_SIDE",
+        help="shrink images whose shorter side is larger (re-encodes JPEG); 0 keeps bytes as is",
+    )
     w.add_argument("--seed", type=int, default=0, help="seed of the fixed write order (default 0)")
     w.add_argument("--no-progress", action="store_true")
     ix = sub.add_parser("index", help="rebuild index.json of a shard directory from its tars")
@@ -61,23 +77,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "write":
             if args.workers < 1 or args.shard_size < 1 or args.resize < 0:
                 raise ValueError("--workers and --shard-size must be >= 1, --resize >= 0")
-            done = convert(args.format, args.root, args.out, split=args.split, shard_size=args.shard_size,
-                           workers=args.workers, resize=args.resize, seed=args.seed, progress=not args.no_progress)
+            done = convert(
+                args.format,
+                args.root,
+                args.out,
+                split=args.split,
+                shard_size=args.shard_size,
+                workers=args.workers,
+                resize=args.resize,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
             for split, idx in done.items():
-                print(f"{split}: {idx['total']} images in {len(idx['shards'])} shards, {idx.get('rejected', 0)} "
-                      f"rejected" + (f", {idx['num_classes']} classes" if "num_classes" in idx else ""))
+                print(
+                    f"{split}: {idx['total']} images in {len(idx['shards'])} shards, {idx.get('rejected', 0)} "
+                    f"rejected" + (f", {idx['num_classes']} classes" if "num_classes" in idx else "")
+                )
             return 0
         if args.cmd == "index":
-            from .shards import INDEX_FILE, read_index
-
             (Path(args.shard_dir) / INDEX_FILE).unlink(missing_ok=True)
             idx = read_index(args.shard_dir)
             print(json.dumps({"shards": len(idx["shards"]), "total": idx["total"], "kind": idx["kind"]}))
             return 0
         if args.cmd == "check-pseudo":
-            from .pseudo_labels import check_zip
-            from .readers import resolve_shards
-
             n = sum(check_zip(s, args.pseudo_dir) for s in resolve_shards(args.unlabeled_dir))
             print(f"ok: {n} pseudo-labeled samples zip with their image shards")
             return 0

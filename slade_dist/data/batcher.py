@@ -21,10 +21,12 @@ Behaviour, in order, after each incoming sample:
 So the buffer never holds more than `max_buffered` samples once `add` returns, and every batch
 holds exactly P distinct labels x K entries.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any
 
 Batch = list[tuple[Any, Hashable]]  # P*K (sample, label), grouped by label (K consecutive entries)
 
@@ -34,8 +36,9 @@ class PKBatcher:
         if P < 1 or K < 1:
             raise ValueError(f"P and K must be >= 1, got P={P} K={K}")
         if max_buffered < P * K:
-            raise ValueError(f"max_buffered={max_buffered} must be >= P*K={P * K}: a full batch must fit "
-                             f"(raise data.max_buffered)")
+            raise ValueError(
+                f"max_buffered={max_buffered} must be >= P*K={P * K}: a full batch must fit (raise data.max_buffered)"
+            )
         self.P, self.K, self.max_buffered = P, K, max_buffered
         self.min_distinct = max(1, min(min_distinct, K))
         self.rng = random.Random(seed)

@@ -5,7 +5,7 @@ attributes of a small bird-like object (body shape, head colour, number of wing 
 shape, eye side); classes share this attribute vocabulary, so what is learned on the labeled train
 classes transfers to the class-disjoint test classes, as on CUB. Nuisance variation per image:
 pose (rotation, mirror), scale, position, body-colour jitter, background colour and clutter,
-JPEG noise. Splits (formats of DESIGN.md "Data formats"):
+JPEG noise. Splits (formats of docs/ARCHITECTURE.md "Data formats"):
   train/      labeled, `cls` dense 0..T-1, few images per class
   test/       labeled, class-disjoint from train, `cls` dense 0..S-1
   unlabeled/  many images of train, test and extra unseen classes; the true class is only in
@@ -13,19 +13,22 @@ JPEG noise. Splits (formats of DESIGN.md "Data formats"):
 Each image's RNG is seeded by (seed, split, index), so shards are identical whatever the worker
 count. Tests: tests/unit/test_demo.py.
 """
+
 from __future__ import annotations
 
 import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from ..config import DemoConfig
 from .shards import encode_jpeg, read_index, shard_name, write_classes, write_index, write_shard
@@ -45,10 +48,15 @@ def class_table(cfg: DemoConfig) -> list[tuple[int, int, int, int, int]]:
     """Attribute tuples of all classes (train, then test, then extra), a seeded draw."""
     n = cfg.train_classes + cfg.test_classes + cfg.extra_classes
     if n > MAX_CLASSES:
-        raise ValueError(f"demo: {n} classes requested but the attribute space has {MAX_CLASSES}; "
-                         f"lower demo.train_classes/test_classes/extra_classes")
-    combos = list(itertools.product(range(len(BODY_SHAPES)), range(len(HEAD_COLOURS)), range(len(STRIPES)),
-                                    range(len(TAILS)), range(len(EYES))))
+        raise ValueError(
+            f"demo: {n} classes requested but the attribute space has {MAX_CLASSES}; "
+            f"lower demo.train_classes/test_classes/extra_classes"
+        )
+    combos = list(
+        itertools.product(
+            range(len(BODY_SHAPES)), range(len(HEAD_COLOURS)), range(len(STRIPES)), range(len(TAILS)), range(len(EYES))
+        )
+    )
     order = np.random.default_rng(cfg.seed).permutation(len(combos))[:n]
     return [combos[i] for i in order]
 
@@ -77,8 +85,9 @@ def render(attrs: tuple[int, ...], size: int, rng: np.random.Generator) -> Image
         if rng.random() < 0.5:
             draw.ellipse([x - r, y - r, x + r, y + r], fill=col)
         else:
-            draw.line([x, y, x + rng.uniform(-20, 20) * u, y + rng.uniform(-20, 20) * u], fill=col,
-                      width=max(1, int(u * 2)))
+            draw.line(
+                [x, y, x + rng.uniform(-20, 20) * u, y + rng.uniform(-20, 20) * u], fill=col, width=max(1, int(u * 2))
+            )
     scale = rng.uniform(0.7, 1.05) * u
     angle = rng.uniform(-0.5, 0.5)
     mirror = -1.0 if rng.random() < 0.5 else 1.0
@@ -100,7 +109,7 @@ def render(attrs: tuple[int, ...], size: int, rng: np.random.Generator) -> Image
         draw.polygon(pts([(-12, -2), (-30, 0), (-12, 2)]), fill=tuple(int(v) for v in body_col * 0.6))
     shape = BODY_SHAPES[body]
     rx, ry = {"ellipse": (16, 10), "round": (12, 12), "long": (20, 7), "diamond": (16, 11)}[shape]
-    outline = ([(-rx, 0), (0, -ry), (rx, 0), (0, ry)] if shape == "diamond" else ellipse_poly(0, 0, rx, ry))
+    outline = [(-rx, 0), (0, -ry), (rx, 0), (0, ry)] if shape == "diamond" else ellipse_poly(0, 0, rx, ry)
     draw.polygon(pts(outline), fill=tuple(int(v) for v in np.clip(body_col, 0, 255)))
     for k in range(STRIPES[stripes]):  # wing stripes: the finest detail
         x0 = -6 + 5 * k
@@ -130,15 +139,19 @@ def _split_of(cfg: DemoConfig, global_id: int) -> str:
     return "test" if global_id < cfg.train_classes + cfg.test_classes else "extra"
 
 
-def _samples(cfg: DemoConfig, split: str, start: int, stop: int, plan: list[int],
-             table: list[tuple[int, ...]]) -> Iterator[dict[str, Any]]:
+def _samples(
+    cfg: DemoConfig, split: str, start: int, stop: int, plan: list[int], table: list[tuple[int, ...]]
+) -> Iterator[dict[str, Any]]:
     split_id = SPLITS.index(split)
     offset = {"train": 0, "test": cfg.train_classes}.get(split, 0)
     for i in range(start, stop):
         gid = plan[i]
         rng = np.random.default_rng([cfg.seed, split_id, i])
         img = render(table[gid], cfg.image_size, rng)
-        sample: dict[str, Any] = {"__key__": f"{split}{i:07d}", "jpg": encode_jpeg(img, quality=int(rng.integers(75, 95)))}
+        sample: dict[str, Any] = {
+            "__key__": f"{split}{i:07d}",
+            "jpg": encode_jpeg(img, quality=int(rng.integers(75, 95))),
+        }
         meta = {"source": "demo", "class_name": class_name(table[gid])}
         if split == "unlabeled":  # hidden truth: only for purity/NMI, never trained on
             meta.update(label=gid, split=_split_of(cfg, gid))
@@ -187,11 +200,16 @@ def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dic
         write_index(out / split, results[split], "unlabeled" if split == "unlabeled" else "labeled", **extra)
     t = cfg.train_classes
     write_classes(out / "train", [class_name(a) for a in table[:t]])
-    write_classes(out / "test", [class_name(a) for a in table[t:t + cfg.test_classes]])
+    write_classes(out / "test", [class_name(a) for a in table[t : t + cfg.test_classes]])
     total = sum(r["count"] for rs in results.values() for r in rs)
-    return {"skipped": False, "out": str(out), "images": total, "seconds": round(seconds, 2),
-            "images_per_minute": round(total / max(seconds, 1e-9) * 60),
-            "counts": {s: sum(r["count"] for r in rs) for s, rs in results.items()}}
+    return {
+        "skipped": False,
+        "out": str(out),
+        "images": total,
+        "seconds": round(seconds, 2),
+        "images_per_minute": round(total / max(seconds, 1e-9) * 60),
+        "counts": {s: sum(r["count"] for r in rs) for s, rs in results.items()},
+    }
 
 
 def _already_written(out: Path, params: dict[str, Any]) -> bool:
@@ -209,5 +227,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
     return tqdm(total=total, desc="demo shards", unit="shard")

@@ -10,111 +10,68 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
   DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
   ranks x workers (idle readers yield nothing).
 plus `iter_shard` for one shard. Sharding is done here (not by webdataset's nodesplitter /
-split_by_node, which read the env and raise or double-read with few shards; stack_notes).
-Tar members are parsed by webdataset's own tar iterator and key rule (`base_plus_ext`).
+split_by_node, which read the env and raise or double-read with few shards).
+Tar members are parsed in tars.py (webdataset's own tar iterator and key rule).
 A corrupt image, a sample without an image, or a truncated tar is skipped and counted ("skipped" in
 every batch: total so far over this rank's workers), never a crash.
 Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
 """
+
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import random
-import tarfile
-import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from .. import dist
 from .batcher import PKBatcher
-from .pseudo_labels import (cluster_thresholds, keep_sample, pseudo_label_path, read_pseudo_labels,
-                            zip_pseudo_labels)
-from .shards import read_index, shard_paths
-from .transforms import (IMAGE_EXTS, CorruptImage, decode, eval_geometry, eval_resize_for,
-                         normalize_batch, train_geometry)
+from .pseudo_join import cluster_thresholds, keep_sample, zip_pseudo_labels
+from .pseudo_labels import PseudoLabelMismatch, pseudo_label_path, read_pseudo_labels
+from .shards import index_counts, read_index, shard_paths
+from .tars import TarSamples, image_bytes, sample_cls, sample_meta
+from .transforms import CorruptImage, decode, eval_geometry, eval_resize_for, normalize_batch, train_geometry
 
-__all__ = ["labeled_batches", "pseudo_labeled_batches", "finite_batches", "iter_shard", "TarSamples",
-           "BatchStream", "rank_shards", "resolve_shards"]
+# a training stream that has decoded nothing after this many images stops with a clear error
+# instead of waiting forever for a batch (every labeled image corrupt)
+ALL_CORRUPT_AFTER = 256
 
-
-# ------------------------------------------------------------------------------------ one tar
-class TarSamples:
-    """Samples of one tar in order ({"__key__", member ext: bytes}); a truncated/unreadable tar ends
-    the iteration early with `truncated` set (its partial last sample is dropped)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.truncated = False
-        self.error = ""
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        cur: dict[str, Any] | None = None
-        try:
-            with open(self.path, "rb") as f:
-                for member in tar_file_iterator(f):
-                    prefix, suffix = base_plus_ext(member["fname"])
-                    if prefix is None:
-                        continue
-                    if cur is not None and cur["__key__"] != prefix:
-                        yield cur
-                        cur = None
-                    if cur is None:
-                        cur = {"__key__": prefix}
-                    cur[suffix.lower()] = member["data"]
-        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error) as e:
-            self.truncated = True
-            self.error = f"{type(e).__name__}: {str(e)[:200]}"
-            return
-        if cur is not None:
-            yield cur
-
-
-def image_bytes(sample: dict[str, Any]) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise CorruptImage(f"sample {sample.get('__key__')!r} has no image member ({'/'.join(IMAGE_EXTS)})")
-
-
-def sample_cls(sample: dict[str, Any]) -> int:
-    """The `cls` member as int; -1 when absent or unparsable (unlabeled data)."""
-    raw = sample.get("cls")
-    if raw is None:
-        return -1
-    try:
-        return int(raw.decode() if isinstance(raw, bytes) else raw)
-    except ValueError:
-        return -1
-
-
-def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
-    raw = sample.get("json")
-    if raw is None:
-        return {}
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {"value": meta}
+__all__ = [
+    "labeled_batches",
+    "pseudo_labeled_batches",
+    "finite_batches",
+    "iter_shard",
+    "BatchStream",
+    "rank_shards",
+    "resolve_shards",
+]
 
 
 class _ShardIter:
-    """Iterator of (key, image, cls, meta) over one shard; counts what it skips in `skipped`."""
+    """Iterator of (key, image, cls, meta) over one shard; counts undecodable samples in `corrupt`
+    and, for a truncated tar, the samples it lost in `lost` (its index count minus those met, or 1
+    when the count is not known)."""
 
-    def __init__(self, path: str | os.PathLike[str], transform: Callable | None) -> None:
+    def __init__(self, path: str | os.PathLike[str], transform: Callable | None, expected: int | None = None) -> None:
         self.tar = TarSamples(path)
         self.transform = transform
-        self.skipped = 0
+        self.expected = expected
+        self.corrupt = 0
+        self.lost = 0
+        self.seen = 0
         self._gen: Iterator[tuple[str, Any, int, dict[str, Any]]] | None = None
 
-    def __iter__(self) -> "_ShardIter":
+    @property
+    def skipped(self) -> int:
+        return self.corrupt + self.lost
+
+    def __iter__(self) -> _ShardIter:
         return self
 
     def __next__(self) -> tuple[str, Any, int, dict[str, Any]]:
@@ -124,20 +81,30 @@ class _ShardIter:
 
     def _rows(self) -> Iterator[tuple[str, Any, int, dict[str, Any]]]:
         for s in self.tar:
+            self.seen += 1
             try:
                 img = decode(image_bytes(s))
             except CorruptImage:
-                self.skipped += 1
+                self.corrupt += 1
                 continue
             yield s["__key__"], (self.transform(img) if self.transform else img), sample_cls(s), sample_meta(s)
-        if self.tar.truncated:
-            self.skipped += 1
+        self.lost = lost_to_truncation(self.expected, self.seen, self.tar.truncated)
 
 
-def iter_shard(path: str | os.PathLike[str], transform: Callable | None = None) -> _ShardIter:
+def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) -> int:
+    """Samples a tar lost: its index count minus those read (a tar that ends cleanly on a member
+    boundary is still short of its count), at least 1 for a tar that broke off."""
+    short = max((expected or 0) - seen, 0)
+    return max(short, 1) if truncated else short
+
+
+def iter_shard(
+    path: str | os.PathLike[str], transform: Callable | None = None, expected: int | None = None
+) -> _ShardIter:
     """(key, image, cls, meta) for one shard in order; image is a uint8 (3,H,W) tensor when transform
-    is None, else transform(that tensor). `.skipped` counts corrupt samples (+1 for a truncated tar)."""
-    return _ShardIter(path, transform)
+    is None, else transform(that tensor). `.corrupt` counts undecodable samples, `.lost` the samples
+    a truncated tar lost (`expected` = its index count), `.skipped` both."""
+    return _ShardIter(path, transform, expected)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -178,26 +145,40 @@ def _shuffle(stream: Iterable[Any], bufsize: int, rng: random.Random) -> Iterato
 
 
 class BatchStream:
-    """Main-process side of a DataLoader: folds each worker's running skip count into one total.
+    """Main-process side of a DataLoader: folds each worker's running counts into totals.
 
-    Workers send {"worker": id, "skipped": n, ...}; batches with images=None only carry counts.
+    Workers send {"worker": id, "skipped": n, "counts": {"corrupt": .., "lost": ..}, ...} (running
+    totals of that worker); batches with images=None only carry counts.
     """
 
     def __init__(self, loader: Iterable[dict[str, Any]] | None) -> None:
         self._it = iter(loader) if loader is not None else iter(())
         self._skips: dict[int, int] = {}
+        self._counts: dict[int, dict[str, int]] = {}
 
     @property
     def skipped(self) -> int:
         return sum(self._skips.values())
 
-    def __iter__(self) -> "BatchStream":
+    @property
+    def counts(self) -> dict[str, int]:
+        """What was left out so far, by cause: corrupt (undecodable) and lost (truncated tars)."""
+        out = {"corrupt": 0, "lost": 0}
+        for c in self._counts.values():
+            for k, v in c.items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
+    def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
         while True:
             b = next(self._it)
-            self._skips[b.pop("worker")] = b["skipped"]
+            wid = b.pop("worker")
+            self._skips[wid] = b["skipped"]
+            if "counts" in b:
+                self._counts[wid] = b.pop("counts")
             b["skipped"] = self.skipped
             if b.get("images") is not None:
                 return b
@@ -207,9 +188,22 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     # fork explicitly: under a spawn-started rank (torch.multiprocessing, submitit) the inherited
     # default would re-import torch in every worker (~10 s each). Workers never touch CUDA.
     ctx = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, multiprocessing_context=ctx,
-                      pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        multiprocessing_context=ctx,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def _counted(samples: Iterable[dict[str, Any]], seen: list[int]) -> Iterator[dict[str, Any]]:
+    """Pass samples through, counting them in seen[0] (the zip hides how many the tar held)."""
+    for s in samples:
+        seen[0] += 1
+        yield s
 
 
 def _seed_for(*parts: Any) -> int:
@@ -220,12 +214,25 @@ def _seed_for(*parts: Any) -> int:
 class _ResampledPK(IterableDataset):
     """Infinite P x K batches from randomly drawn shards (labels: `cls`, or pseudo labels)."""
 
-    def __init__(self, shards: list[Path], P: int, K: int, geometry: Callable, max_buffered: int,
-                 shuffle_buffer: int, seed: int, rank: int, pl_paths: list[Path] | None = None,
-                 thresholds: np.ndarray | None = None, max_samples_without_batch: int = 0) -> None:
+    def __init__(
+        self,
+        shards: list[Path],
+        P: int,
+        K: int,
+        geometry: Callable,
+        max_buffered: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        pl_paths: list[Path] | None = None,
+        thresholds: np.ndarray | None = None,
+        max_samples_without_batch: int = 0,
+        expected: Sequence[int | None] | None = None,
+    ) -> None:
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.P, self.K, self.geometry = shards, P, K, geometry
+        self.expected = list(expected) if expected is not None else [None] * len(shards)
         self.max_buffered, self.shuffle_buffer, self.seed, self.rank = max_buffered, shuffle_buffer, seed, rank
         self.pl_paths, self.thresholds = pl_paths, thresholds
         self.max_without_batch = max_samples_without_batch or max(50 * max_buffered, 100_000)
@@ -238,6 +245,7 @@ class _ResampledPK(IterableDataset):
         batcher = PKBatcher(self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31))
         self.skipped = 0
         self._since_batch = 0
+        self._decoded, self._undecodable = 0, 0
         samples = self._pseudo_samples(rng) if self.pl_paths is not None else self._class_samples(rng)
         for batch in batcher(_shuffle(samples, self.shuffle_buffer, rng)):
             self._since_batch = 0
@@ -256,20 +264,22 @@ class _ResampledPK(IterableDataset):
             raise RuntimeError(
                 f"read {self._since_batch} samples without completing one P x K batch (P={self.P}, K={self.K}) "
                 f"from {len(self.shards)} shards: fewer than P labels with >= 2 samples? Lower P, or check "
-                f"the pseudo-label filters (pseudo_min_cluster_size, pseudo_max_dist_percentile)")
+                f"the pseudo-label filters (pseudo_min_cluster_size, pseudo_max_dist_percentile)"
+            )
 
     def _class_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
         for i in self._draw_shards(rng):
             tar = TarSamples(self.shards[i])
+            seen = 0
             for s in tar:
+                seen += 1
                 self._count_progress()
                 label = sample_cls(s)
                 if label < 0:
                     self.skipped += 1  # no usable cls member: corrupt for a labeled stream
                     continue
                 yield s, label
-            if tar.truncated:
-                self.skipped += 1
+            self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated)
             self._count_progress()
 
     def _pseudo_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
@@ -277,24 +287,48 @@ class _ResampledPK(IterableDataset):
         for i in self._draw_shards(rng):
             keys, cls, dists = read_pseudo_labels(self.pl_paths[i])
             tar = TarSamples(self.shards[i])
-            zipped = zip_pseudo_labels(tar, keys, cls, dists, str(self.shards[i]), str(self.pl_paths[i]),
-                                       ended_early=self._truncated_flag(tar), on_unlabeled=self._skip_one)
+            seen = [0]
+            zipped = zip_pseudo_labels(
+                _counted(tar, seen),
+                keys,
+                cls,
+                dists,
+                str(self.shards[i]),
+                str(self.pl_paths[i]),
+                ended_early=self._truncated_flag(tar),
+                on_unlabeled=self._unlabeled_must_be_corrupt(i),
+            )
             for s, c, d in zipped:
                 self._count_progress()
                 if keep_sample(self.thresholds, c, d):
                     yield s, c
-            if tar.truncated:
-                self.skipped += 1
+            self.skipped += lost_to_truncation(self.expected[i], seen[0], tar.truncated)
             self._count_progress()
 
     @staticmethod
     def _truncated_flag(tar: TarSamples) -> Callable[[], bool]:
         def flag() -> bool:
             return tar.truncated
+
         return flag
 
-    def _skip_one(self, _sample: dict[str, Any]) -> None:
-        self.skipped += 1
+    def _unlabeled_must_be_corrupt(self, i: int) -> Callable[[dict[str, Any]], None]:
+        """A sample without a label row is fine only if it does not decode (embed leaves those out);
+        a readable one means the label file does not cover its shard."""
+
+        def check(sample: dict[str, Any]) -> None:
+            try:
+                decode(image_bytes(sample))
+            except CorruptImage:
+                self.skipped += 1
+                return
+            raise PseudoLabelMismatch(
+                f"pseudo-label file {self.pl_paths[i]} does not cover image shard {self.shards[i]}: sample "
+                f"{sample['__key__']!r} decodes but has no label row (partial or stale labels; re-run the "
+                f"cluster stage)"
+            )
+
+        return check
 
     def _decode_batch(self, batch: list[tuple[dict[str, Any], int]], rng: random.Random) -> dict[str, Any] | None:
         """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
@@ -303,27 +337,40 @@ class _ResampledPK(IterableDataset):
         for s, _ in batch:
             try:
                 decoded.append(decode(image_bytes(s)))
+                self._decoded += 1
             except CorruptImage:
                 self.skipped += 1
+                self._undecodable += 1
                 decoded.append(None)
+        if self._decoded == 0 and self._undecodable >= ALL_CORRUPT_AFTER:
+            raise RuntimeError(
+                f"none of the first {self._undecodable} images read from {len(self.shards)} shards "
+                f"(e.g. {self.shards[0]}) could be decoded: the data is corrupt or not images; "
+                f"check it with `python -m slade_dist.data index` / rewrite the shards"
+            )
         images, labels = [], []
         for g in range(0, len(batch), self.K):
-            group = decoded[g: g + self.K]
+            group = decoded[g : g + self.K]
             good = [d for d in group if d is not None]
             if not good:
                 return None
             for d in group:
                 images.append(self.geometry(d if d is not None else rng.choice(good)))
             labels.extend([batch[g][1]] * self.K)
-        return {"images": normalize_batch(torch.stack([torch.as_tensor(x) for x in images])),
-                "labels": torch.tensor(labels, dtype=torch.long), "keys": [s["__key__"] for s, _ in batch],
-                "skipped": self.skipped}
+        return {
+            "images": normalize_batch(torch.stack([torch.as_tensor(x) for x in images])),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "keys": [s["__key__"] for s, _ in batch],
+            "skipped": self.skipped,
+        }
 
 
 def _check_pk(P: int, K: int, data_cfg: Any) -> None:
     if P < 1 or K < 1 or data_cfg.max_buffered < P * K:
-        raise ValueError(f"P x K batches need P, K >= 1 and data.max_buffered >= P*K; got P={P} K={K} "
-                         f"max_buffered={data_cfg.max_buffered}")
+        raise ValueError(
+            f"P x K batches need P, K >= 1 and data.max_buffered >= P*K; got P={P} K={K} "
+            f"max_buffered={data_cfg.max_buffered}"
+        )
 
 
 def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Callable:
@@ -333,9 +380,18 @@ def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Calla
     return eval_geometry(size, eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size))
 
 
-def labeled_batches(shard_dir: str | os.PathLike[str], data_cfg: Any, P: int, K: int, *, seed: int,
-                    rank: int | None = None, world: int | None = None, train: bool = True,
-                    image_size: int | None = None) -> BatchStream:
+def labeled_batches(
+    shard_dir: str | os.PathLike[str],
+    data_cfg: Any,
+    P: int,
+    K: int,
+    *,
+    seed: int,
+    rank: int | None = None,
+    world: int | None = None,
+    train: bool = True,
+    image_size: int | None = None,
+) -> BatchStream:
     """INFINITE P x K batches {"images" (P*K,3,H,W) float, "labels" (P*K,) long, "keys" list[str],
     "skipped" int}; entries are grouped by label (K consecutive rows per label).
 
@@ -345,17 +401,38 @@ def labeled_batches(shard_dir: str | os.PathLike[str], data_cfg: Any, P: int, K:
     rank = dist.rank() if rank is None else rank
     _check_pk(P, K, data_cfg)
     if Path(shard_dir).is_dir() and read_index(shard_dir).get("kind") == "unlabeled":
-        raise ValueError(f"{shard_dir} holds unlabeled shards (no cls): labeled_batches needs a labeled "
-                         f"shard dir; use pseudo_labeled_batches for unlabeled data")
-    ds = _ResampledPK(resolve_shards(shard_dir), P, K, _train_geometry(data_cfg, image_size, train),
-                      data_cfg.max_buffered, data_cfg.shuffle_buffer, seed, rank)
+        raise ValueError(
+            f"{shard_dir} holds unlabeled shards (no cls): labeled_batches needs a labeled "
+            f"shard dir; use pseudo_labeled_batches for unlabeled data"
+        )
+    shards = resolve_shards(shard_dir)
+    ds = _ResampledPK(
+        shards,
+        P,
+        K,
+        _train_geometry(data_cfg, image_size, train),
+        data_cfg.max_buffered,
+        data_cfg.shuffle_buffer,
+        seed,
+        rank,
+        expected=index_counts(shards),
+    )
     return BatchStream(_loader(ds, data_cfg.num_workers))
 
 
-def pseudo_labeled_batches(unlabeled_dir: str | os.PathLike[str], pseudo_dir: str | os.PathLike[str],
-                           data_cfg: Any, P: int, K: int, *, seed: int, rank: int | None = None,
-                           world: int | None = None, train: bool = True,
-                           image_size: int | None = None) -> BatchStream:
+def pseudo_labeled_batches(
+    unlabeled_dir: str | os.PathLike[str],
+    pseudo_dir: str | os.PathLike[str],
+    data_cfg: Any,
+    P: int,
+    K: int,
+    *,
+    seed: int,
+    rank: int | None = None,
+    world: int | None = None,
+    train: bool = True,
+    image_size: int | None = None,
+) -> BatchStream:
     """Like labeled_batches, labels = pseudo labels of `pl-%06d.npz` zipped with each image shard.
 
     Samples farther from their centroid than the cluster's data_cfg.pseudo_max_dist_percentile, and
@@ -367,50 +444,78 @@ def pseudo_labeled_batches(unlabeled_dir: str | os.PathLike[str], pseudo_dir: st
     pl_paths = [pseudo_label_path(pseudo_dir, s) for s in shards]
     missing = [str(p) for p in pl_paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(pl_paths)} pseudo-label files missing in {pseudo_dir} "
-                                f"(first: {missing[0]} for {shards[pl_paths.index(Path(missing[0]))]}); "
-                                f"run the cluster stage first")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(pl_paths)} pseudo-label files missing in {pseudo_dir} "
+            f"(first: {missing[0]} for {shards[pl_paths.index(Path(missing[0]))]}); "
+            f"run the cluster stage first"
+        )
     thresholds = None
     if data_cfg.pseudo_max_dist_percentile < 100.0 or data_cfg.pseudo_min_cluster_size > 1:
-        thresholds = cluster_thresholds(pl_paths, data_cfg.pseudo_max_dist_percentile,
-                                        data_cfg.pseudo_min_cluster_size, seed=seed)
-    ds = _ResampledPK(shards, P, K, _train_geometry(data_cfg, image_size, train), data_cfg.max_buffered,
-                      data_cfg.shuffle_buffer, seed, rank, pl_paths=pl_paths, thresholds=thresholds)
+        thresholds = cluster_thresholds(
+            pl_paths, data_cfg.pseudo_max_dist_percentile, data_cfg.pseudo_min_cluster_size, seed=seed
+        )
+    ds = _ResampledPK(
+        shards,
+        P,
+        K,
+        _train_geometry(data_cfg, image_size, train),
+        data_cfg.max_buffered,
+        data_cfg.shuffle_buffer,
+        seed,
+        rank,
+        pl_paths=pl_paths,
+        thresholds=thresholds,
+        expected=index_counts(shards),
+    )
     return BatchStream(_loader(ds, data_cfg.num_workers))
 
 
 # ---------------------------------------------------------------------------------- finite pass
 class _FinitePass(IterableDataset):
-    def __init__(self, shards: list[Path], batch_size: int, geometry: Callable) -> None:
+    def __init__(self, shards: list[Path], batch_size: int, geometry: Callable, expected: Sequence[int | None]) -> None:
         self.shards, self.batch_size, self.geometry = shards, batch_size, geometry
+        self.expected = list(expected)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
-        skipped = 0
+        done = {"corrupt": 0, "lost": 0}  # finished shards of this worker
         rows: list[tuple[str, str, int, dict[str, Any], torch.Tensor]] = []
-        for path in self.shards[wid::nw]:
-            it = iter_shard(path, self.geometry)
+        for path, expected in list(zip(self.shards, self.expected))[wid::nw]:
+            it = iter_shard(path, self.geometry, expected)
             for key, img, cls, meta in it:
                 rows.append((key, path.name, cls, meta, img))
                 if len(rows) == self.batch_size:
-                    yield self._collate(rows, skipped + it.skipped, wid)
+                    yield self._collate(rows, {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"]}, wid)
                     rows = []
-            skipped += it.skipped
+            done = {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"] + it.lost}
         if rows:
-            yield self._collate(rows, skipped, wid)
-        yield {"images": None, "skipped": skipped, "worker": wid}  # final count, absorbed by BatchStream
+            yield self._collate(rows, done, wid)
+        # final counts, absorbed by BatchStream
+        yield {"images": None, "skipped": sum(done.values()), "counts": done, "worker": wid}
 
     @staticmethod
-    def _collate(rows: list, skipped: int, wid: int) -> dict[str, Any]:
-        return {"images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows])),
-                "keys": [r[0] for r in rows], "shards": [r[1] for r in rows],
-                "labels": torch.tensor([r[2] for r in rows], dtype=torch.long),
-                "meta": [r[3] for r in rows], "skipped": skipped, "worker": wid}
+    def _collate(rows: list, counts: dict[str, int], wid: int) -> dict[str, Any]:
+        return {
+            "images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows])),
+            "keys": [r[0] for r in rows],
+            "shards": [r[1] for r in rows],
+            "labels": torch.tensor([r[2] for r in rows], dtype=torch.long),
+            "meta": [r[3] for r in rows],
+            "skipped": sum(counts.values()),
+            "counts": dict(counts),
+            "worker": wid,
+        }
 
 
-def finite_batches(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-                   data_cfg: Any, batch_size: int, *, rank: int | None = None, world: int | None = None,
-                   image_size: int | None = None) -> BatchStream:
+def finite_batches(
+    shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    data_cfg: Any,
+    batch_size: int,
+    *,
+    rank: int | None = None,
+    world: int | None = None,
+    image_size: int | None = None,
+) -> BatchStream:
     """ONE pass over this rank's shards with eval transforms, batches of up to batch_size:
     {"images", "keys", "shards" (file name per sample), "labels" (cls, -1 where absent), "meta",
     "skipped"}. Ranks own disjoint shards (rank_shards); each worker a disjoint part of those;
@@ -421,5 +526,5 @@ def finite_batches(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | o
     mine = rank_shards(resolve_shards(shard_dir_or_paths), rank, world)
     if not mine:
         return BatchStream(None)
-    ds = _FinitePass(mine, batch_size, _train_geometry(data_cfg, image_size, train=False))
+    ds = _FinitePass(mine, batch_size, _train_geometry(data_cfg, image_size, train=False), index_counts(mine))
     return BatchStream(_loader(ds, min(data_cfg.num_workers, len(mine))))

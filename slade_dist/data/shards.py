@@ -1,56 +1,70 @@
 """Shard files on disk: atomic WebDataset tar writing, `index.json` and `classes.json`.
 
-Owns: the naming `<prefix>-%06d.tar`, writing one shard atomically (temp file + rename, so a
-killed writer never leaves a half shard that looks finished), the shard index every job plans
-from (shard names + sample counts; rebuilt by scanning the tars when missing) and the class-name
-map. Every writer (demo generator, dataset converters) goes through here.
+Owns: the naming `<prefix>-%06d.tar` (and parsing it back, `shard_index`), writing one shard
+atomically (temp file + rename, so a killed writer never leaves a half shard that looks
+finished), the shard index every job plans from (shard names + sample counts; rebuilt by scanning
+the tars when missing; a listed shard missing on disk is an error) and the class-name map.
+Every writer (demo generator, dataset converters) goes through here.
 Tests: tests/unit/test_shards.py.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import tarfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import webdataset as wds
 
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, explained_writes
 
 INDEX_FILE = "index.json"
 CLASSES_FILE = "classes.json"
+_INDEX_RE = re.compile(r"(\d+)\.tar$")
 
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any]],
-                mtime: float | None = None) -> int:
+def shard_index(shard_path: str | os.PathLike[str]) -> int:
+    """The integer index in a shard file name (the inverse of shard_name): `train-000012.tar` -> 12,
+    img2dataset `00012.tar` -> 12."""
+    m = _INDEX_RE.search(Path(shard_path).name)
+    if not m:
+        raise ValueError(f"shard file name {Path(shard_path).name!r} does not end in <digits>.tar")
+    return int(m.group(1))
+
+
+def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any]], mtime: float | None = None) -> int:
     """Write samples (dicts with `__key__` and members) to one tar, atomically. Returns the count.
 
     A fixed `mtime` (e.g. 0) makes the tar bytes reproducible (member times are the only varying bytes).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, mtime=mtime) as sink:
+    with explained_writes(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f, wds.TarWriter(f, mtime=mtime) as sink:
                 for sample in samples:
                     sink.write(dict(sample))
                     n += 1
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return n
 
 
-def write_index(out_dir: str | os.PathLike[str], shards: Sequence[Mapping[str, Any]], kind: str,
-                **extra: Any) -> dict[str, Any]:
+def write_index(
+    out_dir: str | os.PathLike[str], shards: Sequence[Mapping[str, Any]], kind: str, **extra: Any
+) -> dict[str, Any]:
     """`index.json`: {"kind", "shards": [{"name", "count"}], "total", ...extra}."""
     out_dir = Path(out_dir)
     shards = sorted(({"name": s["name"], "count": int(s["count"])} for s in shards), key=lambda s: s["name"])
@@ -102,9 +116,32 @@ def read_index(shard_dir: str | os.PathLike[str], rebuild: bool = True) -> dict[
 
 
 def shard_paths(shard_dir: str | os.PathLike[str]) -> list[Path]:
-    """Absolute shard paths in index order."""
+    """Shard paths in index order; a shard the index lists but the disk lacks is an error naming it
+    (read as an empty or truncated tar it would silently lose its samples)."""
     shard_dir = Path(shard_dir)
-    return [shard_dir / s["name"] for s in read_index(shard_dir)["shards"]]
+    paths = [shard_dir / s["name"] for s in read_index(shard_dir)["shards"]]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} shards listed in {shard_dir / INDEX_FILE} are "
+            f"missing on disk (first: {', '.join(missing[:5])}); restore them, or rebuild the "
+            f"index with `python -m slade_dist.data index {shard_dir}`"
+        )
+    return paths
+
+
+def index_counts(paths: Sequence[str | os.PathLike[str]]) -> list[int | None]:
+    """Each shard's sample count from the index.json beside it (None where there is none)."""
+    by_dir: dict[Path, dict[str, int]] = {}
+    out: list[int | None] = []
+    for p in map(Path, paths):
+        if p.parent not in by_dir:
+            index = p.parent / INDEX_FILE
+            by_dir[p.parent] = (
+                {s["name"]: int(s["count"]) for s in json.loads(index.read_text())["shards"]} if index.is_file() else {}
+            )
+        out.append(by_dir[p.parent].get(p.name))
+    return out
 
 
 def encode_jpeg(img: Any, quality: int = 90) -> bytes:

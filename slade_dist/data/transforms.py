@@ -9,6 +9,7 @@ torchvision ImageFolder baseline); the readers run its geometric part per sample
 `normalize_batch` once per batch (same numbers, less work and 4x less memory traffic per sample).
 Tests: tests/unit/test_readers.py (decode errors, transform equivalence, output shapes).
 """
+
 from __future__ import annotations
 
 import io
@@ -68,19 +69,23 @@ def eval_resize_for(image_size: int, base_image_size: int, base_resize_size: int
 
 
 def train_geometry(image_size: int, crop_scale_min: float) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
 
 
 def eval_geometry(image_size: int, resize_size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resize_size, antialias=True),
-        v2.CenterCrop(image_size),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resize_size, antialias=True),
+            v2.CenterCrop(image_size),
+        ]
+    )
 
 
 def normalization() -> v2.Compose:

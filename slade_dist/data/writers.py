@@ -14,6 +14,7 @@ a hash of its plan): re-running skips shards whose record matches and rewrites t
 Output: single-split formats write into OUT; cub/cars196/inshop write OUT/<split>/.
 Tests: tests/unit/test_writers.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,14 +23,18 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
+import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
+from .tars import TarSamples, image_bytes
 
 FILE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 PARTS_DIR = ".parts"
@@ -64,8 +69,9 @@ def _find(root: Path, *candidates: str) -> Path:
     for c in candidates:
         if (root / c).exists():
             return root / c
-    raise DatasetLayoutError(f"{root}: none of {', '.join(candidates)} found (is --root the dataset's "
-                             f"top directory, as distributed?)")
+    raise DatasetLayoutError(
+        f"{root}: none of {', '.join(candidates)} found (is --root the dataset's top directory, as distributed?)"
+    )
 
 
 def _read_id_lines(path: Path) -> dict[str, str]:
@@ -102,8 +108,10 @@ def _half_split(records: list[Record], what: str) -> dict[str, SplitPlan]:
     train_set = set(classes[: len(classes) // 2])
     train = [r for r in records if r.label_key in train_set]
     test = [r for r in records if r.label_key not in train_set]
-    return {"train": SplitPlan("train", train, True, _dense(train)),
-            "test": SplitPlan("test", test, True, _dense(test))}
+    return {
+        "train": SplitPlan("train", train, True, _dense(train)),
+        "test": SplitPlan("test", test, True, _dense(test)),
+    }
 
 
 def plan_cub(root: Path) -> dict[str, SplitPlan]:
@@ -123,8 +131,6 @@ def plan_cub(root: Path) -> dict[str, SplitPlan]:
 
 def _mat_scalar(x: Any) -> Any:
     """Unwrap scipy.io.loadmat's nested 0-d / 1-element arrays."""
-    import numpy as np
-
     while isinstance(x, np.ndarray):
         if x.size != 1:
             if x.dtype.kind in "US":
@@ -143,7 +149,9 @@ def plan_cars196(root: Path) -> dict[str, SplitPlan]:
     except Exception as e:  # scipy raises several types for a bad file
         raise DatasetLayoutError(f"{mat_path}: not a readable MATLAB file ({e})") from e
     if "annotations" not in mat:
-        raise DatasetLayoutError(f"{mat_path}: no 'annotations' struct (keys: {sorted(k for k in mat if not k.startswith('__'))})")
+        raise DatasetLayoutError(
+            f"{mat_path}: no 'annotations' struct (keys: {sorted(k for k in mat if not k.startswith('__'))})"
+        )
     ann = mat["annotations"].reshape(-1)
     names = [str(_mat_scalar(n)) for n in mat["class_names"].reshape(-1)] if "class_names" in mat else []
     records = []
@@ -169,9 +177,11 @@ def plan_inshop(root: Path) -> dict[str, SplitPlan]:
     # query and gallery share one id space (retrieval compares their labels)
     qg = by_split["query"] + by_split["gallery"]
     qg_names = _dense(qg)
-    return {"train": SplitPlan("train", train, True, _dense(train)),
-            "query": SplitPlan("query", by_split["query"], True, qg_names),
-            "gallery": SplitPlan("gallery", by_split["gallery"], True, qg_names)}
+    return {
+        "train": SplitPlan("train", train, True, _dense(train)),
+        "query": SplitPlan("query", by_split["query"], True, qg_names),
+        "gallery": SplitPlan("gallery", by_split["gallery"], True, qg_names),
+    }
 
 
 def _hidden_truth(records: list[Record]) -> None:
@@ -211,8 +221,9 @@ def plan_compcars(root: Path) -> dict[str, SplitPlan]:
             continue  # not image/<make>/<model>/<year>/<file>
         make, model, year, _ = parts
         rel = p.relative_to(image_dir.parent).as_posix()
-        records.append(Record(p, (make, model), f"{make}/{model}", {"source": rel, "make": make, "model": model,
-                                                                    "year": year}))
+        records.append(
+            Record(p, (make, model), f"{make}/{model}", {"source": rel, "make": make, "model": model, "year": year})
+        )
     if not records:
         raise DatasetLayoutError(f"{image_dir}: no images under image/<make>/<model>/<year>/")
     _hidden_truth(records)
@@ -233,8 +244,12 @@ def plan_fashion200k(root: Path) -> dict[str, SplitPlan]:
             item_dir = str(Path(rel).parent.as_posix())
             desc = parts[2].strip() if len(parts) > 2 else ""
             category = Path(rel).parts[1] if len(Path(rel).parts) > 2 else ""
-            seen[rel] = Record(root / rel, item_dir, item_dir, {"source": rel, "description": desc,
-                                                               "category": category, "label_file": lf.name})
+            seen[rel] = Record(
+                root / rel,
+                item_dir,
+                item_dir,
+                {"source": rel, "description": desc, "category": category, "label_file": lf.name},
+            )
     if not seen:
         raise DatasetLayoutError(f"{label_dir}: no image lines in labels/*.txt")
     records = list(seen.values())
@@ -259,8 +274,13 @@ def plan_imagefolder(root: Path) -> dict[str, SplitPlan]:
 
 
 PLANNERS: dict[str, Callable[[Path], dict[str, SplitPlan]]] = {
-    "imagefolder": plan_imagefolder, "cub": plan_cub, "cars196": plan_cars196, "inshop": plan_inshop,
-    "nabirds": plan_nabirds, "compcars": plan_compcars, "fashion200k": plan_fashion200k,
+    "imagefolder": plan_imagefolder,
+    "cub": plan_cub,
+    "cars196": plan_cars196,
+    "inshop": plan_inshop,
+    "nabirds": plan_nabirds,
+    "compcars": plan_compcars,
+    "fashion200k": plan_fashion200k,
 }
 MULTI_SPLIT = {"cub", "cars196", "inshop"}
 FORMATS = sorted([*PLANNERS, "img2dataset"])
@@ -348,14 +368,21 @@ def _finished(job: ShardJob) -> dict[str, Any] | None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
-def write_split(plan: SplitPlan, out_dir: Path, *, prefix: str | None = None, shard_size: int = 1000,
-                workers: int = 1, resize: int = 0, seed: int = 0, progress: bool = True,
-                extra_index: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_split(
+    plan: SplitPlan,
+    out_dir: Path,
+    *,
+    prefix: str | None = None,
+    shard_size: int = 1000,
+    workers: int = 1,
+    resize: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    extra_index: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write one split as shards under out_dir (resumable). Returns its index.json body + counts."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -363,14 +390,17 @@ def write_split(plan: SplitPlan, out_dir: Path, *, prefix: str | None = None, sh
     out_dir.mkdir(parents=True, exist_ok=True)
     records = sorted(plan.records, key=lambda r: str(r.src))
     random.Random(seed).shuffle(records)
-    rows = [(f"{i:08d}", str(r.src), int(r.meta.get("cls", -1)) if plan.labeled else -1,
-             r.class_name or "", r.meta) for i, r in enumerate(records)]
+    rows = [
+        (f"{i:08d}", str(r.src), int(r.meta.get("cls", -1)) if plan.labeled else -1, r.class_name or "", r.meta)
+        for i, r in enumerate(records)
+    ]
     jobs = []
     for s, start in enumerate(range(0, len(rows), shard_size)):
-        chunk = rows[start:start + shard_size]
+        chunk = rows[start : start + shard_size]
         name = shard_name(prefix, s)
-        jobs.append(ShardJob(out_dir / name, out_dir / PARTS_DIR / f"{name}.json", chunk, resize,
-                             _plan_hash(chunk, resize)))
+        jobs.append(
+            ShardJob(out_dir / name, out_dir / PARTS_DIR / f"{name}.json", chunk, resize, _plan_hash(chunk, resize))
+        )
     _remove_stale(out_dir, prefix, {j.path.name for j in jobs})
     results = {j.path.name: r for j in jobs if (r := _finished(j)) is not None}
     todo = [j for j in jobs if j.path.name not in results]
@@ -394,8 +424,9 @@ def write_split(plan: SplitPlan, out_dir: Path, *, prefix: str | None = None, sh
     extra = {"split": plan.name, "rejected": len(rejects), "written_now": len(todo), **(extra_index or {})}
     if plan.labeled:
         extra["num_classes"] = len(plan.class_names or [])
-    return write_index(out_dir, [r for r in ordered if r["count"] > 0], "labeled" if plan.labeled else "unlabeled",
-                       **extra)
+    return write_index(
+        out_dir, [r for r in ordered if r["count"] > 0], "labeled" if plan.labeled else "unlabeled", **extra
+    )
 
 
 def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
@@ -407,9 +438,18 @@ def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
             part.unlink(missing_ok=True)
 
 
-def convert(fmt: str, root: str | os.PathLike[str], out: str | os.PathLike[str], *, split: str = "all",
-            shard_size: int = 1000, workers: int = 1, resize: int = 0, seed: int = 0,
-            progress: bool = True) -> dict[str, dict[str, Any]]:
+def convert(
+    fmt: str,
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    split: str = "all",
+    shard_size: int = 1000,
+    workers: int = 1,
+    resize: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
     """Convert a dataset; returns {split: index body}. Multi-split formats write OUT/<split>/."""
     root, out = Path(root), Path(out)
     if fmt == "img2dataset":
@@ -426,20 +466,35 @@ def convert(fmt: str, root: str | os.PathLike[str], out: str | os.PathLike[str],
         if fmt in MULTI_SPLIT:
             if split not in ("all", name):
                 continue
-            done[name] = write_split(plan, out / name, shard_size=shard_size, workers=workers, resize=resize,
-                                     seed=seed, progress=progress, extra_index={"format": fmt})
+            done[name] = write_split(
+                plan,
+                out / name,
+                shard_size=shard_size,
+                workers=workers,
+                resize=resize,
+                seed=seed,
+                progress=progress,
+                extra_index={"format": fmt},
+            )
         else:
             prefix = split if split != "all" else None
-            done[name] = write_split(plan, out, prefix=prefix, shard_size=shard_size, workers=workers,
-                                     resize=resize, seed=seed, progress=progress, extra_index={"format": fmt})
+            done[name] = write_split(
+                plan,
+                out,
+                prefix=prefix,
+                shard_size=shard_size,
+                workers=workers,
+                resize=resize,
+                seed=seed,
+                progress=progress,
+                extra_index={"format": fmt},
+            )
     return done
 
 
 # ------------------------------------------------------------------------------- img2dataset
 def validate_tar(path: str) -> dict[str, Any]:
     """Decode every image of one img2dataset tar once: {name, count, corrupt, truncated, rejects}."""
-    from .readers import TarSamples, image_bytes
-
     tar = TarSamples(path)
     count, rejects = 0, []
     for s in tar:
@@ -451,8 +506,12 @@ def validate_tar(path: str) -> dict[str, Any]:
             rejects.append([f"{Path(path).name}:{s['__key__']}", f"{type(e).__name__}: {str(e)[:200]}"])
     if tar.truncated:
         rejects.append([Path(path).name, f"truncated tar ({tar.error})"])
-    return {"count": count, "corrupt": len(rejects) - int(tar.truncated), "truncated": tar.truncated,
-            "rejects": rejects}
+    return {
+        "count": count,
+        "corrupt": len(rejects) - int(tar.truncated),
+        "truncated": tar.truncated,
+        "rejects": rejects,
+    }
 
 
 def _tar_stamp(p: Path) -> str:
@@ -498,10 +557,27 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
     ordered = [results[t.name] for t in tars]
     rejects = [r for rec in ordered for r in rec["rejects"]]
     (out / REJECTS_FILE).write_text("".join(f"{a}\t{b}\n" for a, b in rejects))
-    return write_index(out, [r for r in ordered if r["count"] > 0], "unlabeled", format="img2dataset",
-                       source=str(root.resolve()), corrupt=sum(r["corrupt"] for r in ordered),
-                       truncated=[r["name"] for r in ordered if r["truncated"]], rejected=len(rejects))
+    return write_index(
+        out,
+        [r for r in ordered if r["count"] > 0],
+        "unlabeled",
+        format="img2dataset",
+        source=str(root.resolve()),
+        corrupt=sum(r["corrupt"] for r in ordered),
+        truncated=[r["name"] for r in ordered if r["truncated"]],
+        rejected=len(rejects),
+    )
 
 
-__all__ = ["convert", "write_split", "index_img2dataset", "load_image", "PLANNERS", "FORMATS", "Record",
-           "SplitPlan", "DatasetLayoutError", "count_tar_samples"]
+__all__ = [
+    "convert",
+    "write_split",
+    "index_img2dataset",
+    "load_image",
+    "PLANNERS",
+    "FORMATS",
+    "Record",
+    "SplitPlan",
+    "DatasetLayoutError",
+    "count_tar_samples",
+]

@@ -1,3 +1,2 @@
-"""Evaluation: retrieval metrics (metrics.py) with their exact kNN (knn.py) and FAISS-exact k-means
-(lloyd.py), the C kernels both use (_kernels.c, built by native.py), and the eval stage (stage.py).
-Tests: tests/unit/test_{metrics,knn,lloyd,native,report}.py."""
+"""Evaluation: retrieval metrics searched with FAISS (metrics.py), the eval stage (stage.py) and the
+metrics table (report.py). Tests: tests/unit/test_{metrics,report}.py."""

@@ -1,41 +1,52 @@
-"""Retrieval metrics with exact kNN: Recall@K, P@1, R-Precision, MAP@R, NMI.
+"""Retrieval metrics with exact FAISS kNN: Recall@K, P@1, R-Precision, MAP@R, NMI.
 
 Owns `retrieval_metrics` (test set against itself, query left out) and `query_gallery_metrics`
-(In-shop protocol). numpy in, plain dict of floats out.
-Tests: tests/unit/test_metrics.py (agreement with pytorch-metric-learning's AccuracyCalculator,
-hand-made cases for ties, lone classes and self-exclusion). Bench: bench/eval.py.
+(In-shop protocol), plus the `knn_search` and `kmeans_assign` they use. numpy in, plain dict of
+floats out. Tests: tests/unit/test_metrics.py (agreement with pytorch-metric-learning's
+AccuracyCalculator, hand-made cases for ties, lone classes and self-exclusion, chunking, top-k
+cap). Bench: bench/eval.py.
 
-Definitions (Musgrave et al., "A Metric Learning Reality Check", as in PML's AccuracyCalculator):
-- similarity = inner product of L2-normalised embeddings (= cosine), exact search: on CPU
-  `slade_dist.eval.knn.exact_topk` (tiled BLAS + threshold filter, and half the work for the
-  self protocol by symmetry; see its docstring), on GPU FAISS's flat index (k <= 2048). The
-  metrics are accumulated over query chunks of `chunk_size`; the kNN itself holds n x k results.
-- R_i = number of references with query i's label (self protocol: the query itself excluded).
-- recall@k: 1 if any of the k nearest references shares the label. precision_at_1 = recall@1.
-- r_precision: (same-label references among the R_i nearest) / R_i.
-- map_at_r: (1/R_i) * sum_{j <= R_i} P(j) * rel(j), P(j) = precision of the top j.
-- Lone queries (R_i = 0: a class with a single image, or a query label absent from the gallery)
-  can never score and are left out of every kNN metric (PML does the same); `n_lone_queries`
-  reports how many.
-- Self exclusion: we search k + 1 neighbours and drop the query's own index wherever it appears
-  (an exact duplicate may outrank it); if it is not among them the last one is dropped.
-- Ties: the definitions assume one ranking; ours is deterministic: among the returned
-  neighbours, equal similarities are ordered by lower reference index (FAISS's heap leaves them
-  in arbitrary order). Which of several tied candidates makes it into the top k at the cut-off
-  is arbitrary; it cannot change any metric except when that tie straddles rank k.
-- nmi: k-means (FAISS's, niter 20, `seed`; on CPU reproduced exactly with fewer distance
-  computations by `slade_dist.eval.lloyd`) on the normalised embeddings with as many clusters as
-  labels, NMI with the arithmetic-mean normaliser (sklearn's default), computed here.
+Definitions (Musgrave et al., "A Metric Learning Reality Check", as PML's AccuracyCalculator):
+- similarity = inner product of L2-normalised embeddings (rows already of unit norm used as given),
+  exact search with FAISS's `IndexFlatIP`, on all GPUs FAISS sees when k <= 2048 (its GPU
+  k-selection limit). Queries are searched in chunks with k capped at what the metrics need
+  (max R_i, max recall_k): memory is the index (n x d float32) plus one (rows x k) result, rows x k
+  <= 64 x chunk_size; metrics are accumulated chunk by chunk.
+- R_i = references with query i's label (self protocol: the query excluded). recall@k: any of the
+  k nearest shares the label; precision_at_1 = recall@1; r_precision: same-label among the R_i
+  nearest / R_i; map_at_r: (1/R_i) sum_{j <= R_i} P(j) rel(j), P(j) = precision of the top j.
+- Lone queries (R_i = 0) can never score and are left out of every kNN metric (as PML);
+  `n_lone_queries` counts them, `n_queries` all. Self exclusion: k + 1 neighbours are searched and
+  the query's own index dropped wherever it appears (else the last one).
+- Ties: equal similarities are ordered by lower reference index, also at the top-k cut-off
+  (`_top_k`), whatever the chunking: PML's L2 search orders exact ties (duplicates) so too. Pairs
+  whose cosines differ below float32 resolution can swap against PML (|q|^2 + |r|^2 - 2 q.r rounds
+  differently from q.r): bench/eval.py prints the metric differences (0 at 20k, ~1e-7 at 50k).
+- nmi: `faiss.Kmeans` (niter 20, `seed`) with as many clusters as labels, points assigned by a
+  search of the centroids, NMI with the arithmetic-mean normaliser (sklearn's default).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
-from slade_dist.eval.lloyd import faiss_kmeans_assign
+from ..dist import faiss_gpu_count
 
 __all__ = ["retrieval_metrics", "query_gallery_metrics", "knn_search", "nmi_score", "kmeans_assign"]
+
+GPU_MAX_K = 2048  # FAISS GPU k-selection handles k <= 2048 only
+# (rows x k) entries of one chunk's result: 8192 x 64 = 512k, i.e. 6 MB of FAISS output and a few
+# tens of MB of per-chunk metric temporaries, whatever n and k are
+ENTRIES_PER_CHUNK_ROW = 64
+# FAISS's CPU flat search multiplies 4096-query blocks by 1024-vector database blocks; wider
+# database blocks spend less time in its per-block result bookkeeping (~15% less CPU time measured
+# at 40k x 128, k = 60, on 2 AVX2 cores)
+FAISS_DATABASE_BLOCK = 4096
+TIE_WIDEN = 8  # re-search width (x k + 1) for rows with exact ties at the top-k cut-off
+UNIT_NORM_TOLERANCE = 1e-6  # float32 rounding of an already normalised row
 
 
 def _faiss():
@@ -50,10 +61,15 @@ def _normalise(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"embeddings must be a 2-D array, got shape {x.shape}")
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-        raise ValueError(f"{bad.size} embeddings contain NaN or inf (first rows: {bad[:5].tolist()}); "
-                         "a diverged model or a corrupt embedding file")
+        raise ValueError(
+            f"{bad.size} embeddings contain NaN or inf (first rows: {bad[:5].tolist()}); "
+            "a diverged model or a corrupt embedding file"
+        )
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+    # rows already of unit norm (the embedder normalises) keep their bits: dividing by a norm of
+    # 1 +- 1 ulp would only reshuffle near-ties against what the caller's vectors say
+    unit = np.abs(norms - 1.0) <= UNIT_NORM_TOLERANCE
+    return np.where(unit, x, x / np.maximum(norms, 1e-12))
 
 
 def _labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -63,10 +79,62 @@ def _labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
     return y
 
 
-def _faiss_gpus() -> int:
-    from slade_dist.pseudo.kmeans import faiss_gpu_count  # lazily: that module imports torch
+@contextmanager
+def _wide_database_blocks() -> Iterator[None]:
+    """Temporarily widen FAISS's BLAS database block (a process-global FAISS setting, restored)."""
+    faiss = _faiss()
+    old = faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_database_bs = max(old, FAISS_DATABASE_BLOCK)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = old
 
-    return faiss_gpu_count()
+
+def _searcher(refs: np.ndarray):
+    """search(x, width) -> (sim, idx) over refs, exact inner product: FAISS's flat index, on the
+    GPUs when FAISS has them and the width allows (else on the CPU copy)."""
+    faiss = _faiss()
+    cpu = faiss.IndexFlatIP(refs.shape[1])
+    cpu.add(np.ascontiguousarray(refs, dtype=np.float32))
+    gpu = faiss.index_cpu_to_all_gpus(cpu) if faiss_gpu_count() > 0 else None
+
+    def search(x: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        if gpu is not None and width <= GPU_MAX_K:
+            return gpu.search(x, width)
+        with _wide_database_blocks():
+            return cpu.search(x, width)
+
+    return search
+
+
+def _order_ties(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows by decreasing similarity, equal similarities by lower index (FAISS leaves ties in any order)."""
+    order = np.lexsort((idx, -dist), axis=-1)
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _top_k(search, x: np.ndarray, k: int, n_ref: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each row of x, ties broken by lower index also at the cut-off.
+
+    FAISS's heap keeps an arbitrary one of the candidates tied at rank k (its inner-product heap
+    evicts the lower index, its L2 heap, which PML uses, the higher). So we search one more: where
+    the k-th similarity is above the last one returned, every candidate tied with it was returned
+    and the sort settles them. Rows where it is not (exact duplicates at the cut) are searched
+    again TIE_WIDEN times as wide, in groups no larger than the first search: exact unless more
+    candidates than that tie there (degenerate, e.g. collapsed, embeddings: FAISS's choice stands,
+    and time and memory stay bounded)."""
+    width = min(k + 1, n_ref)
+    dist, idx = _order_ties(*search(x, width))
+    unsure = np.flatnonzero((dist[:, k - 1] == dist[:, -1]) & (width < n_ref))  # all refs in: none missed
+    dist, idx = dist[:, :k].copy(), idx[:, :k].copy()
+    wide = min(TIE_WIDEN * width, n_ref)
+    group = max(1, len(x) * width // wide)
+    for lo in range(0, len(unsure), group):
+        rows = unsure[lo : lo + group]
+        d, i = _order_ties(*search(x[rows], wide))
+        dist[rows], idx[rows] = d[:, :k], i[:, :k]
+    return dist, idx
 
 
 def _drop_self(dist: np.ndarray, idx: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,38 +146,22 @@ def _drop_self(dist: np.ndarray, idx: np.ndarray, lo: int) -> tuple[np.ndarray, 
     return dist[keep].reshape(n, -1), idx[keep].reshape(n, -1)
 
 
-def _gpu_search(queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int):
-    """Yield (lo, hi, dist, idx) from FAISS's GPU flat index, rows ordered by (-dist, idx)."""
-    faiss = _faiss()
-    index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(refs.shape[1]))
-    index.add(refs)
-    for lo in range(0, queries.shape[0], chunk_size):
-        hi = min(lo + chunk_size, queries.shape[0])
-        dist, idx = index.search(queries[lo:hi], k)
-        order = np.lexsort((idx, -dist), axis=-1)  # FAISS leaves equal similarities in any order
-        yield lo, hi, np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
-
-
-def _chunks(queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int, exclude_self: bool):
-    """Yield (lo, hi, dist, idx) of exact top-k inner-product neighbours, chunk by chunk; rows by
-    decreasing similarity, equal similarities by lower index. exclude_self: queries is refs."""
+def _chunks(queries: np.ndarray, refs: np.ndarray, k: int, rows: int, exclude_self: bool):
+    """Yield (lo, hi, dist, idx): exact top-k neighbours of queries[lo:hi], `rows` queries at a time.
+    exclude_self: queries is refs; each query's own index is dropped."""
     k_search = min(k + (1 if exclude_self else 0), refs.shape[0])
-    if k_search <= 2048 and _faiss_gpus() > 0:  # GPU k-selection is limited to k <= 2048
-        found = _gpu_search(queries, refs, k_search, chunk_size)
-    else:
-        from slade_dist.eval.knn import exact_topk  # lazily: compiled kernels, numba import
-
-        all_dist, all_idx = exact_topk(queries, refs, k_search, symmetric=exclude_self)
-        found = ((lo, min(lo + chunk_size, len(all_dist)), all_dist[lo:lo + chunk_size], all_idx[lo:lo + chunk_size])
-                 for lo in range(0, len(all_dist), chunk_size))
-    for lo, hi, dist, idx in found:
+    search = _searcher(refs)
+    for lo in range(0, queries.shape[0], rows):
+        hi = min(lo + rows, queries.shape[0])
+        dist, idx = _top_k(search, queries[lo:hi], k_search, refs.shape[0])
         if exclude_self:
             dist, idx = _drop_self(dist, idx, lo)
         yield lo, hi, dist, idx
 
 
-def knn_search(queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int = 8192,
-               exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(
+    queries: np.ndarray, refs: np.ndarray, k: int, chunk_size: int = 8192, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product neighbours (inputs already normalised), chunked over queries.
     exclude_self: queries[i] is refs[i]; its own index is removed from row i."""
     parts = [(d, i) for _, _, d, i in _chunks(queries, refs, k, chunk_size, exclude_self)]
@@ -124,59 +176,66 @@ def _rank_metrics(match: np.ndarray, r: np.ndarray, recall_k: Sequence[int]) -> 
     hits_r = match & within_r
     cum = np.cumsum(hits_r, axis=1)
     r_safe = np.maximum(r, 1).astype(np.float64)
-    out = {"precision_at_1": match[:, 0].astype(np.float64),
-           "r_precision": hits_r.sum(axis=1) / r_safe,
-           "map_at_r": (cum * hits_r / cols[None, :]).sum(axis=1) / r_safe}
+    out = {
+        "precision_at_1": match[:, 0].astype(np.float64),
+        "r_precision": hits_r.sum(axis=1) / r_safe,
+        "map_at_r": (cum * hits_r / cols[None, :]).sum(axis=1) / r_safe,
+    }
     any_hit = np.cumsum(match, axis=1) > 0
     for kk in recall_k:
         out[f"recall_at_{kk}"] = any_hit[:, min(kk, k) - 1].astype(np.float64)
     return out
 
 
-def _evaluate(q: np.ndarray, q_labels: np.ndarray, g: np.ndarray, g_labels: np.ndarray,
-              recall_k: Sequence[int], chunk_size: int, self_protocol: bool) -> dict[str, float]:
+def _relevant_counts(q_labels: np.ndarray, g_labels: np.ndarray, self_protocol: bool) -> np.ndarray:
+    """R_i per query: references sharing its label (the query itself not counted)."""
+    classes, g_counts = np.unique(g_labels, return_counts=True)
+    pos = np.minimum(np.searchsorted(classes, q_labels), len(classes) - 1)
+    r = np.where(classes[pos] == q_labels, g_counts[pos], 0) - (1 if self_protocol else 0)
+    return np.maximum(r, 0)
+
+
+def _evaluate(
+    q: np.ndarray,
+    q_labels: np.ndarray,
+    g: np.ndarray,
+    g_labels: np.ndarray,
+    recall_k: Sequence[int],
+    chunk_size: int,
+    self_protocol: bool,
+) -> dict[str, float]:
     if len(recall_k) == 0 or min(recall_k) < 1:
         raise ValueError(f"recall_k must be a non-empty list of positive ints, got {list(recall_k)}")
-    classes, g_counts = np.unique(g_labels, return_counts=True)
-    pos = np.searchsorted(classes, q_labels)
-    pos_c = np.minimum(pos, len(classes) - 1)
-    r = np.where(classes[pos_c] == q_labels, g_counts[pos_c], 0) - (1 if self_protocol else 0)
-    r = np.maximum(r, 0)
     n_ref = g.shape[0] - (1 if self_protocol else 0)
     if n_ref < 1:
         raise ValueError("need at least 2 embeddings to evaluate retrieval")
-    k = int(min(max(int(r.max(initial=0)), max(recall_k)), n_ref))
+    r = _relevant_counts(q_labels, g_labels, self_protocol)
+    k = int(min(max(int(r.max(initial=0)), max(recall_k)), n_ref))  # no metric looks further
     valid = r > 0
-    result: dict[str, float] = {"n_queries": int(q.shape[0]), "n_lone_queries": int((~valid).sum())}
+    rows = max(1, min(chunk_size, (chunk_size * ENTRIES_PER_CHUNK_ROW) // k))
     sums: dict[str, float] = {}
-    # bound memory: the (rows x k) matrices of one chunk hold about chunk_size * 64 entries
-    rows = max(1, min(chunk_size, (chunk_size * 64) // max(k, 1)))
     for lo, hi, _, idx in _chunks(q, g, k, rows, exclude_self=self_protocol):
-        match = g_labels[idx] == q_labels[lo:hi, None]
         v = valid[lo:hi]
-        for name, vals in _rank_metrics(match[v], r[lo:hi][v], recall_k).items():
+        match = g_labels[idx[v]] == q_labels[lo:hi][v, None]
+        for name, vals in _rank_metrics(match, r[lo:hi][v], recall_k).items():
             sums[name] = sums.get(name, 0.0) + float(vals.sum())
     n_valid = int(valid.sum())
-    for kk in recall_k:
-        result[f"recall_at_{kk}"] = sums.get(f"recall_at_{kk}", 0.0) / n_valid if n_valid else float("nan")
-    for name in ("precision_at_1", "r_precision", "map_at_r"):
+    names = [f"recall_at_{kk}" for kk in recall_k] + ["precision_at_1", "r_precision", "map_at_r"]
+    result: dict[str, float] = {"n_queries": int(q.shape[0]), "n_lone_queries": int((~valid).sum())}
+    for name in names:
         result[name] = sums.get(name, 0.0) / n_valid if n_valid else float("nan")
     return result
 
 
 def kmeans_assign(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
-    """Each point's cluster after FAISS k-means (`faiss.Kmeans(..., niter, seed)` + a final search).
-    On CPU `lloyd.faiss_kmeans_assign` gives FAISS's exact answer with fewer distance computations;
-    FAISS itself runs when that cannot vouch for the result, and on GPU."""
+    """Each point's cluster after `faiss.Kmeans(..., niter, seed)` and a search of its centroids."""
     faiss = _faiss()
-    gpu = _faiss_gpus() > 0
-    if not gpu:
-        assign = faiss_kmeans_assign(np.ascontiguousarray(x, dtype=np.float32), int(k), seed=seed, niter=niter)
-        if assign is not None:
-            return assign
+    x = np.ascontiguousarray(x, dtype=np.float32)
     # min_points_per_centroid only governs FAISS's "too few points" warning (test sets have ~40
     # images per class, below its default 39 x k); the clustering itself is unchanged.
-    km = faiss.Kmeans(x.shape[1], int(k), niter=niter, seed=seed, gpu=gpu, verbose=False, min_points_per_centroid=1)
+    km = faiss.Kmeans(
+        x.shape[1], int(k), niter=niter, seed=seed, gpu=faiss_gpu_count() > 0, verbose=False, min_points_per_centroid=1
+    )
     km.train(x)
     _, assign = km.index.search(x, 1)
     return assign.reshape(-1)
@@ -200,15 +259,22 @@ def nmi_score(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
     pu, pv = joint.sum(1), joint.sum(0)
     nz = joint > 0
     pij = joint[nz] / n
-    mi = float((pij * (np.log(joint[nz]) + np.log(n) - np.log(pu[np.nonzero(nz)[0]])
-                       - np.log(pv[np.nonzero(nz)[1]]))).sum())
+    mi = float(
+        (pij * (np.log(joint[nz]) + np.log(n) - np.log(pu[np.nonzero(nz)[0]]) - np.log(pv[np.nonzero(nz)[1]]))).sum()
+    )
     mi = max(mi, 0.0)
     denom = (_entropy(pu) + _entropy(pv)) / 2.0
     return float(mi / max(denom, np.finfo(np.float64).eps))
 
 
-def retrieval_metrics(emb: np.ndarray, labels: np.ndarray, recall_k: Sequence[int] = (1, 2, 4, 8),
-                      chunk_size: int = 8192, nmi: bool = True, seed: int = 0) -> dict[str, float]:
+def retrieval_metrics(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    recall_k: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int = 8192,
+    nmi: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
     """Test set against itself (each query left out of its own ranking)."""
     x = _normalise(emb)
     y = _labels(labels, x.shape[0], "retrieval_metrics")
@@ -219,8 +285,14 @@ def retrieval_metrics(emb: np.ndarray, labels: np.ndarray, recall_k: Sequence[in
     return out
 
 
-def query_gallery_metrics(q_emb: np.ndarray, q_labels: np.ndarray, g_emb: np.ndarray, g_labels: np.ndarray,
-                          recall_k: Sequence[int] = (1, 10, 20, 40), chunk_size: int = 8192) -> dict[str, float]:
+def query_gallery_metrics(
+    q_emb: np.ndarray,
+    q_labels: np.ndarray,
+    g_emb: np.ndarray,
+    g_labels: np.ndarray,
+    recall_k: Sequence[int] = (1, 10, 20, 40),
+    chunk_size: int = 8192,
+) -> dict[str, float]:
     """In-shop protocol: every query ranked against the gallery (no self exclusion)."""
     q, g = _normalise(q_emb), _normalise(g_emb)
     if q.shape[1] != g.shape[1]:

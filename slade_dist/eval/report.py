@@ -1,4 +1,5 @@
 """Human-readable metrics table (printed by the eval stage and the pipeline). Test: tests/unit/test_report.py."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,7 +29,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines += [fmt(r) for r in rows]
     pl = results.get("pseudo_labels") or {}
     if pl:
-        lines.append("pseudo labels: " + "; ".join(
-            f"{r}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
-            for r, s in pl.items()))
+        lines.append(
+            "pseudo labels: "
+            + "; ".join(
+                f"{r}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items())
+                for r, s in pl.items()
+            )
+        )
     return "\n".join(lines)

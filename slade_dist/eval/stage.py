@@ -6,20 +6,29 @@ embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval
 logs them to TensorBoard (tb/eval, one step per model in chain order); the CLI, the pipeline
 and the local launcher print them as a table (`eval.report`).
 Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
-when the unlabeled data carried hidden labels. Tests: tests/integration/test_pipeline_e2e.py.
+when the unlabeled data carried hidden labels. Also `periodic_evaluator(cfg)`, the callable the
+stage runner hands to the trainers for their periodic eval (train/ never imports eval/).
+Tests: tests/integration/test_pipeline_e2e.py, tests/unit/test_engine.py (periodic eval).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from .. import dist
 from ..config import Config
+from ..data.readers import finite_batches
+from ..fileio import atomic_write_json
+from ..models import embed_batches, load_embedder, output_dim
 from ..stages import RunLayout
+from .metrics import query_gallery_metrics, retrieval_metrics
 
 
 def models_to_evaluate(layout: RunLayout, rounds: int) -> list[tuple[str, Path]]:
@@ -29,36 +38,61 @@ def models_to_evaluate(layout: RunLayout, rounds: int) -> list[tuple[str, Path]]
     return [(n, p) for n, p in found if p.exists()]
 
 
-@torch.no_grad()
 def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, labels) of a labeled shard dir, gathered from all ranks (rank order, then sorted by key)."""
-    from ..data.readers import finite_batches
-
-    device = dist.device()
-    model.eval().to(device)
+    """(embeddings, labels) of a labeled shard dir, gathered from all ranks (rank order, then sorted
+    by key). Images that could not be read are named in a warning: the metrics then cover fewer."""
     embs, labels, keys = [], [], []
-    for batch in finite_batches(shard_dir, cfg.data, cfg.eval.batch_size):
-        x = batch["images"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            e = model(x)
-        embs.append(torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy())
+    stream = finite_batches(shard_dir, cfg.data, cfg.eval.batch_size)
+    for e, batch in embed_batches(model, stream, dist.device()):
+        embs.append(e)
         labels.append(batch["labels"].numpy())
         keys.extend(batch["keys"])
-    dim = getattr(model, "embed_dim", cfg.model.embed_dim)
-    local = (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32),
-             np.concatenate(labels) if labels else np.zeros((0,), np.int64), keys)
+    local = (
+        np.concatenate(embs) if embs else np.zeros((0, output_dim(model)), np.float32),
+        np.concatenate(labels) if labels else np.zeros((0,), np.int64),
+        keys,
+        stream.counts,
+    )
     parts = dist.all_gather_object(local)
     emb = np.concatenate([p[0] for p in parts])
     lab = np.concatenate([p[1] for p in parts])
+    _warn_if_dropped(shard_dir, len(emb), [p[3] for p in parts])
     order = np.argsort(np.array([k for p in parts for k in p[2]]), kind="stable")  # rank-independent order
     return emb[order], lab[order]
 
 
+def _warn_if_dropped(shard_dir: str, measured: int, counts: list[dict[str, int]]) -> None:
+    corrupt, lost = sum(c["corrupt"] for c in counts), sum(c["lost"] for c in counts)
+    if not measured:
+        raise RuntimeError(
+            f"eval: not one image of {shard_dir} could be read ({corrupt} corrupt, {lost} lost to "
+            f"truncated tars): nothing to measure"
+        )
+    if (corrupt or lost) and dist.is_main():
+        dist.get_logger().warning(
+            f"[eval] {corrupt + lost} of {measured + corrupt + lost} images of {shard_dir} were "
+            f"not measured ({corrupt} corrupt, {lost} lost to truncated tars): the metrics "
+            f"cover the {measured} that could be read"
+        )
+
+
+def periodic_evaluator(cfg: Config) -> Callable[[torch.nn.Module], dict[str, float]] | None:
+    """The trainers' periodic eval on cfg.data.test_shards (None when train.eval_every is 0 or there
+    is no test split). Every rank embeds its share; rank 0 computes the metrics on the gathered
+    embeddings and broadcasts them, so all ranks return the same dict."""
+    if cfg.train.eval_every <= 0 or not cfg.data.test_shards:
+        return None
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        emb, lab = embed_split(model, cfg.data.test_shards, cfg)
+        metrics = {k: float(v) for k, v in _self_metrics(emb, lab, cfg).items()} if dist.is_main() else {}
+        return dist.broadcast_object(metrics)
+
+    return evaluate
+
+
 def evaluate_model(path: Path, cfg: Config) -> dict[str, float] | None:
     """Metrics of one exported model (rank 0 gets the dict, other ranks None)."""
-    from ..models import load_embedder
-    from .metrics import query_gallery_metrics, retrieval_metrics
-
     model = load_embedder(path, map_location="cpu")
     if cfg.eval.protocol == "query_gallery":
         q, ql = embed_split(model, cfg.data.query_shards, cfg)
@@ -67,10 +101,14 @@ def evaluate_model(path: Path, cfg: Config) -> dict[str, float] | None:
             return None
         return query_gallery_metrics(q, ql, g, gl, recall_k=tuple(cfg.eval.recall_k), chunk_size=cfg.eval.chunk_size)
     emb, lab = embed_split(model, cfg.data.test_shards, cfg)
-    if not dist.is_main():
-        return None
-    return retrieval_metrics(emb, lab, recall_k=tuple(cfg.eval.recall_k), chunk_size=cfg.eval.chunk_size,
-                             nmi=cfg.eval.nmi, seed=cfg.run.seed)
+    return _self_metrics(emb, lab, cfg) if dist.is_main() else None
+
+
+def _self_metrics(emb: np.ndarray, lab: np.ndarray, cfg: Config) -> dict[str, float]:
+    e = cfg.eval
+    return retrieval_metrics(
+        emb, lab, recall_k=tuple(e.recall_k), chunk_size=e.chunk_size, nmi=e.nmi, seed=cfg.run.seed
+    )
 
 
 def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, Any]]:
@@ -84,13 +122,13 @@ def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, 
 
 
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    need = ("data.query_shards", "data.gallery_shards") if cfg.eval.protocol == "query_gallery" else ("data.test_shards",)
-    cfg.require_inputs(*need)
     layout = RunLayout(run_dir)
     models = models_to_evaluate(layout, cfg.run.rounds)
     if not models:
-        raise FileNotFoundError(f"eval: no trained model under {layout.root} (expected teacher/final.pt or "
-                                f"round<r>/student/final.pt); run the teacher stage first")
+        raise FileNotFoundError(
+            f"eval: no trained model under {layout.root} (expected teacher/final.pt or "
+            f"round<r>/student/final.pt); run the teacher stage first"
+        )
     results: dict[str, Any] = {"protocol": cfg.eval.protocol, "models": {}, "final": models[-1][0]}
     for name, path in models:
         metrics = evaluate_model(path, cfg)
@@ -99,17 +137,13 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if not dist.is_main():
         return {}
     results["pseudo_labels"] = pseudo_label_quality(layout, cfg.run.rounds)
-    out = layout.stage_dir("eval") / "metrics.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = atomic_write_json(layout.stage_dir("eval") / "metrics.json", results, indent=2)
     _log_tensorboard(layout, results)
     dist.get_logger().info(f"[eval] metrics of {len(results['models'])} model(s) -> {out}")
     return {"final": results["final"], **results["models"][results["final"]]}
 
 
 def _log_tensorboard(layout: RunLayout, results: dict[str, Any]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(layout.tb_dir("eval"))) as w:
         for step, (name, metrics) in enumerate(results["models"].items()):
             for k, v in metrics.items():

@@ -1,9 +1,34 @@
-"""Models: backbone registry and the embedder (see backbones.py, embedder.py).
+"""Models: backbone registry (backbones.py), the embedder and its weight files (embedder.py), and
+the one inference pass everything that embeds images uses (inference.py).
 Tests: tests/unit/test_models.py."""
-from .backbones import (BACKBONES, KeyReport, StateDictMismatchError, build_backbone,
-                        load_pretrained_backbone, load_state_dict_checked)
-from .embedder import Embedder, build_embedder, load_embedder, pool_features, save_weights
 
-__all__ = ["BACKBONES", "KeyReport", "StateDictMismatchError", "build_backbone", "load_pretrained_backbone",
-           "load_state_dict_checked", "Embedder", "build_embedder", "load_embedder", "pool_features",
-           "save_weights"]
+from .backbones import (
+    BACKBONES,
+    KeyReport,
+    StateDictMismatchError,
+    UnsafeCheckpointError,
+    build_backbone,
+    load_pretrained_backbone,
+    load_state_dict_checked,
+    read_checkpoint,
+)
+from .embedder import Embedder, build_embedder, load_embedder, pool_features, save_weights
+from .inference import embed_batches, output_dim
+
+__all__ = [
+    "BACKBONES",
+    "KeyReport",
+    "StateDictMismatchError",
+    "build_backbone",
+    "load_pretrained_backbone",
+    "load_state_dict_checked",
+    "read_checkpoint",
+    "UnsafeCheckpointError",
+    "Embedder",
+    "build_embedder",
+    "load_embedder",
+    "pool_features",
+    "save_weights",
+    "embed_batches",
+    "output_dim",
+]

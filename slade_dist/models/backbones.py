@@ -6,17 +6,31 @@ and the 64x64 demo) and optional `timm:<name>` backbones (timm imported lazily).
 state-dict loader used for every checkpoint we read, which names missing / unexpected / mis-shaped
 keys exactly. Tests: tests/unit/test_models.py.
 """
+
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "build_backbone", "BACKBONES", "TinyCNN", "ResNetTrunk", "StateDictMismatchError",
-           "KeyReport", "load_state_dict_checked", "read_checkpoint", "load_pretrained_backbone",
-           "strip_prefixes"]
+__all__ = [
+    "Backbone",
+    "build_backbone",
+    "BACKBONES",
+    "TinyCNN",
+    "ResNetTrunk",
+    "StateDictMismatchError",
+    "KeyReport",
+    "load_state_dict_checked",
+    "read_checkpoint",
+    "UnsafeCheckpointError",
+    "load_pretrained_backbone",
+    "strip_prefixes",
+]
 
 
 class StateDictMismatchError(RuntimeError):
@@ -94,8 +108,9 @@ class TimmBackbone(Backbone):
         try:
             import timm  # optional dependency: imported only when a timm backbone is asked for
         except ImportError as e:
-            raise ImportError(f"model.backbone='timm:{name}' needs the optional package timm "
-                              "(pip install timm); it is not installed") from e
+            raise ImportError(
+                f"model.backbone='timm:{name}' needs the optional package timm (pip install timm); it is not installed"
+            ) from e
         try:
             self.net = timm.create_model(name, pretrained=False, num_classes=0)
         except Exception as e:  # timm raises RuntimeError for unknown names
@@ -106,6 +121,7 @@ class TimmBackbone(Backbone):
         return self.net.forward_features(x)
 
 
+# one constructor per name of config.BACKBONE_NAMES (tests/unit/test_models.py checks both agree)
 BACKBONES: dict[str, Callable[[], Backbone]] = {
     "resnet50": lambda: ResNetTrunk(50),
     "resnet18": lambda: ResNetTrunk(18),
@@ -118,8 +134,9 @@ def build_backbone(name: str) -> Backbone:
     if name.startswith("timm:"):
         return TimmBackbone(name.split(":", 1)[1])
     if name not in BACKBONES:
-        raise ValueError(f"unknown model.backbone {name!r}; choose one of "
-                         f"{', '.join(sorted(BACKBONES))} or timm:<model name>")
+        raise ValueError(
+            f"unknown model.backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))} or timm:<model name>"
+        )
     return BACKBONES[name]()
 
 
@@ -128,9 +145,11 @@ def _key_report(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Ke
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
-    mismatched = sorted(f"{k}: checkpoint shape {tuple(v.shape)} vs model shape {tuple(own[k].shape)}"
-                        for k, v in state_dict.items()
-                        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape))
+    mismatched = sorted(
+        f"{k}: checkpoint shape {tuple(v.shape)} vs model shape {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+    )
     return KeyReport(missing, unexpected, mismatched)
 
 
@@ -139,8 +158,9 @@ def _fmt_keys(keys: list[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
-                            what: str = "state dict") -> KeyReport:
+def load_state_dict_checked(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, what: str = "state dict"
+) -> KeyReport:
     """Load `state_dict` into `module`, naming every key that does not fit.
 
     strict: any missing / unexpected / mis-shaped key raises StateDictMismatchError listing them all
@@ -162,17 +182,35 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
     return report
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that needs code (a class or function import) to unpickle."""
+
+
+def _last_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Check the doc")]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
-    """torch.load with clear errors for a missing or unreadable file."""
+    """torch.load(weights_only=True) with clear errors for a missing, unreadable or unsafe file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        # weights_only=False: our files carry plain dicts (config, extra) besides tensors
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is data, never code. Our files hold only tensors and plain
+        # containers; a file that needs any other class to unpickle is refused here.
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        if unsafe:  # a class or function to import: the file could run code when unpickled
+            raise UnsafeCheckpointError(
+                f"checkpoint {str(path)!r} refused: loading it would import code ({unsafe[0]}); "
+                f"only tensors and plain containers are accepted (weights_only=True). Re-save just "
+                f"its state_dict with torch.save if you trust where it came from"
+            ) from e
+        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({_last_line(e)})") from e
     except Exception as e:
-        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch file "
-                           f"({type(e).__name__}: {e})") from e
+        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({type(e).__name__}: {e})") from e
 
 
 # Prefixes that wrappers put in front of backbone keys: DataParallel/DDP ("module."), SwAV/DINO
@@ -190,13 +228,13 @@ def strip_prefixes(state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = KN
         changed = False
         for p in prefixes:
             if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
+                sd = {k[len(p) :]: v for k, v in sd.items()}
                 changed = True
     # SwAV saves "module.<trunk keys>" next to "module.projection_head..." -> after "module." the
     # trunk keys are bare; our Embedder saves "backbone.*" next to "head.*": strip per key too.
     out = {}
     for k, v in sd.items():
-        out[k[len("backbone."):] if k.startswith("backbone.") else k] = v
+        out[k[len("backbone.") :] if k.startswith("backbone.") else k] = v
     return out
 
 
@@ -209,8 +247,9 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
                     return inner
         if obj and any(hasattr(v, "shape") for v in obj.values()):
             return obj
-    raise RuntimeError("checkpoint holds no state dict (looked at the top level and under "
-                       "'state_dict', 'model', 'module', 'teacher')")
+    raise RuntimeError(
+        "checkpoint holds no state dict (looked at the top level and under 'state_dict', 'model', 'module', 'teacher')"
+    )
 
 
 def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
@@ -220,7 +259,7 @@ def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
     sd = strip_prefixes(_unwrap(read_checkpoint(path)))
     target = backbone.net if isinstance(backbone, TimmBackbone) else backbone
     if isinstance(backbone, TimmBackbone):
-        sd = {k[len("net."):] if k.startswith("net.") else k: v for k, v in sd.items()}
+        sd = {k[len("net.") :] if k.startswith("net.") else k: v for k, v in sd.items()}
     own = target.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(HEAD_PREFIXES)}
     return load_state_dict_checked(target, sd, strict=True, what=f"pretrained weights {str(path)!r}")

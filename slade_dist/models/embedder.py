@@ -5,6 +5,7 @@ torch files: {"state_dict", "model" (the ModelConfig as a dict), "extra"}, writt
 Outputs are raw (NOT L2-normalised): losses and eval normalise themselves.
 Tests: tests/unit/test_models.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .backbones import (Backbone, build_backbone, load_pretrained_backbone, load_state_dict_checked,
-                        read_checkpoint)
+from ..fileio import explained_writes
+from .backbones import Backbone, build_backbone, load_pretrained_backbone, load_state_dict_checked, read_checkpoint
 
 __all__ = ["Embedder", "build_embedder", "save_weights", "load_embedder", "pool_features"]
 
@@ -64,7 +65,7 @@ class Embedder(nn.Module):
     def _bn_layers(self) -> list[nn.Module]:
         return [m for m in self.backbone.modules() if isinstance(m, _BN_TYPES)]
 
-    def train(self, mode: bool = True) -> "Embedder":
+    def train(self, mode: bool = True) -> Embedder:
         """Frozen BN stays in eval mode (running stats used, not updated) even in train()."""
         super().train(mode)
         if self.freeze_bn:
@@ -81,8 +82,10 @@ class Embedder(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part (the trainers give them different learning rates)."""
-        return {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
-                "head": [p for p in self.head.parameters() if p.requires_grad]}
+        return {
+            "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+            "head": [p for p in self.head.parameters() if p.requires_grad],
+        }
 
 
 def build_embedder(model_cfg: ModelConfig) -> Embedder:
@@ -93,17 +96,25 @@ def build_embedder(model_cfg: ModelConfig) -> Embedder:
     return Embedder(backbone, model_cfg.embed_dim, model_cfg.pooling, model_cfg.freeze_bn)
 
 
-def save_weights(path: str | os.PathLike[str], embedder: nn.Module, model_cfg: ModelConfig,
-                 extra: dict[str, Any] | None = None) -> Path:
+def save_weights(
+    path: str | os.PathLike[str], embedder: nn.Module, model_cfg: ModelConfig, extra: dict[str, Any] | None = None
+) -> Path:
     """torch.save {"state_dict", "model", "extra"} atomically (tmp + rename): readers never see
     a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in embedder.state_dict().items()},
-               "model": dataclasses.asdict(model_cfg), "extra": dict(extra or {})}
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in embedder.state_dict().items()},
+        "model": dataclasses.asdict(model_cfg),
+        "extra": dict(extra or {}),
+    }
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with explained_writes(path):
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -111,8 +122,10 @@ def load_embedder(path: str | os.PathLike[str], map_location: Any = "cpu") -> Em
     """Rebuild the embedder a `save_weights` file describes and load its weights (strict)."""
     obj = read_checkpoint(path, map_location)
     if not isinstance(obj, dict) or "state_dict" not in obj or "model" not in obj:
-        raise RuntimeError(f"{str(path)!r} is not an embedder weights file (expected keys 'state_dict' "
-                           f"and 'model', found {sorted(obj) if isinstance(obj, dict) else type(obj).__name__})")
+        raise RuntimeError(
+            f"{str(path)!r} is not an embedder weights file (expected keys 'state_dict' "
+            f"and 'model', found {sorted(obj) if isinstance(obj, dict) else type(obj).__name__})"
+        )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in obj["model"].items() if k in fields})
     cfg.pretrained_path = ""  # the saved state dict replaces any pretrained init

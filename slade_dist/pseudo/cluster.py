@@ -10,6 +10,7 @@ Resumable: centroids are reused when centroids.json matches (config, embeddings,
 whose pseudo-label file already exists are only read back for the statistics.
 Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,17 +23,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
-from ..data.pseudo_labels import write_meta
-from ..data.shards import shard_paths
+from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_meta, write_pseudo_labels
+from ..data.shards import shard_index, shard_paths
 from ..fileio import atomic_write_json
 from ..stages import RunLayout
 from . import embed as embed_files
 from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
 
 CENTROIDS_FILE = "centroids.npy"
+COARSE_FILE = "coarse_centroids.npy"  # two-level training's coarse cells: the ivf assignment's lists
+KMEANS_CKPT_DIR = "kmeans_ckpt"  # k-means checkpoints (a preempted training resumes from them)
 FINGERPRINT_FILE = "centroids.json"
 STATS_FILE = "stats.json"
 SIZES_FILE = "sizes.npy"
@@ -50,29 +55,43 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     shards = _unlabeled_shards(cfg)
     _check_embeddings(emb_dir, shards, r)
     mine = dist.shard_slice(shards)
-    parts = {embed_files.shard_index(p): embed_files.load_embeddings(emb_dir, p) for p in mine}
+    parts = {shard_index(p): embed_files.load_embeddings(emb_dir, p) for p in mine}
 
     n_total = int(_sum_all(torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64))[0])
     if n_total == 0:
-        raise ValueError(f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image "
-                         f"corrupt or every shard empty?)")
+        raise ValueError(
+            f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image corrupt or every shard empty?)"
+        )
     k = cap_k(cfg.pseudo.k, n_total)
     params = KMeansParams.from_config(cfg.pseudo, k=k)
     embed_facts = embed_files.read_embed_facts(emb_dir)
-    fingerprint = {"pseudo": dataclasses.asdict(cfg.pseudo), "k": k, "n_total": n_total,
-                   "shards": [p.name for p in shards], "embed": embed_facts}
+    fingerprint = {
+        "pseudo": dataclasses.asdict(cfg.pseudo),
+        "k": k,
+        "n_total": n_total,
+        "shards": [p.name for p in shards],
+        "embed": embed_facts,
+    }
 
     centroids, train_info = _reuse_centroids(out_dir, fingerprint)
     t_train = time.time()
     if centroids is None:
-        res = train_centroids(parts, params)
+        res = train_centroids(parts, params, ckpt_dir=out_dir / KMEANS_CKPT_DIR, ckpt_tag=embed_facts)
         centroids = res.centroids
-        train_info = {"objective": res.objective, "n_train": res.n_train, "backend": res.backend,
-                      "splits": res.splits, "train_s": round(res.seconds, 3),
-                      "timings": {a: round(b, 3) for a, b in res.timings.items()}}
+        train_info = {
+            "objective": res.objective,
+            "n_train": res.n_train,
+            "backend": res.backend,
+            "splits": res.splits,
+            "train_s": round(res.seconds, 3),
+            "init": res.init,
+            "two_level": res.two_level,
+            "resumed": res.resumed,
+            "timings": {a: round(b, 3) for a, b in res.timings.items()},
+        }
         if dist.is_main():
             _remove_stale_labels(out_dir)
-            _save_centroids(out_dir, centroids, {**fingerprint, "train": train_info})
+            _save_centroids(out_dir, centroids, {**fingerprint, "train": train_info}, res.coarse_centroids)
         dist.barrier()
     else:
         log.info(f"[cluster] reusing {out_dir / CENTROIDS_FILE} (same config and embeddings)")
@@ -82,8 +101,11 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params)
     t_assign = time.time() - t_assign
     stats = _global_stats(local, k, n_total, train_info)
-    stats["timing"] = {"train_s": round(t_train, 3), "assign_s": round(t_assign, 3),
-                       "total_s": round(time.time() - t0, 3)}
+    stats["timing"] = {
+        "train_s": round(t_train, 3),
+        "assign_s": round(t_assign, 3),
+        "total_s": round(time.time() - t0, 3),
+    }
     stats.update(k=k, k_requested=cfg.pseudo.k, round=r, world_size=dist.world_size())
     if dist.is_main():
         atomic_write_json(out_dir / STATS_FILE, stats)
@@ -97,8 +119,10 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     for key in ("purity", "nmi", "n_labeled"):
         if key in stats:
             summary[key] = stats[key]
-    log.info(f"[cluster] round {r}: k={k} n={n_total} imbalance={stats['imbalance']:.3f}"
-             + (f" purity={stats['purity']:.3f} nmi={stats['nmi']:.3f}" if "purity" in stats else ""))
+    log.info(
+        f"[cluster] round {r}: k={k} n={n_total} imbalance={stats['imbalance']:.3f}"
+        + (f" purity={stats['purity']:.3f} nmi={stats['nmi']:.3f}" if "purity" in stats else "")
+    )
     return summary
 
 
@@ -117,7 +141,8 @@ def _check_embeddings(emb_dir: Path, shards: list[Path], round_: int) -> None:
     if missing:
         raise FileNotFoundError(
             f"cluster round {round_}: {len(missing)} of {len(shards)} shards have no embeddings in "
-            f"{emb_dir} (first: {', '.join(missing[:3])}); run the embed stage for round {round_} first")
+            f"{emb_dir} (first: {', '.join(missing[:3])}); run the embed stage for round {round_} first"
+        )
 
 
 def _sum_all(t: torch.Tensor) -> torch.Tensor:
@@ -133,8 +158,9 @@ def _reuse_centroids(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[np.nda
     if dist.is_main():
         try:
             saved = json.loads((out_dir / FINGERPRINT_FILE).read_text())
-            ok = (out_dir / CENTROIDS_FILE).exists() and \
-                {k: saved.get(k) for k in fingerprint} == json.loads(json.dumps(fingerprint))
+            ok = (out_dir / CENTROIDS_FILE).exists() and {k: saved.get(k) for k in fingerprint} == json.loads(
+                json.dumps(fingerprint)
+            )
         except (FileNotFoundError, json.JSONDecodeError):
             ok = False
     if not dist.broadcast_object(ok):
@@ -143,10 +169,16 @@ def _reuse_centroids(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[np.nda
     return np.load(out_dir / CENTROIDS_FILE).astype(np.float32), saved.get("train", {})
 
 
-def _save_centroids(out_dir: Path, centroids: np.ndarray, fingerprint: dict[str, Any]) -> None:
-    tmp = out_dir / f".{CENTROIDS_FILE}.tmp.npy"
-    np.save(tmp, centroids.astype(np.float32))
-    tmp.replace(out_dir / CENTROIDS_FILE)
+def _save_centroids(
+    out_dir: Path, centroids: np.ndarray, fingerprint: dict[str, Any], coarse: np.ndarray | None = None
+) -> None:
+    for name, arr in ((CENTROIDS_FILE, centroids), (COARSE_FILE, coarse)):
+        if arr is None:
+            (out_dir / name).unlink(missing_ok=True)
+            continue
+        tmp = out_dir / f".{name}.tmp.npy"
+        np.save(tmp, arr.astype(np.float32))
+        tmp.replace(out_dir / name)
     atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)  # written last: marks the centroids final
 
 
@@ -158,12 +190,12 @@ def _remove_stale_labels(out_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- assignment
-def _assign_my_shards(mine: list[Path], emb_dir: Path, out_dir: Path, centroids: np.ndarray,
-                      params: KMeansParams) -> dict[str, Any]:
-    from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_pseudo_labels
-
+def _assign_my_shards(
+    mine: list[Path], emb_dir: Path, out_dir: Path, centroids: np.ndarray, params: KMeansParams
+) -> dict[str, Any]:
     k = centroids.shape[0]
-    assigner = params_assigner(params)
+    coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
+    assigner = params_assigner(params, coarse)  # assign=auto: through the two-level cells, if any
     assigner.set_centroids(torch.from_numpy(centroids))
     sizes = np.zeros(k, dtype=np.int64)
     sq_sum, n = 0.0, 0
@@ -175,12 +207,13 @@ def _assign_my_shards(mine: list[Path], emb_dir: Path, out_dir: Path, centroids:
         if Path(pl_path).exists():  # resumed run: this shard was labelled with these centroids
             done_keys, labels, dists = read_pseudo_labels(pl_path)
             if done_keys != keys:
-                raise RuntimeError(f"{pl_path} does not match the keys of {shard.name}'s embeddings; "
-                                   f"delete it and rerun the cluster stage")
+                raise RuntimeError(
+                    f"{pl_path} does not match the keys of {shard.name}'s embeddings; "
+                    f"delete it and rerun the cluster stage"
+                )
         else:
             emb = embed_files.load_embeddings(emb_dir, shard)
-            labels, dists = assign_array(emb, assigner, spherical=params.spherical,
-                                         chunk_size=params.chunk_size)
+            labels, dists = assign_array(emb, assigner, spherical=params.spherical, chunk_size=params.chunk_size)
             write_pseudo_labels(pl_path, keys, labels, dists)
         sizes += np.bincount(labels, minlength=k)
         sq_sum += float(np.square(dists.astype(np.float64)).sum())
@@ -194,15 +227,12 @@ def _assign_my_shards(mine: list[Path], emb_dir: Path, out_dir: Path, centroids:
 def _bar(items: list[Any], desc: str) -> Any:
     if not dist.is_main():
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------- stats
 def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[str, Any]) -> dict[str, Any]:
-    packed = torch.from_numpy(np.concatenate([local["sizes"].astype(np.float64),
-                                              [local["sq_sum"], float(local["n"])]]))
+    packed = torch.from_numpy(np.concatenate([local["sizes"].astype(np.float64), [local["sq_sum"], float(local["n"])]]))
     packed = _sum_all(packed).numpy()
     sizes = packed[:k].round().astype(np.int64)
     inertia, n = float(packed[k]), int(round(packed[k + 1]))
@@ -210,9 +240,14 @@ def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[
         raise RuntimeError(f"cluster: assigned {n} points but the embeddings hold {n_total}")
     local["sizes_all"] = sizes
     stats: dict[str, Any] = {
-        "n": n, "inertia": inertia, "mean_sq_dist": inertia / max(n, 1),
-        "imbalance": imbalance_factor(sizes), "empty_clusters": int((sizes == 0).sum()),
-        "size_min": int(sizes.min()), "size_max": int(sizes.max()), "size_median": float(np.median(sizes)),
+        "n": n,
+        "inertia": inertia,
+        "mean_sq_dist": inertia / max(n, 1),
+        "imbalance": imbalance_factor(sizes),
+        "empty_clusters": int((sizes == 0).sum()),
+        "size_min": int(sizes.min()),
+        "size_max": int(sizes.max()),
+        "size_median": float(np.median(sizes)),
         "train": train_info,
     }
     # the full size list only while it stays readable; sizes.npy always has it
@@ -252,32 +287,46 @@ def contingency_scores(pairs: Counter) -> dict[str, Any]:
     h_c = float(-(pc[pc > 0] * np.log(pc[pc > 0])).sum())
     denom = (h_t + h_c) / 2
     nmi = mi / denom if denom > 0 else 1.0
-    return {"purity": purity, "nmi": float(min(max(nmi, 0.0), 1.0)), "n_labeled": int(n),
-            "n_true_classes": len(truths), "chance_purity": float(pt.max())}
+    return {
+        "purity": purity,
+        "nmi": float(min(max(nmi, 0.0), 1.0)),
+        "n_labeled": int(n),
+        "n_true_classes": len(truths),
+        "chance_purity": float(pt.max()),
+    }
 
 
 # ------------------------------------------------------------------------------------- outputs
-def _meta(cfg: Config, layout: RunLayout, k: int, centroids: np.ndarray, n: int,
-          embed_facts: dict[str, Any]) -> dict[str, Any]:
+def _meta(
+    cfg: Config, layout: RunLayout, k: int, centroids: np.ndarray, n: int, embed_facts: dict[str, Any]
+) -> dict[str, Any]:
     step = embed_facts.get("teacher_step")
-    return {"round": cfg.run.round, "k": k, "teacher_step": -1 if step is None else int(step),
-            "k_requested": cfg.pseudo.k, "n": n,
-            "dim": int(centroids.shape[1]), "spherical": cfg.pseudo.spherical, "seed": cfg.pseudo.seed,
-            "teacher_weights": embed_facts.get("teacher_weights",
-                                               str(layout.teacher_weights(cfg.run.round))),
-            "teacher_sha256": embed_facts.get("teacher_sha256"),
-            "unlabeled_shards": str(cfg.data.unlabeled_shards),
-            "dist": "Euclidean distance to the centroid (of the unit-normalised embedding when spherical)",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "round": cfg.run.round,
+        "k": k,
+        "teacher_step": -1 if step is None else int(step),
+        "k_requested": cfg.pseudo.k,
+        "n": n,
+        "dim": int(centroids.shape[1]),
+        "spherical": cfg.pseudo.spherical,
+        "seed": cfg.pseudo.seed,
+        "teacher_weights": embed_facts.get("teacher_weights", str(layout.teacher_weights(cfg.run.round))),
+        "teacher_sha256": embed_facts.get("teacher_sha256"),
+        "unlabeled_shards": str(cfg.data.unlabeled_shards),
+        "dist": "Euclidean distance to the centroid (of the unit-normalised embedding when spherical)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def _tensorboard(tb_dir: Path, stats: dict[str, Any], sizes: np.ndarray, round_: int) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     w = SummaryWriter(log_dir=str(tb_dir))
     try:
-        w.add_histogram("cluster/size", sizes.astype(np.float64), global_step=round_,
-                        bins=np.linspace(0, max(int(sizes.max()), 1) + 1, 51))
+        w.add_histogram(
+            "cluster/size",
+            sizes.astype(np.float64),
+            global_step=round_,
+            bins=np.linspace(0, max(int(sizes.max()), 1) + 1, 51),
+        )
         for key in ("imbalance", "inertia", "mean_sq_dist", "empty_clusters", "purity", "nmi"):
             if key in stats:
                 w.add_scalar(f"cluster/{key}", float(stats[key]), global_step=round_)
@@ -286,4 +335,3 @@ def _tensorboard(tb_dir: Path, stats: dict[str, Any], sizes: np.ndarray, round_:
                 w.add_scalar(f"cluster/round{round_}_train_objective", float(obj), global_step=it)
     finally:
         w.close()
-

@@ -1,41 +1,52 @@
 """The "embed" stage: teacher embeddings of every unlabeled image, one file pair per shard.
 
-Owns: the embedding file layout of DESIGN.md "Data formats" (emb-%06d.npy float16 n x d, row order
+Owns: the embedding file layout of docs/ARCHITECTURE.md "Data formats" (emb-%06d.npy float16 n x d, row order
 = shard order, + emb-%06d.keys one key a line, same index as the image shard; + emb-%06d.labels.npy
 with the hidden labels found in the samples' json, only for measuring pseudo-label purity),
 distributed inference (each rank owns disjoint shards, dist.shard_slice; eval transforms through
 the data readers; bf16 autocast on GPU; L2-normalised outputs), atomic per-shard writes, and
 idempotence: a shard whose .npy exists is skipped, so a killed run resumes where it stopped and the
-stage also runs as a Slurm job array over explicit shard subsets (`shard_ids`, or the CLI below).
+stage also runs as a Slurm job array over explicit shard subsets (`shard_ids`: the launcher's
+`--array N` and `--shards 0-9,12`, slade_dist/launch).
 Corrupt images are skipped and counted; their keys are absent from the outputs.
 `embed.json` records which teacher made the files; embeddings of another teacher are removed.
-CLI (job array): python -m slade_dist.pseudo.embed RUN.yaml [key=value ...] --shards 0-9,12
 Tests: tests/unit/test_embed.py, tests/integration/test_pseudo_multirank.py.
 """
+
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
-from ..data.pseudo_labels import shard_index
-from ..data.shards import shard_paths
-from ..fileio import atomic_write_json, atomic_write_text
+from ..data.readers import finite_batches
+from ..data.shards import read_index, shard_index, shard_paths
+from ..fileio import atomic_write_json, atomic_write_text, explained_writes
+from ..models import embed_batches, load_embedder, output_dim, read_checkpoint
 from ..stages import RunLayout
 
-__all__ = ["run", "emb_path", "keys_path", "labels_path", "is_embedded", "load_embeddings", "read_keys",
-           "read_hidden_labels", "read_embed_facts", "shard_index", "parse_shard_ids"]
+__all__ = [
+    "run",
+    "emb_path",
+    "keys_path",
+    "labels_path",
+    "is_embedded",
+    "load_embeddings",
+    "read_keys",
+    "read_hidden_labels",
+    "read_embed_facts",
+    "shard_index",
+]
 
 FACTS_FILE = "embed.json"
 
@@ -54,9 +65,24 @@ def labels_path(emb_dir: str | os.PathLike[str], shard: str | os.PathLike[str] |
     return emb_path(emb_dir, shard).with_suffix(".labels.npy")
 
 
+def source_path(emb_dir: str | os.PathLike[str], shard: str | os.PathLike[str] | int) -> Path:
+    return emb_path(emb_dir, shard).with_suffix(".src")
+
+
+def _source_stamp(shard: Path) -> str:
+    st = shard.stat()
+    return f"{shard.name}:{st.st_size}:{st.st_mtime_ns}\n"
+
+
 def is_embedded(emb_dir: str | os.PathLike[str], shard: str | os.PathLike[str] | int) -> bool:
-    """The .npy is renamed into place last, so its presence means the shard is complete."""
-    return emb_path(emb_dir, shard).exists() and keys_path(emb_dir, shard).exists()
+    """The .npy is renamed into place last, so its presence means the shard is complete; given the
+    tar's path, the tar must also be the one embedded (a restored or rewritten shard is redone)."""
+    if not (emb_path(emb_dir, shard).exists() and keys_path(emb_dir, shard).exists()):
+        return False
+    if isinstance(shard, int):
+        return True
+    src = source_path(emb_dir, shard)
+    return src.exists() and src.read_text() == _source_stamp(Path(shard))
 
 
 def load_embeddings(emb_dir: str | os.PathLike[str], shard: str | os.PathLike[str] | int) -> np.ndarray:
@@ -81,18 +107,6 @@ def read_embed_facts(emb_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
 
 
-def parse_shard_ids(text: str) -> list[int]:
-    """"0-9,12" -> [0..9, 12] (what a Slurm array task passes)."""
-    ids: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            ids.extend(range(int(lo), int(hi) + 1))
-        else:
-            ids.append(int(part))
-    return sorted(set(ids))
-
-
 # ------------------------------------------------------------------------------------ stage
 def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Embed this round's unlabeled shards (all of them, or only `shard_ids`); every rank calls it.
@@ -106,8 +120,10 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
     out_dir = layout.stage_dir("embed", r)
     weights = layout.teacher_weights(r)
     if not weights.exists():
-        raise FileNotFoundError(f"embed round {r}: teacher weights {weights} are missing (train the "
-                                f"{'teacher' if r <= 1 else f'round {r - 1} student'} first)")
+        raise FileNotFoundError(
+            f"embed round {r}: teacher weights {weights} are missing (train the "
+            f"{'teacher' if r <= 1 else f'round {r - 1} student'} first)"
+        )
     shards = _select(_unlabeled_shards(cfg), shard_ids)
     facts = _teacher_facts(weights, cfg) if dist.is_main() else None
     facts = dist.broadcast_object(facts)
@@ -119,29 +135,52 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
     todo = [p for p in dist.shard_slice(shards) if not is_embedded(out_dir, p)]
     device = dist.device()
     model = _load_teacher(weights, device) if todo else None
-    counts = {"written": 0, "images": 0, "skipped_corrupt": 0,
-              "already_done": len(dist.shard_slice(shards)) - len(todo)}
+    counts = {
+        "written": 0,
+        "images": 0,
+        "skipped_corrupt": 0,
+        "lost_to_truncation": 0,
+        "already_done": len(dist.shard_slice(shards)) - len(todo),
+    }
     # one DataLoader per group of num_workers shards: each worker decodes one shard in parallel
     group = max(1, cfg.data.num_workers)
     bar = _progress(todo, cfg)
     for g in range(0, len(todo), group):
-        n, skipped = _embed_group(model, todo[g:g + group], out_dir, cfg, device, bar)
-        counts["written"] += len(todo[g:g + group])
+        n, left_out = _embed_group(model, todo[g : g + group], out_dir, cfg, device, bar)
+        counts["written"] += len(todo[g : g + group])
         counts["images"] += n
-        counts["skipped_corrupt"] += skipped
+        counts["skipped_corrupt"] += left_out["corrupt"]
+        counts["lost_to_truncation"] += left_out["lost"]
     if bar is not None:
         bar.close()
     total = torch.tensor([counts[k] for k in sorted(counts)], dtype=torch.float64)
     total = dist.all_reduce_sum(total.to(device) if _nccl() else total).cpu()
     result = {k: int(v) for k, v in zip(sorted(counts), total.tolist())}
     seconds = time.time() - t0
-    result.update(shards=len(shards), seconds=round(seconds, 2),
-                  images_per_s=round(result["images"] / seconds, 1) if seconds > 0 else 0.0)
+    result.update(
+        shards=len(shards),
+        seconds=round(seconds, 2),
+        images_per_s=round(result["images"] / seconds, 1) if seconds > 0 else 0.0,
+        data={
+            "images_read": result["images"],
+            "skipped_corrupt": result["skipped_corrupt"],
+            "lost_to_truncation": result["lost_to_truncation"],
+        },
+    )
     if dist.is_main():
         atomic_write_json(out_dir / FACTS_FILE, {**facts, "dim": _dim(out_dir, shards)})
     dist.barrier()
-    log.info(f"[embed] round {r}: {result['written']} shards written ({result['images']} images, "
-             f"{result['skipped_corrupt']} corrupt skipped), {result['already_done']} already done")
+    log.info(
+        f"[embed] round {r}: {result['written']} shards written: {result['images']} images read, "
+        f"{result['skipped_corrupt']} skipped as corrupt, {result['lost_to_truncation']} lost to truncated "
+        f"tars; {result['already_done']} shards already done"
+    )
+    if result["written"] and not result["images"]:
+        raise RuntimeError(
+            f"embed round {r}: not one of the {result['skipped_corrupt'] + result['lost_to_truncation']} "
+            f"images of {result['written']} shards in {cfg.data.unlabeled_shards} could be read "
+            f"(corrupt or truncated data); nothing to cluster"
+        )
     return result
 
 
@@ -161,8 +200,9 @@ def _select(shards: list[Path], shard_ids: Sequence[int] | None) -> list[Path]:
     by_id = {shard_index(p): p for p in shards}
     unknown = sorted(set(shard_ids) - set(by_id))
     if unknown:
-        raise ValueError(f"embed: shard ids {unknown[:10]} are not in the unlabeled index "
-                         f"(valid: {min(by_id)}..{max(by_id)})")
+        raise ValueError(
+            f"embed: shard ids {unknown[:10]} are not in the unlabeled index (valid: {min(by_id)}..{max(by_id)})"
+        )
     return [by_id[i] for i in sorted(set(shard_ids))]
 
 
@@ -175,24 +215,28 @@ def _teacher_facts(weights: Path, cfg: Config) -> dict[str, Any]:
             h.update(block)
     step = None
     try:
-        from ..models.backbones import read_checkpoint
-
         extra = read_checkpoint(weights, "cpu").get("extra", {}) or {}
         step = extra.get("step", extra.get("global_step"))
     except Exception:  # the step is informative only; load_embedder reports real problems
         step = None
-    return {"teacher_weights": str(weights), "teacher_sha256": h.hexdigest(),
-            "teacher_step": int(step) if step is not None else None,
-            "image_size": cfg.data.image_size, "resize_size": cfg.data.resize_size}
+    return {
+        "teacher_weights": str(weights),
+        "teacher_sha256": h.hexdigest(),
+        "teacher_step": int(step) if step is not None else None,
+        "image_size": cfg.data.image_size,
+        "resize_size": cfg.data.resize_size,
+    }
 
 
 def _drop_other_teachers_outputs(out_dir: Path, facts: dict[str, Any]) -> None:
     old = read_embed_facts(out_dir)
-    same = {k: old.get(k) for k in ("teacher_sha256", "image_size", "resize_size")} == \
-        {k: facts.get(k) for k in ("teacher_sha256", "image_size", "resize_size")}
+    same = {k: old.get(k) for k in ("teacher_sha256", "image_size", "resize_size")} == {
+        k: facts.get(k) for k in ("teacher_sha256", "image_size", "resize_size")
+    }
     if old and not same:
-        dist.get_logger().warning(f"[embed] {out_dir} holds embeddings of another teacher/geometry: "
-                                  f"removing them and embedding again")
+        dist.get_logger().warning(
+            f"[embed] {out_dir} holds embeddings of another teacher/geometry: removing them and embedding again"
+        )
         for p in list(out_dir.glob("emb-*")):
             p.unlink()
         (out_dir / FACTS_FILE).unlink()
@@ -201,43 +245,35 @@ def _drop_other_teachers_outputs(out_dir: Path, facts: dict[str, Any]) -> None:
 
 
 def _load_teacher(weights: Path, device: torch.device) -> torch.nn.Module:
-    from ..models import load_embedder
-
     model = load_embedder(weights, map_location="cpu").to(device)
     model.eval()
     return model
 
 
-def _embed_group(model: torch.nn.Module, shards: list[Path], out_dir: Path, cfg: Config,
-                 device: torch.device, bar: Any) -> tuple[int, int]:
+def _embed_group(
+    model: torch.nn.Module, shards: list[Path], out_dir: Path, cfg: Config, device: torch.device, bar: Any
+) -> tuple[int, int]:
     """Embed a few shards in one finite pass (samples routed back to their shard by file name,
-    in shard order) and write each shard's files atomically. Returns (images, corrupt skipped)."""
-    from ..data.readers import finite_batches
-
+    in shard order) and write each shard's files atomically. Returns (images, {"corrupt", "lost"})."""
     rows: dict[str, dict[str, list]] = {p.name: {"keys": [], "embs": [], "hidden": []} for p in shards}
     stream = finite_batches(list(shards), cfg.data, cfg.pseudo.embed_batch_size, rank=0, world=1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with torch.inference_mode():
-        for batch in stream:
-            images = batch["images"]
-            with autocast:
-                e = model(images.to(device, non_blocking=True))
-            e = torch.nn.functional.normalize(e.float(), dim=1).to(torch.float16).cpu().numpy()
-            for j, (name, key, meta) in enumerate(zip(batch["shards"], batch["keys"], batch["meta"])):
-                r = rows[name]
-                r["keys"].append(str(key))
-                r["embs"].append(e[j])
-                r["hidden"].append(_hidden_label(meta))
-            if bar is not None:
-                bar.update(len(images))
-    dim = _model_dim(model)
+    for e, batch in embed_batches(model, stream, device):
+        e16 = e.astype(np.float16)
+        for j, (name, key, meta) in enumerate(zip(batch["shards"], batch["keys"], batch["meta"])):
+            r = rows[name]
+            r["keys"].append(str(key))
+            r["embs"].append(e16[j])
+            r["hidden"].append(_hidden_label(meta))
+        if bar is not None:
+            bar.update(len(e))
+    dim = output_dim(model)
     n = 0
     for p in shards:
         r = rows[p.name]
         arr = np.stack(r["embs"]) if r["embs"] else np.zeros((0, dim), np.float16)
         _write_shard_files(out_dir, p, arr, r["keys"], r["hidden"])
         n += len(r["keys"])
-    return n, stream.skipped
+    return n, stream.counts
 
 
 def _hidden_label(meta: Any) -> str | None:
@@ -252,37 +288,30 @@ def _hidden_label(meta: Any) -> str | None:
     return None
 
 
-def _model_dim(model: torch.nn.Module) -> int:
-    """Output width (the Embedder's embed_dim, else its last Linear layer)."""
-    dim = getattr(model, "embed_dim", None)
-    if isinstance(dim, int):
-        return dim
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if heads:
-        return int(heads[-1].out_features)
-    raise RuntimeError("embed: cannot tell the embedding width of the teacher")
-
-
-def _write_shard_files(out_dir: Path, shard: Path, arr: np.ndarray, keys: list[str],
-                       hidden: list[str | None]) -> None:
-    """keys and labels first, the .npy last: is_embedded() is true only once all are complete."""
+def _write_shard_files(out_dir: Path, shard: Path, arr: np.ndarray, keys: list[str], hidden: list[str | None]) -> None:
+    """keys, labels and source stamp first, the .npy last: is_embedded() is true only once all are
+    complete."""
     if len(keys) != len(arr) or len(set(keys)) != len(keys):
-        raise RuntimeError(f"embed {shard.name}: {len(keys)} keys ({len(set(keys))} distinct) for "
-                           f"{len(arr)} embeddings")
+        raise RuntimeError(
+            f"embed {shard.name}: {len(keys)} keys ({len(set(keys))} distinct) for {len(arr)} embeddings"
+        )
     tag = f".tmp{os.getpid()}"
     kp = keys_path(out_dir, shard)
     atomic_write_text(kp, "".join(k + "\n" for k in keys))
+    atomic_write_text(source_path(out_dir, shard), _source_stamp(shard))
     lp = labels_path(out_dir, shard)
     if any(h is not None for h in hidden):
         tmp = lp.with_name(f".{lp.name}{tag}.npy")
-        np.save(tmp, np.array([h if h is not None else "" for h in hidden], dtype=str))
-        tmp.replace(lp)
+        with explained_writes(lp):
+            np.save(tmp, np.array([h if h is not None else "" for h in hidden], dtype=str))
+            tmp.replace(lp)
     else:
         lp.unlink(missing_ok=True)
     ep = emb_path(out_dir, shard)
     tmp = ep.with_name(f".{ep.name}{tag}.npy")
-    np.save(tmp, np.ascontiguousarray(arr, dtype=np.float16))
-    tmp.replace(ep)
+    with explained_writes(ep):
+        np.save(tmp, np.ascontiguousarray(arr, dtype=np.float16))
+        tmp.replace(ep)
 
 
 def _dim(out_dir: Path, shards: Iterable[Path]) -> int | None:
@@ -296,47 +325,13 @@ def _progress(todo: list[Path], cfg: Config) -> Any:
     """Rank-0 bar in images (index.json counts of this rank's shards), with images/s."""
     if not dist.is_main() or not todo:
         return None
-    from tqdm import tqdm
-
-    from ..data.shards import read_index
-
     counts = {s["name"]: int(s["count"]) for s in read_index(cfg.data.unlabeled_shards)["shards"]}
     total = sum(counts.get(p.name, 0) for p in todo)
-    return tqdm(total=total or None, desc=f"embed {len(todo)} shards (rank 0)", unit="img",
-                unit_scale=True, dynamic_ncols=True, leave=False)
-
-
-# -------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m slade_dist.pseudo.embed",
-        description="Run the embed stage on a subset of shards (e.g. one Slurm array task). "
-                    "Shards already embedded are skipped; the cluster stage needs all of them.")
-    ap.add_argument("config", help="run file (configs/*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    ap.add_argument("--shards", default=None, help="shard ids, e.g. 0-9,12 (default: all)")
-    ap.add_argument("--array-chunk", type=int, default=0,
-                    help="with SLURM_ARRAY_TASK_ID-style --array-task T: embed shards "
-                         "[T*chunk, (T+1)*chunk) of the index")
-    ap.add_argument("--array-task", type=int, default=None)
-    args = ap.parse_args(argv)
-    from ..config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    ids = parse_shard_ids(args.shards) if args.shards else None
-    if args.array_task is not None:
-        if args.array_chunk <= 0:
-            ap.error("--array-task needs --array-chunk N > 0")
-        all_ids = [shard_index(p) for p in _unlabeled_shards(cfg)]
-        ids = all_ids[args.array_task * args.array_chunk:(args.array_task + 1) * args.array_chunk]
-    dist.init_distributed()
-    try:
-        result = run(cfg, Path(cfg.run.dir), shard_ids=ids)
-        dist.print0(json.dumps(result))
-    finally:
-        dist.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return tqdm(
+        total=total or None,
+        desc=f"embed {len(todo)} shards (rank 0)",
+        unit="img",
+        unit_scale=True,
+        dynamic_ncols=True,
+        leave=False,
+    )

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine wrapper every trainer (pretrain, teacher, student) runs on.
+"""The DeepSpeed engine every trainer (pretrain, teacher, student) runs on.
 
 Owns:
 - DeepSpeed setup on any machine: CPU (gloo, the shared-memory op build skipped), one plain process
@@ -7,42 +7,47 @@ Owns:
 - The client optimizer (AdamW, or SGD) with named parameter groups and per-group learning rates,
   and the warmup + cosine schedule (a group can start late: lr 0 until its start step, which is
   how the student's basis warm-up and SwAV's frozen prototypes are done without touching grads).
-- `fit()`: the step loop counted in optimizer steps over infinite streams (every rank runs the
-  same number of micro-batches, so no collective can hang), gradient accumulation, TensorBoard
-  scalars (losses, lr per group, images/s, data-wait %), rank-0 progress bar, periodic eval.
-- Checkpoints: every train.ckpt_every steps and at the end into <stage_dir>/ckpt/step%08d via
-  `save_checkpoint` on all ranks; a checkpoint counts only once its `slade_meta.json` exists
-  (written after every rank finished), so a run killed mid-save resumes from the previous one.
-  On start the latest complete checkpoint is loaded (module, optimizer, scheduler, step, client
-  state). At another world size ZeRO-0 loads directly; ZeRO-1/2 go through DeepSpeed's universal
-  conversion (`ds_to_universal`, run once by rank 0) and `checkpoint.load_universal`; a universal
-  load restores parameters only, so buffers (BatchNorm statistics, basis Gaussians) are copied
-  from the converted module state. The run directory must be on a filesystem every rank sees.
-- BatchNorm running statistics are averaged over ranks before each checkpoint and at the end
-  (DeepSpeed syncs gradients only), so every replica, and rank 0's export, is the same model.
-Tests: tests/unit/test_engine.py, tests/integration/test_train_multirank.py,
-tests/integration/test_resume.py.
+- Checkpoints: `Trainer.save` writes <stage_dir>/ckpt/step%08d via `save_checkpoint` on all ranks;
+  a checkpoint counts only once its `slade_meta.json` exists (written after every rank finished),
+  so a run killed mid-save resumes from the previous one. Each carries the stage id (config hash +
+  input ids, slade_dist.stages.stage_id): checkpoints of another id are moved aside and training
+  starts from step 0. Otherwise on start the latest complete checkpoint is loaded (module,
+  optimizer, scheduler, step, client state), every torch.load inside DeepSpeed with
+  weights_only=True (`weights_only_loads`). At another world size ZeRO-0 loads directly;
+  ZeRO-1/2 go through DeepSpeed's universal conversion (`ds_to_universal`, run once by
+  rank 0) and `checkpoint.load_universal`; a universal load restores parameters only, so buffers
+  (BatchNorm statistics, basis Gaussians) are copied from the converted module state. The run
+  directory must be on a filesystem every rank sees.
+- BatchNorm running statistics averaged over ranks (`average_bn_buffers`; DeepSpeed syncs
+  gradients only), and an exact parameter fingerprint (`param_digest`) to compare replicas.
+The step loop that drives a Trainer is train/loop.py. Tests: tests/unit/test_engine.py,
+tests/integration/test_train_multirank.py, tests/integration/test_resume.py.
 """
+
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import json
 import math
 import os
+import pickle
 import shutil
+import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 from .. import dist
 from ..config import TrainConfig
-from ..fileio import atomic_write_json
-from .tb import TBWriter
+from ..fileio import atomic_write_json, explained_writes, set_aside
+from ..models import UnsafeCheckpointError, read_checkpoint
 
 META_FILE = "slade_meta.json"
 KEEP_CHECKPOINTS = 2
@@ -57,7 +62,7 @@ def setup_deepspeed() -> Any:
 
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         # The shm op is JIT-compiled at every CPU start (~30 s) and training never uses it.
-        # Patch the attribute on the real module (see stack_notes: the `import ... as` form binds
+        # Patch the attribute on the real module (the `import ... as` form binds
         # the torch module instead).
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
@@ -66,7 +71,7 @@ def setup_deepspeed() -> Any:
 def ensure_process_group() -> None:
     """DeepSpeed needs a process group; give a plain single process a world-1 group itself.
 
-    Without it DeepSpeed looks for launcher variables and then MPI (stack_notes).
+    Without it DeepSpeed looks for launcher variables and then MPI (mpi4py), and fails.
     """
     # DeepSpeed asserts LOCAL_RANK is in the environment (dist.init_distributed writes it for
     # multi-process runs; a plain process is local rank 0)
@@ -76,8 +81,7 @@ def ensure_process_group() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(0)
-    tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{dist.find_free_port()}",
-                             rank=0, world_size=1)
+    tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{dist.find_free_port()}", rank=0, world_size=1)
     _forget_deepspeed_groups()
 
 
@@ -128,6 +132,7 @@ class WarmupCosine:
 @dataclass
 class ParamGroup:
     """Named parameters with their own peak lr; `start`: first optimizer step it trains."""
+
     name: str
     params: list[torch.nn.Parameter]
     lr: float
@@ -159,16 +164,55 @@ def ds_config(tcfg: TrainConfig, micro_batch: int, *, load_universal: bool = Fal
         "gradient_accumulation_steps": int(tcfg.grad_accum),
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(tcfg.zero_stage)},
-        # bf16 mode would cast BatchNorm buffers too; autocast keeps fp32 weights (stack_notes)
+        # bf16 mode would cast BatchNorm buffers too ("expected BFloat16 but found Float");
+        # autocast keeps fp32 weights
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": bool(load_universal)},
     }
 
 
 # ------------------------------------------------------------------------------ checkpoints
+# DeepSpeed's own classes in its ZeRO optimizer state (plain data; the only non-container types
+# a checkpoint needs). Found by loading real ZeRO-0/1 checkpoints with weights_only=True.
+_DEEPSPEED_STATE_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside runs with weights_only=True, DeepSpeed's included (whose own
+    loads opt out; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that), with only
+    DeepSpeed's state classes allow-listed. A checkpoint can then never run code."""
+    allowed = []
+    for name in _DEEPSPEED_STATE_TYPES:
+        module, attr = name.split(":")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    saved = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = saved
+
+
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def _global_named(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+    return lines[0] if lines else f"{type(e).__name__}"
+
+
 def _tag(step: int) -> str:
     return f"step{step:08d}"
 
@@ -200,18 +244,25 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
     done = out / "CONVERTED"
     if dist.is_main() and not done.exists():
         shutil.rmtree(out, ignore_errors=True)
-        tmp_args = ["--input_folder", str(ckpt_dir / tag), "--output_folder", str(out),
-                    "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        tmp_args = [
+            "--input_folder",
+            str(ckpt_dir / tag),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         parsed = _parse_ds_to_universal_args(ds_to_universal, tmp_args)
-        ds_to_universal.main(parsed)
+        with weights_only_loads():
+            ds_to_universal.main(parsed)
         done.write_text("ok\n")
     dist.barrier()
     return out_tag
 
 
 def _parse_ds_to_universal_args(module: Any, argv: list[str]) -> Any:
-    import sys
-
     old = sys.argv
     try:
         sys.argv = ["ds_to_universal", *argv]
@@ -227,11 +278,21 @@ class Trainer:
     checkpoint's) and `client_state` holds what the stage saved with that checkpoint.
     """
 
-    def __init__(self, module: torch.nn.Module, groups: Sequence[ParamGroup], tcfg: TrainConfig, *,
-                 stage_dir: str | os.PathLike[str], total_steps: int, micro_batch: int):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        groups: Sequence[ParamGroup],
+        tcfg: TrainConfig,
+        *,
+        stage_dir: str | os.PathLike[str],
+        total_steps: int,
+        micro_batch: int,
+        stage_id: str = "",
+    ):
         deepspeed = setup_deepspeed()
         ensure_process_group()
         self.tcfg = tcfg
+        self.stage_id = stage_id
         self.total_steps = int(total_steps)
         self.stage_dir = Path(stage_dir)
         self.ckpt_dir = self.stage_dir / "ckpt"
@@ -244,10 +305,14 @@ class Trainer:
         self.group_names = [g["name"] for g in optimizer.param_groups]
         starts = {g.name: g.start for g in groups}
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [WarmupCosine(total_steps, tcfg.warmup_steps, starts[n]) for n in self.group_names])
+            optimizer, [WarmupCosine(total_steps, tcfg.warmup_steps, starts[n]) for n in self.group_names]
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=ds_config(tcfg, micro_batch, load_universal=universal))
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config(tcfg, micro_batch, load_universal=universal),
+        )
         # train() explicitly: modules apply their own train-mode rules here (the Embedder keeps
         # frozen BatchNorm in eval mode), which a freshly built module has not done yet
         self.engine.train()
@@ -297,34 +362,69 @@ class Trainer:
     # -- checkpoints
     def _plan_resume(self) -> tuple[str | None, bool]:
         ckpts = complete_checkpoints(self.ckpt_dir)
+        if ckpts and ckpts[-1][2].get("stage_id", "") != self.stage_id:
+            self._set_aside_other_work(ckpts[-1][2].get("stage_id", "unknown"))
+            ckpts = []
         if not ckpts:
             return None, False
         step, tag, meta = ckpts[-1]
         world = dist.world_size()
         if int(meta.get("world_size", world)) != world and int(meta.get("zero_stage", 0)) > 0:
-            self.log.info(f"checkpoint {tag} was written by {meta['world_size']} ranks with ZeRO-"
-                          f"{meta['zero_stage']}; converting to a universal checkpoint for {world}")
+            self.log.info(
+                f"checkpoint {tag} was written by {meta['world_size']} ranks with ZeRO-"
+                f"{meta['zero_stage']}; converting to a universal checkpoint for {world}"
+            )
             return convert_to_universal(self.ckpt_dir, tag), True
         return tag, False
 
+    def _set_aside_other_work(self, old_id: str) -> None:
+        """Checkpoints of another config or other inputs: moved aside (never resumed, never
+        deleted), and training starts from step 0."""
+        if dist.is_main():
+            dest = set_aside(self.ckpt_dir, f"stale-{old_id}")
+            self.log.warning(
+                f"{self.ckpt_dir} holds checkpoints of other work (stage id {old_id}, this run is "
+                f"{self.stage_id}): moved to {dest}; training starts from step 0"
+            )
+        dist.barrier()
+
     def _load(self, tag: str) -> None:
-        path, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        try:
+            with weights_only_loads():
+                path, client_state = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"checkpoint {self.ckpt_dir / tag} refused: it needs more than tensors, plain containers and "
+                f"DeepSpeed's own state classes to load (weights_only=True), so it could run code; move "
+                f"{self.ckpt_dir} away to restart the stage from scratch ({_global_named(e)})"
+            ) from e
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}; delete it "
-                               f"to restart the stage from scratch")
+            raise RuntimeError(
+                f"DeepSpeed could not load checkpoint {self.ckpt_dir / tag}; delete it "
+                f"to restart the stage from scratch"
+            )
         if tag.endswith("_universal"):
             self._restore_buffers(self.ckpt_dir / tag)
         self.client_state = dict(client_state or {})
         self.step = int(self.client_state.get("step", 0))
         base = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
-        opt_steps = [int(torch.as_tensor(st["step"]).item()) for st in base.state.values()
-                     if isinstance(st, dict) and "step" in st]
-        self.resume_info = {"step": self.step, "tag": tag, "written_by_world_size": self.client_state.get("world_size"),
-                            "optimizer_step": max(opt_steps) if opt_steps else None,
-                            "scheduler_step": int(getattr(self.scheduler, "last_epoch", -1)),
-                            "param_digest": param_digest(self.module)}
-        self.log.info(f"resumed from {self.ckpt_dir / tag} at step {self.step} (written by "
-                      f"{self.resume_info['written_by_world_size']} ranks)")
+        opt_steps = [
+            int(torch.as_tensor(st["step"]).item())
+            for st in base.state.values()
+            if isinstance(st, dict) and "step" in st
+        ]
+        self.resume_info = {
+            "step": self.step,
+            "tag": tag,
+            "written_by_world_size": self.client_state.get("world_size"),
+            "optimizer_step": max(opt_steps) if opt_steps else None,
+            "scheduler_step": int(getattr(self.scheduler, "last_epoch", -1)),
+            "param_digest": param_digest(self.module),
+        }
+        self.log.info(
+            f"resumed from {self.ckpt_dir / tag} at step {self.step} (written by "
+            f"{self.resume_info['written_by_world_size']} ranks)"
+        )
 
     @torch.no_grad()
     def _restore_buffers(self, folder: Path) -> None:
@@ -333,27 +433,39 @@ class Trainer:
         files = sorted(folder.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise RuntimeError(f"universal checkpoint {folder} has no mp_rank_*_model_states.pt")
-        saved = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {}
+        saved = read_checkpoint(files[0]).get("module") or {}
         for name, buf in self.module.named_buffers():
             if name in saved:
                 buf.copy_(saved[name].to(buf.device, buf.dtype))
 
     def save(self, extra: Mapping[str, Any] | None = None) -> Path:
         """Collective: every rank calls it. Writes ckpt/step%08d + its meta, prunes old ones."""
-        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
-                                                    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
         tag = _tag(self.step)
-        state = {"step": self.step, "world_size": dist.world_size(), **(extra or {}),
-                 # what ds_to_universal needs to convert this checkpoint later
-                 "iteration": self.step,
-                 UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
+        state = {
+            "step": self.step,
+            "world_size": dist.world_size(),
+            **(extra or {}),
+            # what ds_to_universal needs to convert this checkpoint later
+            "iteration": self.step,
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        }
+        with explained_writes(self.ckpt_dir / tag):
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state)
         dist.barrier()  # every rank's files are on disk before the checkpoint counts
         if dist.is_main():
-            meta = {"step": self.step, "world_size": dist.world_size(), "zero_stage": int(self.tcfg.zero_stage),
-                    "time": time.time()}
+            meta = {
+                "step": self.step,
+                "world_size": dist.world_size(),
+                "zero_stage": int(self.tcfg.zero_stage),
+                "stage_id": self.stage_id,
+                "time": time.time(),
+            }
             atomic_write_json(self.ckpt_dir / tag / META_FILE, meta, indent=None)
             self._prune()
         dist.barrier()
@@ -369,28 +481,7 @@ class Trainer:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------- step loop
-@dataclass
-class MicroResult:
-    """What a stage's micro-batch function returns to `fit`."""
-    loss: torch.Tensor
-    scalars: dict[str, float] = field(default_factory=dict)  # logged as-is (averaged over ranks)
-    images: int = 0
-    skipped: int = 0
-    wait_s: float = 0.0  # seconds spent waiting for data
-
-
-@dataclass
-class FitResult:
-    steps: int
-    start_step: int
-    final_loss: float | None
-    first_loss: float | None
-    history: list[tuple[int, float]]
-    seconds: float
-    param_digest: str = ""  # sha256 of this rank's parameters + buffers (equal on every rank)
-
-
+# ------------------------------------------------------------------------- replica state
 @torch.no_grad()
 def average_bn_buffers(module: torch.nn.Module) -> None:
     """Average BatchNorm running statistics over ranks (DeepSpeed syncs only gradients).
@@ -401,7 +492,11 @@ def average_bn_buffers(module: torch.nn.Module) -> None:
     if dist.world_size() == 1:
         return
     for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+        if (
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats
+            and m.running_mean is not None
+        ):
             for buf in (m.running_mean, m.running_var):
                 t = buf.detach().clone()
                 dist.all_reduce_sum(t)
@@ -410,198 +505,8 @@ def average_bn_buffers(module: torch.nn.Module) -> None:
 
 def param_digest(module: torch.nn.Module) -> str:
     """Exact fingerprint of a module's parameters and buffers (compare replicas across ranks)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted([*module.named_parameters(), *module.named_buffers()], key=lambda kv: kv[0]):
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average each key over the ranks that have it (keys may differ, e.g. optional stats)."""
-    if dist.world_size() == 1:
-        return dict(values)
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for part in dist.all_gather_object(dict(values)):
-        for k, v in part.items():
-            sums[k] += float(v)
-            counts[k] += 1
-    return {k: sums[k] / counts[k] for k in sums}
-
-
-def fit(trainer: Trainer, micro_fn: Callable[[int], MicroResult], *, tb: TBWriter,
-        state_fn: Callable[[], dict[str, Any]] | None = None,
-        eval_fn: Callable[[int], dict[str, float]] | None = None,
-        after_step: Callable[[int], dict[str, float] | None] | None = None,
-        desc: str = "train") -> FitResult:
-    """Run optimizer steps from trainer.step to trainer.total_steps.
-
-    micro_fn(step) draws one micro-batch and returns its loss; `after_step(step)` runs after each
-    optimizer step (extra scalars to log); `state_fn()` adds stage state to each checkpoint;
-    `eval_fn(step)` runs every train.eval_every steps on all ranks and returns metrics to log.
-    """
-    from tqdm.auto import tqdm
-
-    tcfg = trainer.tcfg
-    total = trainer.total_steps
-    start = trainer.step
-    history: list[tuple[int, float]] = []
-    window: dict[str, float] = defaultdict(float)
-    n_micro = 0
-    t_window = time.perf_counter()
-    t_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not dist.is_main(), dynamic_ncols=True)
-    try:
-        while trainer.step < total:
-            extra: dict[str, float] = {}
-            for _ in range(trainer.accum):
-                out = micro_fn(trainer.step)
-                stepped = trainer.backward_step(out.loss)
-                window["loss/total"] += float(out.loss.detach())
-                for k, v in out.scalars.items():
-                    window[k] += float(v)
-                window["_images"] += out.images
-                window["_skipped"] += out.skipped
-                window["_wait"] += out.wait_s
-                n_micro += 1
-            assert stepped, "gradient accumulation boundary out of sync with train.grad_accum"
-            step = trainer.step
-            if after_step is not None:
-                extra = after_step(step) or {}
-            bar.update(1)
-            if step % tcfg.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - t_window
-                logged = _log_window(trainer, window, n_micro, elapsed, extra, tb, step)
-                history.append((step, logged["loss/total"]))
-                bar.set_postfix(loss=f"{logged['loss/total']:.4f}")
-                window.clear()
-                n_micro = 0
-                t_window = time.perf_counter()
-            if eval_fn is not None and tcfg.eval_every > 0 and step % tcfg.eval_every == 0:
-                tb.scalars({f"eval/{k}": v for k, v in eval_fn(step).items()}, step)
-            if step % tcfg.ckpt_every == 0 or step == total:
-                average_bn_buffers(trainer.module)
-                trainer.save(state_fn() if state_fn else None)
-                tb.flush()
-    finally:
-        bar.close()
-    average_bn_buffers(trainer.module)  # also when nothing ran (resumed at the last step)
-    return FitResult(steps=trainer.step, start_step=start, final_loss=history[-1][1] if history else None,
-                     first_loss=history[0][1] if history else None, history=history,
-                     seconds=time.perf_counter() - t_start, param_digest=param_digest(trainer.module))
-
-
-def _log_window(trainer: Trainer, window: Mapping[str, float], n_micro: int, elapsed: float,
-                extra: Mapping[str, float], tb: TBWriter, step: int) -> dict[str, float]:
-    """Average the window's sums over micro-batches and ranks, add throughput, write scalars."""
-    means = {k: v / max(n_micro, 1) for k, v in window.items() if not k.startswith("_")}
-    means.update(extra)
-    means["_wait_frac"] = window.get("_wait", 0.0) / max(elapsed, 1e-9)
-    means["_images"] = window.get("_images", 0.0)
-    means["_skipped"] = window.get("_skipped", 0.0)
-    g = _mean_across_ranks(means)
-    w = dist.world_size()
-    out = {k: v for k, v in g.items() if not k.startswith("_")}
-    out["perf/images_per_s"] = g["_images"] * w / max(elapsed, 1e-9)
-    out["perf/data_wait_pct"] = 100.0 * g["_wait_frac"]
-    out["data/skipped_samples"] = g["_skipped"] * w
-    out.update({f"lr/{n}": v for n, v in trainer.lrs().items()})
-    tb.scalars(out, step)
-    return out
-
-
-# -------------------------------------------------------------------------- stage plumbing
-def stream_seed(base_seed: int, step: int, salt: int = 0) -> int:
-    """Seed of a data stream started at `step`: a resumed run draws new batches, not a replay."""
-    return (int(base_seed) * 1_000_003 + int(step) * 7_919 + int(salt) * 104_729) % (2 ** 31 - 1)
-
-
-def timed_next(it: Any) -> tuple[Any, float]:
-    """next(it) and the seconds spent waiting for it (the data-wait figure)."""
-    t0 = time.perf_counter()
-    item = next(it)
-    return item, time.perf_counter() - t0
-
-
-class SkipDelta:
-    """The readers report skipped samples as a running total; logging wants per-batch counts."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, int] = {}
-
-    def __call__(self, stream_name: str, total: int) -> int:
-        d = int(total) - self._last.get(stream_name, 0)
-        self._last[stream_name] = int(total)
-        return max(d, 0)
-
-
-def init_embedder(model_cfg: Any, init_path: str | os.PathLike[str] | None) -> torch.nn.Module:
-    """An Embedder from cfg.model; `init_path` (a save_weights file) replaces all its weights.
-
-    With no init_path the embedder starts from model.pretrained_path (backbone) or random.
-    """
-    import dataclasses
-
-    from ..models import build_embedder
-    from ..models.backbones import load_state_dict_checked, read_checkpoint
-
-    if init_path is None:
-        return build_embedder(model_cfg)
-    plain = dataclasses.replace(model_cfg, pretrained_path="")  # the file replaces it anyway
-    emb = build_embedder(plain)
-    obj = read_checkpoint(init_path)
-    if not isinstance(obj, dict) or "state_dict" not in obj:
-        raise RuntimeError(f"{str(init_path)!r} is not a slade_dist weights file (save_weights format)")
-    load_state_dict_checked(emb, obj["state_dict"], strict=True, what=f"init weights {str(init_path)!r}")
-    return emb
-
-
-def embedder_groups(embedder: Any, tcfg: TrainConfig, *, start: int = 0) -> list[ParamGroup]:
-    """backbone at lr * backbone_lr_mult, head at lr (both starting at optimizer step `start`)."""
-    parts = embedder.param_groups()
-    return [ParamGroup("backbone", parts["backbone"], tcfg.lr * tcfg.backbone_lr_mult, start),
-            ParamGroup("head", parts["head"], tcfg.lr, start)]
-
-
-def open_tb(cfg: Any, run_dir: str | os.PathLike[str], stage: str, round_: int | None,
-            resume_step: int) -> TBWriter:
-    """The stage's rank-0 writer; the resolved config goes in as text on a fresh start."""
-    from ..stages import RunLayout
-
-    tb = TBWriter(RunLayout(run_dir).tb_dir(stage, round_), resume_step=resume_step)
-    if resume_step == 0:
-        tb.text("config", cfg.dump_yaml())
-    return tb
-
-
-def make_eval_fn(cfg: Any, embed_module: Callable[[], torch.nn.Module]) -> Callable[[int], dict[str, float]] | None:
-    """Periodic retrieval metrics on cfg.data.test_shards (None when eval is off or unavailable).
-
-    Every rank embeds its share of the test shards; rank 0 computes the metrics on the gathered
-    embeddings and broadcasts them, so all ranks return the same dict.
-    """
-    if cfg.train.eval_every <= 0 or not cfg.data.test_shards:
-        return None
-    try:
-        from ..eval.metrics import retrieval_metrics
-        from ..eval.stage import embed_split
-    except ImportError as e:
-        dist.get_logger().warning(f"train.eval_every > 0 but eval is unavailable ({e}); skipping periodic eval")
-        return None
-
-    def run_eval(step: int) -> dict[str, float]:
-        model = embed_module()
-        was_training = model.training
-        emb, lab = embed_split(model, cfg.data.test_shards, cfg)  # the eval stage's own pass
-        model.train(was_training)
-        metrics: dict[str, float] = {}
-        if dist.is_main():
-            res = retrieval_metrics(emb, lab, recall_k=cfg.eval.recall_k, chunk_size=cfg.eval.chunk_size,
-                                    nmi=cfg.eval.nmi, seed=cfg.run.seed)
-            metrics = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
-        return dist.broadcast_object(metrics)
-
-    return run_eval

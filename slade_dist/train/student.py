@@ -15,6 +15,7 @@ are exported in final.pt's `extra`.
 Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
 tests/integration/test_resume.py.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,10 +25,25 @@ import torch
 from torch import nn
 
 from .. import dist
+from ..basis import FeatureBasis
 from ..config import Config
-from ..stages import RunLayout
-from . import engine as E
-from .teacher import pretrain_init_path, ranking_loss_fn
+from ..data.readers import labeled_batches, pseudo_labeled_batches
+from ..data.shards import read_classes
+from ..models import save_weights
+from ..stages import RunLayout, stage_id
+from .common import (
+    Evaluate,
+    embedder_groups,
+    eval_every,
+    fit_summary,
+    init_embedder,
+    open_tb,
+    pretrain_init_path,
+    ranking_loss_fn,
+    stream_seed,
+)
+from .engine import ParamGroup, Trainer
+from .loop import MicroResult, SkipDelta, fit, timed_next
 
 
 class StudentNet(nn.Module):
@@ -47,19 +63,18 @@ def student_init_path(cfg: Config, run_dir: Path) -> Path | None:
     if cfg.student.init == "teacher":
         p = RunLayout(run_dir).teacher_weights(r)
         if not p.exists():
-            raise FileNotFoundError(f"student round {r} starts from {p}, which does not exist: run the "
-                                    f"{'teacher' if r <= 1 else f'round {r - 1} student'} stage first "
-                                    f"(or set student.init=pretrain)")
+            raise FileNotFoundError(
+                f"student round {r} starts from {p}, which does not exist: run the "
+                f"{'teacher' if r <= 1 else f'round {r - 1} student'} stage first "
+                f"(or set student.init=pretrain)"
+            )
         return p
     return pretrain_init_path(run_dir)
 
 
 def build_student(cfg: Config, run_dir: Path) -> tuple[StudentNet, Path | None, int]:
-    from ..basis import FeatureBasis
-    from ..data.shards import read_classes
-
     init = student_init_path(cfg, run_dir)
-    embedder = E.init_embedder(cfg.model, init)
+    embedder = init_embedder(cfg.model, init)
     num_classes = len(read_classes(cfg.data.train_shards))
     basis = None
     if cfg.student.ablation != "no_basis":
@@ -68,13 +83,20 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[StudentNet, Path | None, 
     return StudentNet(embedder, basis), init, num_classes
 
 
-def param_groups(net: StudentNet, cfg: Config) -> list[E.ParamGroup]:
+def param_groups(net: StudentNet, cfg: Config) -> list[ParamGroup]:
     warm = cfg.student.basis_warmup_steps if net.basis is not None else 0
-    groups = E.embedder_groups(net.embedder, cfg.train, start=warm)
+    groups = embedder_groups(net.embedder, cfg.train, start=warm)
     if net.basis is not None:
         # W_a has no weight decay: its rows are normalised in L_CE, decay would only shrink them
-        groups.append(E.ParamGroup("basis", [p for p in net.basis.parameters() if p.requires_grad],
-                                   cfg.train.lr * cfg.train.basis_lr_mult, 0, weight_decay=0.0))
+        groups.append(
+            ParamGroup(
+                "basis",
+                [p for p in net.basis.parameters() if p.requires_grad],
+                cfg.train.lr * cfg.train.basis_lr_mult,
+                0,
+                weight_decay=0.0,
+            )
+        )
     return groups
 
 
@@ -85,10 +107,9 @@ def _pairs_count(pairs: Any) -> int:
     return int(pairs.shape[-1]) if pairs.dim() == 2 else int(pairs.numel())
 
 
-def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    from ..data.readers import labeled_batches, pseudo_labeled_batches
-    from ..models import save_weights
-
+def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[str, Any]:
+    """Train round cfg.run.round's student; `evaluate` (from the stage runner) runs every
+    train.eval_every steps on the embedder."""
     run_dir = Path(run_dir)
     r = cfg.run.round
     layout = RunLayout(run_dir)
@@ -100,46 +121,86 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     net, init, num_classes = build_student(cfg, run_dir)
     P, K = cfg.train.classes_per_batch, cfg.train.samples_per_class
     Pu, Ku = cfg.student.unlabeled_classes_per_batch, cfg.student.unlabeled_samples_per_class
-    trainer = E.Trainer(net, param_groups(net, cfg), cfg.train, stage_dir=stage_dir,
-                        total_steps=cfg.train.student_steps, micro_batch=P * K + Pu * Ku)
-    seeds = {"labeled_stream_seed": E.stream_seed(cfg.run.seed, trainer.step, salt=r),
-             "pseudo_stream_seed": E.stream_seed(cfg.run.seed, trainer.step, salt=1000 + r)}
-    lab_stream = labeled_batches(cfg.data.train_shards, cfg.data, P, K, seed=seeds["labeled_stream_seed"],
-                                 rank=dist.rank(), world=dist.world_size(), train=True)
-    unl_stream = pseudo_labeled_batches(cfg.data.unlabeled_shards, pseudo_dir, cfg.data, Pu, Ku,
-                                        seed=seeds["pseudo_stream_seed"], rank=dist.rank(),
-                                        world=dist.world_size())
-    tb = E.open_tb(cfg, run_dir, "student", r, trainer.step)
+    trainer = Trainer(
+        net,
+        param_groups(net, cfg),
+        cfg.train,
+        stage_dir=stage_dir,
+        total_steps=cfg.train.student_steps,
+        micro_batch=P * K + Pu * Ku,
+        stage_id=stage_id(cfg, "student"),
+    )
+    seeds = {
+        "labeled_stream_seed": stream_seed(cfg.run.seed, trainer.step, salt=r),
+        "pseudo_stream_seed": stream_seed(cfg.run.seed, trainer.step, salt=1000 + r),
+    }
+    lab_stream = labeled_batches(
+        cfg.data.train_shards,
+        cfg.data,
+        P,
+        K,
+        seed=seeds["labeled_stream_seed"],
+        rank=dist.rank(),
+        world=dist.world_size(),
+        train=True,
+    )
+    unl_stream = pseudo_labeled_batches(
+        cfg.data.unlabeled_shards,
+        pseudo_dir,
+        cfg.data,
+        Pu,
+        Ku,
+        seed=seeds["pseudo_stream_seed"],
+        rank=dist.rank(),
+        world=dist.world_size(),
+    )
+    tb = open_tb(cfg, run_dir, "student", r, trainer.step)
     step_fn = StudentStep(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream)
     resumed = dict(trainer.resume_info)
     if resumed and trainer.module.basis is not None:  # the Gaussians as restored from the checkpoint
-        resumed["basis"] = {k: float(v) for k, v in trainer.module.basis.stats().items()
-                            if k in ("mu_pos", "mu_neg", "var_pos", "var_neg")}
-    result = E.fit(trainer, step_fn, tb=tb, state_fn=lambda: {"stream_seeds": seeds},
-                   eval_fn=E.make_eval_fn(cfg, lambda: trainer.module.embedder), desc=f"student r{r}")
+        resumed["basis"] = {
+            k: float(v)
+            for k, v in trainer.module.basis.stats().items()
+            if k in ("mu_pos", "mu_neg", "var_pos", "var_neg")
+        }
+    result = fit(
+        trainer,
+        step_fn,
+        tb=tb,
+        state_fn=lambda: {"stream_seeds": seeds},
+        eval_fn=eval_every(evaluate, lambda: trainer.module.embedder),
+        desc=f"student r{r}",
+    )
     tb.close()
     module: StudentNet = trainer.module  # type: ignore[assignment]
     basis_stats = module.basis.stats() if module.basis is not None else {}
     if dist.is_main():
-        extra: dict[str, Any] = {"stage": "student", "round": r, "step": trainer.step,
-                                 "ablation": cfg.student.ablation, "init": str(init) if init else ""}
+        extra: dict[str, Any] = {
+            "stage": "student",
+            "round": r,
+            "step": trainer.step,
+            "ablation": cfg.student.ablation,
+            "init": str(init) if init else "",
+        }
         if module.basis is not None:
             extra["basis_state_dict"] = {k: v.detach().cpu() for k, v in module.basis.state_dict().items()}
             extra["basis_num_classes"] = num_classes
         save_weights(stage_dir / "final.pt", module.embedder, cfg.model, extra=extra)
     dist.barrier()
-    return {"steps": result.steps, "resumed_from": result.start_step, "first_loss": result.first_loss,
-            "final_loss": result.final_loss, "round": r, "ablation": cfg.student.ablation,
-            "init": str(init) if init else "", "num_classes": num_classes,
-            "basis": {k: float(v) for k, v in basis_stats.items() if isinstance(v, (int, float))},
-            "seconds": round(result.seconds, 2), "param_digest": result.param_digest, "resumed": resumed,
-            "loss_history": result.history}
+    return {
+        **fit_summary(result, resumed),
+        "round": r,
+        "ablation": cfg.student.ablation,
+        "init": str(init) if init else "",
+        "num_classes": num_classes,
+        "basis": {k: float(v) for k, v in basis_stats.items() if isinstance(v, (int, float))},
+    }
 
 
 class StudentStep:
-    """One micro-batch of the student objective (callable for engine.fit)."""
+    """One micro-batch of the student objective (callable for loop.fit)."""
 
-    def __init__(self, cfg: Config, trainer: E.Trainer, rank_loss: Any, lab_stream: Any, unl_stream: Any):
+    def __init__(self, cfg: Config, trainer: Trainer, rank_loss: Any, lab_stream: Any, unl_stream: Any):
         self.cfg = cfg
         self.trainer = trainer
         self.rank_loss = rank_loss
@@ -147,13 +208,13 @@ class StudentStep:
         self.unl_stream = unl_stream
         self.ablation = cfg.student.ablation
         self.mining = cfg.mining.enabled and self.ablation == "full"
-        self.skip = E.SkipDelta()
+        self.skip = SkipDelta()
 
-    def __call__(self, step: int) -> E.MicroResult:
+    def __call__(self, step: int) -> MicroResult:
         cfg, tr = self.cfg, self.trainer
         net: StudentNet = tr.module  # type: ignore[assignment]
-        lab, wait_l = E.timed_next(self.lab_stream)
-        unl, wait_u = E.timed_next(self.unl_stream)
+        lab, wait_l = timed_next(self.lab_stream)
+        unl, wait_u = timed_next(self.unl_stream)
         dev = tr.device
         x = torch.cat([lab["images"], unl["images"]]).to(dev, non_blocking=True)
         y = lab["labels"].to(dev, non_blocking=True)
@@ -177,11 +238,18 @@ class StudentStep:
         loss = sum(terms.values()) if terms else emb.sum() * 0.0
         scalars.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
         skipped = self.skip("labeled", lab.get("skipped", 0)) + self.skip("pseudo", unl.get("skipped", 0))
-        return E.MicroResult(loss=loss, scalars=scalars, images=int(x.shape[0]), skipped=skipped,
-                             wait_s=wait_l + wait_u)
+        return MicroResult(loss=loss, scalars=scalars, images=int(x.shape[0]), skipped=skipped, wait_s=wait_l + wait_u)
 
-    def _basis_terms(self, net: StudentNet, emb_l: torch.Tensor, y: torch.Tensor, emb_u: torch.Tensor,
-                     pl: torch.Tensor, warmup: bool, scalars: dict[str, float]) -> dict[str, torch.Tensor]:
+    def _basis_terms(
+        self,
+        net: StudentNet,
+        emb_l: torch.Tensor,
+        y: torch.Tensor,
+        emb_u: torch.Tensor,
+        pl: torch.Tensor,
+        warmup: bool,
+        scalars: dict[str, float],
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         basis = net.basis
         ce = basis.ce_loss(emb_l, y)

@@ -7,11 +7,15 @@ EventAccumulator) drop the events the killed run wrote past its last checkpoint:
 seen once. DeepSpeed's own monitor is not used (it keys by samples and opens a file per engine).
 Tests: tests/unit/test_engine.py (read back with EventAccumulator), tests/integration/test_resume.py.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
 
 from .. import dist
 
@@ -19,14 +23,11 @@ from .. import dist
 class TBWriter:
     """Scalars/text for rank 0; a silent no-op on other ranks or when disabled."""
 
-    def __init__(self, log_dir: str | os.PathLike[str] | None, *, resume_step: int = 0,
-                 enabled: bool | None = None):
+    def __init__(self, log_dir: str | os.PathLike[str] | None, *, resume_step: int = 0, enabled: bool | None = None):
         self.log_dir = Path(log_dir) if log_dir else None
         on = dist.is_main() if enabled is None else enabled
         self._w = None
         if on and self.log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step only matters after a resume: it hides the killed run's steps > checkpoint
             self._w = SummaryWriter(str(self.log_dir), purge_step=resume_step + 1 if resume_step > 0 else None)

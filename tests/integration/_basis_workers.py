@@ -4,6 +4,7 @@ Module-level so dist.run_local_processes can spawn them. Each rank writes what i
 <out_dir>/rank<r>.pt; the tests compare those files with a single-process reference.
 Used by: tests/integration/test_basis_multirank.py.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,9 +76,14 @@ def _basis_part(steps: int) -> list[dict]:
         basis.zero_grad()
         loss, stats = basis.sd_loss(basis.basis_similarity(feats[sl]), pl[sl])
         loss.backward()
-        history.append({"loss": loss.item(), "stats": stats,
-                        "buffers": {k: v.clone() for k, v in basis.state_dict().items() if k != "W_a"},
-                        "grad": _avg_grads([basis.W_a])[0]})
+        history.append(
+            {
+                "loss": loss.item(),
+                "stats": stats,
+                "buffers": {k: v.clone() for k, v in basis.state_dict().items() if k != "W_a"},
+                "grad": _avg_grads([basis.W_a])[0],
+            }
+        )
     return history
 
 

@@ -1,5 +1,6 @@
 """Run inside real spawned processes by tests/integration/test_readers_multirank.py (2 ranks, gloo,
 2 DataLoader workers per rank). Results go to <out_dir>/rank<r>.json for the test to check."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,9 @@ from slade_dist.data.readers import finite_batches, labeled_batches, pseudo_labe
 def reader_worker(shard_dir: str, five_dir: str, good_pl: str, bad_pl: str, out_dir: str, n_steps: int) -> None:
     dist.init_distributed()
     r = dist.rank()
-    cfg = dataclasses.replace(DataConfig(), image_size=16, resize_size=16, num_workers=2, shuffle_buffer=8,
-                              max_buffered=64)
+    cfg = dataclasses.replace(
+        DataConfig(), image_size=16, resize_size=16, num_workers=2, shuffle_buffer=8, max_buffered=64
+    )
     res: dict = {"rank": r}
     # infinite labeled stream: every rank takes exactly n_steps batches, with a collective per step
     steps = torch.zeros(1)

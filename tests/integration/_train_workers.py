@@ -5,20 +5,21 @@ spawn can import them). Data: 32x32 JPEGs whose class is a colour + stripe patte
 learns it in a few dozen steps), written with slade_dist.data.shards.write_shard, plus perfect or
 noisy pseudo-label files written with slade_dist.data.pseudo_labels.
 """
+
 from __future__ import annotations
 
 import colorsys
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from slade_dist.data.shards import (encode_jpeg, shard_name, shard_paths, write_classes, write_index,
-                                    write_shard)
+from slade_dist.data.shards import encode_jpeg, shard_name, shard_paths, write_classes, write_index, write_shard
 
 IMAGE = 32
 
@@ -30,7 +31,7 @@ def class_image(c: int, n_classes: int, rng: np.random.Generator) -> Image.Image
     img[:] = (r * 255, g * 255, b * 255)
     period = 4 + 2 * (c % 3)
     idx = np.arange(IMAGE)
-    stripes = ((idx // (period // 2)) % 2 == 0)
+    stripes = (idx // (period // 2)) % 2 == 0
     if c % 2:
         img[stripes, :, :] *= 0.35
     else:
@@ -39,15 +40,28 @@ def class_image(c: int, n_classes: int, rng: np.random.Generator) -> Image.Image
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def write_labeled(out: Path, n_classes: int, per_class: int, n_shards: int = 2, seed: int = 0,
-                  prefix: str = "train", class_offset: int = 0) -> Path:
+def write_labeled(
+    out: Path,
+    n_classes: int,
+    per_class: int,
+    n_shards: int = 2,
+    seed: int = 0,
+    prefix: str = "train",
+    class_offset: int = 0,
+) -> Path:
     rng = np.random.default_rng(seed)
     samples = []
     for c in range(n_classes):
         for i in range(per_class):
             img = class_image(c + class_offset, n_classes + class_offset, rng)
-            samples.append({"__key__": f"{prefix}_{c:03d}_{i:03d}", "jpg": encode_jpeg(img), "cls": str(c),
-                            "json": json.dumps({"class_name": f"class{c}"}).encode()})
+            samples.append(
+                {
+                    "__key__": f"{prefix}_{c:03d}_{i:03d}",
+                    "jpg": encode_jpeg(img),
+                    "cls": str(c),
+                    "json": json.dumps({"class_name": f"class{c}"}).encode(),
+                }
+            )
     rng.shuffle(samples)
     shards = []
     for s in range(n_shards):
@@ -59,8 +73,9 @@ def write_labeled(out: Path, n_classes: int, per_class: int, n_shards: int = 2, 
     return out
 
 
-def write_unlabeled(out: Path, n_classes: int, per_class: int, n_shards: int = 2, seed: int = 1,
-                    corrupt: int = 0) -> tuple[Path, dict[str, int]]:
+def write_unlabeled(
+    out: Path, n_classes: int, per_class: int, n_shards: int = 2, seed: int = 1, corrupt: int = 0
+) -> tuple[Path, dict[str, int]]:
     """Unlabeled shards (+ `corrupt` undecodable jpgs); returns the true class of every key."""
     rng = np.random.default_rng(seed)
     samples, truth = [], {}
@@ -84,8 +99,9 @@ def write_unlabeled(out: Path, n_classes: int, per_class: int, n_shards: int = 2
     return out, truth
 
 
-def write_pseudo(unlabeled_dir: Path, pseudo_dir: Path, truth: dict[str, int], noise: float = 0.0,
-                 seed: int = 2) -> Path:
+def write_pseudo(
+    unlabeled_dir: Path, pseudo_dir: Path, truth: dict[str, int], noise: float = 0.0, seed: int = 2
+) -> Path:
     """Pseudo-label files (one per image shard, same key order) from the true classes."""
     import tarfile
 
@@ -106,8 +122,9 @@ def write_pseudo(unlabeled_dir: Path, pseudo_dir: Path, truth: dict[str, int], n
     return pseudo_dir
 
 
-def make_data(root: Path, n_classes: int = 6, per_class: int = 8, unl_per_class: int = 8,
-              corrupt: int = 0) -> dict[str, Path]:
+def make_data(
+    root: Path, n_classes: int = 6, per_class: int = 8, unl_per_class: int = 8, corrupt: int = 0
+) -> dict[str, Path]:
     train = write_labeled(root / "train", n_classes, per_class)
     test = write_labeled(root / "test", 4, 5, n_shards=1, seed=5, prefix="test", class_offset=n_classes)
     unl, truth = write_unlabeled(root / "unlabeled", n_classes, unl_per_class, corrupt=corrupt)
@@ -116,16 +133,37 @@ def make_data(root: Path, n_classes: int = 6, per_class: int = 8, unl_per_class:
 
 def overrides(data: dict[str, Any], run_dir: Path, *extra: str) -> list[str]:
     """Small-and-fast config for the tiny data (tiny_cnn, 32 px, no loader workers)."""
-    return [f"run.dir={run_dir}", f"data.train_shards={data['train']}", f"data.test_shards={data['test']}",
-            f"data.unlabeled_shards={data['unlabeled']}", "data.image_size=32", "data.resize_size=32",
-            "data.crop_scale_min=0.6", "data.num_workers=0", "data.shuffle_buffer=16",
-            "model.backbone=tiny_cnn", "model.embed_dim=32", "model.freeze_bn=false",
-            "train.classes_per_batch=4", "train.samples_per_class=4", "train.lr=0.003",
-            "train.backbone_lr_mult=1.0", "train.warmup_steps=3", "train.log_every=2", "train.ckpt_every=10",
-            "student.unlabeled_classes_per_batch=4", "student.unlabeled_samples_per_class=4",
-            "student.basis_warmup_steps=4", "pretrain.batch_size=16", "pretrain.prototypes=12",
-            "pretrain.proj_dim=16", "pretrain.freeze_prototypes_steps=3", "pretrain.lr=0.003",
-            "eval.batch_size=64", *extra]
+    return [
+        f"run.dir={run_dir}",
+        f"data.train_shards={data['train']}",
+        f"data.test_shards={data['test']}",
+        f"data.unlabeled_shards={data['unlabeled']}",
+        "data.image_size=32",
+        "data.resize_size=32",
+        "data.crop_scale_min=0.6",
+        "data.num_workers=0",
+        "data.shuffle_buffer=16",
+        "model.backbone=tiny_cnn",
+        "model.embed_dim=32",
+        "model.freeze_bn=false",
+        "train.classes_per_batch=4",
+        "train.samples_per_class=4",
+        "train.lr=0.003",
+        "train.backbone_lr_mult=1.0",
+        "train.warmup_steps=3",
+        "train.log_every=2",
+        "train.ckpt_every=10",
+        "student.unlabeled_classes_per_batch=4",
+        "student.unlabeled_samples_per_class=4",
+        "student.basis_warmup_steps=4",
+        "pretrain.batch_size=16",
+        "pretrain.prototypes=12",
+        "pretrain.proj_dim=16",
+        "pretrain.freeze_prototypes_steps=3",
+        "pretrain.lr=0.003",
+        "eval.batch_size=64",
+        *extra,
+    ]
 
 
 def load_cfg(ovr: Sequence[str]):
@@ -145,14 +183,15 @@ def _start() -> None:
 
 
 def stage_worker(stages: list[str], ovr: list[str], out_prefix: str) -> None:
-    """Run stages in order on this rank; write this rank's results to <out_prefix>.rank<r>.json."""
+    """Run stages in order on this rank (as a user's rerun: finished ones skipped, interrupted ones
+    resumed); write this rank's results to <out_prefix>.rank<r>.json."""
     from slade_dist import dist
-    from slade_dist.stages import run_stage
+    from slade_dist.runner import run_stage
 
     _start()
     results = {}
     for stage in stages:
-        results[stage] = run_stage(load_cfg(ovr), stage, force=True)
+        results[stage] = run_stage(load_cfg(ovr), stage)
     Path(f"{out_prefix}.rank{dist.rank()}.json").write_text(json.dumps(results, default=str))
     dist.barrier()
     dist.shutdown()
@@ -165,8 +204,12 @@ def read_results(out_prefix: str | Path, world: int) -> list[dict[str, Any]]:
 def run_ranks(world: int, stages: list[str], ovr: list[str], out_prefix: str | Path) -> list[dict[str, Any]]:
     from slade_dist import dist
 
-    dist.run_local_processes(stage_worker, world, args=(stages, list(ovr), str(out_prefix)),
-                             extra_env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    dist.run_local_processes(
+        stage_worker,
+        world,
+        args=(stages, list(ovr), str(out_prefix)),
+        extra_env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
     return read_results(out_prefix, world)
 
 

@@ -6,14 +6,15 @@ two-node Slurm cluster on this machine; ~40 s on a fresh machine, ~1 s when it r
 CI=true these tests never skip: a cluster that cannot start fails them loudly. Outside CI, a non-root
 user (who cannot start system daemons) gets a skip that says so.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -34,8 +35,9 @@ def slurm_cluster() -> Iterator[dict[str, str]]:
         pytest.skip("the local Slurm cluster needs root to install and start its daemons")
     proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        pytest.fail(f"local Slurm cluster did not start (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
-                    pytrace=False)
+        pytest.fail(
+            f"local Slurm cluster did not start (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}", pytrace=False
+        )
     assert shutil.which("sbatch"), "slurm_cluster.sh succeeded but sbatch is not on PATH"
     before = set(_queued_job_ids())
     yield {"partition": "debug", "high_partition": "high", "nodes": "2", "log": proc.stdout}
@@ -76,28 +78,50 @@ def require_stages(*names: str) -> None:
 
 
 # A chain small enough for tests (tiny CNN, 32 px, a few steps per trainer, 1 round).
-TINY_DEMO = ["demo.image_size=32", "demo.train_classes=8", "demo.test_classes=8", "demo.extra_classes=4",
-             "demo.labeled_per_class=8", "demo.test_per_class=6", "demo.unlabeled_per_class=6",
-             "demo.shard_size=40", "demo.workers=1"]
+TINY_DEMO = [
+    "demo.image_size=32",
+    "demo.train_classes=8",
+    "demo.test_classes=8",
+    "demo.extra_classes=4",
+    "demo.labeled_per_class=8",
+    "demo.test_per_class=6",
+    "demo.unlabeled_per_class=6",
+    "demo.shard_size=40",
+    "demo.workers=1",
+]
 
 
 def tiny_config(path: Path, demo_dir: Path, run_dir: Path, **sections: dict) -> Path:
     """Write a run file for the tiny demo chain; `sections` override / add keys per section."""
     body: dict[str, dict] = {
         "run": {"dir": str(run_dir), "rounds": 1},
-        "data": {"train_shards": str(demo_dir / "train"), "test_shards": str(demo_dir / "test"),
-                 "unlabeled_shards": str(demo_dir / "unlabeled"), "image_size": 32, "resize_size": 32,
-                 "crop_scale_min": 0.5, "num_workers": 0, "shuffle_buffer": 50, "max_buffered": 500},
+        "data": {
+            "train_shards": str(demo_dir / "train"),
+            "test_shards": str(demo_dir / "test"),
+            "unlabeled_shards": str(demo_dir / "unlabeled"),
+            "image_size": 32,
+            "resize_size": 32,
+            "crop_scale_min": 0.5,
+            "num_workers": 0,
+            "shuffle_buffer": 50,
+            "max_buffered": 500,
+        },
         "model": {"backbone": "tiny_cnn", "embed_dim": 16, "freeze_bn": False},
         "pretrain": {"steps": 4, "batch_size": 16, "prototypes": 10, "freeze_prototypes_steps": 1},
-        "train": {"teacher_steps": 6, "student_steps": 6, "classes_per_batch": 4, "samples_per_class": 2,
-                  "warmup_steps": 1, "ckpt_every": 3, "log_every": 2},
+        "train": {
+            "teacher_steps": 6,
+            "student_steps": 6,
+            "classes_per_batch": 4,
+            "samples_per_class": 2,
+            "warmup_steps": 1,
+            "ckpt_every": 3,
+            "log_every": 2,
+        },
         "student": {"basis_warmup_steps": 2, "unlabeled_classes_per_batch": 4, "unlabeled_samples_per_class": 2},
         "pseudo": {"k": 8, "niter": 4, "embed_batch_size": 32},
         "eval": {"batch_size": 64},
         # 1 CPU per task: the test cluster's virtual nodes have 2 CPUs each
-        "launch": {k: {"cpus_per_task": 1} for k in
-                   ("pretrain", "teacher", "embed", "cluster_job", "student", "eval")},
+        "launch": {k: {"cpus_per_task": 1} for k in ("pretrain", "teacher", "embed", "cluster_job", "student", "eval")},
     }
     for name, keys in sections.items():
         body.setdefault(name, {}).update(keys)
@@ -110,12 +134,31 @@ def tiny_demo(tmp_path_factory) -> Path:
     """The demo generator's shards at test size (8+8 classes, 32 px): ~4 s."""
     require_stages()
     out = tmp_path_factory.mktemp("tiny_demo")
-    subprocess.run([PYTHON, "-m", "slade_dist", "demo-data", "--config", str(REPO_ROOT / "configs" / "demo.yaml"),
-                    f"demo.out={out}", *TINY_DEMO], check=True, cwd=REPO_ROOT, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "slade_dist",
+            "demo-data",
+            "--config",
+            str(REPO_ROOT / "configs" / "demo.yaml"),
+            f"demo.out={out}",
+            *TINY_DEMO,
+        ],
+        check=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
 def launch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real launcher CLI from the repo root."""
-    return subprocess.run([PYTHON, str(REPO_ROOT / "launch" / "submit.py"), *args], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=timeout)
+    return subprocess.run(
+        [PYTHON, str(REPO_ROOT / "launch" / "submit.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=timeout,
+    )

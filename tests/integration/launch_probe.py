@@ -6,8 +6,9 @@ launcher tests (dependencies, requeue + resume, DONE skip, multi-node env) run o
 submitit jobs whether or not the real stages exist yet. Like a real trainer it resumes from its
 latest checkpoint, runs a real gloo all_reduce every step (so every task must be in one process
 group) and records where each start began, which is what the requeue test asserts on.
-Used by tests/integration/test_slurm.py, test_launch_local.py and tests/unit/test_submit.py.
+Used by tests/integration/test_slurm.py, test_launch_local.py and tests/unit/test_launch.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,16 @@ import torch
 
 from slade_dist import dist, stages
 from slade_dist.config import Config
-from slade_dist.jobs import StageJob
+from slade_dist.launch.job import StageJob
 
-PROBE = stages.Stage("probe", f"{__name__}:run", ("train",), False, (),
-                     "launcher test fixture: counts steps with an all_reduce, checkpoints, resumes")
+PROBE = stages.Stage(
+    "probe",
+    f"{__name__}:run",
+    ("train",),
+    False,
+    (),
+    "launcher test fixture: counts steps with an all_reduce, checkpoints, resumes",
+)
 
 
 def register_probe() -> bool:
@@ -62,8 +69,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
             tmp.write_text(json.dumps({"step": step, "total": total}))
             tmp.replace(ckpt)
         dist.barrier()
-    return {"steps": step, "total": total, "world": dist.world_size(), "hosts": sorted(set(hosts)),
-            "rank": dist.rank()}
+    return {"steps": step, "total": total, "world": dist.world_size(), "hosts": sorted(set(hosts)), "rank": dist.rank()}
 
 
 class ProbeJob(StageJob):

@@ -9,7 +9,7 @@
 # daemons when slurm.conf changed) and waits until every node is idle. A second run is a ~1 s no-op.
 # No systemd and no cgroups are needed: daemons are started directly, processes tracked via /proc.
 #
-# Why each non-default setting is there (measured, see shared/reference/slurm_local.md):
+# Why each non-default setting is there (measured on these machines):
 #  - several `slurmd -N nodeI` on one host (Debian builds Slurm with multiple-slurmd), each with its
 #    own port/spool/pid/log (%n), and config_overrides so a node may claim CPUs the VM lacks;
 #  - the node names resolve (/etc/hosts) because submitit takes MASTER_ADDR from the first node name;

@@ -5,6 +5,7 @@
 - losses.cross_rank_loss with 10 + 6 samples: the loss value and the DDP-averaged parameter
   gradients equal one process with all 16 samples (MS and contrastive).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,8 @@ def _basis_reference(w_a: torch.Tensor):
         vals = {"pos": [], "neg": []}
         lo = 0
         for n in workers.SPLIT:  # pairs exist only within one rank's batch
-            r = torch.nn.functional.normalize(feats[lo:lo + n] @ w_a.t(), dim=1)
-            sim, p = r @ r.t(), pl[lo:lo + n]
+            r = torch.nn.functional.normalize(feats[lo : lo + n] @ w_a.t(), dim=1)
+            sim, p = r @ r.t(), pl[lo : lo + n]
             iu = torch.triu_indices(n, n, 1)
             same = p[iu[0]] == p[iu[1]]
             s = sim[iu[0], iu[1]]
@@ -54,9 +55,16 @@ def _basis_reference(w_a: torch.Tensor):
             state[kind] = (mu_b.detach(), var_b.detach())
         loss = torch.relu(g["neg"][0] - g["pos"][0] + 0.5) + (g["pos"][1] + g["neg"][1])
         (grad,) = torch.autograd.grad(loss, w_a)
-        out.append({"mu_pos": state["pos"][0].item(), "var_pos": state["pos"][1].item(),
-                    "mu_neg": state["neg"][0].item(), "var_neg": state["neg"][1].item(),
-                    "loss": loss.item(), "grad": grad})
+        out.append(
+            {
+                "mu_pos": state["pos"][0].item(),
+                "var_pos": state["pos"][1].item(),
+                "mu_neg": state["neg"][0].item(),
+                "var_neg": state["neg"][1].item(),
+                "loss": loss.item(),
+                "grad": grad,
+            }
+        )
     return out
 
 

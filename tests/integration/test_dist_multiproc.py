@@ -1,4 +1,5 @@
 """slade_dist.dist with 2 real processes over gloo."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ def test_two_process_gather_reduce_broadcast(tmp_path):
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for r, out in enumerate(res):
         assert out["env"] == [r, 2, "torchrun"]
-        assert out["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]   # rank 0: 1 row, rank 1: 2 rows
+        assert out["gathered"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank 0: 1 row, rank 1: 2 rows
         assert out["sum"] == 3.0
         assert out["objs"] == [{"rank": 0}, {"rank": 1}]
         assert out["token"] == "from-0"

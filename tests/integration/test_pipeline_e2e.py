@@ -1,6 +1,7 @@
 """End to end, in one process: demo data -> pretrain -> teacher -> 2 x (embed -> cluster -> student)
 -> eval, at a tiny size, through the same CLI the README uses. Checks every artefact contract and
 that a re-run is a no-op (DONE markers)."""
+
 from __future__ import annotations
 
 import json
@@ -15,19 +16,49 @@ from slade_dist.data.pseudo_labels import read_pseudo_labels
 from slade_dist.data.shards import shard_paths
 from slade_dist.stages import STAGES
 
-TINY = ["demo.image_size=32", "demo.train_classes=6", "demo.test_classes=6", "demo.extra_classes=2",
-        "demo.labeled_per_class=6", "demo.test_per_class=6", "demo.unlabeled_per_class=12", "demo.shard_size=40",
-        "demo.workers=1", "data.image_size=32", "data.resize_size=32", "data.num_workers=1",
-        "pretrain.steps=4", "pretrain.batch_size=16", "pretrain.prototypes=16", "pretrain.freeze_prototypes_steps=1",
-        "train.teacher_steps=8", "train.student_steps=8", "train.ckpt_every=4", "train.log_every=2",
-        "train.classes_per_batch=4", "train.samples_per_class=2", "student.unlabeled_classes_per_batch=4",
-        "student.unlabeled_samples_per_class=2", "student.basis_warmup_steps=2", "pseudo.k=8",
-        "pseudo.niter=5", "pseudo.embed_batch_size=32", "eval.batch_size=32", "run.rounds=2"]
+TINY = [
+    "demo.image_size=32",
+    "demo.train_classes=6",
+    "demo.test_classes=6",
+    "demo.extra_classes=2",
+    "demo.labeled_per_class=6",
+    "demo.test_per_class=6",
+    "demo.unlabeled_per_class=12",
+    "demo.shard_size=40",
+    "demo.workers=1",
+    "data.image_size=32",
+    "data.resize_size=32",
+    "data.num_workers=1",
+    "pretrain.steps=4",
+    "pretrain.batch_size=16",
+    "pretrain.prototypes=16",
+    "pretrain.freeze_prototypes_steps=1",
+    "train.teacher_steps=8",
+    "train.student_steps=8",
+    "train.ckpt_every=4",
+    "train.log_every=2",
+    "train.classes_per_batch=4",
+    "train.samples_per_class=2",
+    "student.unlabeled_classes_per_batch=4",
+    "student.unlabeled_samples_per_class=2",
+    "student.basis_warmup_steps=2",
+    "pseudo.k=8",
+    "pseudo.niter=5",
+    "pseudo.embed_batch_size=32",
+    "eval.batch_size=32",
+    "run.rounds=2",
+]
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "slade_dist", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "slade_dist", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"},
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -37,9 +68,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     import slade_dist
 
     repo = __import__("pathlib").Path(slade_dist.__file__).parent.parent
-    over = TINY + [f"demo.out={tmp_path}/shards", f"data.train_shards={tmp_path}/shards/train",
-                   f"data.test_shards={tmp_path}/shards/test", f"data.unlabeled_shards={tmp_path}/shards/unlabeled",
-                   f"run.dir={tmp_path}/run"]
+    over = TINY + [
+        f"demo.out={tmp_path}/shards",
+        f"data.train_shards={tmp_path}/shards/train",
+        f"data.test_shards={tmp_path}/shards/test",
+        f"data.unlabeled_shards={tmp_path}/shards/unlabeled",
+        f"run.dir={tmp_path}/run",
+    ]
     r = cli("demo-data", "--config", "configs/demo.yaml", *over, cwd=repo)
     assert r.returncode == 0, r.stderr
     r = cli("pipeline", "--config", "configs/demo.yaml", *over, cwd=repo)

@@ -1,9 +1,12 @@
 """Pseudo labelling with 2 real ranks (gloo, separate processes): embed is aligned with the shards,
 idempotent and completes a half-done run; distributed k-means and the cluster stage give the
-1-rank centroids; pseudo labels zip with the image shards through the data readers, with purity
-well above chance. One pair of processes runs all the 2-rank work (W.session_worker); each test
-checks one part of it against single-process references computed here.
+1-rank centroids (flat and two-level, from the same training sample); pseudo labels zip with the
+image shards through the data readers, with purity well above chance; a 2-rank k-means killed
+mid-Lloyd resumes from its checkpoint and ends where an uninterrupted run ends. One pair of
+processes runs all the session's 2-rank work (W.session_worker); each test checks one part of it
+against single-process references computed here (the kill test starts its own pairs).
 Workers: tests/integration/_pseudo_workers.py."""
+
 from __future__ import annotations
 
 import json
@@ -14,12 +17,14 @@ import pytest
 import torch
 
 from slade_dist import dist
-from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels, zip_pseudo_labels
-from slade_dist.data.readers import TarSamples, finite_batches, iter_shard, pseudo_labeled_batches
+from slade_dist.data.pseudo_join import zip_pseudo_labels
+from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels
+from slade_dist.data.readers import finite_batches, iter_shard, pseudo_labeled_batches
 from slade_dist.data.shards import shard_paths
+from slade_dist.data.tars import TarSamples
 from slade_dist.models import load_embedder
 from slade_dist.pseudo import cluster, embed
-from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+from slade_dist.pseudo.kmeans import KMeansParams, draw_sample, train_centroids
 from slade_dist.stages import RunLayout
 from tests.integration import _pseudo_workers as W
 
@@ -35,8 +40,9 @@ def session(tmp_path_factory):
     run = root / "run"
     W.make_teacher(run)
     np.savez(root / "parts.npz", **W.kmeans_parts())
-    dist.run_local_processes(W.session_worker, 2, args=(str(run), str(unl), CLUSTER, str(root / "parts.npz"),
-                                                        str(root)), extra_env=ENV)
+    dist.run_local_processes(
+        W.session_worker, 2, args=(str(run), str(unl), CLUSTER, str(root / "parts.npz"), str(root)), extra_env=ENV
+    )
     return root, unl, run
 
 
@@ -87,8 +93,7 @@ def test_cluster_two_ranks_equals_one_rank_and_zips_with_shards(session):
         assert np.array_equal(cls, read_pseudo_labels(pseudo_label_path(out1, shard))[1])
         zipped = list(zip_pseudo_labels(TarSamples(shard), keys, cls, dists, shard.name, "pl"))
         assert [s["__key__"] for s, _, _ in zipped] == keys == [k for k, *_ in iter_shard(shard)]
-    stream = pseudo_labeled_batches(unl, out2, W.make_cfg(run2, unl, CLUSTER).data, 2, 2, seed=0,
-                                    rank=0, world=1)
+    stream = pseudo_labeled_batches(unl, out2, W.make_cfg(run2, unl, CLUSTER).data, 2, 2, seed=0, rank=0, world=1)
     batch = next(iter(stream))
     assert batch["images"].shape == (4, 3, 32, 32) and int(batch["labels"].max()) < 16
 
@@ -96,12 +101,47 @@ def test_cluster_two_ranks_equals_one_rank_and_zips_with_shards(session):
 def test_kmeans_two_ranks_match_one_rank_with_sampling(session):
     root, _, _ = session
     parts = W.kmeans_parts()
-    single = train_centroids({int(k[1:]): v for k, v in parts.items()},
-                             KMeansParams(k=12, niter=10, backend="torch", progress=False,
-                                          max_points_per_centroid=40))
+    single = train_centroids(
+        {int(k[1:]): v for k, v in parts.items()},
+        KMeansParams(k=12, niter=10, backend="torch", progress=False, max_points_per_centroid=40),
+    )
     assert single.n_train == 480  # sampled from 1103 points
     z = np.load(root / "kmeans.npz")
     for backend in ("faiss_cpu", "torch"):
         assert int(z[f"{backend}_n_train"]) == 480
         np.testing.assert_allclose(z[f"{backend}_centroids"], single.centroids, atol=1e-4)
         np.testing.assert_allclose(z[f"{backend}_objective"], single.objective, rtol=1e-5)
+
+
+def test_sample_identical_at_world_size_1_and_2(session):
+    root, _, _ = session
+    parts = {int(k[1:]): v for k, v in W.kmeans_parts().items()}
+    one = draw_sample(parts, KMeansParams(k=12, max_points_per_centroid=40, progress=False))
+    z = np.load(root / "kmeans.npz")
+    np.testing.assert_array_equal(z["sample_pos"], np.arange(480))
+    np.testing.assert_array_equal(one.pos, z["sample_pos"])
+    np.testing.assert_array_equal(one.x.numpy(), z["sample_x"])
+
+
+def test_two_level_two_ranks_match_one_rank(session):
+    root, _, _ = session
+    parts = {int(k[1:]): v for k, v in W.kmeans_parts().items()}
+    single = train_centroids(parts, W.two_level_params())
+    assert single.two_level and single.coarse_centroids.shape == (3, 8)  # round(sqrt(12)) cells
+    z = np.load(root / "kmeans.npz")
+    np.testing.assert_allclose(z["two_level_centroids"], single.centroids, atol=1e-4)
+    np.testing.assert_allclose(z["two_level_objective"], single.objective, rtol=1e-5)
+
+
+def test_killed_two_rank_kmeans_resumes_from_checkpoint(tmp_path):
+    data, ckpt, out = str(tmp_path / "parts.npz"), str(tmp_path / "ckpt"), str(tmp_path / "out.npz")
+    np.savez(data, **W.kmeans_parts())
+    with pytest.raises(torch.multiprocessing.ProcessExitedException):  # both ranks die after iteration 3
+        dist.run_local_processes(W.kmeans_ckpt_worker, 2, args=(data, ckpt, out, 3), extra_env=ENV)
+    assert not (tmp_path / "out.npz").exists() and (tmp_path / "ckpt" / "lloyd.npz").exists()
+    dist.run_local_processes(W.kmeans_ckpt_worker, 2, args=(data, ckpt, out, 0), extra_env=ENV)
+    z = np.load(out)
+    assert int(z["resumed"]) == 2  # the checkpoint of iteration 2 (every 2); iteration 3 is redone
+    whole = train_centroids({int(k[1:]): v for k, v in W.kmeans_parts().items()}, W.ckpt_params())
+    np.testing.assert_allclose(z["centroids"], whole.centroids, atol=1e-4)
+    np.testing.assert_allclose(z["objective"], whole.objective, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Readers across 2 real gloo processes x 2 DataLoader workers (slade_dist/data/readers.py):
 labeled streams give every rank exactly N batches; finite passes cover every sample exactly once
 (3 shards for 4 readers, and 5 shards); a planted pseudo-label key mismatch is refused."""
+
 from __future__ import annotations
 
 import io
@@ -27,7 +28,8 @@ def build(root: Path) -> tuple[Path, Path, Path, Path]:
             p.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             Image.fromarray(np.random.default_rng(c * 10 + j).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
-                buf, format="JPEG")
+                buf, format="JPEG"
+            )
             p.write_bytes(buf.getvalue())
     writers.convert("imagefolder", root / "src", root / "three", shard_size=8, progress=False)
     writers.convert("imagefolder", root / "src", root / "five", shard_size=5, progress=False)

@@ -1,19 +1,19 @@
 """The launcher on a REAL two-node Slurm cluster (tests/integration/slurm_cluster.sh).
 
 Mechanics (run now, on the `probe` test stage from launch_probe.py, through real sbatch/srun and
-submitit jobs running slade_dist.jobs.StageJob): a 2-node gloo job, afterok chains, a failed job
+submitit jobs running slade_dist.launch.job.StageJob): a 2-node gloo job, afterok chains, a failed job
 cancelling its dependants, real preemption -> requeue -> resume from the checkpoint, DONE skip on
 resubmission, and every pre-submission error against the real `sinfo`.
 The real chain (teacher on 2 nodes, `--stage all` to metrics, preempting the real teacher) waits on
 the stages: see conftest.require_stages.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,21 +21,22 @@ import pytest
 import yaml
 
 from slade_dist import dist
+from slade_dist.config import JobShape, load_config
+from slade_dist.launch import cli
+from slade_dist.launch.plan import JobSpec
+from slade_dist.launch.slurm import submit_slurm
 from tests.integration.conftest import REPO_ROOT, launch, require_stages, tiny_config
 from tests.integration.launch_probe import ProbeJob, probe_dir
 
-sys.path.insert(0, str(REPO_ROOT / "launch"))
-import submit  # noqa: E402
-
 pytestmark = [pytest.mark.slurm]
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-            "DEADLINE"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
 def sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                         text=True, timeout=30).stdout.split()
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=30
+    ).stdout.split()
     return out[-1].split()[0] if out else "UNKNOWN"
 
 
@@ -70,8 +71,11 @@ def log_tails(folder: Path, job_id: str, lines: int = 15) -> str:
 def probe_config(tmp_path: Path, steps: int = 12, ckpt_every: int = 3) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "probe.yaml"
-    path.write_text(yaml.safe_dump({"run": {"dir": str(tmp_path / "run")},
-                                    "train": {"teacher_steps": steps, "ckpt_every": ckpt_every}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"run": {"dir": str(tmp_path / "run")}, "train": {"teacher_steps": steps, "ckpt_every": ckpt_every}}
+        )
+    )
     return path
 
 
@@ -82,8 +86,20 @@ def submitted(tmp_path: Path) -> dict[str, dict]:
 
 def run_probe(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> dict[str, dict]:
     """Submit the probe stage through the launcher's main() (the job runs on Slurm)."""
-    rc = submit.main(["--stage", "probe", "--config", str(tmp_path / "probe.yaml"), "--cluster", "slurm",
-                      "--cpus-per-task", "1", *flags], job_cls=functools.partial(ProbeJob, env=env or {}))
+    rc = cli.main(
+        [
+            "--stage",
+            "probe",
+            "--config",
+            str(tmp_path / "probe.yaml"),
+            "--cluster",
+            "slurm",
+            "--cpus-per-task",
+            "1",
+            *flags,
+        ],
+        job_cls=functools.partial(ProbeJob, env=env or {}),
+    )
     assert rc == 0
     return submitted(tmp_path)
 
@@ -126,20 +142,22 @@ def test_a_failing_rank_ends_its_two_node_job(slurm_cluster, probe_stage, tmp_pa
 def test_afterok_chains_done_markers_and_kill_on_invalid_dep(slurm_cluster, probe_stage, tmp_path, at_repo_root):
     """Two chains at once: first -> second succeeds (second skips: DONE.json), a failing first
     cancels its dependant."""
-    shape = submit.JobShape(cpus_per_task=1, tasks_per_node=1)
-    plan = [submit.JobSpec("first", "probe", 1, shape), submit.JobSpec("second", "probe", 1, shape, after="first")]
-    ok_cfg = submit.load_config(probe_config(tmp_path / "ok"))
-    bad_cfg = submit.load_config(probe_config(tmp_path / "bad"))
-    ok = submit.submit_slurm(ok_cfg, plan, force=False, job_cls=ProbeJob)
-    bad = submit.submit_slurm(bad_cfg, plan, force=False,
-                              job_cls=functools.partial(ProbeJob, env={"PROBE_FAIL": "1"}))
+    shape = JobShape(cpus_per_task=1, tasks_per_node=1)
+    plan = [JobSpec("first", "probe", 1, shape), JobSpec("second", "probe", 1, shape, after="first")]
+    ok_cfg = load_config(probe_config(tmp_path / "ok"))
+    bad_cfg = load_config(probe_config(tmp_path / "bad"))
+    ok = submit_slurm(ok_cfg, plan, force=False, job_cls=ProbeJob)
+    bad = submit_slurm(bad_cfg, plan, force=False, job_cls=functools.partial(ProbeJob, env={"PROBE_FAIL": "1"}))
     ids = [s.job_id for s in ok + bad]
     states = wait_states(ids)
     assert [states[i] for i in ids] == ["COMPLETED", "COMPLETED", "FAILED", "CANCELLED"]
     times = {}
     for j in ids[:2]:
-        times[j] = subprocess.run(["sacct", "-n", "-X", "-P", "-j", j, "-o", "Start,End"], capture_output=True,
-                                  text=True).stdout.split()[-1].split("|")
+        times[j] = (
+            subprocess.run(["sacct", "-n", "-X", "-P", "-j", j, "-o", "Start,End"], capture_output=True, text=True)
+            .stdout.split()[-1]
+            .split("|")
+        )
     assert times[ids[1]][0] >= times[ids[0]][1], f"second started before first ended: {times}"
     # the second job found the first's DONE.json: submitit stores its result (None = skipped)
     assert ok[0].jobs[0].results()[0]["steps"] == 12
@@ -151,15 +169,33 @@ def test_afterok_chains_done_markers_and_kill_on_invalid_dep(slurm_cluster, prob
 def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, tmp_path, at_repo_root):
     probe_config(tmp_path, steps=30, ckpt_every=5)
     # 2 CPUs: the job fills node1, so a job on all nodes of the `high` partition must preempt it
-    rc = submit.main(["--stage", "probe", "--config", str(tmp_path / "probe.yaml"), "--cluster", "slurm",
-                      "--cpus-per-task", "2"], job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.2"}))
+    rc = cli.main(
+        ["--stage", "probe", "--config", str(tmp_path / "probe.yaml"), "--cluster", "slurm", "--cpus-per-task", "2"],
+        job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.2"}),
+    )
     assert rc == 0
     job_id = submitted(tmp_path)["probe"]["job_id"]
     ckpt = probe_dir(tmp_path / "run") / "ckpt.json"
     wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 10, "a checkpoint at step >= 10")
-    high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
-                           "--ntasks-per-node", "2", "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1"],
-                          capture_output=True, text=True, check=True)
+    high = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            slurm_cluster["high_partition"],
+            "-N",
+            "2",
+            "--ntasks-per-node",
+            "2",
+            "-o",
+            str(tmp_path / "high-%j.out"),
+            "--wrap",
+            "sleep 1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     high_id = high.stdout.strip().split(";")[0]
     states = wait_states([job_id, high_id])
     assert states == {job_id: "COMPLETED", high_id: "COMPLETED"}
@@ -192,7 +228,7 @@ def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, tmp_path
     before = _squeue_count()
     for args, message in BAD_ARGUMENTS:  # in process: one interpreter start for all cases
         try:
-            rc = submit.main([*args, "--config", str(cfg), "--cluster", "slurm"])
+            rc = cli.main([*args, "--config", str(cfg), "--cluster", "slurm"])
         except SystemExit as e:  # argparse's own errors
             rc = e.code
         err = capsys.readouterr().err
@@ -208,16 +244,41 @@ def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, tmp_path
 
 def test_dry_run_prints_config_and_exact_sbatch_lines(slurm_cluster, tmp_path, capsys):
     cfg = probe_config(tmp_path)
-    rc = submit.main(["--stage", "all", "--config", str(cfg), "--rounds", "2", "--dry-run", "--array", "2",
-                      "--cluster", "slurm", "launch.student.nodes=2", "train.lr=0.5"])
+    rc = cli.main(
+        [
+            "--stage",
+            "all",
+            "--config",
+            str(cfg),
+            "--rounds",
+            "2",
+            "--dry-run",
+            "--array",
+            "2",
+            "--cluster",
+            "slurm",
+            "launch.student.nodes=2",
+            "train.lr=0.5",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     resolved = yaml.safe_load(out.split("\n# ", 1)[0].split("\n", 1)[1])  # the YAML after the hash line
     assert resolved["train"]["lr"] == 0.5 and resolved["run"]["rounds"] == 2
     jobs = [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("## job ")]
-    assert jobs == ["pretrain", "teacher", "round1-embed-array", "round1-embed", "round1-cluster",
-                    "round1-student", "round2-embed-array", "round2-embed", "round2-cluster",
-                    "round2-student", "eval"]
+    assert jobs == [
+        "pretrain",
+        "teacher",
+        "round1-embed-array",
+        "round1-embed",
+        "round1-cluster",
+        "round1-student",
+        "round2-embed-array",
+        "round2-embed",
+        "round2-cluster",
+        "round2-student",
+        "eval",
+    ]
     student = out.split("## job round1-student")[1].split("## job")[0]
     assert "#SBATCH --nodes=2" in student
     assert "#SBATCH --dependency='afterok:<job id of round1-cluster>'" in student
@@ -233,27 +294,69 @@ def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluste
     as a 2-node job (one task per node, gloo) and checkpoints; preempted mid-run it is requeued and
     resumes from its checkpoint, while the jobs after it keep waiting; `--stage all` ends with metrics."""
     require_stages("pretrain", "teacher", "embed", "cluster", "student", "eval")
-    cfg = tiny_config(tmp_path / "tiny.yaml", tiny_demo, tmp_path / "run",
-                      pretrain={"steps": 2}, train={"teacher_steps": 16, "ckpt_every": 4})
+    cfg = tiny_config(
+        tmp_path / "tiny.yaml",
+        tiny_demo,
+        tmp_path / "run",
+        pretrain={"steps": 2},
+        train={"teacher_steps": 16, "ckpt_every": 4},
+    )
     t0 = time.time()
     # the teacher fills both nodes (2 CPUs each), so a job on all of `high` must preempt it
-    proc = launch("--stage", "all", "--config", str(cfg), "--cluster", "slurm", "--array", "2",
-                  "launch.teacher.nodes=2", "launch.teacher.cpus_per_task=2")
+    proc = launch(
+        "--stage",
+        "all",
+        "--config",
+        str(cfg),
+        "--cluster",
+        "slurm",
+        "--array",
+        "2",
+        "launch.teacher.nodes=2",
+        "launch.teacher.cpus_per_task=2",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tensorboard --logdir" in proc.stdout
     jobs = submitted(tmp_path)
-    assert list(jobs) == ["pretrain", "teacher", "round1-embed-array", "round1-embed", "round1-cluster",
-                          "round1-student", "eval"]
+    assert list(jobs) == [
+        "pretrain",
+        "teacher",
+        "round1-embed-array",
+        "round1-embed",
+        "round1-cluster",
+        "round1-student",
+        "eval",
+    ]
     ckpt_dir = tmp_path / "run" / "teacher" / "ckpt"
     teacher_id = jobs["teacher"]["job_id"]
-    wait_for(lambda: bool(list(ckpt_dir.glob("step*/slade_meta.json"))) or sacct_state(teacher_id) in TERMINAL,
-             "the teacher's first checkpoint", 400)
+    wait_for(
+        lambda: bool(list(ckpt_dir.glob("step*/slade_meta.json"))) or sacct_state(teacher_id) in TERMINAL,
+        "the teacher's first checkpoint",
+        400,
+    )
     assert list(ckpt_dir.glob("step*/slade_meta.json")), (
         f"teacher job {teacher_id} ended ({sacct_state(teacher_id)}) before its first checkpoint:\n"
-        + log_tails(Path(jobs["teacher"]["stdout"]).parent, teacher_id))
-    high = subprocess.run(["sbatch", "--parsable", "-p", slurm_cluster["high_partition"], "-N", "2",
-                           "--ntasks-per-node", "2", "-o", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1"],
-                          capture_output=True, text=True, check=True)
+        + log_tails(Path(jobs["teacher"]["stdout"]).parent, teacher_id)
+    )
+    high = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            slurm_cluster["high_partition"],
+            "-N",
+            "2",
+            "--ntasks-per-node",
+            "2",
+            "-o",
+            str(tmp_path / "high-%j.out"),
+            "--wrap",
+            "sleep 1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     ids = [j["job_id"] for j in jobs.values() if not j["array"]]
     ids += [f"{jobs['round1-embed-array']['job_id']}_{i}" for i in range(2)]
     states = wait_states(ids + [high.stdout.strip()], timeout_s=900)
@@ -263,8 +366,9 @@ def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluste
     assert teacher["world_size"] == 2 and teacher["result"]["steps"] == 16
     assert teacher["result"]["resumed_from"] > 0, teacher  # from its checkpoint, not from step 0
     assert (tmp_path / "run" / "teacher" / "final.pt").exists()
-    info = subprocess.run(["scontrol", "show", "job", "-o", jobs["teacher"]["job_id"]], capture_output=True,
-                          text=True).stdout
+    info = subprocess.run(
+        ["scontrol", "show", "job", "-o", jobs["teacher"]["job_id"]], capture_output=True, text=True
+    ).stdout
     assert "Restarts=1" in info, info
     embed = json.loads((tmp_path / "run" / "round1" / "embed" / "DONE.json").read_text())["result"]
     # the 2 array tasks embedded the 3 unlabeled shards; the embed job after them found them done

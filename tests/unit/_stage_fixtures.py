@@ -1,4 +1,5 @@
 """A real (tiny) stage function registered by tests/unit/test_stages.py to exercise the registry."""
+
 from __future__ import annotations
 
 import json

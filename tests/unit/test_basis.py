@@ -1,6 +1,7 @@
 """Tests for slade_dist/basis.py (one process): planted clusters, Eq. 6 running Gaussians over
 several batches, Eq. 7 mining, L_CE, state dict round-trip. The 2-rank test lives in
 tests/integration/test_basis_multirank.py."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """P x K batcher (slade_dist/data/batcher.py): P distinct labels x K samples per batch, the buffer
 bound, the documented fallback for labels with fewer than K samples, eviction, determinism."""
+
 from __future__ import annotations
 
 import random

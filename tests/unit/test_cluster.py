@@ -1,6 +1,7 @@
 """The cluster stage in one process on synthetic embed-stage files: outputs and their alignment,
 stats/TensorBoard, resume, stale-file handling, k capping, purity/NMI arithmetic.
 (Real images + teacher + 2 ranks: tests/integration/test_pseudo_multirank.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ SIZES = [300, 0, 250, 170]
 def setup(tmp_path):
     shards = write_index_only(tmp_path / "unl", NAMES, SIZES)
     run = tmp_path / "run"
-    truth = write_embeddings(RunLayout(run).stage_dir("embed", 1), NAMES, SIZES, d=8, k=5)
+    truth = write_embeddings(RunLayout(run).stage_dir("embed", 1), NAMES, SIZES, d=8, k=5, shard_dir=shards)
     cfg = make_cfg(run, shards, ["pseudo.k=5", "pseudo.niter=8", "pseudo.spherical=true"])
     return cfg, run, truth
 
@@ -68,8 +69,8 @@ def test_rerun_reuses_centroids_and_completes_missing_labels(setup):
     kept = pseudo_label_path(out, NAMES[0]).stat().st_mtime_ns
     pseudo_label_path(out, NAMES[2]).unlink()
     cluster.run(cfg, run)
-    assert (out / "centroids.npy").stat().st_mtime_ns == c_mtime          # not retrained
-    assert pseudo_label_path(out, NAMES[0]).stat().st_mtime_ns == kept     # not rewritten
+    assert (out / "centroids.npy").stat().st_mtime_ns == c_mtime  # not retrained
+    assert pseudo_label_path(out, NAMES[0]).stat().st_mtime_ns == kept  # not rewritten
     again = read_pseudo_labels(pseudo_label_path(out, NAMES[2]))
     assert again[0] == first[NAMES[2]][0] and np.array_equal(again[1], first[NAMES[2]][1])
     # a config change retrains and rewrites every label file
@@ -89,7 +90,7 @@ def test_missing_embeddings_fail_clearly(setup):
 def test_no_points_fail_clearly(tmp_path):
     shards = write_index_only(tmp_path / "unl", NAMES[:2], [0, 0])
     run = tmp_path / "run"
-    write_embeddings(RunLayout(run).stage_dir("embed", 1), NAMES[:2], [0, 0])
+    write_embeddings(RunLayout(run).stage_dir("embed", 1), NAMES[:2], [0, 0], shard_dir=shards)
     with pytest.raises(ValueError, match="hold no points"):
         cluster.run(make_cfg(run, shards), run)
 
@@ -115,3 +116,33 @@ def test_purity_nmi_and_imbalance_arithmetic():
     assert s["n_labeled"] == 2000 and s["n_true_classes"] == 6
     assert cluster.imbalance_factor(np.array([5, 5, 5, 5])) == pytest.approx(1.0)
     assert cluster.imbalance_factor(np.array([20, 0, 0, 0])) == pytest.approx(4.0)
+
+
+def test_two_level_saves_coarse_cells_assigns_through_them_and_checkpoints(setup):
+    from slade_dist.pseudo import embed as embed_files
+    from slade_dist.pseudo.kmeans import assign_array
+
+    cfg, run, _ = setup
+    cfg.pseudo.k, cfg.pseudo.two_level, cfg.pseudo.backend, cfg.pseudo.assign = 20, "on", "faiss_cpu", "ivf"
+    cluster.run(cfg, run)
+    out = RunLayout(run).stage_dir("cluster", 1)
+    assert np.load(out / "coarse_centroids.npy").shape == (4, 8)  # round(sqrt(20)) cells
+    train = json.loads((out / "stats.json").read_text())["train"]
+    assert train["two_level"] and train["resumed"] == {"coarse": 0, "cells": 0, "refine": 0}
+    ckpt = out / "kmeans_ckpt"
+    assert (ckpt / "coarse.npz").exists() and (ckpt / "refine.npz").exists() and len(list(ckpt.glob("cell-*.npz"))) == 4
+    centroids = np.load(out / "centroids.npy")
+    emb_dir = RunLayout(run).stage_dir("embed", 1)
+    for name in NAMES:  # assigned through the 4 cells (ivf_nprobe 16 >= 4: all probed, so exact)
+        _, cls, _ = read_pseudo_labels(pseudo_label_path(out, name))
+        if len(cls):
+            exact, _ = assign_array(
+                embed_files.load_embeddings(emb_dir, __import__("pathlib").Path(name)),
+                centroids,
+                spherical=True,
+                backend="faiss_cpu",
+            )
+            np.testing.assert_array_equal(cls, exact)
+    cfg.pseudo.two_level = "off"  # flat centroids: no coarse cells left to assign through
+    cluster.run(cfg, run)
+    assert not (out / "coarse_centroids.npy").exists()

@@ -1,4 +1,5 @@
 """Config layering and every error path of slade_dist.config."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,8 @@ def test_defaults_file_matches_schema():
 def test_layering_defaults_runfile_overrides(tmp_path):
     run = write(tmp_path, "run.yaml", {"train": {"lr": 0.01, "teacher_steps": 7}, "model": {"embed_dim": 32}})
     cfg = load_config(run, ["train.lr=0.5", "eval.recall_k=[1,5]", "mining.enabled=false"])
-    assert cfg.train.lr == 0.5                      # command line beats run file
-    assert cfg.train.teacher_steps == 7             # run file beats defaults
+    assert cfg.train.lr == 0.5  # command line beats run file
+    assert cfg.train.teacher_steps == 7  # run file beats defaults
     assert cfg.model.embed_dim == 32
     assert cfg.train.student_steps == Config().train.student_steps  # untouched default
     assert cfg.eval.recall_k == [1, 5] and cfg.mining.enabled is False
@@ -59,18 +60,27 @@ def test_unknown_section_and_misplaced_leaf():
         load_config(None, ["teacher_steps=3"])
 
 
-@pytest.mark.parametrize("override, pattern", [
-    ("train.lr=abc", r"train.lr \(from command line\): expected a number"),
-    ("train.teacher_steps=1.5", r"expected an integer"),
-    ("train.teacher_steps=true", r"expected an integer"),
-    ("mining.enabled=3", r"expected true/false"),
-    ("loss.name=triplet", r"'triplet' is not one of 'ms', 'contrastive'"),
-    ("eval.recall_k=5", r"expected a list"),
-    ("eval.recall_k=[1,x]", r"eval.recall_k\[1\]"),
-    ("train.zero_stage=4", r"above the maximum 3"),
-    ("basis.beta=-0.1", r"below the minimum 0"),
-    ("model=3", r"model .*must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.lr=abc", r"train.lr \(from command line\): expected a number"),
+        ("train.teacher_steps=1.5", r"expected an integer"),
+        ("train.teacher_steps=true", r"expected an integer"),
+        ("mining.enabled=3", r"expected true/false"),
+        ("loss.name=triplet", r"'triplet' is not one of 'ms', 'contrastive'"),
+        ("eval.recall_k=5", r"expected a list"),
+        ("eval.recall_k=[1,x]", r"eval.recall_k\[1\]"),
+        ("train.zero_stage=4", r"above the maximum 3"),
+        ("basis.beta=-0.1", r"below the minimum 0"),
+        ("model=3", r"model .*must be a mapping"),
+        ("train.lr=.nan", r"train.lr \(from command line\): nan is not a finite number"),
+        ("basis.margin=.inf", r"basis.margin .*inf is not a finite number"),
+        ("eval.recall_k=[0,-1]", r"eval.recall_k .*0 is below the minimum 1"),
+        ("eval.recall_k=[]", r"eval.recall_k \(from command line\) must not be empty"),
+        ("run.dir=", r"run.dir \(from command line\) must not be empty"),
+        ("model.backbone=resnet9000", r"unknown backbone 'resnet9000'; choose one of resnet50, resnet18, tiny_cnn"),
+    ],
+)
 def test_bad_values_name_key_and_source(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
@@ -124,7 +134,7 @@ def test_hash_and_saved_config_round_trip(tmp_path):
     a = load_config(None, ["train.lr=0.5"])
     b = load_config(None, ["train.lr=0.5", "launch.teacher.nodes=4"])
     c = load_config(None, ["train.lr=0.25"])
-    assert a.hash() == b.hash() != c.hash()          # the job shape is not part of the work's identity
+    assert a.hash() == b.hash() != c.hash()  # the job shape is not part of the work's identity
     assert len(a.hash()) == 12
     assert a.section_hash(["model"]) == c.section_hash(["model"])
     saved = a.save(tmp_path / "out" / "config.yaml")
@@ -136,3 +146,24 @@ def test_hash_and_saved_config_round_trip(tmp_path):
 def test_every_run_file_loads():
     for f in sorted(Path("configs").glob("*.yaml")):
         load_config(f, check_paths=False)
+
+
+def test_pk_larger_than_the_classes_fails_at_load(tmp_path):
+    shards = tmp_path / "train"
+    shards.mkdir()
+    (shards / "classes.json").write_text('{"0": "a", "1": "b", "2": "c"}')
+    ok = load_config(None, [f"data.train_shards={shards}", "train.classes_per_batch=3"])
+    assert ok.train.classes_per_batch == 3
+    with pytest.raises(
+        ConfigError,
+        match=r"train.classes_per_batch .* = 4, but .*classes.json lists only 3 "
+        r"classes.*<= 3",
+    ):
+        load_config(None, [f"data.train_shards={shards}", "train.classes_per_batch=4"])
+
+
+def test_backbone_names_match_the_registry():
+    from slade_dist.config import BACKBONE_NAMES
+    from slade_dist.models.backbones import BACKBONES
+
+    assert set(BACKBONES) == set(BACKBONE_NAMES)

@@ -1,4 +1,5 @@
 """Environment detection of slade_dist.dist from real env dicts, and single-process no-ops."""
+
 from __future__ import annotations
 
 import os
@@ -16,16 +17,33 @@ def test_single_process_defaults():
 
 
 def test_torchrun_env():
-    env = dist.detect_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                           "MASTER_ADDR": "node7", "MASTER_PORT": "29123", "GROUP_RANK": "1"})
+    env = dist.detect_env(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node7",
+            "MASTER_PORT": "29123",
+            "GROUP_RANK": "1",
+        }
+    )
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank) == (3, 8, 1, 2, 1)
     assert (env.master_addr, env.master_port, env.source) == ("node7", 29123, "torchrun")
 
 
 def test_slurm_env_inside_srun_step():
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8",
-             "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_NTASKS_PER_NODE": "2",
-             "SLURM_JOB_NODELIST": "gpu[07-09,12]", "SLURM_STEP_NODELIST": "gpu[07-09,12]"}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-09,12]",
+        "SLURM_STEP_NODELIST": "gpu[07-09,12]",
+    }
     env = dist.detect_env(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.local_world_size) == (5, 8, 1, 2, 2)
     assert env.master_addr == "gpu07" and env.source == "slurm"
@@ -67,8 +85,17 @@ def test_port_in_use_is_a_clear_error(monkeypatch):
 
 def test_torchrun_vars_win_over_slurm():
     """submitit exports RANK/WORLD_SIZE inside Slurm jobs: those are the ones to use."""
-    env = dist.detect_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
-                           "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node1", "MASTER_PORT": "31000"})
+    env = dist.detect_env(
+        {
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_ID": "0",
+            "RANK": "1",
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "node1",
+            "MASTER_PORT": "31000",
+        }
+    )
     assert env.source == "torchrun" and env.master_port == 31000
 
 

@@ -1,7 +1,8 @@
 """The embed stage in one process on real demo shards and a real tiny_cnn teacher: alignment with
 the shards, normalised float16 output equal to a direct forward pass, hidden labels, corrupt images,
-shard subsets (job arrays) and resume, teacher change, clear errors, the CLI.
+shard subsets (job arrays) and resume, teacher change, clear errors.
 (2 real ranks: tests/integration/test_pseudo_multirank.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -79,14 +80,16 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
     def sample(i, data=None):
         img = Image.new("RGB", (32, 32), (10 * i, 100, 200 - 10 * i))
-        return {"__key__": f"img{i:03d}", "jpg": data if data is not None else encode_jpeg(img),
-                "json": json.dumps({"label": i % 2}).encode()}
+        return {
+            "__key__": f"img{i:03d}",
+            "jpg": data if data is not None else encode_jpeg(img),
+            "json": json.dumps({"label": i % 2}).encode(),
+        }
 
     unl = tmp_path / "unl"
     n0 = write_shard(unl / "unl-000000.tar", [sample(0), sample(1, b"not a jpeg at all"), sample(2)])
     n1 = write_shard(unl / "unl-000001.tar", [sample(3, b"\xff\xd8\xff garbage"), sample(4)])
-    write_index(unl, [{"name": "unl-000000.tar", "count": n0}, {"name": "unl-000001.tar", "count": n1}],
-                "unlabeled")
+    write_index(unl, [{"name": "unl-000000.tar", "count": n0}, {"name": "unl-000001.tar", "count": n1}], "unlabeled")
     run = tmp_path / "run"
     make_teacher(run)
     res = embed.run(make_cfg(run, unl), run)
@@ -98,17 +101,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert embed.read_hidden_labels(out, 1).tolist() == ["0"]
 
 
-def test_errors_and_cli(demo, tmp_path):
+def test_missing_teacher_is_a_clear_error(demo, tmp_path):
+    # the shard-subset command line (--shards, job arrays) is the launcher's: tests/unit/test_launch.py
     run = tmp_path / "run"
     cfg = make_cfg(run, demo)
     with pytest.raises(FileNotFoundError, match="train the teacher first"):
         embed.run(cfg, run)
-    assert embed.parse_shard_ids("0-2, 5,7-7") == [0, 1, 2, 5, 7]
-    make_teacher(run)
-    run_file = tmp_path / "run.yaml"
-    run_file.write_text(cfg.dump_yaml())
-    assert embed.main([str(run_file), "--shards", "1"]) == 0
-    out = RunLayout(run).stage_dir("embed", 1)
-    assert [embed.is_embedded(out, i) for i in range(3)] == [False, True, False]
-    assert embed.main([str(run_file), "--array-task", "0", "--array-chunk", "2"]) == 0
-    assert [embed.is_embedded(out, i) for i in range(3)] == [True, True, False]

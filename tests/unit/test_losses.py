@@ -1,6 +1,7 @@
 """Tests for slade_dist/losses.py: agreement with pytorch-metric-learning (an independent
 implementation, test-only) on values and gradients, explicit pair lists, empty pair sets. The cross-rank
 variant (2 real gloo processes) is tested in tests/integration/test_basis_multirank.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -85,7 +86,8 @@ def test_explicit_all_pairs_equal_label_mode():
     assert mined(emb, pos_pairs=pos, neg_pairs=neg).item() == pytest.approx(mined(emb, labels).item(), abs=1e-12)
     plain = MultiSimilarityLoss(mine=False)
     assert MultiSimilarityLoss()(emb, pos_pairs=pos, neg_pairs=neg).item() == pytest.approx(
-        plain(emb, labels).item(), abs=1e-12)
+        plain(emb, labels).item(), abs=1e-12
+    )
     assert plain(emb, labels).item() != pytest.approx(mined(emb, labels).item(), abs=1e-6)  # mining matters
 
 

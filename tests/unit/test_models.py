@@ -1,18 +1,28 @@
 """Tests for slade_dist/models (backbones.py, embedder.py): shapes, pooling, freeze_bn,
 save/load round-trip, checked state-dict loading (exact key lists), local pretrained weights
 (torchvision and SwAV-style files), clear errors."""
+
 from __future__ import annotations
 
 import importlib.util
+import os
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
 from slade_dist.config import ModelConfig
-from slade_dist.models import (StateDictMismatchError, build_embedder, load_embedder, load_state_dict_checked,
-                               save_weights)
-from slade_dist.models.backbones import ResNetTrunk
+from slade_dist.models import (
+    StateDictMismatchError,
+    build_embedder,
+    embed_batches,
+    load_embedder,
+    load_state_dict_checked,
+    output_dim,
+    save_weights,
+)
+from slade_dist.models.backbones import ResNetTrunk, UnsafeCheckpointError, read_checkpoint
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -48,6 +58,7 @@ def test_bad_names_raise_clear_errors():
     with pytest.raises(ValueError, match="pooling"):
         from slade_dist.models import Embedder
         from slade_dist.models.backbones import TinyCNN
+
         Embedder(TinyCNN(), 8, pooling="median")
 
 
@@ -84,7 +95,7 @@ def test_save_load_round_trip(tmp_path):
         emb.head.bias.add_(0.5)
     path = save_weights(tmp_path / "sub" / "final.pt", emb, cfg, extra={"step": 7})
     assert path.exists() and [p.name for p in path.parent.iterdir()] == ["final.pt"]  # no tmp left
-    raw = torch.load(path, weights_only=False)
+    raw = torch.load(path, weights_only=True)
     assert raw["extra"] == {"step": 7} and raw["model"]["pooling"] == "avgmax"
     back = load_embedder(path)
     assert back.pooling == "avgmax" and not back.freeze_bn
@@ -102,6 +113,28 @@ def test_load_errors_are_clear(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(RuntimeError, match="not an embedder weights file"):
         load_embedder(tmp_path / "other.pt")
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a planted checkpoint would run on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_is_refused_without_running(tmp_path):
+    marker = tmp_path / "PWNED"
+    emb = build_embedder(_cfg())
+    evil = tmp_path / "final.pt"
+    torch.save({"state_dict": emb.state_dict(), "model": {}, "extra": {"x": _Payload(marker)}}, evil)
+    with pytest.raises(UnsafeCheckpointError, match="refused.*would import code.*system"):
+        load_embedder(evil)
+    with pytest.raises(UnsafeCheckpointError):
+        read_checkpoint(evil)
+    assert not marker.exists()
 
 
 def test_mismatched_keys_are_named_exactly():
@@ -160,3 +193,21 @@ def test_resnet_trunk_has_torchvision_key_names():
     trunk_keys = set(ResNetTrunk(18).state_dict())
     tv_keys = {k for k in torchvision.models.resnet18(weights=None).state_dict() if not k.startswith("fc.")}
     assert trunk_keys == tv_keys
+
+
+def test_embed_batches_normalises_and_restores_the_mode():
+    torch.manual_seed(0)
+    emb = build_embedder(_cfg())
+    emb.train()
+    batches = [{"images": torch.randn(3, 3, 32, 32), "tag": i} for i in range(2)]
+    out = list(embed_batches(emb, batches, torch.device("cpu")))
+    assert [b["tag"] for _, b in out] == [0, 1]
+    e = out[0][0]
+    assert e.shape == (3, output_dim(emb)) and e.dtype == np.float32
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        emb.eval()
+        ref = torch.nn.functional.normalize(emb(batches[0]["images"]), dim=1).numpy()
+        emb.train()
+    assert np.allclose(e, ref, atol=1e-6)  # eval-mode forward (BatchNorm running stats), no dropout
+    assert emb.training  # the caller's mode is back

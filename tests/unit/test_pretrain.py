@@ -3,6 +3,7 @@
 The stage runs on a real one-process DeepSpeed engine over tiny real shards (labeled + unlabeled,
 with undecodable images among them), and its export initialises the teacher's embedder.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,12 +13,11 @@ import torch
 
 from slade_dist.models import load_embedder
 from slade_dist.stages import RunLayout
-from slade_dist.train import engine as E
+from slade_dist.train import common as C
+from slade_dist.train.common import pretrain_init_path
 from slade_dist.train.pretrain import SwAVNet, run, sinkhorn, swav_loss
-from slade_dist.train.teacher import pretrain_init_path
 
 from ..integration import _train_workers as W
-
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 
@@ -25,8 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 def test_sinkhorn_codes_are_doubly_stochastic():
     torch.manual_seed(0)
     B, K = 64, 16
-    scores = torch.nn.functional.normalize(torch.randn(B, 8), dim=1) @ \
-        torch.nn.functional.normalize(torch.randn(K, 8), dim=1).t()
+    scores = (
+        torch.nn.functional.normalize(torch.randn(B, 8), dim=1)
+        @ torch.nn.functional.normalize(torch.randn(K, 8), dim=1).t()
+    )
     q = sinkhorn(scores, epsilon=0.05, iters=3)
     assert q.shape == (B, K) and (q >= 0).all()
     assert torch.allclose(q.sum(1), torch.ones(B), atol=1e-5)  # one unit of mass per image
@@ -60,8 +62,9 @@ def W_embedder():
 def test_pretrain_stage_loss_falls_and_export_initialises_teacher(tmp_path):
     data = W.make_data(tmp_path / "data", n_classes=4, per_class=6, unl_per_class=6, corrupt=3)
     run_dir = tmp_path / "run"
-    cfg = W.load_cfg(W.overrides(data, run_dir, "pretrain.steps=16", "train.log_every=4",
-                                 "pretrain.freeze_prototypes_steps=5"))
+    cfg = W.load_cfg(
+        W.overrides(data, run_dir, "pretrain.steps=16", "train.log_every=4", "pretrain.freeze_prototypes_steps=5")
+    )
     res = run(cfg, run_dir)
     assert res["steps"] == 16
     losses = [v for _, v in res["loss_history"]]
@@ -74,10 +77,10 @@ def test_pretrain_stage_loss_falls_and_export_initialises_teacher(tmp_path):
     path = pretrain_init_path(run_dir)
     assert path is not None and path == RunLayout(run_dir).stage_dir("pretrain") / "final.pt"
     exported = load_embedder(path)
-    teacher_init = E.init_embedder(cfg.model, path)
+    teacher_init = C.init_embedder(cfg.model, path)
     for (k, a), (_, b) in zip(exported.state_dict().items(), teacher_init.state_dict().items()):
         assert torch.equal(a, b), k
-    fresh = E.init_embedder(cfg.model, None)
+    fresh = C.init_embedder(cfg.model, None)
     assert not torch.equal(fresh.backbone.features[0].weight, teacher_init.backbone.features[0].weight)
 
 

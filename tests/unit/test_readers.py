@@ -1,6 +1,7 @@
 """Streaming readers + transforms (slade_dist/data/readers.py, transforms.py), single process:
 labeled P x K stream shapes/labels/seeding, finite pass coverage and order, corrupt samples and a
 truncated tar skipped and counted, pseudo-labeled stream filters, transform equivalences."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ from PIL import Image
 
 from slade_dist.config import DataConfig
 from slade_dist.data import readers, transforms, writers
-from slade_dist.data.pseudo_labels import pseudo_label_path, write_pseudo_labels
+from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.shards import shard_paths, write_index, write_shard
 
 
@@ -48,9 +49,18 @@ def labeled(tmp_path_factory) -> Path:
 def damaged(tmp_path_factory) -> Path:
     """3 shards: intact (5), one corrupt image among 5, and a truncated copy of an intact shard."""
     d = tmp_path_factory.mktemp("dmg")
+
     def rows(s, bad=None):
-        return [{"__key__": f"{s}{j:03d}", "jpg": (jpeg(j)[:50] if j == bad else jpeg(j)), "cls": j % 2,
-                 "json": json.dumps({"j": j}).encode()} for j in range(5)]
+        return [
+            {
+                "__key__": f"{s}{j:03d}",
+                "jpg": (jpeg(j)[:50] if j == bad else jpeg(j)),
+                "cls": j % 2,
+                "json": json.dumps({"j": j}).encode(),
+            }
+            for j in range(5)
+        ]
+
     write_shard(d / "x-000000.tar", rows("a"), mtime=0)
     write_shard(d / "x-000001.tar", rows("b", bad=2), mtime=0)
     write_shard(d / "full.tar", rows("c"), mtime=0)
@@ -72,7 +82,9 @@ def test_labeled_stream_shapes_labels_and_seeding(labeled):
     again = readers.labeled_batches(labeled, cfg(), P, K, seed=0, rank=0, world=1)
     other = readers.labeled_batches(labeled, cfg(), P, K, seed=0, rank=1, world=2)
     b2 = [next(again) for _ in range(6)]
-    assert all(torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(batches, b2))
+    assert all(
+        torch.equal(x["images"], y["images"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(batches, b2)
+    )
     assert not all(torch.equal(x["images"], next(other)["images"]) for x in batches)
     ev = next(readers.labeled_batches(labeled, cfg(num_workers=2), P, K, seed=1, train=False, image_size=8))
     assert ev["images"].shape == (P * K, 3, 8, 8)
@@ -125,8 +137,8 @@ def test_pseudo_labeled_stream_filters(tmp_path, labeled):
         rows = []
         for k, _, c, _ in readers.iter_shard(p):
             if c == 5 and kept5:
-                continue  # cluster 5 keeps a single member overall: below pseudo_min_cluster_size
-            kept5 |= c == 5
+                c = 100 + len(far) + sum(seen.values())  # a singleton cluster: below pseudo_min_cluster_size
+            kept5 |= c == 5  # cluster 5 keeps a single member overall
             seen[c] += 1
             d = 10.0 if seen[c] % 3 == 0 else 0.1  # a third of each cluster is far from its centroid
             if d > 1:
@@ -145,6 +157,57 @@ def test_pseudo_labeled_stream_filters(tmp_path, labeled):
     assert 5 not in labels and set(labels) <= {0, 1, 2, 3, 4}
     with pytest.raises(FileNotFoundError, match="cluster stage"):
         readers.pseudo_labeled_batches(labeled, tmp_path / "none", c, 2, 2, seed=0)
+
+
+def test_a_label_file_missing_readable_keys_is_refused(tmp_path, labeled):
+    pdir = tmp_path / "pl"
+    for p in shard_paths(labeled):
+        rows = [(k, c, 0.1) for k, _, c, _ in readers.iter_shard(p)]
+        rows = rows[:-3] if p == shard_paths(labeled)[0] else rows  # the first file lost its last 3 rows
+        write_pseudo_labels(pseudo_label_path(pdir, p), *zip(*rows))
+    stream = readers.pseudo_labeled_batches(labeled, pdir, cfg(num_workers=0), 2, 2, seed=0, rank=0, world=1)
+    with pytest.raises(
+        PseudoLabelMismatch,
+        match=r"pl-000000.npz does not cover image shard .*train-000000.tar: "
+        r"sample '\d+' decodes but has no label row",
+    ):
+        for _ in range(200):
+            next(stream)
+
+
+def test_every_image_corrupt_fails_fast(tmp_path):
+    out = tmp_path / "bad"
+    write_shard(
+        out / "train-000000.tar",
+        ({"__key__": f"{i:04d}", "jpg": b"not a jpeg", "cls": str(i % 4).encode()} for i in range(400)),
+    )
+    write_index(out, [{"name": "train-000000.tar", "count": 400}], "labeled")
+    stream = readers.labeled_batches(out, cfg(num_workers=0), 2, 2, seed=0, rank=0, world=1)
+    with pytest.raises(RuntimeError, match=r"none of the first \d+ images .* could be decoded"):
+        next(stream)
+
+
+def test_finite_pass_counts_corrupt_and_truncation_losses(damaged):
+    stream = readers.finite_batches(damaged, cfg(num_workers=0), 4, rank=0, world=1)
+    n = sum(len(b["keys"]) for b in stream)
+    # 15 listed samples: 1 corrupt image, and the truncated copy lost all it could not read
+    assert stream.counts["corrupt"] == 1 and stream.counts["lost"] >= 1
+    assert n + stream.counts["corrupt"] + stream.counts["lost"] == 15
+
+
+def test_a_listed_shard_missing_on_disk_is_an_error(tmp_path, labeled):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(labeled, copy)
+    first = shard_paths(copy)[0]
+    first.unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"1 of \d+ shards listed in .*index.json are missing on disk "
+        rf"\(first: {first.name}\)",
+    ):
+        readers.finite_batches(copy, cfg(num_workers=0), 4, rank=0, world=1)
 
 
 def test_transforms_batched_normalize_equals_per_sample():

@@ -1,4 +1,5 @@
 """Shard writing (atomic), index.json (written and rebuilt) and classes.json."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def test_write_shard_atomic_and_readable(tmp_path):
     got = list(wds.WebDataset(str(p), shardshuffle=False))
     assert [g["__key__"] for g in got] == [f"s{i:04d}" for i in range(5)]
     assert int(got[4]["cls"]) == 1 and json.loads(got[2]["json"]) == {"i": 2}
-    assert [x.name for x in tmp_path.iterdir()] == [p.name]        # no temp file left behind
+    assert [x.name for x in tmp_path.iterdir()] == [p.name]  # no temp file left behind
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -38,7 +39,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_index_written_and_rebuilt(tmp_path):
     for k in range(2):
         shards.write_shard(tmp_path / shards.shard_name("u", k), samples(3 + k, prefix=f"k{k}_"))
-    idx = shards.read_index(tmp_path)                      # no index.json yet: rebuilt by scanning
+    idx = shards.read_index(tmp_path)  # no index.json yet: rebuilt by scanning
     assert idx["rebuilt"] and idx["total"] == 7 and idx["kind"] == "unlabeled"
     assert [s["count"] for s in idx["shards"]] == [3, 4]
     assert json.loads((tmp_path / "index.json").read_text())["total"] == 7

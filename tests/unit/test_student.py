@@ -3,17 +3,17 @@
 One real (CPU, one process) DeepSpeed engine per case, fed in-memory P x K batches (the stage
 itself on real shards and 2 ranks is tests/integration/test_train_multirank.py).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from slade_dist.train import engine as E
+from slade_dist.train.common import ranking_loss_fn
 from slade_dist.train.student import StudentNet, StudentStep, param_groups
-from slade_dist.train.teacher import ranking_loss_fn
 
 from ..integration import _train_workers as W
-
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 
@@ -32,16 +32,26 @@ def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2):
     from slade_dist.basis import FeatureBasis
     from slade_dist.models import build_embedder
 
-    cfg = W.load_cfg(W.overrides({"train": "", "test": "", "unlabeled": ""}, tmp_path / "run",
-                                 f"student.ablation={ablation}", f"student.basis_warmup_steps={warmup}"))
+    cfg = W.load_cfg(
+        W.overrides(
+            {"train": "", "test": "", "unlabeled": ""},
+            tmp_path / "run",
+            f"student.ablation={ablation}",
+            f"student.basis_warmup_steps={warmup}",
+        )
+    )
     torch.manual_seed(0)
     emb = build_embedder(cfg.model)
-    basis = None if ablation == "no_basis" else FeatureBasis(6, emb.embed_dim, cfg.basis.scale, cfg.basis.beta,
-                                                            cfg.basis.margin, cfg.basis.lambda_sd)
+    basis = (
+        None
+        if ablation == "no_basis"
+        else FeatureBasis(6, emb.embed_dim, cfg.basis.scale, cfg.basis.beta, cfg.basis.margin, cfg.basis.lambda_sd)
+    )
     net = StudentNet(emb, basis)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    tr = E.Trainer(net, param_groups(net, cfg), cfg.train, stage_dir=tmp_path / ablation, total_steps=steps,
-                   micro_batch=32)
+    tr = E.Trainer(
+        net, param_groups(net, cfg), cfg.train, stage_dir=tmp_path / ablation, total_steps=steps, micro_batch=32
+    )
     step_fn = StudentStep(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2))
     seen = []
     for s in range(steps):
@@ -56,8 +66,9 @@ def test_full_objective_warms_up_the_basis_first(tmp_path):
     warm, later = seen[0], seen[-1]
     assert {"loss/ce", "loss/sd"} <= set(warm) and "loss/rank_labeled" not in warm
     assert "loss/rank_mined" not in warm  # no mining while only W_a trains
-    assert {"loss/rank_labeled", "loss/ce", "loss/sd", "loss/rank_mined", "mining/pos_pairs",
-            "basis/mu_pos"} <= set(later)
+    assert {"loss/rank_labeled", "loss/ce", "loss/sd", "loss/rank_mined", "mining/pos_pairs", "basis/mu_pos"} <= set(
+        later
+    )
     assert set(tr.group_names) == {"backbone", "head", "basis"}
 
 
@@ -68,11 +79,14 @@ def test_warmup_trains_only_the_basis(tmp_path):
         assert changed == name.startswith("basis."), f"{name}: changed={changed} during the warm-up"
 
 
-@pytest.mark.parametrize("ablation,present,absent", [
-    ("no_mining", {"loss/rank_labeled", "loss/ce", "loss/sd"}, {"loss/rank_mined", "loss/rank_unlabeled"}),
-    ("no_basis", {"loss/rank_labeled", "loss/rank_unlabeled"}, {"loss/ce", "loss/sd", "loss/rank_mined"}),
-    ("raw_pairs", {"loss/rank_labeled", "loss/rank_unlabeled", "loss/ce", "loss/sd"}, {"loss/rank_mined"}),
-])
+@pytest.mark.parametrize(
+    "ablation,present,absent",
+    [
+        ("no_mining", {"loss/rank_labeled", "loss/ce", "loss/sd"}, {"loss/rank_mined", "loss/rank_unlabeled"}),
+        ("no_basis", {"loss/rank_labeled", "loss/rank_unlabeled"}, {"loss/ce", "loss/sd", "loss/rank_mined"}),
+        ("raw_pairs", {"loss/rank_labeled", "loss/rank_unlabeled", "loss/ce", "loss/sd"}, {"loss/rank_mined"}),
+    ],
+)
 def test_ablations_select_their_terms(tmp_path, ablation, present, absent):
     seen, net, tr, _ = _run(tmp_path, ablation, steps=3, warmup=1)
     last = set(seen[-1])

@@ -1,6 +1,7 @@
 """Dataset converters (slade_dist/data/writers.py + CLI): tiny fake copies of each official layout
 are converted and read back with the right labels and splits; corrupt images are rejected and
 listed; writing is deterministic and resumable; img2dataset output is validated in place."""
+
 from __future__ import annotations
 
 import io
@@ -70,8 +71,15 @@ def make_cub(root: Path) -> Path:
 
 
 def make_cars(root: Path) -> Path:
-    dt = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
-          ("class", "O"), ("test", "O")]
+    dt = [
+        ("relative_im_path", "O"),
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("test", "O"),
+    ]
     rows = []
     for c in range(1, 5):
         for j in range(2):
@@ -90,8 +98,12 @@ def make_cars(root: Path) -> Path:
 
 def make_inshop(root: Path) -> Path:
     rows = []
-    plan = {"id_00000001": ["train"] * 3, "id_00000007": ["train"] * 2,
-            "id_00000002": ["query", "gallery", "gallery"], "id_00000005": ["query", "gallery"]}
+    plan = {
+        "id_00000001": ["train"] * 3,
+        "id_00000007": ["train"] * 2,
+        "id_00000002": ["query", "gallery", "gallery"],
+        "id_00000005": ["query", "gallery"],
+    }
     for i, (item, statuses) in enumerate(plan.items()):
         for j, st in enumerate(statuses):
             rel = f"img/WOMEN/Dresses/{item}/{j:02d}_1_front.jpg"
@@ -99,7 +111,8 @@ def make_inshop(root: Path) -> Path:
             rows.append(f"{rel}    {item} {st}")
     (root / "Eval").mkdir(parents=True)
     (root / "Eval" / "list_eval_partition.txt").write_text(
-        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n")
+        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n"
+    )
     return root
 
 
@@ -143,9 +156,11 @@ def make_img2dataset(root: Path) -> Path:
         with tarfile.open(root / f"{s:05d}.tar", "w") as tf:
             for j in range(4):
                 key = f"{s:05d}{j:04d}"
-                for ext, data in [("jpg", CORRUPT if (s, j) == (1, 2) else jpeg(j)),
-                                  ("json", json.dumps({"key": key, "url": f"http://x/{key}", "status": "success"}).encode()),
-                                  ("txt", b"a caption")]:
+                for ext, data in [
+                    ("jpg", CORRUPT if (s, j) == (1, 2) else jpeg(j)),
+                    ("json", json.dumps({"key": key, "url": f"http://x/{key}", "status": "success"}).encode()),
+                    ("txt", b"a caption"),
+                ]:
                     ti = tarfile.TarInfo(f"{key}.{ext}")
                     ti.size = len(data)
                     tf.addfile(ti, io.BytesIO(data))
@@ -196,8 +211,10 @@ def test_inshop_query_gallery_share_ids(tmp_path):
         assert all(names[c] == m["item_id"] for _, c, m in rows)
 
 
-@pytest.mark.parametrize("fmt,maker,n,n_labels", [("nabirds", make_nabirds, 6, 2), ("compcars", make_compcars, 6, 3),
-                                                  ("fashion200k", make_fashion, 4, 2)])
+@pytest.mark.parametrize(
+    "fmt,maker,n,n_labels",
+    [("nabirds", make_nabirds, 6, 2), ("compcars", make_compcars, 6, 3), ("fashion200k", make_fashion, 4, 2)],
+)
 def test_unlabeled_companions_keep_truth_in_json_only(tmp_path, fmt, maker, n, n_labels):
     out = tmp_path / "out"
     writers.convert(fmt, maker(tmp_path / fmt), out, progress=False)
@@ -263,7 +280,7 @@ def test_resize_shrinks_shorter_side(tmp_path):
     (src / "c").mkdir(parents=True)
     im.save(src / "c" / "big.png")
     writers.convert("imagefolder", src, tmp_path / "out", resize=20, progress=False)
-    (key, img, cls, meta), = list(iter_shard(shard_paths(tmp_path / "out")[0]))
+    ((key, img, cls, meta),) = list(iter_shard(shard_paths(tmp_path / "out")[0]))
     assert tuple(img.shape) == (3, 20, 30) and cls == 0
 
 
@@ -286,12 +303,28 @@ def test_cli_write_help_and_errors(tmp_path, capsys):
     from slade_dist.data.__main__ import main
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "slade_dist.data", "write", "--help"], capture_output=True, text=True,
-                       env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "slade_dist.data", "write", "--help"], capture_output=True, text=True, env=env, cwd=REPO
+    )
     assert r.returncode == 0 and "cars_annos.mat" in r.stdout
     root = make_cub(tmp_path / "cub")
-    assert main(["write", "--format", "cub", "--root", str(root), "--out", str(tmp_path / "o"), "--split", "test",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "write",
+                "--format",
+                "cub",
+                "--root",
+                str(root),
+                "--out",
+                str(tmp_path / "o"),
+                "--split",
+                "test",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "test: 6 images in 1 shards, 0 rejected, 2 classes" in capsys.readouterr().out
     assert not (tmp_path / "o" / "train").exists()
     assert main(["write", "--format", "cars196", "--root", str(root), "--out", str(tmp_path / "p")]) == 2

@@ -1,31 +1,36 @@
 """What one Slurm / submitit task runs: one stage of one round, inside the job's distributed env.
 
-Owns: `StageJob`, the picklable callable the launcher (launch/submit.py) submits. In every task it
-exports the submitit environment for torch.distributed (dist.export_submitit_env, CUDA devices left
-visible: DeepSpeed picks one by local rank), sets DS_ACCELERATOR=cpu and hides GPUs in GPU-less
-jobs, initialises torch.distributed, sets run.round and calls stages.run_stage. It never builds a
-model: stages do.
+Owns: `StageJob`, the picklable callable the launcher (slade_dist.launch) submits. In every task it
+exports the submitit environment for torch.distributed (export_job_env: RANK, WORLD_SIZE, MASTER_*
+with the job's own rendezvous port, CUDA devices left visible: DeepSpeed picks one by local rank),
+sets DS_ACCELERATOR=cpu and hides GPUs in GPU-less jobs, initialises torch.distributed, sets
+run.round and calls runner.run_stage. It never builds a model: stages do. The launcher imports
+this module only when it makes a job (it imports torch).
 Preemption / time limit: submitit calls `checkpoint()` on global rank 0 when the job receives its
 signal (USR2). It ONLY resubmits the same call (never a collective save: the other ranks are not
 in that code path, so a collective there would hang); the requeued job resumes from the stage's own
 latest periodic checkpoint / finished shards, and a stage whose DONE.json matches is skipped, which
 makes resubmitting a finished chain a no-op.
-Embed job arrays: array task i of N calls the embed function on the i-th contiguous range of the
-unlabeled shard ids (embed.run's `shard_ids` hook) without writing DONE.json; a normal embed job
-after the array runs the full stage, which finds every shard embedded and writes the marker.
-Tests: tests/unit/test_submit.py (single process), tests/integration/test_launch_local.py and
+Embed shard subsets: array task i of N calls the embed function on the i-th contiguous range of the
+unlabeled shard ids (embed.run's `shard_ids` hook), and a `--shards` job on its explicit ids; neither
+writes DONE.json (the stage is complete only when every shard is): a normal embed job after the
+array runs the full stage, which finds every shard embedded and writes the marker.
+Tests: tests/unit/test_launch.py (single process), tests/integration/test_launch_local.py and
 tests/integration/test_slurm.py (real LocalExecutor / Slurm jobs, requeue and resume).
 """
+
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import submitit
 
-from . import dist, stages
-from .config import Config
+from .. import dist, runner, stages
+from ..config import Config
+from ..data.shards import shard_index, shard_paths
 
 
 def array_part(items: list[int], index: int, parts: int) -> list[int]:
@@ -34,7 +39,19 @@ def array_part(items: list[int], index: int, parts: int) -> list[int]:
         raise ValueError(f"array index {index} is outside 0..{parts - 1}")
     base, extra = divmod(len(items), parts)
     start = index * base + min(index, extra)
-    return items[start:start + base + (1 if index < extra else 0)]
+    return items[start : start + base + (1 if index < extra else 0)]
+
+
+def export_job_env() -> None:
+    """Inside a submitit task: export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.
+
+    set_cuda_visible_devices=False: DeepSpeed picks the GPU by LOCAL_RANK; pinning would break that.
+    """
+    # Inside a submitit task the job environment is the truth: overwrite=True replaces values left by
+    # an earlier stage run in this same process (--cluster debug runs jobs in-process). submitit reads
+    # MASTER_PORT as given; unset it would pick one in the ephemeral range (see dist.job_master_port).
+    os.environ["MASTER_PORT"] = str(dist.job_master_port(submitit.JobEnvironment().job_id))
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def in_submitit_job() -> bool:
@@ -50,20 +67,34 @@ class StageJob(submitit.helpers.Checkpointable):
 
     cpu: True for jobs without GPUs (DeepSpeed then needs DS_ACCELERATOR=cpu before it is imported).
     array_parts: N > 0 makes this an embed array task: it embeds shard range `part` of N.
+    shard_ids: embed exactly these unlabeled shard ids (the launcher's --shards).
     """
 
-    def __init__(self, cfg: Config, stage: str, round_: int = 1, force: bool = False,
-                 cpu: bool = True, array_parts: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        stage: str,
+        round_: int = 1,
+        force: bool = False,
+        cpu: bool = True,
+        array_parts: int = 0,
+        shard_ids: Sequence[int] | None = None,
+    ) -> None:
         if stage not in stages.STAGES:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(stages.STAGES)}")
         if array_parts and stage != "embed":
             raise ValueError(f"only the embed stage runs as a job array, not {stage!r}")
+        if shard_ids is not None and stage != "embed":
+            raise ValueError(f"only the embed stage runs on a shard subset, not {stage!r}")
+        if shard_ids is not None and array_parts:
+            raise ValueError("a job array already splits the shards: pass shard_ids or array_parts, not both")
         self.cfg = cfg
         self.stage = stage
         self.round = round_
         self.force = force
         self.cpu = cpu
         self.array_parts = array_parts
+        self.shard_ids = None if shard_ids is None else sorted(set(shard_ids))
 
     def __repr__(self) -> str:
         rnd = f" round {self.round}" if stages.STAGES[self.stage].per_round else ""
@@ -83,36 +114,38 @@ class StageJob(submitit.helpers.Checkpointable):
                 os.environ["DS_ACCELERATOR"] = "cpu"
                 os.environ["CUDA_VISIBLE_DEVICES"] = ""
             if in_submitit_job():  # called outside submitit, dist reads the environment as it is
-                dist.export_submitit_env()
+                export_job_env()
             dist.init_distributed()
-            if self.array_parts:
-                return self._run_array_part(int(part or 0))
-            return stages.run_stage(self.stage_config(), self.stage, force=self.force)
+            if self.array_parts or self.shard_ids is not None:
+                return self._embed_subset(int(part or 0))
+            return runner.run_stage(self.stage_config(), self.stage, force=self.force)
         finally:
             dist.shutdown()
             os.environ.clear()
             os.environ.update(saved_env)
 
-    def _run_array_part(self, index: int) -> dict[str, Any] | None:
-        """Array task `index`: embed its shard range; no DONE.json (the embed job after the array writes it)."""
-        from .data.pseudo_labels import shard_index
-        from .data.shards import shard_paths
-
+    def _embed_subset(self, index: int) -> dict[str, Any] | None:
+        """Embed this job's shard subset; no DONE.json (the stage is done only once every shard is)."""
         cfg = self.stage_config()
         log = dist.get_logger()
+        what = f"embed part {index}/{self.array_parts}" if self.array_parts else "embed shards"
         if not self.force and stages.is_done(cfg, self.stage):
-            log.info(f"[embed part {index}/{self.array_parts}] stage already DONE: skipped")
+            log.info(f"[{what}] stage already DONE: skipped")
             return None
         cfg.require_inputs(*stages.STAGES[self.stage].requires)
-        ids = sorted(shard_index(p) for p in shard_paths(cfg.data.unlabeled_shards))
-        mine = array_part(ids, index, self.array_parts)
-        log.info(f"[embed part {index}/{self.array_parts}] shard ids {mine[:1]}..{mine[-1:]} ({len(mine)})")
+        mine = self._subset_ids(cfg, index)
+        log.info(f"[{what}] shard ids {mine[:1]}..{mine[-1:]} ({len(mine)})")
         if not mine:
             return {"shards": 0}
         return stages.STAGES[self.stage].load()(cfg, stages.RunLayout(cfg.run.dir).root, shard_ids=mine)
 
+    def _subset_ids(self, cfg: Config, index: int) -> list[int]:
+        if self.shard_ids is not None:
+            return list(self.shard_ids)
+        ids = sorted(shard_index(p) for p in shard_paths(cfg.data.unlabeled_shards))
+        return array_part(ids, index, self.array_parts)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 at preemption / time limit: resubmit this same call, nothing else."""
-        dist.get_logger().warning(f"{self!r}: interrupted, requeueing; the stage resumes from its "
-                                  f"latest checkpoint")
+        dist.get_logger().warning(f"{self!r}: interrupted, requeueing; the stage resumes from its latest checkpoint")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

@@ -1,0 +1,188 @@
+"""The jobs of one launch: which stage runs in which job, with which shape, after which job.
+
+Owns: `JobSpec` (one job of the plan) and `Submitted` (a job once submitted or run), each stage's
+job shape (cfg.launch.<stage>, command-line flags on top), job names ("teacher", "round1-embed",
+"round1-embed-array", "round1-embed-shards"), turning a stage or `all` into a chain of jobs,
+dropping the jobs whose stage's DONE.json already matches, shard-id lists ("0-9,12"), the job
+that builds a job's callable (StageJob) and where each job's logs go. `LaunchError` lives here
+because every launch module raises it. Never imports torch (the launcher starts without it).
+Tests: tests/unit/test_launch.py (planning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import stages
+from ..config import Config, JobShape
+
+
+class LaunchError(RuntimeError):
+    """A problem found before submitting (or while running locally): one clear line for the user."""
+
+
+@dataclass
+class JobSpec:
+    """One job of the plan. `after` names the job it waits for (afterok)."""
+
+    name: str  # unique in the plan: "teacher", "round1-embed", ...
+    stage: str
+    round: int
+    shape: JobShape  # resolved: tasks_per_node > 0
+    after: str | None = None
+    array: int = 0  # > 0: embed job array with this many parts
+    shard_ids: tuple[int, ...] | None = None  # embed only these unlabeled shards (no DONE.json)
+
+
+@dataclass
+class Submitted:
+    """A job of the plan once submitted (Slurm) or run (local/debug)."""
+
+    spec: JobSpec
+    job_id: str
+    stdout: str
+    jobs: list[Any]  # the submitit Job objects (one per array task)
+
+
+# ------------------------------------------------------------------------------ shard lists
+def parse_shard_ids(text: str) -> list[int]:
+    """ "0-9,12" -> [0..9, 12], sorted and without repeats (what `--shards` takes). ValueError on
+    anything else, a reversed range included ("9-3" would silently name no shard)."""
+    ids: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"shard range {part!r} runs backwards")
+            ids.extend(range(lo, hi + 1))
+        else:
+            ids.append(int(part))
+    return sorted(set(ids))
+
+
+def format_shard_ids(ids: Sequence[int]) -> str:
+    """[0..9, 12] -> "0-9,12" (the inverse of parse_shard_ids, for job descriptions)."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
+
+
+# ---------------------------------------------------------------------------------- shapes
+def shape_key(stage: str) -> str:
+    """cfg.launch field of a stage's job shape (`cluster` already names the executor kind)."""
+    return "cluster_job" if stage == "cluster" else stage
+
+
+def resolve_shape(cfg: Config, stage: str, args: argparse.Namespace) -> JobShape:
+    """cfg.launch.<stage> with the command-line flags on top; tasks_per_node 0 -> one per GPU (or 1)."""
+    # a stage registered without a launch.<stage> section gets the default shape
+    shape = copy.deepcopy(getattr(cfg.launch, shape_key(stage), None) or JobShape())
+    for flag, field in [
+        ("nodes", "nodes"),
+        ("gpus_per_node", "gpus_per_node"),
+        ("tasks_per_node", "tasks_per_node"),
+        ("cpus_per_task", "cpus_per_task"),
+        ("mem", "mem_gb"),
+        ("time", "time_min"),
+    ]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(shape, field, value)
+    if shape.tasks_per_node == 0:
+        shape.tasks_per_node = shape.gpus_per_node or 1
+    return shape
+
+
+def describe_shape(spec: JobSpec) -> str:
+    s = spec.shape
+    gpus = f", {s.gpus_per_node} GPU/node" if s.gpus_per_node else ""
+    arr = f", array of {spec.array}" if spec.array else ""
+    shards = f", shards {format_shard_ids(spec.shard_ids)}" if spec.shard_ids is not None else ""
+    return f"{s.nodes} node(s) x {s.tasks_per_node} task(s), {s.cpus_per_task} CPU/task{gpus}{arr}{shards}"
+
+
+# --------------------------------------------------------------------------------- the plan
+def job_name(stage: str, round_: int) -> str:
+    return f"round{round_}-{stage}" if stages.STAGES[stage].per_round else stage
+
+
+def plan_jobs(cfg: Config, stage: str, args: argparse.Namespace) -> list[JobSpec]:
+    """The jobs to submit, in dependency order (each waits for the one before it)."""
+    if stage == "all":
+        steps = stages.pipeline_plan(cfg.run.rounds)
+    else:
+        steps = [(stage, cfg.run.round if stages.STAGES[stage].per_round else 1)]
+    shard_ids = args.shards
+    plan: list[JobSpec] = []
+    for st, rnd in steps:
+        after = plan[-1].name if plan else None
+        name = job_name(st, rnd)
+        if st == "embed" and shard_ids is not None:
+            # a subset only: the stage is not complete after it, so this job never writes DONE.json
+            plan.append(
+                JobSpec(name + "-shards", st, rnd, resolve_shape(cfg, st, args), after, shard_ids=tuple(shard_ids))
+            )
+            continue
+        if st == "embed" and args.array:
+            # the array embeds disjoint parts; the normal embed job after it finds every shard
+            # done, and writes DONE.json (array tasks never do: one would mark the stage done early)
+            plan.append(JobSpec(name + "-array", st, rnd, resolve_shape(cfg, st, args), after, args.array))
+            after = plan[-1].name
+        plan.append(JobSpec(name, st, rnd, resolve_shape(cfg, st, args), after))
+    return plan
+
+
+def drop_done(cfg: Config, plan: Sequence[JobSpec]) -> tuple[list[JobSpec], list[JobSpec]]:
+    """Split the plan into jobs to submit and jobs whose stage's DONE.json already matches the config.
+
+    A kept job that waited for a dropped one waits for the last kept job before it instead (none:
+    it starts at once). A job submitted anyway would exit at once too; not submitting it saves a
+    job start (and a queue wait) per finished stage.
+    """
+    kept: list[JobSpec] = []
+    dropped: list[JobSpec] = []
+    for spec in plan:
+        # once a job of the chain reruns, the jobs after it read its new outputs: they are kept too
+        # (each still skips itself at run time when its inputs turn out unchanged)
+        upstream_reruns = bool(kept) and spec.after is not None
+        if not upstream_reruns and stages.is_done(stages.with_round(cfg, spec.round), spec.stage):
+            dropped.append(spec)
+            continue
+        kept.append(dataclasses.replace(spec, after=kept[-1].name if kept and spec.after else None))
+    return kept, dropped
+
+
+# ------------------------------------------------------------------------------- job pieces
+def run_root(cfg: Config) -> Path:
+    return Path(cfg.run.dir).resolve()
+
+
+def log_folder(cfg: Config, spec: JobSpec) -> Path:
+    return run_root(cfg) / "logs" / spec.name
+
+
+def make_job(cfg: Config, spec: JobSpec, force: bool, job_cls: type | None = None) -> Any:
+    """The picklable callable every task of the job runs (StageJob, or a test's subclass)."""
+    # imported here: job.py imports torch (through dist), which the launcher itself never needs
+    from .job import StageJob
+
+    cls = job_cls or StageJob
+    return cls(
+        cfg,
+        spec.stage,
+        spec.round,
+        force=force,
+        cpu=spec.shape.gpus_per_node == 0,
+        array_parts=spec.array,
+        shard_ids=spec.shard_ids,
+    )

@@ -1,0 +1,59 @@
+"""Content ids of what a stage reads: the facts a DONE.json and a checkpoint are checked against.
+
+Owns `file_id` (sha256 of a file's bytes, cached per (path, size, mtime) in this process, so the
+launcher's planning pass reads each model file once) and `shard_dir_id` (a shard directory's
+index.json bytes plus the names, sizes and mtimes of its tars: one stat per shard, never a read
+of the data). "missing" stands for an input that is not there yet, so it differs from any id.
+Tests: tests/unit/test_stages.py (provenance), tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+MISSING = "missing"
+_BLOCK = 1 << 22
+_file_ids: dict[tuple[str, int, int], str] = {}
+
+
+def file_id(path: str | os.PathLike[str] | None) -> str:
+    """sha256[:16] of the file's content; MISSING when it does not exist."""
+    if not path:
+        return MISSING
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return MISSING
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _file_ids:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(_BLOCK), b""):
+                h.update(block)
+        _file_ids[key] = h.hexdigest()[:16]
+    return _file_ids[key]
+
+
+def shard_dir_id(path: str | os.PathLike[str] | None) -> str:
+    """Id of a shard directory (or one tar): its index.json and the size and mtime of every tar in
+    it (a tar replaced, truncated or restored under the same index changes the id)."""
+    if not path:
+        return MISSING
+    p = Path(path)
+    if p.is_file():
+        return file_id(p)
+    if not p.is_dir():
+        return MISSING
+    h = hashlib.sha256(file_id(p / "index.json").encode())
+    for tar in sorted(p.glob("*.tar")):
+        st = tar.stat()
+        h.update(f"{tar.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def combine(*parts: object) -> str:
+    """One short id from several (a stage's config hash and input ids)."""
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:16]

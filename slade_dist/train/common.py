@@ -1,0 +1,119 @@
+"""What the three trainers (pretrain, teacher, student) share, so no stage imports another.
+
+Owns: stream seeds of a (resumed) stage, the embedder's initial weights (a previous stage's export
+or model.pretrained_path), its two lr groups, the ranking loss of cfg.loss (cross-rank when
+loss.cross_rank), the stage's TensorBoard writer, the periodic-eval hook (the evaluator itself is
+handed in by the stage runner: train/ never imports eval/) and the result summary a trainer
+returns for DONE.json.
+Tests: tests/unit/test_engine.py, tests/unit/test_pretrain.py, tests/unit/test_student.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, ModelConfig, TrainConfig
+from ..losses import build_loss, cross_rank_loss
+from ..models import build_embedder, load_state_dict_checked, read_checkpoint
+from ..stages import RunLayout
+from .engine import ParamGroup
+from .loop import FitResult
+from .tb import TBWriter
+
+# metrics of the current model on the test split; called on every rank, same dict on each
+Evaluate = Callable[[torch.nn.Module], dict[str, float]]
+
+
+def stream_seed(base_seed: int, step: int, salt: int = 0) -> int:
+    """Seed of a data stream started at `step`: a resumed run draws new batches, not a replay."""
+    return (int(base_seed) * 1_000_003 + int(step) * 7_919 + int(salt) * 104_729) % (2**31 - 1)
+
+
+def pretrain_init_path(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The pretrain stage's export when that stage ran, else None."""
+    p = RunLayout(run_dir).stage_dir("pretrain") / "final.pt"
+    return p if p.exists() else None
+
+
+def init_embedder(model_cfg: ModelConfig, init_path: str | os.PathLike[str] | None) -> torch.nn.Module:
+    """An Embedder from cfg.model; `init_path` (a save_weights file) replaces all its weights.
+
+    With no init_path the embedder starts from model.pretrained_path (backbone) or random.
+    """
+    if init_path is None:
+        return build_embedder(model_cfg)
+    plain = dataclasses.replace(model_cfg, pretrained_path="")  # the file replaces it anyway
+    emb = build_embedder(plain)
+    obj = read_checkpoint(init_path)
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise RuntimeError(f"{str(init_path)!r} is not a slade_dist weights file (save_weights format)")
+    load_state_dict_checked(emb, obj["state_dict"], strict=True, what=f"init weights {str(init_path)!r}")
+    return emb
+
+
+def embedder_groups(embedder: Any, tcfg: TrainConfig, *, start: int = 0) -> list[ParamGroup]:
+    """backbone at lr * backbone_lr_mult, head at lr (both starting at optimizer step `start`)."""
+    parts = embedder.param_groups()
+    return [
+        ParamGroup("backbone", parts["backbone"], tcfg.lr * tcfg.backbone_lr_mult, start),
+        ParamGroup("head", parts["head"], tcfg.lr, start),
+    ]
+
+
+def ranking_loss_fn(cfg: Config) -> Callable[..., torch.Tensor]:
+    """loss(emb, labels=None, pos_pairs=..., neg_pairs=...), cross-rank when cfg.loss.cross_rank."""
+    loss_fn = build_loss(cfg.loss)
+
+    def rank_loss(emb: torch.Tensor, labels: torch.Tensor | None = None, **pairs: Any) -> torch.Tensor:
+        if cfg.loss.cross_rank and labels is not None and not pairs:
+            return cross_rank_loss(loss_fn, emb, labels)
+        return loss_fn(emb, labels, **pairs)
+
+    return rank_loss
+
+
+def open_tb(cfg: Config, run_dir: str | os.PathLike[str], stage: str, round_: int | None, resume_step: int) -> TBWriter:
+    """The stage's rank-0 writer; the resolved config goes in as text on a fresh start."""
+    tb = TBWriter(RunLayout(run_dir).tb_dir(stage, round_), resume_step=resume_step)
+    if resume_step == 0:
+        tb.text("config", cfg.dump_yaml())
+    return tb
+
+
+def eval_every(
+    evaluate: Evaluate | None, module: Callable[[], torch.nn.Module]
+) -> Callable[[int], dict[str, float]] | None:
+    """fit()'s eval_fn: the stage's evaluator on the current model, which is left in train mode."""
+    if evaluate is None:
+        return None
+
+    def run_eval(step: int) -> dict[str, float]:
+        model = module()
+        was_training = model.training
+        try:
+            return evaluate(model)
+        finally:
+            model.train(was_training)
+
+    return run_eval
+
+
+def fit_summary(result: FitResult, resumed: dict[str, Any]) -> dict[str, Any]:
+    """The part of a trainer's DONE.json result every trainer shares."""
+    return {
+        "steps": result.steps,
+        "resumed_from": result.start_step,
+        "first_loss": result.first_loss,
+        "final_loss": result.final_loss,
+        "seconds": round(result.seconds, 2),
+        "param_digest": result.param_digest,
+        "resumed": resumed,
+        "loss_history": result.history,
+        "data": {"images_read": result.images, "skipped_corrupt_or_truncated": result.skipped},
+    }

@@ -1,0 +1,216 @@
+"""The step loop: optimizer steps over infinite streams, logging, periodic eval, checkpoints.
+
+Owns `fit(trainer, micro_fn, ...)`: runs optimizer steps from the trainer's (resumed) step to its
+total, counted in optimizer steps so every rank runs the same number of micro-batches and no
+collective can hang; gradient accumulation; TensorBoard scalars (each loss term, lr per group,
+images/s, data-wait %, skipped samples) averaged over ranks every train.log_every steps; the rank-0
+progress bar; the stage's periodic evaluation (a callable handed in, every train.eval_every
+steps); a checkpoint every train.ckpt_every steps and at the end. Also the small stream helpers
+a stage's micro-batch function uses (`timed_next`, `SkipDelta`) and what it returns (`MicroResult`).
+Tests: tests/unit/test_engine.py, tests/integration/test_train_multirank.py,
+tests/integration/test_resume.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import dist
+from .engine import Trainer, average_bn_buffers, param_digest
+from .tb import TBWriter
+
+
+@dataclass
+class MicroResult:
+    """What a stage's micro-batch function returns to `fit`."""
+
+    loss: torch.Tensor
+    scalars: dict[str, float] = field(default_factory=dict)  # logged as-is (averaged over ranks)
+    images: int = 0
+    skipped: int = 0
+    wait_s: float = 0.0  # seconds spent waiting for data
+
+
+@dataclass
+class FitResult:
+    steps: int
+    start_step: int
+    final_loss: float | None
+    first_loss: float | None
+    history: list[tuple[int, float]]
+    seconds: float
+    param_digest: str = ""  # sha256 of this rank's parameters + buffers (equal on every rank)
+    images: int = 0  # images trained on in this run, all ranks
+    skipped: int = 0  # samples left out as corrupt or lost to truncated tars, all ranks
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average each key over the ranks that have it (keys may differ, e.g. optional stats)."""
+    if dist.world_size() == 1:
+        return dict(values)
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for part in dist.all_gather_object(dict(values)):
+        for k, v in part.items():
+            sums[k] += float(v)
+            counts[k] += 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def fit(
+    trainer: Trainer,
+    micro_fn: Callable[[int], MicroResult],
+    *,
+    tb: TBWriter,
+    state_fn: Callable[[], dict[str, Any]] | None = None,
+    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    after_step: Callable[[int], dict[str, float] | None] | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Run optimizer steps from trainer.step to trainer.total_steps.
+
+    micro_fn(step) draws one micro-batch and returns its loss; `after_step(step)` runs after each
+    optimizer step (extra scalars to log); `state_fn()` adds stage state to each checkpoint;
+    `eval_fn(step)` runs every train.eval_every steps on all ranks and returns metrics to log.
+    """
+    tcfg = trainer.tcfg
+    total = trainer.total_steps
+    start = trainer.step
+    history: list[tuple[int, float]] = []
+    window: dict[str, float] = defaultdict(float)
+    totals = torch.zeros(2, dtype=torch.float64)  # images, skipped (this rank)
+    n_micro = 0
+    t_window = time.perf_counter()
+    t_start = time.perf_counter()
+    # a job log is not a terminal: no carriage-return redraws there, a plain line per log window
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not (dist.is_main() and tty), dynamic_ncols=True)
+    try:
+        while trainer.step < total:
+            extra: dict[str, float] = {}
+            for _ in range(trainer.accum):
+                out = micro_fn(trainer.step)
+                stepped = trainer.backward_step(out.loss)
+                window["loss/total"] += float(out.loss.detach())
+                for k, v in out.scalars.items():
+                    window[k] += float(v)
+                window["_images"] += out.images
+                window["_skipped"] += out.skipped
+                window["_wait"] += out.wait_s
+                totals += torch.tensor([out.images, out.skipped], dtype=torch.float64)
+                n_micro += 1
+            assert stepped, "gradient accumulation boundary out of sync with train.grad_accum"
+            step = trainer.step
+            if after_step is not None:
+                extra = after_step(step) or {}
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - t_window
+                logged = _log_window(trainer, window, n_micro, elapsed, extra, tb, step)
+                history.append((step, logged["loss/total"]))
+                bar.set_postfix(loss=f"{logged['loss/total']:.4f}")
+                if not tty:
+                    _log_line(desc, step, total, start, logged, time.perf_counter() - t_start)
+                window.clear()
+                n_micro = 0
+                t_window = time.perf_counter()
+            if eval_fn is not None and tcfg.eval_every > 0 and step % tcfg.eval_every == 0:
+                tb.scalars({f"eval/{k}": v for k, v in eval_fn(step).items()}, step)
+            if step % tcfg.ckpt_every == 0 or step == total:
+                average_bn_buffers(trainer.module)
+                trainer.save(state_fn() if state_fn else None)
+                tb.flush()
+    finally:
+        bar.close()
+    average_bn_buffers(trainer.module)  # also when nothing ran (resumed at the last step)
+    images, skipped = (int(v) for v in dist.all_reduce_sum(totals.to(_collective_device())).cpu().tolist())
+    return FitResult(
+        steps=trainer.step,
+        start_step=start,
+        final_loss=history[-1][1] if history else None,
+        first_loss=history[0][1] if history else None,
+        history=history,
+        seconds=time.perf_counter() - t_start,
+        param_digest=param_digest(trainer.module),
+        images=images,
+        skipped=skipped,
+    )
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor must live for this process group's collectives (nccl: the GPU)."""
+    nccl = dist.is_dist() and torch.distributed.get_backend() == "nccl"
+    return dist.device() if nccl else torch.device("cpu")
+
+
+def _log_line(desc: str, step: int, total: int, start: int, logged: Mapping[str, float], elapsed: float) -> None:
+    """One readable line for job logs: step, each loss term, lr, images/s, data wait, ETA."""
+    losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in logged.items() if k.startswith("loss/"))
+    lrs = " ".join(f"{k}={v:.2e}" for k, v in logged.items() if k.startswith("lr/"))
+    rate = (step - start) / max(elapsed, 1e-9)
+    eta = (total - step) / rate if rate > 0 else float("inf")
+    dist.get_logger().info(
+        f"[{desc}] step {step}/{total} {losses} {lrs} "
+        f"images/s={logged.get('perf/images_per_s', 0.0):.1f} "
+        f"data_wait={logged.get('perf/data_wait_pct', 0.0):.0f}% eta={_hms(eta)}"
+    )
+
+
+def _hms(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _log_window(
+    trainer: Trainer,
+    window: Mapping[str, float],
+    n_micro: int,
+    elapsed: float,
+    extra: Mapping[str, float],
+    tb: TBWriter,
+    step: int,
+) -> dict[str, float]:
+    """Average the window's sums over micro-batches and ranks, add throughput, write scalars."""
+    means = {k: v / max(n_micro, 1) for k, v in window.items() if not k.startswith("_")}
+    means.update(extra)
+    means["_wait_frac"] = window.get("_wait", 0.0) / max(elapsed, 1e-9)
+    means["_images"] = window.get("_images", 0.0)
+    means["_skipped"] = window.get("_skipped", 0.0)
+    g = _mean_across_ranks(means)
+    w = dist.world_size()
+    out = {k: v for k, v in g.items() if not k.startswith("_")}
+    out["perf/images_per_s"] = g["_images"] * w / max(elapsed, 1e-9)
+    out["perf/data_wait_pct"] = 100.0 * g["_wait_frac"]
+    out["data/skipped_samples"] = g["_skipped"] * w
+    out.update({f"lr/{n}": v for n, v in trainer.lrs().items()})
+    tb.scalars(out, step)
+    return out
+
+
+def timed_next(it: Any) -> tuple[Any, float]:
+    """next(it) and the seconds spent waiting for it (the data-wait figure)."""
+    t0 = time.perf_counter()
+    item = next(it)
+    return item, time.perf_counter() - t0
+
+
+class SkipDelta:
+    """The readers report skipped samples as a running total; logging wants per-batch counts."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def __call__(self, stream_name: str, total: int) -> int:
+        d = int(total) - self._last.get(stream_name, 0)
+        self._last[stream_name] = int(total)
+        return max(d, 0)
