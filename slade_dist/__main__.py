@@ -1,13 +1,17 @@
 """Command line: `python -m slade_dist <command> --config FILE [section.key=value ...]`.
 
 Owns: argument parsing and the human-facing output of one-process runs (stage commands, the
-demo-data generator, the in-process pipeline, show-config). Multi-node runs go through
-`launch/submit.py`, which calls the same stage functions. Tests: tests/unit/test_cli.py.
+demo-data generator, the in-process pipeline, show-config): `<command> --help` (the config keys
+that command reads, with their help text, default and resolved value), refusing raw img2dataset
+output as a shard dir (with the command that validates it), and the result line, printed once (by
+rank 0) however many processes run the command. Multi-node runs go through `launch/submit.py`,
+which calls the same stage functions. Tests: tests/unit/test_cli.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from . import dist
 from .config import Config, ConfigError, describe_sections, load_config
+from .data.__main__ import describe_unvalidated, unvalidated_img2dataset
 from .data.demo import generate
 from .eval.report import format_table
 from .runner import StageNotAvailable, run_pipeline, run_stage
@@ -31,6 +36,9 @@ other commands:
                cluster -> student) -> eval; finished stages (DONE.json matching the config hash)
                are skipped
   show-config  print the resolved config (defaults -> --config file -> overrides) and its hash
+
+`python -m slade_dist <stage> --help` lists the config keys that stage reads, with their help
+text, defaults and the values a --config file and overrides give them.
 
 config sections and keys (set in YAML or as section.key=value after the command):
 {sections}
@@ -66,7 +74,106 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ------------------------------------------------------------------------------ <command> --help
+def command_sections(command: str) -> list[str]:
+    """The config sections a command reads: run and data, then those its stage's result depends on."""
+    if command == "demo-data":
+        return ["demo"]
+    named = ["run", "data", *STAGES[command].sections]
+    return list(dict.fromkeys("run" if s == "run_seed" else s for s in named))
+
+
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _doc(obj: object) -> str:
+    """A section's docstring, first sentence (dataclasses without one get a generated signature: none)."""
+    doc = " ".join((type(obj).__doc__ or "").split())
+    return "" if doc.startswith(type(obj).__name__ + "(") else doc.split(". ")[0].rstrip(".")
+
+
+def describe_keys(obj: object, base: object, prefix: str) -> list[str]:
+    """One entry per key under `prefix`: name, resolved value (the default too where it differs),
+    help text; nested sections (e.g. a section's own sub-section) recursively."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        value, default, key = getattr(obj, f.name), getattr(base, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.append(f"    {key}:" + (f"  {_doc(value)}" if _doc(value) else ""))
+            lines.extend(describe_keys(value, default, key))
+            continue
+        shown = _shown(value) + (f" (default {_shown(default)})" if value != default else "")
+        text = f.metadata.get("help", "")
+        lines.append(f"    {key:32s} {shown}" + (f"\n        {text}" if text else ""))
+    return lines
+
+
+def describe_sections_of(sections: Sequence[str], cfg: Config, defaults: Config) -> str:
+    lines = []
+    for section in sections:
+        doc = _doc(getattr(cfg, section))
+        lines.append(f"\n  {section}:" + (f"  {doc}" if doc else ""))
+        lines.extend(describe_keys(getattr(cfg, section), getattr(defaults, section), section))
+    return "\n".join(lines)
+
+
+def command_help(command: str, cfg: Config, defaults: Config, source: str) -> str:
+    if command == "demo-data":
+        what, inputs = "write the procedural demo dataset as WebDataset shards", ""
+    else:
+        stage = STAGES[command]
+        what = stage.help + (" (per round: run.round picks the round)" if stage.per_round else "")
+        inputs = f"\ninputs (must exist): {', '.join(stage.requires)}" if stage.requires else ""
+    return (
+        f"usage: python -m slade_dist {command} [--config FILE] [--force] [section.key=value ...]\n\n"
+        f"{command}: {what}{inputs}\n\n"
+        f"config keys {command} reads (values: {source}; set them in the run file or as section.key=value):"
+        + describe_sections_of(command_sections(command), cfg, defaults)
+        + "\n\nevery command and section: python -m slade_dist --help; as Slurm jobs: python launch/submit.py --help"
+    )
+
+
+def help_request(argv: Sequence[str]) -> tuple[str, str | None, list[str]] | None:
+    """(command, --config, overrides) when argv asks for one command's help (`teacher --help`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("words", nargs="*")
+    p.add_argument("--config", "-c")
+    p.add_argument("-h", "--help", action="store_true")
+    known, _ = p.parse_known_intermixed_args(argv)
+    if not known.help or not known.words or known.words[0] not in (*STAGES, "demo-data"):
+        return None
+    return known.words[0], known.config, known.words[1:]
+
+
+def print_command_help(command: str, config: str | None, overrides: Sequence[str]) -> int:
+    try:
+        cfg = load_config(config, overrides, check_paths=False)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    source = "configs/defaults.yaml" + (f" -> {config}" if config else "") + (" -> overrides" if overrides else "")
+    print(command_help(command, cfg, load_config(None, check_paths=False), source))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+def unvalidated_inputs(cfg: Config, command: str) -> str | None:
+    """The refusal when a shard dir the command reads is raw img2dataset output nobody validated."""
+    names = list(STAGES) if command == "pipeline" else [command] if command in STAGES else []
+    for key in dict.fromkeys(k for n in names for k in STAGES[n].requires):
+        value = cfg.get(key)
+        command_line = unvalidated_img2dataset(value) if value else None
+        if command_line:
+            return describe_unvalidated(key, value, command_line)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = help_request(argv)
+    if wanted:  # before argparse, whose --help is the global one
+        return print_command_help(*wanted)
     args = build_parser().parse_intermixed_args(argv)
     dist.set_default_accelerator()
     try:
@@ -74,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, check_paths=args.command not in ("demo-data", "show-config"))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    refusal = unvalidated_inputs(cfg, args.command)
+    if refusal:
+        print(f"config error: {refusal}", file=sys.stderr)
         return 2
     if args.command == "show-config":
         print(f"# hash {cfg.hash()}\n{cfg.dump_yaml()}", end="")

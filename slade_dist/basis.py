@@ -17,7 +17,15 @@ Choices where the paper is silent (documented here, stable API):
 - Running update (Eq. 6): mu <- (1-beta) * mu_batch + beta * mu_prev (mu_prev a detached buffer),
   same for var; the first batch that has pairs of a kind seeds that Gaussian (mu = mu_batch); a
   batch without pairs of a kind leaves it untouched (and it then enters L_SD as a constant).
-  While either Gaussian is unseeded L_SD is a zero connected to `sim`.
+  While either Gaussian is unseeded L_SD is a zero connected to `sim`. `reset_gaussians` unseeds
+  both (the student calls it when its basis warm-up ends).
+- Gradient of L_SD (`sd_grad`): L_SD's VALUE always uses the running mu/var above. "damped"
+  back-propagates through the update, so the batch statistics' gradient arrives scaled by
+  1 - beta (0.01 at the paper's beta: |dL_SD/dW_a| ~1e-3 of L_CE's, L_SD then barely trains);
+  "full" (default) gives it the batch statistics' own gradient, mu_used = mu_b + (mu - mu_b).detach(),
+  i.e. the running Gaussians smooth the thresholds and the hinge, not the learning signal.
+- r = normalize(W_a) normalize(f): the vector of cosines to the class bases that L_CE scores, so
+  the basis similarity does not depend on how long W_a's rows have grown.
 - L_SD = relu(mu_neg - mu_pos + margin) + lambda_sd * (var_pos + var_neg).
 - Mining (Eq. 7) thresholds are the CURRENT buffers: call sd_loss first in a step and mining
   uses the Gaussians including this batch. Mined pairs come in both orderings (i, j) and (j, i);
@@ -46,6 +54,11 @@ def global_sum(local: torch.Tensor) -> torch.Tensor:
     return total + world * (local - local.detach())
 
 
+def _same_label(pseudo_labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    pl = pseudo_labels.view(-1).to(device)
+    return pl.view(-1, 1) == pl.view(1, -1)
+
+
 class FeatureBasis(nn.Module):
     def __init__(
         self,
@@ -55,10 +68,16 @@ class FeatureBasis(nn.Module):
         beta: float = 0.99,
         margin: float = 0.5,
         lambda_sd: float = 1.0,
+        sd_grad: str = "full",
     ) -> None:
         super().__init__()
         if num_classes < 2 or dim < 1:
             raise ValueError(f"FeatureBasis needs num_classes >= 2 and dim >= 1, got {num_classes}, {dim}")
+        if not 0.0 <= beta < 1.0:  # beta = 1: the Gaussians would never leave their first batch
+            raise ValueError(f"FeatureBasis needs 0 <= beta < 1, got {beta}")
+        if sd_grad not in ("full", "damped"):
+            raise ValueError(f"sd_grad must be 'full' or 'damped', got {sd_grad!r}")
+        self.sd_grad = sd_grad
         self.num_classes, self.dim = int(num_classes), int(dim)
         self.scale, self.beta, self.margin, self.lambda_sd = float(scale), float(beta), float(margin), float(lambda_sd)
         self.W_a = nn.Parameter(torch.randn(num_classes, dim) / dim**0.5)
@@ -78,9 +97,9 @@ class FeatureBasis(nn.Module):
             return F.cross_entropy(logits, labels.long().view(-1).to(feat.device))
 
     def project(self, feat: torch.Tensor) -> torch.Tensor:
-        """r = W_a f (B, C), in fp32 even under autocast."""
+        """r (B, C): cosines of f to each row of W_a (the vector L_CE scales by s), fp32 under autocast."""
         with no_autocast(feat):
-            return feat.float() @ self.W_a.float().t()
+            return F.normalize(feat.float(), dim=1) @ F.normalize(self.W_a.float(), dim=1).t()
 
     def basis_similarity(self, feat: torch.Tensor) -> torch.Tensor:
         """(B, B) cos(W_a f_i, W_a f_j)."""
@@ -117,7 +136,17 @@ class FeatureBasis(nn.Module):
             mu_buf.copy_(mu.detach())
             var_buf.copy_(var.detach())
             seeded.fill_(True)
+        if self.sd_grad == "full":  # value: the running statistic; gradient: the batch statistic's own
+            return mu_b + (mu - mu_b).detach(), var_b + (var - var_b).detach()
         return mu, var
+
+    @torch.no_grad()
+    def reset_gaussians(self) -> None:
+        """Forget G+ / G-: the next batch with pairs of a kind seeds it again."""
+        for name in ("mu_pos", "mu_neg", "var_pos", "var_neg"):
+            getattr(self, name).zero_()
+        self.seeded_pos.fill_(False)
+        self.seeded_neg.fill_(False)
 
     def sd_loss(self, sim: torch.Tensor, pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Update G+/G- from this batch's pseudo-positive/negative pairs and return L_SD and stats.
@@ -149,25 +178,53 @@ class FeatureBasis(nn.Module):
         long tensors of (anchor, other) indices into the batch. Empty while a Gaussian is
         unseeded or mu+ <= mu-. require_cluster_agreement also demands same / different
         pseudo label (the non-literal reading)."""
-        n = sim.shape[0]
         empty = torch.zeros(2, 0, dtype=torch.long, device=sim.device)
         mu_p, mu_n = float(self.mu_pos), float(self.mu_neg)
         if not (bool(self.seeded_pos) and bool(self.seeded_neg)) or mu_p <= mu_n:
             self._last_mined = (0, 0)
             return empty, empty.clone()
-        off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
-        pos = (sim >= mu_p) & off
-        neg = (sim <= mu_n) & off
+        pos, neg = self._literal_masks(sim)
         if require_cluster_agreement:
             if pseudo_labels is None:
                 raise ValueError("require_cluster_agreement needs pseudo_labels")
-            pl = pseudo_labels.view(-1).to(sim.device)
-            same = pl.view(-1, 1) == pl.view(1, -1)
+            same = _same_label(pseudo_labels, sim.device)
             pos &= same
             neg &= ~same
         pos_pairs, neg_pairs = pos.nonzero().t().contiguous(), neg.nonzero().t().contiguous()
         self._last_mined = (pos_pairs.shape[1], neg_pairs.shape[1])
         return pos_pairs, neg_pairs
+
+    def _literal_masks(self, sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7 read literally: (s_ij >= mu+, s_ij <= mu-), i != j."""
+        off = ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        return (sim >= self.mu_pos) & off, (sim <= self.mu_neg) & off
+
+    @torch.no_grad()
+    def mining_shares(self, sim: torch.Tensor, pseudo_labels: torch.Tensor) -> dict[str, float]:
+        """How the two Eq. 7 readings differ on this `sim`, whichever one trains (for logging).
+
+        literal_*_pairs: ordered pairs passing the thresholds alone; agreement_*_pairs: those whose
+        cluster ids also agree (same for positives, different for negatives), i.e. what
+        require_cluster_agreement keeps; literal_pos_same_cluster / literal_neg_diff_cluster: the
+        share of the literal reading's pairs the cluster ids agree with (1 by construction for the
+        agreement reading). Computed with the current thresholds also while mining is off (mu+ <=
+        mu-); {} while a Gaussian is unseeded; a share is left out when its set is empty."""
+        if not (bool(self.seeded_pos) and bool(self.seeded_neg)):
+            return {}
+        pos, neg = self._literal_masks(sim)
+        same = _same_label(pseudo_labels, sim.device)
+        counts = {
+            "literal_pos_pairs": int(pos.sum()),
+            "literal_neg_pairs": int(neg.sum()),
+            "agreement_pos_pairs": int((pos & same).sum()),
+            "agreement_neg_pairs": int((neg & ~same).sum()),
+        }
+        out = {k: float(v) for k, v in counts.items()}
+        if counts["literal_pos_pairs"]:
+            out["literal_pos_same_cluster"] = counts["agreement_pos_pairs"] / counts["literal_pos_pairs"]
+        if counts["literal_neg_pairs"]:
+            out["literal_neg_diff_cluster"] = counts["agreement_neg_pairs"] / counts["literal_neg_pairs"]
+        return out
 
     def stats(self) -> dict[str, float]:
         """Running Gaussians and the last call's counts, for logging."""

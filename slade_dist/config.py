@@ -86,6 +86,38 @@ class DemoConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Train-time augmentation: data.augment (teacher / student streams) and pretrain.augment (SwAV
+    views) share these keys, with their own defaults. Order: crop, flip, rotation, colour jitter,
+    grayscale, blur."""
+
+    flip: bool = _f(True, help="random horizontal flip (p 0.5); false where a mirror image is another class")
+    rotation_degrees: float = _f(0.0, lo=0.0, hi=180.0, help="random rotation in [-d, d] degrees (0: none)")
+    jitter_brightness: float = _f(0.0, lo=0.0, help="colour jitter brightness strength (0: none)")
+    jitter_contrast: float = _f(0.0, lo=0.0, help="colour jitter contrast strength (0: none)")
+    jitter_saturation: float = _f(0.0, lo=0.0, help="colour jitter saturation strength (0: none)")
+    jitter_hue: float = _f(0.0, lo=0.0, hi=0.5, help="colour jitter hue strength (0: none)")
+    jitter_p: float = _f(0.8, lo=0.0, hi=1.0, help="probability the colour jitter is applied to an image")
+    grayscale_p: float = _f(0.0, lo=0.0, hi=1.0, help="probability of converting an image to grayscale")
+    blur_p: float = _f(0.0, lo=0.0, hi=1.0, help="probability of a Gaussian blur (kernel ~10% of the crop)")
+    blur_sigma_min: float = _f(0.1, lo=1e-3, help="Gaussian blur sigma drawn from [min, max] pixels")
+    blur_sigma_max: float = _f(2.0, lo=1e-3, help="Gaussian blur sigma drawn from [min, max] pixels")
+    crop_scale_min: float | None = _f(
+        None, lo=0.01, hi=1.0, help="RandomResizedCrop area scale minimum; null: data.crop_scale_min"
+    )
+    crop_scale_max: float = _f(1.0, lo=0.01, hi=1.0, help="RandomResizedCrop area scale maximum")
+    crop_ratio_min: float = _f(0.75, lo=0.01, help="RandomResizedCrop aspect ratio minimum")
+    crop_ratio_max: float = _f(4.0 / 3.0, lo=0.01, help="RandomResizedCrop aspect ratio maximum")
+
+
+def swav_augment() -> AugmentConfig:
+    """SwAV's view augmentation (Caron et al. 2020): colour jitter 0.4/0.4/0.4/0.1 at p 0.8, grayscale p 0.2."""
+    return AugmentConfig(
+        jitter_brightness=0.4, jitter_contrast=0.4, jitter_saturation=0.4, jitter_hue=0.1, grayscale_p=0.2
+    )
+
+
+@dataclass
 class DataConfig:
     train_shards: str = _f("", input_path=True, help="labeled training shard dir (index.json inside)")
     test_shards: str = _f("", input_path=True, help="class-disjoint test shard dir")
@@ -94,14 +126,21 @@ class DataConfig:
     unlabeled_shards: str = _f("", input_path=True, help="unlabeled shard dir")
     image_size: int = _f(224, lo=8, help="crop size fed to the model")
     resize_size: int = _f(256, lo=8, help="eval: shorter side before the center crop")
-    crop_scale_min: float = _f(0.16, lo=0.01, hi=1.0)
+    crop_scale_min: float = _f(
+        0.16, lo=0.01, hi=1.0, help="train crop area scale minimum (unless data.augment sets one)"
+    )
+    augment: AugmentConfig = _f(factory=AugmentConfig, help="train-time augmentation of the labeled / pseudo streams")
     num_workers: int = _f(2, lo=0, result=False)
     shuffle_buffer: int = _f(1000, lo=0)
     max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
     pseudo_max_dist_percentile: float = _f(
-        100.0, lo=0.0, hi=100.0, help="drop pseudo-labeled samples farther from their centroid"
+        100.0,
+        lo=0.0,
+        hi=100.0,
+        help="the cluster stage's member index keeps a cluster's samples up to this percentile of its distances "
+        "to the centroid; the student draws only those",
     )
-    pseudo_min_cluster_size: int = _f(2, lo=1)
+    pseudo_min_cluster_size: int = _f(2, lo=1, help="the cluster stage's member index drops smaller clusters")
 
 
 @dataclass
@@ -137,7 +176,19 @@ class PretrainConfig:
     epsilon: float = _f(0.05, lo=1e-4)
     sinkhorn_iters: int = _f(3, lo=1)
     lr: float = _f(1e-3, lo=0.0)
+    backbone_lr_mult: float = _f(
+        0.1,
+        lo=0.0,
+        help="backbone lr = pretrain.lr x this; small so SwAV refines a pretrained init rather than erasing it",
+    )
     freeze_prototypes_steps: int = _f(50, lo=0)
+    freeze_backbone_steps: int = _f(0, lo=0, help="train only the projection head (+ prototypes) for the first steps")
+    keep_better: bool = _f(
+        True,
+        help="hand on the better of the input weights and the SwAV output by kNN MAP@R (pooled backbone "
+        "features) on the labeled train classes; false: always the output",
+    )
+    augment: AugmentConfig = _f(factory=swav_augment, help="augmentation of each SwAV view (SwAV's own defaults)")
 
 
 @dataclass
@@ -178,7 +229,12 @@ class StudentConfig:
 @dataclass
 class BasisConfig:
     scale: float = _f(16.0, lo=0.0, help="s of normalized softmax (temperature 1/s)")
-    beta: float = _f(0.99, lo=0.0, hi=1.0, help="running-Gaussian momentum")
+    beta: float = _f(0.99, lo=0.0, hi=1.0, help="running-Gaussian momentum (must be < 1)")
+    sd_grad: Literal["full", "damped"] = _f(
+        "full",
+        help="gradient of L_SD: full = the batch statistics' own gradient (values still the running Eq. 6 "
+        "ones); damped = through the running update, scaled by 1 - beta",
+    )
     margin: float = _f(0.5, lo=0.0, help="m of L_SD")
     lambda_sd: float = _f(1.0, lo=0.0, help="weight of the variance term of L_SD")
 
@@ -247,22 +303,39 @@ class EvalConfig:
 
 @dataclass
 class JobShape:
-    nodes: int = _f(1, lo=1)
-    gpus_per_node: int = _f(0, lo=0)
+    """The shape of one stage's jobs (launch/submit.py; launch/README.md)."""
+
+    nodes: int = _f(1, lo=1, help="nodes per job")
+    gpus_per_node: int = _f(0, lo=0, help="GPUs per node (0: a CPU job)")
     tasks_per_node: int = _f(0, lo=0, help="0: one per GPU (or 1 without GPUs)")
-    cpus_per_task: int = _f(2, lo=1)
+    cpus_per_task: int = _f(2, lo=1, help="CPUs per task (data loader workers + 1)")
     mem_gb: int = _f(0, lo=0, help="0: Slurm default")
-    time_min: int = _f(60, lo=1)
+    time_min: int = _f(60, lo=1, help="time limit; at the limit the job is requeued and resumes")
+    sbatch_extra: dict[str, Any] = _f(
+        factory=dict, help="more sbatch options for this stage's jobs, over launch.sbatch_extra"
+    )
 
 
 @dataclass
 class LaunchConfig:
-    cluster: Literal["auto", "slurm", "local", "debug"] = _f("auto")
-    partition: str = _f("")
+    """How stages run as jobs (launch/submit.py; launch/README.md). Never part of a stage's identity."""
+
+    cluster: Literal["auto", "slurm", "local", "debug"] = _f(
+        "auto", help="auto: slurm when sbatch is on PATH or a job asks for more than one node, else local"
+    )
+    partition: str = _f("", help="Slurm partition ('' = the cluster's default)")
     account: str = _f("")
     qos: str = _f("")
-    constraint: str = _f("")
-    requeue: bool = _f(True)
+    constraint: str = _f("", help="node features, e.g. a100")
+    requeue: bool = _f(True, help="requeue at preemption / time limit; the stage resumes from its checkpoint")
+    sbatch_extra: dict[str, Any] = _f(
+        factory=dict,
+        help="sbatch options passed through to every job, e.g. {exclusive: true, reservation: r1, "
+        "gres: 'gpu:8', mem-per-gpu: 80G, comment: text}",
+    )
+    setup: list[str] = _f(
+        factory=list, help="shell lines run in the job script before srun, e.g. ['module load cuda/12.1']"
+    )
     pretrain: JobShape = _f(factory=JobShape)
     teacher: JobShape = _f(factory=JobShape)
     embed: JobShape = _f(factory=JobShape)
@@ -529,6 +602,9 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
 
 def _check_values(cfg: Config) -> None:
     """Checks that span a field's own type and range (run before any stage or job starts)."""
+    _check_basis_beta(cfg)
+    for key in ("data.augment", "pretrain.augment"):
+        _check_augment(cfg, key)
     b = cfg.model.backbone
     if b not in BACKBONE_NAMES and not (b.startswith("timm:") and len(b) > 5):
         hint = _suggest(b, BACKBONE_NAMES)
@@ -536,6 +612,35 @@ def _check_values(cfg: Config) -> None:
             f"model.backbone (from {cfg.source_of('model.backbone')}): unknown backbone {b!r}; "
             f"choose one of {', '.join(BACKBONE_NAMES)} or timm:<model name>. {hint}".rstrip()
         )
+
+
+def _check_basis_beta(cfg: Config) -> None:
+    """beta = 1 would freeze each running Gaussian at its first batch (and give L_SD no gradient
+    in the damped mode): the bound is exclusive, which _f's inclusive bounds cannot say."""
+    if cfg.basis.beta >= 1.0:
+        raise ConfigError(
+            f"basis.beta (from {cfg.source_of('basis.beta')}) = {cfg.basis.beta} must be below 1: with beta = 1 "
+            f"the running Gaussians never move from their first batch; the paper uses 0.99"
+        )
+
+
+def _check_augment(cfg: Config, key: str) -> None:
+    """Each [min, max] range of an augmentation must be ordered."""
+    aug = cfg.get(key)
+    for lo_name, hi_name in (
+        ("crop_scale_min", "crop_scale_max"),
+        ("crop_ratio_min", "crop_ratio_max"),
+        ("blur_sigma_min", "blur_sigma_max"),
+    ):
+        lo, lo_key = getattr(aug, lo_name), f"{key}.{lo_name}"
+        if lo is None:  # crop_scale_min null: data.crop_scale_min
+            lo, lo_key = cfg.data.crop_scale_min, "data.crop_scale_min"
+        hi = getattr(aug, hi_name)
+        if lo > hi:
+            raise ConfigError(
+                f"{lo_key} = {lo} is above {key}.{hi_name} = {hi} "
+                f"(from {cfg.source_of(lo_key)} / {cfg.source_of(f'{key}.{hi_name}')})"
+            )
 
 
 def _check_data_fits(cfg: Config) -> None:

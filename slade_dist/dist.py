@@ -78,23 +78,48 @@ class DistEnv:
 
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand Slurm's compact host list ("node[1-3,5],gpu01") without calling scontrol."""
+    """Expand Slurm's compact host list the way `scontrol show hostnames` does, without calling it
+    (every rank does this at start): "n[01-03,07],gpu-[1-2]b[3-4]" -> n01 n02 n03 n07 gpu-1b3 ...
+
+    Commas outside brackets separate host groups; each bracket of a group multiplies the hosts
+    (a[1-2]b[3-4] is four hosts); a range keeps the zero padding of its lower end.
+    """
     hosts: list[str] = []
-    # split on commas that are not inside brackets
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for r in ranges.split(","):
-            if "-" in r:
-                lo, hi = r.split("-")
-                width = len(lo)
-                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(f"{prefix}{r}{suffix}")
+    for group in _top_level_groups(nodelist):
+        names = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", group):
+            ids = _expand_ranges(ranges, nodelist) if ranges else [""]
+            names = [name + literal + i for name in names for i in ids]
+        hosts.extend(names)
     return hosts
+
+
+def _top_level_groups(nodelist: str) -> list[str]:
+    """Split on commas outside brackets; an unbalanced bracket is an error naming the list."""
+    groups, depth, current = [], 0, ""
+    for ch in nodelist.strip():
+        depth += (ch == "[") - (ch == "]")
+        if depth not in (0, 1):
+            raise RuntimeError(f"cannot parse Slurm node list {nodelist!r}: unbalanced brackets")
+        if ch == "," and depth == 0:
+            groups.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise RuntimeError(f"cannot parse Slurm node list {nodelist!r}: unbalanced brackets")
+    return [g for g in [*groups, current] if g]
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """ "01-03,07" -> ["01", "02", "03", "07"] (zero padding taken from the lower end)."""
+    out: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or not (hi or lo).isdigit():
+            raise RuntimeError(f"cannot parse Slurm node list {nodelist!r}: bad range {part!r}")
+        out.extend(f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def _int(environ: Mapping[str, str], key: str, default: int) -> int:

@@ -4,20 +4,27 @@
   index  (re)build index.json of a shard directory by scanning its tars
   check-pseudo  verify that pseudo-label files zip with their image shards (keys, order)
 
-Tests: tests/unit/test_writers.py (runs the CLI in a subprocess).
+Also owns `unvalidated_img2dataset`: whether a directory named as a shard dir is raw img2dataset
+output that `write --format img2dataset` never validated (the stage commands and the launcher
+refuse it with that command, instead of indexing it unchecked).
+Tests: tests/unit/test_writers.py (runs the CLI in a subprocess), tests/unit/test_cli.py and
+tests/unit/test_launch.py (the img2dataset refusal).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
-from .pseudo_join import check_zip
-from .readers import resolve_shards
-from .shards import INDEX_FILE, read_index
-from .writers import FORMATS, DatasetLayoutError, convert
+# img2dataset names its shards 00000.tar, 00001.tar...; slade_dist's writers never do (<prefix>-%06d.tar)
+IMG2DATASET_TAR = re.compile(r"\d+\.tar")
+# kept in step with writers.FORMATS (not imported: the launcher calls unvalidated_img2dataset, and
+# writers / readers import numpy, PIL and torch, which the launcher never needs)
+FORMATS = sorted(["imagefolder", "cub", "cars196", "inshop", "nabirds", "compcars", "fashion200k", "img2dataset"])
 
 LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distributed):
   imagefolder  ROOT/<class>/**/*.jpg (labeled, class = sub-directory) or ROOT/*.jpg (flat = unlabeled)
@@ -71,42 +78,88 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def unvalidated_img2dataset(shard_dir: str | os.PathLike[str]) -> str | None:
+    """When `shard_dir` holds img2dataset shards (<digits>.tar) without the index.json that
+    `write --format img2dataset` writes after decoding every image once: the command that does it.
+    None for any other directory (slade_dist's own shards, an index from that command, no tars)."""
+    d = Path(shard_dir)
+    if not d.is_dir() or not any(IMG2DATASET_TAR.fullmatch(p.name) for p in d.glob("*.tar")):
+        return None
+    try:
+        index = json.loads((d / "index.json").read_text())
+    except (OSError, ValueError):  # missing or unreadable: a scan would write one, unvalidated
+        index = {}
+    if isinstance(index, dict) and index.get("format") == "img2dataset":
+        return None
+    return f"python -m slade_dist.data write --format img2dataset --root {d} --out {d}"
+
+
+def describe_unvalidated(key: str, shard_dir: str, command: str) -> str:
+    """The refusal the stage commands and the launcher print for unvalidated img2dataset output."""
+    return (
+        f"{key}: {shard_dir} holds img2dataset output that was never validated (corrupt images and "
+        f"truncated tars would go unnoticed): run `{command}` once (decodes every image, writes "
+        f"index.json beside the tars, copies nothing), or point {key} at the --out directory of an "
+        "earlier `write --format img2dataset`"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "write":
-            if args.workers < 1 or args.shard_size < 1 or args.resize < 0:
-                raise ValueError("--workers and --shard-size must be >= 1, --resize >= 0")
-            done = convert(
-                args.format,
-                args.root,
-                args.out,
-                split=args.split,
-                shard_size=args.shard_size,
-                workers=args.workers,
-                resize=args.resize,
-                seed=args.seed,
-                progress=not args.no_progress,
-            )
-            for split, idx in done.items():
-                print(
-                    f"{split}: {idx['total']} images in {len(idx['shards'])} shards, {idx.get('rejected', 0)} "
-                    f"rejected" + (f", {idx['num_classes']} classes" if "num_classes" in idx else "")
-                )
-            return 0
+            return _write(args)
         if args.cmd == "index":
-            (Path(args.shard_dir) / INDEX_FILE).unlink(missing_ok=True)
-            idx = read_index(args.shard_dir)
-            print(json.dumps({"shards": len(idx["shards"]), "total": idx["total"], "kind": idx["kind"]}))
-            return 0
+            return _index(args.shard_dir)
         if args.cmd == "check-pseudo":
-            n = sum(check_zip(s, args.pseudo_dir) for s in resolve_shards(args.unlabeled_dir))
-            print(f"ok: {n} pseudo-labeled samples zip with their image shards")
-            return 0
-    except (DatasetLayoutError, ValueError, FileNotFoundError) as e:
+            return _check_pseudo(args.unlabeled_dir, args.pseudo_dir)
+    except (ValueError, FileNotFoundError) as e:  # DatasetLayoutError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _write(args: argparse.Namespace) -> int:
+    # imported here: the launcher imports this module for unvalidated_img2dataset, without torch
+    from .writers import convert
+
+    if args.workers < 1 or args.shard_size < 1 or args.resize < 0:
+        raise ValueError("--workers and --shard-size must be >= 1, --resize >= 0")
+    done = convert(
+        args.format,
+        args.root,
+        args.out,
+        split=args.split,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        resize=args.resize,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    for split, idx in done.items():
+        print(
+            f"{split}: {idx['total']} images in {len(idx['shards'])} shards, {idx.get('rejected', 0)} "
+            f"rejected" + (f", {idx['num_classes']} classes" if "num_classes" in idx else "")
+        )
+    return 0
+
+
+def _index(shard_dir: str) -> int:
+    from .shards import INDEX_FILE, read_index
+
+    (Path(shard_dir) / INDEX_FILE).unlink(missing_ok=True)
+    idx = read_index(shard_dir)
+    print(json.dumps({"shards": len(idx["shards"]), "total": idx["total"], "kind": idx["kind"]}))
+    return 0
+
+
+def _check_pseudo(unlabeled_dir: str, pseudo_dir: str) -> int:
+    from .pseudo_join import check_zip
+    from .readers import resolve_shards
+
+    n = sum(check_zip(s, pseudo_dir) for s in resolve_shards(unlabeled_dir))
+    print(f"ok: {n} pseudo-labeled samples zip with their image shards")
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 Owns `zip_pseudo_labels` (each image sample paired with its label row, in shard order; a key
 mismatch raises PseudoLabelMismatch naming both files), `check_zip` (one shard checked whole),
-and the filters the student's reader applies: `cluster_thresholds` (per-cluster distance
-percentile, minimum cluster size) and `keep_sample`.
-Tests: tests/unit/test_pseudo_labels.py, tests/integration/test_readers_multirank.py.
+and the per-cluster filters: `cluster_percentile` (the one percentile rule), `cluster_thresholds`
+(per-cluster distance percentile and minimum cluster size from the label files in one process: the
+reference the cluster stage's distributed summaries are tested against, pseudo_index.py) and
+`keep_sample`.
+Tests: tests/unit/test_pseudo_join.py, tests/unit/test_pseudo_index.py,
+tests/integration/test_readers_multirank.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from .pseudo_labels import PseudoLabelMismatch, pseudo_label_path, read_pseudo_labels
 from .tars import TarSamples
 
-__all__ = ["zip_pseudo_labels", "check_zip", "cluster_thresholds", "keep_sample"]
+__all__ = ["zip_pseudo_labels", "check_zip", "cluster_percentile", "cluster_thresholds", "keep_sample"]
 
 
 def zip_pseudo_labels(
@@ -66,6 +69,11 @@ def zip_pseudo_labels(
         )
 
 
+def cluster_percentile(dist: np.ndarray, percentile: float) -> float:
+    """The distance threshold of one cluster (numpy's linear interpolation, on float32 distances)."""
+    return float(np.percentile(dist, percentile))
+
+
 def cluster_thresholds(
     pl_paths: Sequence[str | os.PathLike[str]],
     percentile: float,
@@ -107,7 +115,7 @@ def cluster_thresholds(
     starts = np.searchsorted(c_all, np.arange(len(counts)), side="left")
     ends = np.searchsorted(c_all, np.arange(len(counts)), side="right")
     for cid in np.nonzero((counts >= min_cluster_size) & (ends > starts))[0]:
-        thr[cid] = np.percentile(d_all[starts[cid] : ends[cid]], percentile)
+        thr[cid] = cluster_percentile(d_all[starts[cid] : ends[cid]], percentile)
     return thr
 
 

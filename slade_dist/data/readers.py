@@ -4,8 +4,11 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
 - `labeled_batches`: INFINITE resampled P x K batches of labeled shards (teacher/student). Each
   (rank, worker) draws shards at random with its own seed from (seed, rank, worker), so every rank
   can take exactly N batches (training counts optimizer steps; no rank runs dry, no collective hangs).
-- `pseudo_labeled_batches`: the same over unlabeled shards zipped with their `pl-%06d.npz` pseudo
-  labels (key mismatch -> PseudoLabelMismatch naming both files), filtered per cluster.
+- `pseudo_labeled_batches`: INFINITE P x K batches of pseudo labels drawn from the cluster stage's
+  cluster -> members index (pseudo_index.py): P distinct clusters, K distinct kept members each,
+  every member read by its byte range in its tar. Start-up reads the index's small files only
+  (never a label file), and a batch holds K distinct images at any k (a buffered stream needs
+  ~K x k buffered images for that; docs/SCALING.md has the measurements).
 - `finite_batches`: ONE pass for embed/eval; each rank owns `shard_slice(shards, rank, world)`, each
   DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
   ranks x workers (idle readers yield nothing).
@@ -32,8 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import dist
 from .batcher import PKBatcher
-from .pseudo_join import cluster_thresholds, keep_sample, zip_pseudo_labels
-from .pseudo_labels import PseudoLabelMismatch, pseudo_label_path, read_pseudo_labels
+from .pseudo_index import ClusterIndex, TarReader
 from .shards import index_counts, read_index, shard_paths
 from .tars import TarSamples, image_bytes, sample_cls, sample_meta
 from .transforms import CorruptImage, decode, eval_geometry, eval_resize_for, normalize_batch, train_geometry
@@ -199,20 +201,13 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     )
 
 
-def _counted(samples: Iterable[dict[str, Any]], seen: list[int]) -> Iterator[dict[str, Any]]:
-    """Pass samples through, counting them in seen[0] (the zip hides how many the tar held)."""
-    for s in samples:
-        seen[0] += 1
-        yield s
-
-
 def _seed_for(*parts: Any) -> int:
     return random.Random("/".join(map(str, parts))).randrange(1 << 62)
 
 
 # ------------------------------------------------------------------------------ training streams
 class _ResampledPK(IterableDataset):
-    """Infinite P x K batches from randomly drawn shards (labels: `cls`, or pseudo labels)."""
+    """Infinite P x K batches from randomly drawn shards, labels from `cls`."""
 
     def __init__(
         self,
@@ -224,8 +219,6 @@ class _ResampledPK(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         rank: int,
-        pl_paths: list[Path] | None = None,
-        thresholds: np.ndarray | None = None,
         max_samples_without_batch: int = 0,
         expected: Sequence[int | None] | None = None,
     ) -> None:
@@ -234,7 +227,6 @@ class _ResampledPK(IterableDataset):
         self.shards, self.P, self.K, self.geometry = shards, P, K, geometry
         self.expected = list(expected) if expected is not None else [None] * len(shards)
         self.max_buffered, self.shuffle_buffer, self.seed, self.rank = max_buffered, shuffle_buffer, seed, rank
-        self.pl_paths, self.thresholds = pl_paths, thresholds
         self.max_without_batch = max_samples_without_batch or max(50 * max_buffered, 100_000)
         self.skipped = 0
 
@@ -246,8 +238,7 @@ class _ResampledPK(IterableDataset):
         self.skipped = 0
         self._since_batch = 0
         self._decoded, self._undecodable = 0, 0
-        samples = self._pseudo_samples(rng) if self.pl_paths is not None else self._class_samples(rng)
-        for batch in batcher(_shuffle(samples, self.shuffle_buffer, rng)):
+        for batch in batcher(_shuffle(self._class_samples(rng), self.shuffle_buffer, rng)):
             self._since_batch = 0
             out = self._decode_batch(batch, rng)
             if out is not None:
@@ -263,8 +254,7 @@ class _ResampledPK(IterableDataset):
         if self._since_batch > self.max_without_batch:
             raise RuntimeError(
                 f"read {self._since_batch} samples without completing one P x K batch (P={self.P}, K={self.K}) "
-                f"from {len(self.shards)} shards: fewer than P labels with >= 2 samples? Lower P, or check "
-                f"the pseudo-label filters (pseudo_min_cluster_size, pseudo_max_dist_percentile)"
+                f"from {len(self.shards)} shards: fewer than P labels with >= 2 samples? Lower P"
             )
 
     def _class_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
@@ -281,54 +271,6 @@ class _ResampledPK(IterableDataset):
                 yield s, label
             self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated)
             self._count_progress()
-
-    def _pseudo_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
-        assert self.pl_paths is not None
-        for i in self._draw_shards(rng):
-            keys, cls, dists = read_pseudo_labels(self.pl_paths[i])
-            tar = TarSamples(self.shards[i])
-            seen = [0]
-            zipped = zip_pseudo_labels(
-                _counted(tar, seen),
-                keys,
-                cls,
-                dists,
-                str(self.shards[i]),
-                str(self.pl_paths[i]),
-                ended_early=self._truncated_flag(tar),
-                on_unlabeled=self._unlabeled_must_be_corrupt(i),
-            )
-            for s, c, d in zipped:
-                self._count_progress()
-                if keep_sample(self.thresholds, c, d):
-                    yield s, c
-            self.skipped += lost_to_truncation(self.expected[i], seen[0], tar.truncated)
-            self._count_progress()
-
-    @staticmethod
-    def _truncated_flag(tar: TarSamples) -> Callable[[], bool]:
-        def flag() -> bool:
-            return tar.truncated
-
-        return flag
-
-    def _unlabeled_must_be_corrupt(self, i: int) -> Callable[[dict[str, Any]], None]:
-        """A sample without a label row is fine only if it does not decode (embed leaves those out);
-        a readable one means the label file does not cover its shard."""
-
-        def check(sample: dict[str, Any]) -> None:
-            try:
-                decode(image_bytes(sample))
-            except CorruptImage:
-                self.skipped += 1
-                return
-            raise PseudoLabelMismatch(
-                f"pseudo-label file {self.pl_paths[i]} does not cover image shard {self.shards[i]}: sample "
-                f"{sample['__key__']!r} decodes but has no label row (partial or stale labels; re-run the "
-                f"cluster stage)"
-            )
-
-        return check
 
     def _decode_batch(self, batch: list[tuple[dict[str, Any], int]], rng: random.Random) -> dict[str, Any] | None:
         """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
@@ -375,8 +317,8 @@ def _check_pk(P: int, K: int, data_cfg: Any) -> None:
 
 def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Callable:
     size = image_size or data_cfg.image_size
-    if train:
-        return train_geometry(size, data_cfg.crop_scale_min)
+    if train:  # data.augment: flip, rotation, colour, blur and crop ranges from the config
+        return train_geometry(size, data_cfg.crop_scale_min, data_cfg.augment)
     return eval_geometry(size, eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size))
 
 
@@ -420,6 +362,34 @@ def labeled_batches(
     return BatchStream(_loader(ds, data_cfg.num_workers))
 
 
+class _IndexedPK(_ResampledPK):
+    """Infinite P x K batches from the cluster index: no buffer and no shuffle, so the K images of
+    each pseudo label are distinct and every image read is used (decoding and the corrupt-image
+    rules are the labeled stream's)."""
+
+    def __init__(self, index: ClusterIndex, tars: list[Path], P: int, K: int, geometry: Callable, seed: int, rank: int):
+        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank)
+        self.index = index
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        wid, _ = _worker()
+        rng = random.Random(_seed_for(self.seed, self.rank, wid))
+        torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
+        draws = np.random.default_rng(rng.randrange(1 << 62))
+        self.skipped, self._decoded, self._undecodable = 0, 0, 0
+        reader = TarReader(self.shards)
+        try:
+            while True:
+                drawn = self.index.draw(draws, self.P, self.K)
+                out = self._decode_batch([(reader.read(e), c) for c, entries in drawn for e in entries], rng)
+                if out is not None:
+                    out["worker"] = wid
+                    out["images_read"] = reader.reads  # this worker's running total: P x K per draw
+                    yield out
+        finally:
+            reader.close()
+
+
 def pseudo_labeled_batches(
     unlabeled_dir: str | os.PathLike[str],
     pseudo_dir: str | os.PathLike[str],
@@ -433,39 +403,21 @@ def pseudo_labeled_batches(
     train: bool = True,
     image_size: int | None = None,
 ) -> BatchStream:
-    """Like labeled_batches, labels = pseudo labels of `pl-%06d.npz` zipped with each image shard.
+    """Like labeled_batches, labels = the cluster ids of `pseudo_dir`'s cluster index (written by
+    the cluster stage; missing, or built with other filters: a clear error to run it).
 
-    Samples farther from their centroid than the cluster's data_cfg.pseudo_max_dist_percentile, and
-    clusters smaller than data_cfg.pseudo_min_cluster_size, are left out.
+    Only kept members are drawn (distance within the cluster's data_cfg.pseudo_max_dist_percentile,
+    cluster of at least data_cfg.pseudo_min_cluster_size), from clusters holding >= K of them.
+    Start-up reads clusters.json and clusters.npz (no label file, no stat per shard); the member
+    files are memory-mapped. `world` is accepted for symmetry (every rank draws from all clusters).
     """
     rank = dist.rank() if rank is None else rank
-    _check_pk(P, K, data_cfg)
-    shards = resolve_shards(unlabeled_dir)
-    pl_paths = [pseudo_label_path(pseudo_dir, s) for s in shards]
-    missing = [str(p) for p in pl_paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(pl_paths)} pseudo-label files missing in {pseudo_dir} "
-            f"(first: {missing[0]} for {shards[pl_paths.index(Path(missing[0]))]}); "
-            f"run the cluster stage first"
-        )
-    thresholds = None
-    if data_cfg.pseudo_max_dist_percentile < 100.0 or data_cfg.pseudo_min_cluster_size > 1:
-        thresholds = cluster_thresholds(
-            pl_paths, data_cfg.pseudo_max_dist_percentile, data_cfg.pseudo_min_cluster_size, seed=seed
-        )
-    ds = _ResampledPK(
-        shards,
-        P,
-        K,
-        _train_geometry(data_cfg, image_size, train),
-        data_cfg.max_buffered,
-        data_cfg.shuffle_buffer,
-        seed,
-        rank,
-        pl_paths=pl_paths,
-        thresholds=thresholds,
-        expected=index_counts(shards),
+    if P < 1 or K < 1:
+        raise ValueError(f"P x K batches need P, K >= 1; got P={P} K={K}")
+    index = ClusterIndex.open(pseudo_dir, data_cfg.pseudo_max_dist_percentile, data_cfg.pseudo_min_cluster_size)
+    index.check_drawable(P, K)
+    ds = _IndexedPK(
+        index, index.shard_paths(unlabeled_dir), P, K, _train_geometry(data_cfg, image_size, train), seed, rank
     )
     return BatchStream(_loader(ds, data_cfg.num_workers))
 

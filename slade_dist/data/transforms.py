@@ -1,9 +1,10 @@
 """Image decoding and the train / eval transforms (torchvision transforms v2).
 
 Owns: decoding encoded image bytes (JPEG/PNG/WEBP, via torchvision's libjpeg-turbo/libpng
-decoders straight into a uint8 CHW tensor), the geometric part of the transforms (train:
-RandomResizedCrop(scale=(crop_scale_min, 1)) + horizontal flip; eval: resize the shorter side to
-resize_size, center crop image_size), and the float conversion + ImageNet normalisation.
+decoders straight into a uint8 CHW tensor), the per-sample part of the transforms (train: the
+augmentation an AugmentConfig describes, `augment_steps`: RandomResizedCrop, optional flip, rotation,
+colour jitter, grayscale, blur; eval: resize the shorter side to resize_size, center crop
+image_size), and the float conversion + ImageNet normalisation.
 `full_transform` is the classic per-sample Compose (also what bench/loader.py hands the
 torchvision ImageFolder baseline); the readers run its geometric part per sample on uint8 and
 `normalize_batch` once per batch (same numbers, less work and 4x less memory traffic per sample).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,14 +70,46 @@ def eval_resize_for(image_size: int, base_image_size: int, base_resize_size: int
     return max(image_size, round(image_size * base_resize_size / base_image_size))
 
 
-def train_geometry(image_size: int, crop_scale_min: float) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.ToImage(),
+def train_geometry(image_size: int, crop_scale_min: float, augment: Any = None) -> v2.Compose:
+    """The train transform on uint8 images: ToImage + `augment_steps` (augment None: crop + flip)."""
+    return v2.Compose([v2.ToImage(), *augment_steps(image_size, crop_scale_min, augment)])
+
+
+def augment_steps(image_size: int, crop_scale_min: float, augment: Any = None) -> list[v2.Transform]:
+    """An AugmentConfig (config.py) as transforms: crop, flip, rotation, colour jitter, grayscale,
+    blur; an option at its "off" value adds nothing. augment None: today's crop + flip."""
+    if augment is None:
+        return [
             v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
         ]
-    )
+    a = augment
+    scale_min = crop_scale_min if a.crop_scale_min is None else a.crop_scale_min
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(
+            image_size, scale=(scale_min, a.crop_scale_max), ratio=(a.crop_ratio_min, a.crop_ratio_max), antialias=True
+        )
+    ]
+    if a.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if a.rotation_degrees > 0:
+        steps.append(v2.RandomRotation(a.rotation_degrees))
+    jitter = (a.jitter_brightness, a.jitter_contrast, a.jitter_saturation, a.jitter_hue)
+    if any(j > 0 for j in jitter) and a.jitter_p > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=a.jitter_p))
+    if a.grayscale_p > 0:
+        steps.append(v2.RandomGrayscale(p=a.grayscale_p))
+    if a.blur_p > 0:
+        steps.append(
+            v2.RandomApply([v2.GaussianBlur(blur_kernel(image_size), (a.blur_sigma_min, a.blur_sigma_max))], p=a.blur_p)
+        )
+    return steps
+
+
+def blur_kernel(image_size: int) -> int:
+    """Odd kernel of about 10% of the crop (SimCLR / SwAV), at least 3: wide enough for sigma 2 at 224 px."""
+    k = max(3, int(0.1 * image_size))
+    return k if k % 2 else k + 1
 
 
 def eval_geometry(image_size: int, resize_size: int) -> v2.Compose:

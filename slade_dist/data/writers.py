@@ -421,7 +421,8 @@ def write_split(
     (out_dir / REJECTS_FILE).write_text("".join(f"{src}\t{why}\n" for src, why in rejects))
     if plan.labeled:
         write_classes(out_dir, plan.class_names or [])
-    extra = {"split": plan.name, "rejected": len(rejects), "written_now": len(todo), **(extra_index or {})}
+    # the split written is the one asked for: a single-split format's --split names it (and its shards)
+    extra = {"split": prefix, "rejected": len(rejects), "written_now": len(todo), **(extra_index or {})}
     if plan.labeled:
         extra["num_classes"] = len(plan.class_names or [])
     return write_index(
@@ -478,7 +479,7 @@ def convert(
             )
         else:
             prefix = split if split != "all" else None
-            done[name] = write_split(
+            done[prefix or name] = write_split(
                 plan,
                 out,
                 prefix=prefix,

@@ -3,12 +3,12 @@
 Owns: `run(cfg, run_dir)` — embeds the test split (or In-shop query + gallery) with the teacher
 and each round's student (so the self-training gain is visible in one table), gathers the
 embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval/metrics.json`,
-logs them to TensorBoard (tb/eval, one step per model in chain order); the CLI, the pipeline
+logs them to TensorBoard (tb.log_eval: a step per model, hparams, projector); the CLI, the pipeline
 and the local launcher print them as a table (`eval.report`).
 Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
 when the unlabeled data carried hidden labels. Also `periodic_evaluator(cfg)`, the callable the
 stage runner hands to the trainers for their periodic eval (train/ never imports eval/).
-Tests: tests/integration/test_pipeline_e2e.py, tests/unit/test_engine.py (periodic eval).
+Tests: tests/integration/test_{pipeline_e2e,tensorboard}.py, tests/unit/test_engine.py (periodic eval).
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from .. import dist
 from ..config import Config
 from ..data.readers import finite_batches
+from ..data.shards import read_classes, read_index
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..fileio import atomic_write_json
 from ..models import embed_batches, load_embedder, output_dim
 from ..stages import RunLayout
+from ..tb import log_eval, progress
 from .metrics import query_gallery_metrics, retrieval_metrics
 
 
@@ -43,10 +45,12 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> tuple[np
     by key). Images that could not be read are named in a warning: the metrics then cover fewer."""
     embs, labels, keys = [], [], []
     stream = finite_batches(shard_dir, cfg.data, cfg.eval.batch_size)
-    for e, batch in embed_batches(model, stream, dist.device()):
-        embs.append(e)
-        labels.append(batch["labels"].numpy())
-        keys.extend(batch["keys"])
+    with progress(sum(s["count"] for s in dist.shard_slice(read_index(shard_dir)["shards"])), "eval", "img") as bar:
+        for e, batch in embed_batches(model, stream, dist.device()):
+            embs.append(e)
+            labels.append(batch["labels"].numpy())
+            keys.extend(batch["keys"])
+            bar.update(len(e))
     local = (
         np.concatenate(embs) if embs else np.zeros((0, output_dim(model)), np.float32),
         np.concatenate(labels) if labels else np.zeros((0,), np.int64),
@@ -134,18 +138,19 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         metrics = evaluate_model(path, cfg)
         if metrics is not None:
             results["models"][name] = {k: float(v) for k, v in metrics.items()}
+            dist.get_logger().info(f"[eval] {name}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if not dist.is_main():
         return {}
     results["pseudo_labels"] = pseudo_label_quality(layout, cfg.run.rounds)
     out = atomic_write_json(layout.stage_dir("eval") / "metrics.json", results, indent=2)
-    _log_tensorboard(layout, results)
+    _log_tensorboard(layout, results, cfg, models[-1][1])
     dist.get_logger().info(f"[eval] metrics of {len(results['models'])} model(s) -> {out}")
     return {"final": results["final"], **results["models"][results["final"]]}
 
 
-def _log_tensorboard(layout: RunLayout, results: dict[str, Any]) -> None:
-    with SummaryWriter(str(layout.tb_dir("eval"))) as w:
-        for step, (name, metrics) in enumerate(results["models"].items()):
-            for k, v in metrics.items():
-                w.add_scalar(f"eval/{k}", v, step)
-            w.add_text("eval/model", name, step)
+def _log_tensorboard(layout: RunLayout, results: dict[str, Any], cfg: Config, final: Path) -> None:
+    """tb/eval (tb.log_eval); the projector shows `final` on the split's first images, read by rank 0."""
+    split = cfg.data.test_shards or cfg.data.gallery_shards
+    stream = finite_batches(split, cfg.data, cfg.eval.batch_size, rank=0, world=1)
+    pairs = embed_batches(load_embedder(final, map_location="cpu"), stream, dist.device())
+    log_eval(layout.tb_dir("eval"), results, cfg, pairs, read_classes(split), (IMAGENET_MEAN, IMAGENET_STD))

@@ -2,8 +2,10 @@
 
 Owns: the ranges of the numeric flags, which flags apply to which stage (--array, --shards), that
 every planned stage's module exists (found without importing it: no torch), that its input paths
-are set and exist, and that --shards names shards of the unlabeled index. Each failure is one
-LaunchError line. The cluster's own checks live with it (slurm.check_shape_fits,
+are set and exist (and are not raw img2dataset output nobody validated), that --shards names
+shards of the unlabeled index, and that launch.sbatch_extra is a mapping of options the launcher
+does not set itself. Each failure is one LaunchError line; `missing_input_paths` lists every
+missing input at once (what a dry run warns about). The cluster's own checks live with it (slurm.check_shape_fits,
 local.check_local_shape).
 Tests: tests/unit/test_launch.py (errors before anything runs), tests/integration/test_slurm.py.
 """
@@ -11,12 +13,15 @@ Tests: tests/unit/test_launch.py (errors before anything runs), tests/integratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from .. import stages
 from ..config import Config, ConfigError
-from .plan import JobSpec, LaunchError, format_shard_ids
+from .plan import JobSpec, LaunchError, format_shard_ids, shape_key
 
 # flag -> smallest value it takes (0 where 0 means "none" or "the default")
 FLAG_MINIMUM = {
@@ -62,11 +67,95 @@ def check_stages_exist(plan: Sequence[JobSpec]) -> None:
 
 
 def check_inputs(cfg: Config, plan: Sequence[JobSpec]) -> None:
+    problems = input_problems(cfg, plan)
+    if problems:
+        raise LaunchError(problems[0])
+
+
+def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = False) -> list[str]:
+    """Each planned stage's input keys that are unset, missing on disk (unless skip_missing: a dry
+    run lists those through missing_input_paths already) or raw img2dataset output nobody validated
+    (read as it is, the reader would index its tars unchecked, into that very directory)."""
+    # imported here: the data CLI module keeps its heavy imports inside its commands (no torch)
+    from ..data.__main__ import describe_unvalidated, unvalidated_img2dataset
+
+    problems = []
     for stage in dict.fromkeys(spec.stage for spec in plan):
-        try:
-            cfg.require_inputs(*stages.STAGES[stage].requires)
-        except ConfigError as e:
-            raise LaunchError(f"stage {stage}: {e}") from e
+        for key in stages.STAGES[stage].requires:
+            value = cfg.get(key)
+            try:
+                cfg.require_inputs(key)
+            except ConfigError as e:
+                if value and skip_missing:
+                    continue
+                problems.append(f"stage {stage}: {e}")
+                continue
+            command = unvalidated_img2dataset(value)
+            if command:
+                problems.append(describe_unvalidated(key, value, command))
+    return list(dict.fromkeys(problems))
+
+
+def missing_input_paths(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
+    """Every input-path key that is set but names nothing on disk, as "key: path (from source)"."""
+    obj = cfg if obj is None else obj
+    missing: list[str] = []
+    for f in dataclasses.fields(obj):
+        if f.name.startswith("_"):
+            continue
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            missing.extend(missing_input_paths(cfg, value, key + "."))
+        elif f.metadata.get("input_path") and value and not Path(value).exists():
+            missing.append(f"{key}: input path {value!r} does not exist (from {cfg.source_of(key)})")
+    return missing
+
+
+# sbatch options the launcher sets from its own keys and flags: through sbatch_extra they would fight
+# them (and output / error / open-mode / signal / array are how submitit finds a job's logs and result)
+MANAGED_SBATCH = {
+    "job-name": "the launcher names jobs slade-<run name>-<job>",
+    "output": "submitit writes the logs under <run>/logs/<job>/",
+    "error": "submitit writes the logs under <run>/logs/<job>/",
+    "open-mode": "submitit appends to the logs across requeues",
+    "signal": "submitit's checkpoint signal (USR2 before the time limit)",
+    "array": "use --array",
+    "dependency": "the chain's afterok dependencies",
+    "kill-on-invalid-dep": "set on every job that waits for another",
+    "requeue": "use launch.requeue",
+    "nodes": "use launch.<stage>.nodes or --nodes",
+    "ntasks-per-node": "use launch.<stage>.tasks_per_node or --tasks-per-node",
+    "cpus-per-task": "use launch.<stage>.cpus_per_task or --cpus-per-task",
+    "gpus-per-node": "use launch.<stage>.gpus_per_node or --gpus-per-node",
+    "mem": "use launch.<stage>.mem_gb or --mem",
+    "time": "use launch.<stage>.time_min or --time",
+    "partition": "use launch.partition or --partition",
+    "account": "use launch.account or --account",
+    "qos": "use launch.qos or --qos",
+    "constraint": "use launch.constraint or --constraint",
+}
+
+
+def check_sbatch_extra(cfg: Config, plan: Sequence[JobSpec]) -> None:
+    """launch.sbatch_extra and launch.<stage>.sbatch_extra: option -> scalar, none the launcher sets."""
+    places = {"launch.sbatch_extra": cfg.launch.sbatch_extra}
+    for spec in plan:
+        places[f"launch.{shape_key(spec.stage)}.sbatch_extra"] = spec.shape.sbatch_extra
+    for key, extra in places.items():
+        if not isinstance(extra, dict):
+            raise LaunchError(
+                f"{key} (from {cfg.source_of(key)}) must be a mapping of sbatch option -> value, "
+                f"e.g. {{exclusive: true, comment: text}}; got {extra!r}"
+            )
+        for option, value in extra.items():
+            name = str(option).replace("_", "-")
+            if name in MANAGED_SBATCH:
+                raise LaunchError(f"{key}.{option}: the launcher sets --{name} itself ({MANAGED_SBATCH[name]})")
+            if not isinstance(value, (str, int, float, bool)):
+                raise LaunchError(
+                    f"{key}.{option} (from {cfg.source_of(f'{key}.{option}')}): expected a string, number "
+                    f"or true/false (true: a bare --{name}; false: left out), got {value!r}"
+                )
 
 
 def check_shard_ids(cfg: Config, plan: Sequence[JobSpec]) -> None:

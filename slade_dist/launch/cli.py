@@ -1,28 +1,40 @@
-"""The launcher's command line: `python launch/submit.py --stage STAGE --config FILE [k=v ...]`.
+"""The launcher's command line: `python launch/submit.py --stage STAGE [--config FILE] [k=v ...]`.
 
-Owns: the arguments (and their --help, with every stage and config key), resolving them into a
-config + cluster + plan with every check done before anything is submitted, `--dry-run` (resolved
-config + exact #SBATCH lines per job), choosing the cluster (slurm when sbatch is on PATH, else
-local), dropping finished stages, `<run>/logs/submitted.json`, the closing hints (squeue,
-tensorboard, the metrics table of a local chain) and turning every known failure into exit code 2
-with one clear line.
-Tests: tests/unit/test_launch.py (dry run, errors, --help, --shards, the debug cluster),
-tests/integration/test_launch_local.py, tests/integration/test_slurm.py.
+Owns: the arguments (and their --help, with every stage and config key), which config file a
+command without --config takes (the run directory's saved config, else configs/demo.yaml),
+resolving the arguments into a config + cluster + plan with every check done before anything is
+submitted, `--dry-run` (resolved config, each job's #SBATCH, setup and srun lines, and every problem
+a real submission would stop at, as warnings: it needs neither sbatch nor the data), choosing the
+cluster (slurm when sbatch is on PATH or a job spans nodes, else local), dropping finished stages,
+`--status` / `--cancel` (status.py), the closing hints (status, cancel, tensorboard, the metrics
+table of a local chain) and turning every known failure into exit code 2 with one clear line.
+Tests: tests/unit/test_launch.py (dry run, errors, --help, --shards, the debug cluster, shipped
+configs), tests/integration/test_launch_local.py, tests/integration/test_slurm.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import stages
-from ..config import Config, ConfigError, describe_sections, load_config
-from .checks import check_flag_ranges, check_flags_fit_stage, check_inputs, check_shard_ids, check_stages_exist
+from ..config import REPO_ROOT, Config, ConfigError, describe_sections, load_config
+from .checks import (
+    check_flag_ranges,
+    check_flags_fit_stage,
+    check_inputs,
+    check_sbatch_extra,
+    check_shard_ids,
+    check_stages_exist,
+    input_problems,
+    missing_input_paths,
+)
 from .local import check_local_shape, run_here
 from .plan import (
     JobSpec,
@@ -33,12 +45,15 @@ from .plan import (
     log_folder,
     parse_shard_ids,
     plan_jobs,
+    run_name,
     run_root,
 )
-from .slurm import check_shape_fits, query_partition, sbatch_lines, slurm_params, submit_slurm
+from .slurm import check_shape_fits, query_partition, script_lines, slurm_params, submit_slurm
+from .status import cancel_chain, print_status, write_record
 
 CLUSTERS = ("slurm", "local", "debug")
 PROG = "launch/submit.py"
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 # -------------------------------------------------------------------------------- arguments
@@ -53,6 +68,17 @@ def shard_list(text: str) -> list[int]:
     return ids
 
 
+EXAMPLES = """examples:
+  python launch/submit.py --stage all --config configs/demo.yaml --cluster local
+  python launch/submit.py --stage student --nodes 8 --gpus-per-node 8 --config configs/cub.yaml
+  python launch/submit.py --stage all --config configs/web.yaml --array 64 --dry-run
+  python launch/submit.py --stage embed --config configs/web.yaml --shards 0-9,12 --cluster local
+  python launch/submit.py --status --config configs/cub.yaml     (or: --status run.dir=runs/cub)
+  python launch/submit.py --cancel --config configs/cub.yaml
+  python launch/submit.py --stage all --config configs/cub.yaml launch.setup='["module load cuda/12.1"]' \
+      launch.sbatch_extra.exclusive=true launch.eval.sbatch_extra.exclusive=false"""
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -63,23 +89,34 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         + "\n  all       pretrain -> teacher -> R x (embed -> cluster -> student) -> eval, as jobs\n"
         "            linked by afterok dependencies, each with the shape cfg.launch.<stage>\n"
         "            (cfg.launch.cluster_job for the cluster stage)\n\n"
-        "config overrides (section.key=value), sections and keys:\n" + describe_sections() + "\n\nexamples:\n"
-        "  python launch/submit.py --stage all --config configs/demo.yaml --cluster local\n"
-        "  python launch/submit.py --stage student --nodes 8 --gpus-per-node 8 --config configs/cub.yaml\n"
-        "  python launch/submit.py --stage all --config configs/web.yaml --array 64 --dry-run\n"
-        "  python launch/submit.py --stage embed --config configs/web.yaml --shards 0-9,12 --cluster local",
+        "Slurm jobs are named slade-<run name>-<job> (run name: the last part of run.dir), e.g.\n"
+        "slade-cub-round1-embed: `squeue --name`, `scancel --name` or --status / --cancel.\n"
+        "More sbatch options: launch.sbatch_extra (every job) and launch.<stage>.sbatch_extra;\n"
+        "shell lines before srun (module loads): launch.setup.\n\n"
+        "config overrides (section.key=value), sections and keys:\n" + describe_sections() + "\n\n" + EXAMPLES,
     )
     p.add_argument(
         "--stage",
-        required=True,
         choices=[*stages.STAGES, "all"],
         metavar="STAGE",
-        help=f"one of {', '.join(stages.STAGES)} or all (the whole chain)",
+        help=f"one of {', '.join(stages.STAGES)} or all (the whole chain); not with --status / --cancel",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="run file layered over configs/defaults.yaml")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="run file layered over configs/defaults.yaml (default: <run.dir>/config.yaml, the config the "
+        "run last saved, when it exists, else configs/demo.yaml)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4 launch.student.nodes=4"
     )
+    _shape_flags(p)
+    _slurm_flags(p)
+    _run_flags(p)
+    return p
+
+
+def _shape_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job shape (overrides cfg.launch.<stage> for every job submitted)")
     g.add_argument("--nodes", type=int, help="nodes per job")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
@@ -92,6 +129,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         metavar="MIN",
         help="time limit per job in minutes; at the limit the job is requeued and resumes from its checkpoint",
     )
+
+
+def _slurm_flags(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("Slurm")
     s.add_argument("--partition", help="partition (default: launch.partition, else Slurm's default)")
     s.add_argument("--account", help="account to charge")
@@ -102,7 +142,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         choices=CLUSTERS,
         help="slurm: sbatch through submitit; local: this machine, "
         "one process per task, jobs one after the other; debug: in this process (pdb works). "
-        "Default: launch.cluster, else slurm when sbatch is on PATH, else local",
+        "Default: launch.cluster, else slurm when sbatch is on PATH or a job asks for more than one "
+        "node, else local",
     )
     s.add_argument(
         "--array",
@@ -120,6 +161,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "unlabeled shard ids, e.g. 0-9,12 (shards already embedded are skipped; the stage is "
         "marked done only by a run over every shard)",
     )
+    s.add_argument(
+        "--status",
+        action="store_true",
+        help="show the jobs of the run's last launch (<run>/logs/submitted.json) with their state and "
+        "elapsed time (sacct); submits nothing",
+    )
+    s.add_argument(
+        "--cancel", action="store_true", help="scancel every job of the run's last launch that has not ended"
+    )
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--rounds", type=int, help="self-training rounds R (run.rounds)")
     r.add_argument(
@@ -130,17 +183,35 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     r.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config and the exact Slurm parameters of every job; submit nothing",
+        help="print the resolved config, each job's #SBATCH, setup and srun lines, and what a real submission "
+        "would stop at (missing data, partition too small) as warnings; submit nothing. Needs neither "
+        "sbatch nor the data",
     )
-    return p
 
 
 # ---------------------------------------------------------------------------------- resolving
-def pick_cluster(requested: str | None, cfg: Config) -> str:
+def pick_config_file(args: argparse.Namespace) -> tuple[str, str]:
+    """--config, else the run directory's saved config, else the demo's; and why (for the user)."""
+    if args.config:
+        return args.config, ""
+    # run.dir from defaults + overrides: the run whose saved config to take
+    run_dir = Path(load_config(None, config_overrides(args), check_paths=False).run.dir)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        return str(saved), f"no --config given: using {saved}, the config run dir {run_dir} last ran with"
+    demo = os.path.relpath(DEMO_CONFIG) if DEMO_CONFIG.is_relative_to(Path.cwd()) else str(DEMO_CONFIG)
+    return demo, f"no --config given and no {saved}: using {demo}"
+
+
+def pick_cluster(requested: str | None, cfg: Config, plan: Sequence[JobSpec] = ()) -> str:
     choice = requested or cfg.launch.cluster
-    if choice == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
-    return choice
+    if choice != "auto":
+        return choice
+    if shutil.which("sbatch"):
+        return "slurm"
+    # no Slurm here, but a job across nodes can only mean Slurm: a dry run shows its script, a real
+    # submission stops with "sbatch is not on PATH" (not with "--cluster local runs on one machine")
+    return "slurm" if any(spec.shape.nodes > 1 for spec in plan) else "local"
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
@@ -154,16 +225,21 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def check_cluster_fits(cluster: str, plan: Sequence[JobSpec], cfg: Config, dry_run: bool) -> None:
+def check_cluster_fits(cluster: str, plan: Sequence[JobSpec], cfg: Config) -> None:
     if cluster != "slurm":
         for spec in plan:
             check_local_shape(spec)
-    elif shutil.which("sbatch"):
-        part = query_partition(cfg.launch.partition)
-        for spec in plan:
-            check_shape_fits(spec, part)
-    elif not dry_run:
-        raise LaunchError("--cluster slurm but `sbatch` is not on PATH: use --cluster local on this machine")
+        return
+    if not shutil.which("sbatch"):
+        widest = max(plan, key=lambda spec: spec.shape.nodes)
+        raise LaunchError(
+            f"--cluster slurm (job {widest.name} asks for {widest.shape.nodes} node(s)) but `sbatch` is not "
+            "on PATH: submit from a Slurm login node, or run here with --cluster local --nodes 1 "
+            "(--dry-run shows the jobs' scripts anywhere)"
+        )
+    part = query_partition(cfg.launch.partition)
+    for spec in plan:
+        check_shape_fits(spec, part)
 
 
 def check_data(cfg: Config, plan: Sequence[JobSpec]) -> None:
@@ -173,29 +249,64 @@ def check_data(cfg: Config, plan: Sequence[JobSpec]) -> None:
     check_stages_exist(plan)
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, str, list[JobSpec]]:
+def resolve(args: argparse.Namespace, config_file: str) -> tuple[Config, str, list[JobSpec]]:
     """Load the config, plan the jobs and check everything that can be checked before submitting."""
     check_flag_ranges(args)
-    cfg = load_config(args.config, config_overrides(args))
+    # a dry run shows the plan of a run whose data is not there yet (dry_run_warnings lists it)
+    cfg = load_config(config_file, config_overrides(args), check_paths=not args.dry_run)
     check_flags_fit_stage(args)
-    cluster = pick_cluster(args.cluster, cfg)
     plan = plan_jobs(cfg, args.stage, args)
-    check_cluster_fits(cluster, plan, cfg, args.dry_run)
-    if not args.dry_run:  # a dry run also shows the plan of a run whose data is not there yet
+    check_sbatch_extra(cfg, plan)
+    cluster = pick_cluster(args.cluster, cfg, plan)
+    if not args.dry_run:
+        check_cluster_fits(cluster, plan, cfg)
         check_data(cfg, plan)
     return cfg, cluster, plan
 
 
 # ---------------------------------------------------------------------------------- dry run
-def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], out=None) -> None:
+def _problem(check: Callable[..., Any], *check_args: Any) -> list[str]:
+    """The one-line error of a check, as a list (empty when it passes)."""
+    try:
+        check(*check_args)
+    except (LaunchError, ConfigError) as e:
+        return [str(e)]
+    return []
+
+
+def dry_run_warnings(args: argparse.Namespace, config_file: str, cfg: Config, cluster: str, plan) -> list[str]:
+    """Everything a real submission would stop at, without stopping: missing inputs (all of them),
+    the checks on the data, and whether the jobs fit the partition (when sbatch is here to ask)."""
+    warnings = missing_input_paths(cfg)
+    if not warnings:  # the load-time checks that need the data (P of P x K vs the classes there)
+        warnings += _problem(load_config, config_file, config_overrides(args))
+    warnings += input_problems(cfg, plan, skip_missing=True)
+    if not warnings:  # --shards against the unlabeled index, which must be there to read
+        warnings += _problem(check_shard_ids, cfg, plan)
+    warnings += _problem(check_stages_exist, plan)
+    return list(dict.fromkeys(warnings + fit_warnings(cluster, plan, cfg)))
+
+
+def fit_warnings(cluster: str, plan: Sequence[JobSpec], cfg: Config) -> list[str]:
+    """Each job that would not fit where it is headed (one sinfo query for all of them)."""
+    if cluster != "slurm":
+        return [w for spec in plan for w in _problem(check_local_shape, spec)]
+    if not shutil.which("sbatch"):
+        return ["sbatch is not on PATH here: the jobs' sizes were not checked against a partition"]
+    try:
+        part = query_partition(cfg.launch.partition)
+    except LaunchError as e:
+        return [str(e)]
+    return [w for spec in plan for w in _problem(check_shape_fits, spec, part)]
+
+
+def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], warnings: Sequence[str], out=None) -> None:
     out = out or sys.stdout
     print(f"# resolved config (hash {cfg.hash()})", file=out)
     print(cfg.dump_yaml(), file=out)
     print(f"# {len(plan)} job(s) on cluster={cluster}; nothing submitted (--dry-run)", file=out)
-    try:
-        check_data(cfg, plan)
-    except LaunchError as e:
-        print(f"# WARNING: a real submission would stop here: {e}", file=out)
+    for warning in warnings:
+        print(f"# WARNING: a real submission would stop here: {warning}", file=out)
     for spec in plan:
         rnd = f" round {spec.round}" if stages.STAGES[spec.stage].per_round else ""
         done = (
@@ -206,7 +317,7 @@ def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], out=None) 
         print(f"\n## job {spec.name}: stage {spec.stage}{rnd}, {describe_shape(spec)}{done}", file=out)
         if cluster == "slurm":
             dep = f"afterok:<job id of {spec.after}>" if spec.after else None
-            for line in sbatch_lines(slurm_params(spec, cfg, dep), log_folder(cfg, spec), spec.array):
+            for line in script_lines(slurm_params(spec, cfg, dep), log_folder(cfg, spec), spec.array):
                 print(line, file=out)
         else:
             print(
@@ -217,32 +328,7 @@ def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], out=None) 
             )
 
 
-# ---------------------------------------------------------------------------------- records
-def write_record(cfg: Config, cluster: str, subs: Sequence[Submitted]) -> Path:
-    """<run>/logs/submitted.json: what was submitted where (for people and tests)."""
-    path = run_root(cfg) / "logs" / "submitted.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {
-        "cluster": cluster,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "jobs": [
-            {
-                "name": s.spec.name,
-                "stage": s.spec.stage,
-                "round": s.spec.round,
-                "job_id": s.job_id,
-                "after": s.spec.after,
-                "array": s.spec.array,
-                "shard_ids": list(s.spec.shard_ids) if s.spec.shard_ids is not None else None,
-                "stdout": s.stdout,
-            }
-            for s in subs
-        ],
-    }
-    path.write_text(json.dumps(body, indent=2))
-    return path
-
-
+# ---------------------------------------------------------------------------------- follow-up
 def print_metrics(cfg: Config) -> None:
     """The eval stage's table, when the chain that just ran here produced one."""
     # imported here: only a local chain that ran eval needs it
@@ -258,7 +344,9 @@ def print_follow_up(cfg: Config, cluster: str, subs: Sequence[Submitted], record
     if cluster != "slurm":
         print_metrics(cfg)
     if cluster == "slurm" and subs:
-        print(f"follow:      squeue -j {','.join(s.job_id for s in subs)}   (sacct -j ... once done)")
+        again = f"python {PROG} --config {run_root(cfg) / 'config.yaml'}"
+        print(f"status:      {again} --status   (squeue --name slade-{run_name(cfg)}-<job>, sacct -j ...)")
+        print(f"cancel:      {again} --cancel   (scancel every job of this chain)")
     print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")
 
 
@@ -271,11 +359,13 @@ def print_error(prog: str, error: Exception) -> None:
 
 
 # ------------------------------------------------------------------------------------- main
-def submit_or_run(args: argparse.Namespace, job_cls: type | None) -> tuple[Config, str, list[Submitted], Path] | None:
+def submit_or_run(
+    args: argparse.Namespace, config_file: str, job_cls: type | None
+) -> tuple[Config, str, list[Submitted], Path] | None:
     """Resolve, then submit or run the jobs; None after a dry run."""
-    cfg, cluster, plan = resolve(args)
+    cfg, cluster, plan = resolve(args, config_file)
     if args.dry_run:
-        print_dry_run(cfg, cluster, plan)
+        print_dry_run(cfg, cluster, plan, dry_run_warnings(args, config_file, cfg, cluster, plan))
         return None
     if not args.force:
         plan, finished = drop_done(cfg, plan)
@@ -290,12 +380,30 @@ def submit_or_run(args: argparse.Namespace, job_cls: type | None) -> tuple[Confi
     return cfg, cluster, subs, write_record(cfg, cluster, subs)
 
 
+def status_or_cancel(args: argparse.Namespace, config_file: str) -> None:
+    cfg = load_config(config_file, config_overrides(args), check_paths=False)  # only run.dir matters
+    if args.cancel:
+        cancel_chain(cfg)
+    else:
+        print_status(cfg)
+
+
 def main(argv: Sequence[str] | None = None, job_cls: type | None = None, prog: str = PROG) -> int:
     """The launcher; `job_cls` replaces StageJob (tests run their probe stage through it)."""
     parser = build_parser(prog)
     args = parser.parse_intermixed_args(argv)  # overrides may sit between the flags
+    if args.status and args.cancel:
+        parser.error("--status and --cancel: pass one of them")
+    if not (args.stage or args.status or args.cancel):
+        parser.error("--stage is required (or --status / --cancel, about the jobs already submitted)")
     try:
-        launched = submit_or_run(args, job_cls)
+        config_file, why = pick_config_file(args)
+        if why:
+            print(f"slade_dist: {why}", flush=True)
+        if args.status or args.cancel:
+            status_or_cancel(args, config_file)
+            return 0
+        launched = submit_or_run(args, config_file, job_cls)
     except (ConfigError, LaunchError) as e:
         print_error(parser.prog, e)
         return 2

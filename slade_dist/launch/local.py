@@ -1,10 +1,12 @@
 """`--cluster local|debug`: the same chain of jobs on this machine, one job after the other.
 
 Owns: refusing multi-node jobs here, running each job through submitit's LocalExecutor (one
-process per task) or DebugExecutor (in the launcher's own process: pdb works), waiting for it and
-stopping at the first failure with the job's error line and the path of its full log.
-Tests: tests/unit/test_launch.py (debug executor, error lines),
-tests/integration/test_launch_local.py (LocalExecutor, 2 processes).
+process per task) or DebugExecutor (in the launcher's own process: pdb works), streaming each
+LocalExecutor job's log (task 0: rank 0's progress lines) to the terminal while waiting, each line
+prefixed with the job's name, and stopping at the first failure with the job's error line and the
+path of its full log.
+Tests: tests/unit/test_launch.py (debug executor, error lines, log tails),
+tests/integration/test_launch_local.py (LocalExecutor, 2 processes, streamed progress).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import submitit
 
@@ -60,11 +63,55 @@ def run_here(
             file=out,
             flush=True,
         )
-        for j in jobs:
+        for i, j in enumerate(jobs):
+            if cluster == "local":  # the debug executor runs in this process: its output is already here
+                label = f"{spec.name}[{i}]" if spec.array else spec.name
+                follow_logs(j, label, out)
             wait_for_job(spec, j)
         print(f"  {'':22s} finished in {time.time() - t0:.1f}s", file=out, flush=True)
         finished.append(sub)
     return finished
+
+
+class LogTail:
+    """The complete lines a growing log file gained since the last call."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.offset = 0
+        self.partial = b""
+
+    def new_lines(self, final: bool = False) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:  # the task has not opened its log yet
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        if final and self.partial:  # the job ended: a last line without its newline still counts
+            lines, self.partial = [*lines, self.partial], b""
+        return [ln.decode(errors="replace").rstrip("\r") for ln in lines]
+
+
+# submitit's own INFO lines (job environment, "Job completed successfully"): the launcher already
+# says when a job starts and ends; its warnings and errors still come through
+QUIET_PREFIXES = ("submitit INFO",)
+
+
+def follow_logs(job: Any, label: str, out: TextIO, poll_s: float = 0.5) -> None:
+    """Print the job's task-0 stdout and stderr lines as they come, `[label] line`, until it ends."""
+    tails = [LogTail(job.paths.stdout), LogTail(job.paths.stderr)]
+    while True:
+        ended = job.done()  # read before the logs: nothing written before the end is missed
+        for tail in tails:
+            for line in tail.new_lines(final=ended):
+                if not line.startswith(QUIET_PREFIXES):
+                    print(f"  [{label}] {line}", file=out, flush=True)
+        if ended:
+            return
+        time.sleep(poll_s)
 
 
 def wait_for_job(spec: JobSpec, job: Any) -> None:

@@ -2,11 +2,12 @@
 
 Owns: `JobSpec` (one job of the plan) and `Submitted` (a job once submitted or run), each stage's
 job shape (cfg.launch.<stage>, command-line flags on top), job names ("teacher", "round1-embed",
-"round1-embed-array", "round1-embed-shards"), turning a stage or `all` into a chain of jobs,
-dropping the jobs whose stage's DONE.json already matches, shard-id lists ("0-9,12"), the job
-that builds a job's callable (StageJob) and where each job's logs go. `LaunchError` lives here
-because every launch module raises it. Never imports torch (the launcher starts without it).
-Tests: tests/unit/test_launch.py (planning).
+"round1-embed-array", "round1-embed-shards"; on Slurm `slade-<run name>-<job name>`), turning a
+stage or `all` into a chain of jobs, dropping the jobs whose stage's DONE.json already matches,
+shard-id lists ("0-9,12"), the job that builds a job's callable (StageJob) and where each job's
+logs go. `LaunchError` lives here because every launch module raises it. Never imports torch (the
+launcher starts without it).
+Tests: tests/unit/test_launch.py (planning, job names).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +116,18 @@ def describe_shape(spec: JobSpec) -> str:
 # --------------------------------------------------------------------------------- the plan
 def job_name(stage: str, round_: int) -> str:
     return f"round{round_}-{stage}" if stages.STAGES[stage].per_round else stage
+
+
+def run_name(cfg: Config) -> str:
+    """The run's short name: the basename of run.dir, reduced to what squeue and `scancel -n` take
+    without quoting (letters, digits, `.`, `_`, `-`)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_root(cfg).name).strip("-.")
+    return name or "run"
+
+
+def slurm_job_name(cfg: Config, spec: JobSpec) -> str:
+    """`slade-<run name>-<job>`: two runs' jobs tell apart in squeue, and `scancel -n` targets one."""
+    return f"slade-{run_name(cfg)}-{spec.name}"
 
 
 def plan_jobs(cfg: Config, stage: str, args: argparse.Namespace) -> list[JobSpec]:

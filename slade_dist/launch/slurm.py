@@ -2,14 +2,17 @@
 
 Owns: asking `sinfo` how big a partition is (nodes, CPUs and GPUs of its smallest node), refusing
 a job larger than the partition (it would stay PENDING forever), the SlurmExecutor parameters of a
-job (shape, requeue, USR2 before the time limit, afterok + kill-on-invalid-dep, arrays), the exact
-#SBATCH lines they become (for --dry-run) and submitting a whole plan at once.
+job (name slade-<run>-<job>, shape, requeue, USR2 before the time limit, afterok +
+kill-on-invalid-dep, arrays, launch.setup lines, launch[.<stage>].sbatch_extra options), the exact
+script they become (for --dry-run, without sbatch), submitting a whole plan at once, and asking
+sacct / squeue for job states and scancel for cancelling (for --status / --cancel).
 Tests: tests/unit/test_launch.py (parameters through submitit's own #SBATCH rendering),
-tests/integration/test_slurm.py (a real two-node cluster).
+tests/integration/test_slurm.py (a real two-node cluster: states, scancel, pass-through options).
 """
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,7 +24,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from ..config import Config
-from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, make_job, shape_key
+from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, make_job, shape_key, slurm_job_name
 
 # a long training under a short time limit is requeued at every limit (preemptions do not count);
 # submitit's default of 3 would end a 24 h run under a 4 h limit
@@ -89,11 +92,18 @@ def check_shape_fits(spec: JobSpec, part: PartitionInfo) -> None:
 
 
 # -------------------------------------------------------------------------------- parameters
+def sbatch_extra(cfg: Config, spec: JobSpec) -> dict[str, Any]:
+    """launch.sbatch_extra with launch.<stage>.sbatch_extra on top, as sbatch option names; a value
+    of false drops the option (a stage opting out of a global `exclusive: true`)."""
+    merged = {**cfg.launch.sbatch_extra, **spec.shape.sbatch_extra}
+    return {str(k).replace("_", "-"): v for k, v in merged.items() if v is not False}
+
+
 def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str, Any]:
     """submitit SlurmExecutor parameters of one job (what becomes its #SBATCH lines)."""
     s = spec.shape
     params: dict[str, Any] = {
-        "job_name": f"slade-{spec.name}",
+        "job_name": slurm_job_name(cfg, spec),
         "nodes": s.nodes,
         "ntasks_per_node": s.tasks_per_node,
         "cpus_per_task": s.cpus_per_task,
@@ -111,6 +121,8 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(cfg.launch, key):
             params[key] = getattr(cfg.launch, key)
+    if cfg.launch.setup:
+        params["setup"] = list(cfg.launch.setup)
     extra: dict[str, Any] = {}
     if cfg.launch.requeue:
         extra["requeue"] = True
@@ -118,6 +130,7 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
         params["dependency"] = dependency
         # a failed upstream job cancels this one instead of leaving it pending forever
         extra["kill-on-invalid-dep"] = "yes"
+    extra.update(sbatch_extra(cfg, spec))  # checks.check_sbatch_extra keeps it off the options above
     if extra:
         params["additional_parameters"] = extra
     if spec.array:
@@ -125,12 +138,23 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
     return params
 
 
+def job_script(params: dict[str, Any], folder: Path, array: int = 0) -> str:
+    """The batch script submitit will write for these parameters, with the command its
+    SlurmExecutor runs (for --dry-run: no SlurmExecutor, which needs srun on PATH)."""
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=str(folder), map_count=array or None, **params)
+
+
 def sbatch_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
-    """The exact #SBATCH lines submitit will write for these parameters (for --dry-run)."""
-    text = _make_sbatch_string(
-        command="python -u -m submitit.core._submit <folder>", folder=str(folder), map_count=array or None, **params
-    )
-    return [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    """The exact #SBATCH lines of the job's script."""
+    return [line for line in job_script(params, folder, array).splitlines() if line.startswith("#SBATCH")]
+
+
+def script_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
+    """What --dry-run shows of the script: #SBATCH lines, setup lines, the srun line (no blanks,
+    no shebang, no section comments)."""
+    text = job_script(params, folder, array)
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("#!", "# "))]
 
 
 # -------------------------------------------------------------------------------- submission
@@ -153,10 +177,85 @@ def submit_slurm(
         )
         done[spec.name] = sub
         print(
-            f"  {spec.name:22s} job {sub.job_id:>8s}  {describe_shape(spec)}"
+            f"  {slurm_job_name(cfg, spec):30s} job {sub.job_id:>8s}  {describe_shape(spec)}"
             f"{f'  afterok {done[spec.after].job_id}' if spec.after else ''}\n"
-            f"  {'':22s} log {sub.stdout}",
+            f"  {'':30s} log {sub.stdout}",
             file=out,
             flush=True,
         )
     return list(done.values())
+
+
+# ------------------------------------------------------------------------------ status, cancel
+# sacct states after which a job never runs again (a PREEMPTED job may still be requeued)
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "REVOKED",
+}
+
+
+@dataclass
+class JobState:
+    """One row of sacct / squeue: a job, or one task of an array ("312_4", "312_[5-7]" pending)."""
+
+    job_id: str
+    name: str
+    state: str  # first word: "CANCELLED by 0" -> CANCELLED
+    elapsed: str
+
+    @property
+    def base_id(self) -> str:
+        return self.job_id.split("_")[0]
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+def _rows(cmd: list[str], what: str) -> list[JobState]:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or e
+        raise LaunchError(f"cannot ask Slurm about the jobs ({what} failed: {str(detail).strip()})") from e
+    rows = []
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) == 4 and parts[0]:
+            job_id, name, state, elapsed = (p.strip() for p in parts)
+            rows.append(JobState(job_id, name, (state.split() or ["UNKNOWN"])[0], elapsed))
+    return rows
+
+
+def query_states(job_ids: Sequence[str]) -> dict[str, list[JobState]]:
+    """Each job id's rows (an array: one per task or pending range): sacct first (it also knows
+    finished jobs), squeue for jobs sacct has not recorded yet (it lags a few seconds behind sbatch)."""
+    ids = [str(j) for j in job_ids]
+    found: dict[str, list[JobState]] = {j: [] for j in ids}
+    if not ids:
+        return found
+    sacct = ["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,JobName,State,Elapsed"]
+    for row in _rows(sacct, "sacct"):
+        if row.base_id in found:
+            found[row.base_id].append(row)
+    if any(not rows for rows in found.values()):
+        for row in _rows(["squeue", "-h", "-a", "-o", "%i|%j|%T|%M"], "squeue"):
+            if row.base_id in found and not found[row.base_id]:
+                found[row.base_id].append(row)
+    return found
+
+
+def scancel(job_ids: Sequence[str]) -> str:
+    """Cancel these jobs (an array id cancels all its tasks); returns what scancel reported."""
+    try:
+        proc = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LaunchError(f"scancel failed: {e}") from e
+    return (proc.stdout + proc.stderr).strip()

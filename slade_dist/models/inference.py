@@ -2,7 +2,9 @@
 
 Owns `embed_batches`, used by the eval stage, the trainers' periodic eval (both through
 eval/stage.py's `embed_split`) and the embed stage (pseudo/embed.py): eval mode, no autograd, bf16
-autocast on CUDA, outputs normalised in fp32. The model's train/eval mode is restored afterwards.
+autocast on CUDA around the backbone only (the head runs in fp32, `forward_fp32_head`), outputs
+normalised in fp32. The model's train/eval mode is restored afterwards. Also used by the pretrain
+stage's kNN check (train/pretrain.py) on pooled features.
 Tests: tests/unit/test_models.py, tests/unit/test_embed.py.
 """
 
@@ -16,20 +18,36 @@ import torch
 
 
 def embed_batches(
-    model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device
+    model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, autocast: bool | None = None
 ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-    """(embeddings (B, d) float32 numpy, the batch it came from) for each batch with "images"."""
+    """(embeddings (B, d) float32 numpy, the batch it came from) for each batch with "images".
+
+    autocast: bf16 for the backbone (None: on CUDA only)."""
     was_training = model.training
     model.eval().to(device)
+    on = device.type == "cuda" if autocast is None else autocast
     try:
         with torch.inference_mode():
             for batch in batches:
-                x = batch["images"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    e = model(x)
-                yield torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy(), batch
+                e = forward_fp32_head(model, batch["images"].to(device, non_blocking=True), on)
+                yield torch.nn.functional.normalize(e, dim=1).cpu().numpy(), batch
     finally:
         model.train(was_training)
+
+
+def forward_fp32_head(model: torch.nn.Module, x: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """The model's output in fp32; under `autocast` only the backbone runs in bf16.
+
+    The head is small and its output IS the embedding: in bf16 (8-bit mantissa) near neighbours'
+    cosines round together, so kNN order and k-means assignments would depend on the precision.
+    A model without the Embedder's features/head split runs under autocast as a whole."""
+    features, head = getattr(model, "features", None), getattr(model, "head", None)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        if not (callable(features) and isinstance(head, torch.nn.Module)):
+            return model(x).float()
+        f = features(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return head(f.float())
 
 
 def output_dim(model: torch.nn.Module) -> int:

@@ -3,9 +3,15 @@
 Owns: reading the embed stage's per-shard files (RunLayout.stage_dir("embed", r)), capping k to
 the data, training centroids (kmeans.train_centroids, each rank owning its shards' embeddings),
 the streaming assignment of every point (each rank writes the pseudo-label file of its own shards:
-pl-%06d.npz, same index and key order as the image shard), and the run facts: centroids.npy,
+pl-%06d.npz, same index and key order as the image shard), the cluster -> members index the student
+reads instead of the label files (data/pseudo_index.py: each rank finds its samples' byte ranges in
+their tars while assigning, sends every row to the rank owning its cluster, which sorts them, takes
+the per-cluster distance thresholds of data.pseudo_max_dist_percentile on all of its clusters'
+distances, applies data.pseudo_min_cluster_size and writes its members file; rank 0 writes
+clusters.npz + clusters.json), and the run facts: centroids.npy,
 meta.json, stats.json (sizes, imbalance, inertia, timings, purity/NMI against hidden labels when the
-unlabeled json carried them) and a cluster-size histogram in TensorBoard (rank 0).
+unlabeled json carried them) and, in TensorBoard (rank 0), a cluster-size histogram and image grids
+of a few pseudo-classes.
 Resumable: centroids are reused when centroids.json matches (config, embeddings, k), and shards
 whose pseudo-label file already exists are only read back for the statistics.
 Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py.
@@ -16,24 +22,38 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import time
 from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
+from ..data.pseudo_index import (
+    ROW,
+    clear_index,
+    index_rows,
+    owner_bounds,
+    summarise_clusters,
+    write_member_file,
+    write_summary,
+)
 from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_meta, write_pseudo_labels
 from ..data.shards import shard_index, shard_paths
+from ..data.tars import TarSamples, image_bytes
+from ..data.transforms import CorruptImage, decode
 from ..fileio import atomic_write_json
 from ..stages import RunLayout
+from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
 from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
+from .kmeans import _all_to_all as all_to_all_rows  # the one row exchange of the package (gloo / NCCL)
 
 CENTROIDS_FILE = "centroids.npy"
 COARSE_FILE = "coarse_centroids.npy"  # two-level training's coarse cells: the ivf assignment's lists
@@ -97,13 +117,21 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         log.info(f"[cluster] reusing {out_dir / CENTROIDS_FILE} (same config and embeddings)")
     t_train = time.time() - t_train
 
+    if dist.is_main():
+        clear_index(out_dir)  # before any rank writes its part of the new one
+    dist.barrier()
     t_assign = time.time()
-    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params)
+    positions = {p.name: i for i, p in enumerate(shards)}
+    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers)
     t_assign = time.time() - t_assign
     stats = _global_stats(local, k, n_total, train_info)
+    t_index = time.time()
+    stats["index"] = _write_index(local, k, cfg, out_dir, shards)
     stats["timing"] = {
         "train_s": round(t_train, 3),
         "assign_s": round(t_assign, 3),
+        "tar_scan_s": round(local["scan_s"], 3),
+        "index_s": round(time.time() - t_index, 3),
         "total_s": round(time.time() - t0, 3),
     }
     stats.update(k=k, k_requested=cfg.pseudo.k, round=r, world_size=dist.world_size())
@@ -113,12 +141,14 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
         tmp.replace(out_dir / SIZES_FILE)
         write_meta(out_dir, **_meta(cfg, layout, k, centroids, n_total, embed_facts))
-        _tensorboard(layout.tb_dir("cluster", r), stats, np.asarray(local["sizes_all"]), r)
+        sizes = np.asarray(local["sizes_all"])
+        _tensorboard(layout.tb_dir("cluster", r), stats, sizes, r, _cluster_examples(shards[0], out_dir, sizes))
     dist.barrier()
     summary = {k_: stats[k_] for k_ in ("k", "n", "inertia", "imbalance", "empty_clusters") if k_ in stats}
     for key in ("purity", "nmi", "n_labeled"):
         if key in stats:
             summary[key] = stats[key]
+    summary.update({f"index_{k_}": v for k_, v in stats["index"].items()})
     log.info(
         f"[cluster] round {r}: k={k} n={n_total} imbalance={stats['imbalance']:.3f}"
         + (f" purity={stats['purity']:.3f} nmi={stats['nmi']:.3f}" if "purity" in stats else "")
@@ -191,7 +221,13 @@ def _remove_stale_labels(out_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------- assignment
 def _assign_my_shards(
-    mine: list[Path], emb_dir: Path, out_dir: Path, centroids: np.ndarray, params: KMeansParams
+    mine: list[Path],
+    emb_dir: Path,
+    out_dir: Path,
+    centroids: np.ndarray,
+    params: KMeansParams,
+    positions: dict[str, int],
+    scan_workers: int = 0,
 ) -> dict[str, Any]:
     k = centroids.shape[0]
     coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
@@ -200,34 +236,118 @@ def _assign_my_shards(
     sizes = np.zeros(k, dtype=np.int64)
     sq_sum, n = 0.0, 0
     pairs: Counter = Counter()
-    bar = _bar(mine, "assign shards")
-    for shard in bar:
-        pl_path = pseudo_label_path(out_dir, shard)
-        keys = embed_files.read_keys(emb_dir, shard)
-        if Path(pl_path).exists():  # resumed run: this shard was labelled with these centroids
-            done_keys, labels, dists = read_pseudo_labels(pl_path)
-            if done_keys != keys:
-                raise RuntimeError(
-                    f"{pl_path} does not match the keys of {shard.name}'s embeddings; "
-                    f"delete it and rerun the cluster stage"
-                )
+    with _TarScans(scan_workers if len(mine) > scan_workers else 0) as scans:
+        for shard in _bar(mine, "assign shards"):
+            pl_path = pseudo_label_path(out_dir, shard)
+            keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
+            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path))
+            sizes += np.bincount(labels, minlength=k)
+            sq_sum += float(np.square(dists.astype(np.float64)).sum())
+            n += len(labels)
+            hidden = embed_files.read_hidden_labels(emb_dir, shard)
+            if hidden is not None:
+                pairs.update(zip(hidden.tolist(), labels.tolist()))
+        rows, lost, scan_s = scans.finish()
+    return {"sizes": sizes, "sq_sum": sq_sum, "n": n, "pairs": pairs, "rows": rows, "lost": lost, "scan_s": scan_s}
+
+
+def _shard_labels(
+    shard: Path, emb_dir: Path, pl_path: Path, assigner: Any, params: KMeansParams
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, labels, dists) of one shard: assigned and written, or read back when a resumed run
+    already labelled it with these centroids."""
+    keys = embed_files.read_keys(emb_dir, shard)
+    if Path(pl_path).exists():
+        done_keys, labels, dists = read_pseudo_labels(pl_path)
+        if done_keys != keys:
+            raise RuntimeError(
+                f"{pl_path} does not match the keys of {shard.name}'s embeddings; delete it and rerun the cluster stage"
+            )
+        return keys, labels, dists
+    emb = embed_files.load_embeddings(emb_dir, shard)
+    labels, dists = assign_array(emb, assigner, spherical=params.spherical, chunk_size=params.chunk_size)
+    write_pseudo_labels(pl_path, keys, labels, dists)
+    return keys, labels, dists
+
+
+class _TarScans:
+    """The member-index scans of a rank's shards (pseudo_index.index_rows), in this process or in
+    `workers` spawned processes: tarfile is pure Python (~35 us per tar member), so at 10^9 images a
+    rank's share of the scan is CPU work worth spreading over the CPUs of its job (data.num_workers,
+    the loader workers of the other stages). Rows are kept in submission order; at most
+    2 x workers scans are in flight (bounded memory)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        ctx = multiprocessing.get_context("spawn")  # never fork a rank (CUDA, process groups)
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 0 else None
+        self.pending: list[Future] = []
+        self.rows: list[np.ndarray] = []
+        self.lost, self.seconds = 0, 0.0
+
+    def __enter__(self) -> _TarScans:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def add(self, *args: Any) -> None:
+        t = time.time()
+        if self.pool is None:
+            self._keep(index_rows(*args))
         else:
-            emb = embed_files.load_embeddings(emb_dir, shard)
-            labels, dists = assign_array(emb, assigner, spherical=params.spherical, chunk_size=params.chunk_size)
-            write_pseudo_labels(pl_path, keys, labels, dists)
-        sizes += np.bincount(labels, minlength=k)
-        sq_sum += float(np.square(dists.astype(np.float64)).sum())
-        n += len(labels)
-        hidden = embed_files.read_hidden_labels(emb_dir, shard)
-        if hidden is not None:
-            pairs.update(zip(hidden.tolist(), labels.tolist()))
-    return {"sizes": sizes, "sq_sum": sq_sum, "n": n, "pairs": pairs}
+            self.pending.append(self.pool.submit(index_rows, *args))
+            while len(self.pending) > 2 * self.workers:
+                self._keep(self.pending.pop(0).result())
+        self.seconds += time.time() - t
+
+    def _keep(self, result: tuple[np.ndarray, int]) -> None:
+        self.rows.append(result[0])
+        self.lost += result[1]
+
+    def finish(self) -> tuple[np.ndarray, int, float]:
+        """Every row (ROW, shard order), rows lost to truncated tars, seconds this rank waited."""
+        t = time.time()
+        while self.pending:
+            self._keep(self.pending.pop(0).result())
+        self.seconds += time.time() - t
+        rows = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=ROW)
+        return rows, self.lost, self.seconds
 
 
 def _bar(items: list[Any], desc: str) -> Any:
     if not dist.is_main():
         return items
     return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------- member index
+def _write_index(local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path]) -> dict[str, Any]:
+    """Every rank writes the members file of the clusters it owns; rank 0 the summary, last."""
+    bounds = owner_bounds(k, dist.world_size())
+    r = dist.rank()
+    mine = _rows_to_owners(local["rows"], bounds) if dist.is_dist() else local["rows"]
+    pct, min_size = cfg.data.pseudo_max_dist_percentile, cfg.data.pseudo_min_cluster_size
+    rows, arrays = summarise_clusters(mine, int(bounds[r]), int(bounds[r + 1]), pct, min_size)
+    write_member_file(out_dir, r, rows)
+    parts = dist.all_gather_object(arrays)  # after every rank's members file is in place
+    lost = int(sum(dist.all_gather_object(local["lost"])))
+    summary: dict[str, Any] = {}
+    if dist.is_main():
+        summary = write_summary(out_dir, parts, bounds, [p.name for p in shards], pct, min_size, lost)
+    summary = dist.broadcast_object(summary)
+    return {key: summary[key] for key in ("kept_clusters", "kept_images", "lost_to_truncation")}
+
+
+def _rows_to_owners(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """All-to-all of ROW records: each goes to the rank owning its cluster (raw bytes on the wire)."""
+    dest = np.searchsorted(bounds, rows["cls"], side="right") - 1
+    rows = rows[np.argsort(dest, kind="stable")]
+    send = np.bincount(dest, minlength=len(bounds) - 1)
+    recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
+    wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), ROW.itemsize))
+    return all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(ROW)
 
 
 # ------------------------------------------------------------------------------------- stats
@@ -318,20 +438,44 @@ def _meta(
     }
 
 
-def _tensorboard(tb_dir: Path, stats: dict[str, Any], sizes: np.ndarray, round_: int) -> None:
-    w = SummaryWriter(log_dir=str(tb_dir))
-    try:
-        w.add_histogram(
-            "cluster/size",
-            sizes.astype(np.float64),
-            global_step=round_,
-            bins=np.linspace(0, max(int(sizes.max()), 1) + 1, 51),
-        )
-        for key in ("imbalance", "inertia", "mean_sq_dist", "empty_clusters", "purity", "nmi"):
-            if key in stats:
-                w.add_scalar(f"cluster/{key}", float(stats[key]), global_step=round_)
+def _tensorboard(
+    tb_dir: Path, stats: dict[str, Any], sizes: np.ndarray, round_: int, examples: dict[int, torch.Tensor]
+) -> None:
+    """The size histogram, the run facts, the training objective, and a grid per example
+    pseudo-class (one cluster a tag). A fresh writer: a rerun of the round replaces all of it."""
+    with TBWriter(tb_dir, enabled=True) as tb:
+        bins = np.linspace(0, max(int(sizes.max()), 1) + 1, 51)
+        tb.histogram("cluster/size", sizes.astype(np.float64), round_, bins=bins)
+        tb.scalars({f"cluster/{k}": stats[k] for k in _TB_FACTS if k in stats}, round_)
         for it, obj in enumerate(stats.get("train", {}).get("objective", [])):
             if math.isfinite(obj):
-                w.add_scalar(f"cluster/round{round_}_train_objective", float(obj), global_step=it)
-    finally:
-        w.close()
+                tb.scalars({f"cluster/round{round_}_train_objective": obj}, it)
+        for c, images in examples.items():
+            tb.images(f"pseudo_class/{c:06d}", images, round_, nrow=EXAMPLES_PER_CLUSTER)
+
+
+_TB_FACTS = ("imbalance", "inertia", "mean_sq_dist", "empty_clusters", "purity", "nmi")
+EXAMPLE_CLUSTERS, EXAMPLES_PER_CLUSTER, EXAMPLE_PIXELS = 8, 8, 64
+
+
+def _cluster_examples(shard: Path, out_dir: Path, sizes: np.ndarray) -> dict[int, torch.Tensor]:
+    """What TensorBoard shows of the pseudo-classes: up to 8 images (uint8, 64 px) of each of 8
+    clusters present in the first shard, spread over the size ranking (largest to smallest); one
+    shard is read, whatever the data's size."""
+    keys, cls, _ = read_pseudo_labels(pseudo_label_path(out_dir, shard))
+    present = np.unique(cls)
+    ranked = present[np.argsort(-sizes[present], kind="stable")]
+    picks = np.linspace(0, len(ranked) - 1, min(EXAMPLE_CLUSTERS, len(ranked))).round().astype(int)
+    got: dict[int, list[torch.Tensor]] = {int(c): [] for c in ranked[picks]}
+    of = {k: c for k, c in zip(keys, cls.tolist()) if c in got}
+    for sample in TarSamples(shard):
+        c = of.get(sample["__key__"])
+        if c is None or len(got[c]) >= EXAMPLES_PER_CLUSTER:
+            continue
+        try:
+            got[c].append(thumbnail(decode(image_bytes(sample)), EXAMPLE_PIXELS))
+        except CorruptImage:  # the embed stage left it out too
+            continue
+        if all(len(v) >= EXAMPLES_PER_CLUSTER for v in got.values()):
+            break
+    return {c: torch.stack(v) for c, v in got.items() if v}

@@ -322,11 +322,14 @@ def _dim(out_dir: Path, shards: Iterable[Path]) -> int | None:
 
 
 def _progress(todo: list[Path], cfg: Config) -> Any:
-    """Rank-0 bar in images (index.json counts of this rank's shards), with images/s."""
+    """Rank-0 bar in images (index.json counts of this rank's shards), with images/s. Index names
+    are paths relative to the index's directory: img2dataset output indexed in place lists
+    "../<out>/00000.tar", so shards are matched by resolved path, not by file name."""
     if not dist.is_main() or not todo:
         return None
-    counts = {s["name"]: int(s["count"]) for s in read_index(cfg.data.unlabeled_shards)["shards"]}
-    total = sum(counts.get(p.name, 0) for p in todo)
+    root = Path(cfg.data.unlabeled_shards)
+    counts = {(root / s["name"]).resolve(): int(s["count"]) for s in read_index(root)["shards"]}
+    total = sum(counts.get(p.resolve(), 0) for p in todo)
     return tqdm(
         total=total or None,
         desc=f"embed {len(todo)} shards (rank 0)",

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..tb import steps
 
 __all__ = [
     "KMeansParams",
@@ -1270,11 +1271,9 @@ def _train_two_level(
 
 
 def _bar(it: Any, enabled: bool, desc: str) -> Any:
-    if not (enabled and dist.is_main()):
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    """Rank 0's progress, moved after every Lloyd iteration (or cell): a bar on a terminal, a log
+    line in a job log, where a bar's redraws would only show when it closes (tb.steps)."""
+    return steps(it, desc) if enabled else it
 
 
 # ---------------------------------------------------------------------------------- full pass

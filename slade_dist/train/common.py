@@ -19,12 +19,13 @@ from typing import Any
 import torch
 
 from ..config import Config, ModelConfig, TrainConfig
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..losses import build_loss, cross_rank_loss
 from ..models import build_embedder, load_state_dict_checked, read_checkpoint
 from ..stages import RunLayout
+from ..tb import TBWriter
 from .engine import ParamGroup
 from .loop import FitResult
-from .tb import TBWriter
 
 # metrics of the current model on the test split; called on every rank, same dict on each
 Evaluate = Callable[[torch.nn.Module], dict[str, float]]
@@ -79,8 +80,10 @@ def ranking_loss_fn(cfg: Config) -> Callable[..., torch.Tensor]:
 
 
 def open_tb(cfg: Config, run_dir: str | os.PathLike[str], stage: str, round_: int | None, resume_step: int) -> TBWriter:
-    """The stage's rank-0 writer; the resolved config goes in as text on a fresh start."""
-    tb = TBWriter(RunLayout(run_dir).tb_dir(stage, round_), resume_step=resume_step)
+    """The stage's rank-0 writer (image grids de-normalised with the data's mean/std); the resolved
+    config goes in as text on a fresh start."""
+    norm = (IMAGENET_MEAN, IMAGENET_STD)
+    tb = TBWriter(RunLayout(run_dir).tb_dir(stage, round_), resume_step=resume_step, image_norm=norm)
     if resume_step == 0:
         tb.text("config", cfg.dump_yaml())
     return tb

@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import dist
+from ..tb import TBWriter
 from .engine import Trainer, average_bn_buffers, param_digest
-from .tb import TBWriter
 
 
 @dataclass

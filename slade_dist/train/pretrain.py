@@ -5,17 +5,26 @@ Owns `run(cfg, run_dir)` and the SwAV pieces:
   MLP (feature_dim -> feature_dim -> pretrain.proj_dim) and K = pretrain.prototypes prototype
   vectors; scores = <normalised projection, normalised prototype>. The prototypes are normalised
   in the forward (correct under every ZeRO stage, where the optimizer may hold its own fp32 copy)
-  and, with ZeRO-0, also in place after each optimizer step as in the paper.
+  and, with ZeRO-0, also in place after each optimizer step as in the paper. When
+  model.pretrained_path is a SwAV checkpoint (`projection_head.*`, `prototypes.weight`, possibly
+  under `module.`), its projection head and prototypes are loaded too (K and the width from the
+  file): continued SwAV then starts from a consistent objective instead of random heads.
 - `sinkhorn`: Sinkhorn-Knopp codes over the GLOBAL batch (row sums all-reduced across ranks),
   epsilon = pretrain.epsilon, pretrain.sinkhorn_iters iterations; columns sum to 1 (one unit of
-  mass per image), rows to B/K (equal use of every prototype).
+  mass per image), rows to B/K (equal use of every prototype). Scores are shifted by the global
+  max only (SwAV's exact codes; see the function).
 - `swav_loss`: swapped prediction, each view predicts the other's codes at temperature
   pretrain.temperature.
-- The prototypes are frozen for the first pretrain.freeze_prototypes_steps optimizer steps (their
-  lr group starts late), as in the paper.
+- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult from
+  step pretrain.freeze_backbone_steps; prototypes frozen for the first
+  pretrain.freeze_prototypes_steps optimizer steps (their lr group starts late), as in the paper.
 - The image stream: every shard of data.train_shards + data.unlabeled_shards, resampled per
-  rank, labels ignored, two independently augmented views per image; undecodable images are
-  skipped and counted.
+  rank, labels ignored, two views per image augmented as pretrain.augment says; undecodable
+  images are skipped and counted.
+- The hand-on (pretrain.keep_better): before the teacher starts, rank 0 measures kNN MAP@R of
+  the pooled backbone features on the labeled train classes for the input weights and for the
+  SwAV output, and exports the better one (both figures in the result and final.pt's extra), so
+  the stage cannot hand on a worse init than it was given.
 pretrain.steps == 0 exports the initial (model.pretrained_path) weights unchanged.
 The export <run>/pretrain/final.pt is a plain Embedder file (backbone + head) the teacher loads.
 Tests: tests/unit/test_pretrain.py.
@@ -23,6 +32,7 @@ Tests: tests/unit/test_pretrain.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import random
@@ -34,20 +44,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2
 
 from .. import dist
-from ..config import Config, DataConfig, TrainConfig
+from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment
+from ..data.readers import finite_batches
 from ..data.shards import shard_paths
 from ..data.tars import TarSamples, image_bytes
-from ..models import build_embedder, save_weights
+from ..data.transforms import full_transform, train_geometry
+from ..models import build_embedder, embed_batches, load_state_dict_checked, read_checkpoint, save_weights
+from ..models.retrieval import knn_map_at_r
 from ..stages import RunLayout, stage_id
 from .common import fit_summary, open_tb, stream_seed
 from .engine import ParamGroup, Trainer
 from .loop import MicroResult, fit, timed_next
-
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -73,15 +82,25 @@ class SwAVNet(nn.Module):
         return z @ F.normalize(self.prototypes.weight, dim=1).t()
 
 
+# exp(x) of float64 is 0 below about -745: a shift below this floor would give an image no mass
+# at all (a 0/0 in its column); entries this far below the global best are codes of ~1e-304 anyway
+EXP_FLOOR = -700.0
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     """SwAV codes for this rank's (B, K) scores, equipartitioned over the global batch.
 
-    Returns (B, K) with rows summing to 1. Computed in fp32 whatever the input dtype.
+    Returns (B, K) float32 with rows summing to 1 (computed in float64: B x K is small).
+    exp(scores / epsilon) is shifted by ONE constant, the maximum over every rank's scores: that
+    cancels in the first normalisation, so the codes are exactly those of SwAV's unshifted
+    exp(scores / epsilon) at any iteration count. A per-image shift (each image by its own max)
+    scales the columns differently, which the iterations only undo at convergence (on peaked
+    scores, B 64, K 300, 3 iterations: L1 1.0 per image from the converged codes vs 0.0002).
     """
-    s = scores.float() / epsilon
-    # a per-image shift leaves the result unchanged (columns are renormalised) and avoids overflow
-    Q = torch.exp(s - s.max(dim=1, keepdim=True).values).t()  # K x B
+    s = scores.double() / epsilon
+    top = dist.all_gather_cat(s.max().reshape(1)).max()  # every rank shifts by the same constant
+    Q = torch.exp((s - top).clamp_min(EXP_FLOOR)).t()  # K x B
     K, B_local = Q.shape
     B = torch.tensor([float(B_local)], device=Q.device)
     dist.all_reduce_sum(B)
@@ -96,7 +115,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
         Q /= Q.sum(dim=0, keepdim=True)
         Q /= B
     Q *= B  # columns sum to 1: each image's code is a distribution over prototypes
-    return Q.t()
+    return Q.t().float()
 
 
 def swav_loss(
@@ -111,28 +130,19 @@ def swav_loss(
 
 
 # ------------------------------------------------------------------------------ data stream
-def two_view_transform(data_cfg: DataConfig) -> Any:
-    """One SwAV view: random resized crop, flip, colour jitter, grayscale, normalise."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(data_cfg.image_size, scale=(data_cfg.crop_scale_min, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
-        ]
-    )
+def two_view_transform(data_cfg: DataConfig, augment: AugmentConfig) -> Any:
+    """One SwAV view: pretrain.augment (by default random resized crop, flip, colour jitter,
+    grayscale: SwAV's), normalised; the vocabulary and code of data.augment (data/transforms.py)."""
+    return full_transform(train_geometry(data_cfg.image_size, data_cfg.crop_scale_min, augment))
 
 
 def _two_view_batches(
-    samples: Iterable[dict[str, Any]], *, data_cfg: DataConfig, batch_size: int, seed: int
+    samples: Iterable[dict[str, Any]], *, data_cfg: DataConfig, augment: AugmentConfig, batch_size: int, seed: int
 ) -> Iterator[dict[str, Any]]:
     """Decode, shuffle (buffer), make two views, batch. Undecodable samples are counted, not fatal."""
     rng = random.Random(seed)
     torch.manual_seed(seed)  # this process' augmentation randomness (worker-local under a loader)
-    tf = two_view_transform(data_cfg)
+    tf = two_view_transform(data_cfg, augment)
     buf: list[Any] = []
     v1: list[torch.Tensor] = []
     v2: list[torch.Tensor] = []
@@ -173,17 +183,29 @@ class _ResampledTars(torch.utils.data.IterableDataset):
 
 
 class _TwoViewStream(torch.utils.data.IterableDataset):
-    def __init__(self, paths: list[Path], data_cfg: DataConfig, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, paths: list[Path], data_cfg: DataConfig, augment: AugmentConfig, batch_size: int, seed: int
+    ) -> None:
         self.tars, self.data_cfg, self.batch_size, self.seed = _ResampledTars(paths, seed), data_cfg, batch_size, seed
+        self.augment = augment
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         seed = self.seed * 31 + (info.id if info else 0)
-        return _two_view_batches(iter(self.tars), data_cfg=self.data_cfg, batch_size=self.batch_size, seed=seed)
+        return _two_view_batches(
+            iter(self.tars), data_cfg=self.data_cfg, augment=self.augment, batch_size=self.batch_size, seed=seed
+        )
 
 
 def swav_batches(
-    shard_dirs: list[str], data_cfg: DataConfig, batch_size: int, *, seed: int, rank: int, world: int
+    shard_dirs: list[str],
+    data_cfg: DataConfig,
+    batch_size: int,
+    *,
+    seed: int,
+    rank: int,
+    world: int,
+    augment: AugmentConfig | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Infinite stream of {"view1", "view2", "skipped"} over the shards of every dir (labels ignored)."""
     paths = [p for d in shard_dirs if d for p in shard_paths(d)]
@@ -191,7 +213,8 @@ def swav_batches(
         raise FileNotFoundError(f"no shards for SwAV pretraining in {shard_dirs}")
     # resampled per rank: no per-rank split, so no uneven shard counts (a split with fewer shards than
     # ranks x workers raises or leaves ranks uneven, and an uneven rank hangs a collective)
-    stream = _TwoViewStream(paths, data_cfg, batch_size, seed * 1009 + rank)
+    augment = swav_augment() if augment is None else augment
+    stream = _TwoViewStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank)
     if data_cfg.num_workers > 0:
         loader = torch.utils.data.DataLoader(
             stream,
@@ -227,18 +250,13 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if pc.steps == 0:
         return export_initial(cfg, stage_dir)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    net = SwAVNet(build_embedder(cfg.model), pc.proj_dim, pc.prototypes)
+    net, heads_loaded = build_swav_net(cfg)
+    # the input weights, to compare with the output before handing one on (rank 0 decides)
+    initial = _state_copy(net.embedder) if pc.keep_better and dist.is_main() else None
     tcfg = _pretrain_train_cfg(cfg)
-    groups = [
-        ParamGroup("backbone", net.embedder.param_groups()["backbone"], pc.lr),
-        ParamGroup("projection", list(net.projection.parameters()), pc.lr),
-        ParamGroup(
-            "prototypes", list(net.prototypes.parameters()), pc.lr, start=pc.freeze_prototypes_steps, weight_decay=0.0
-        ),
-    ]
     trainer = Trainer(
         net,
-        groups,
+        swav_groups(net, pc),
         tcfg,
         stage_dir=stage_dir,
         total_steps=pc.steps,
@@ -259,6 +277,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     def micro(step: int) -> MicroResult:
         batch, wait = timed_next(stream)
+        n = min(8, len(batch["view1"]))  # row 1: the first views, row 2: the second views of the same images
+        tb.images("batch/two_views", torch.cat([batch["view1"][:n], batch["view2"][:n]]), step, nrow=n, once=True)
         x = torch.cat([batch["view1"], batch["view2"]]).to(dev, non_blocking=True)
         scores = trainer.forward(x)
         s1, s2 = scores.float().chunk(2)
@@ -286,17 +306,123 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         desc="pretrain (SwAV)",
     )
     tb.close()
+    knn: dict[str, Any] = {}
     if dist.is_main():
+        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device)
         save_weights(
             stage_dir / "final.pt",
-            trainer.module.embedder,
+            out,
             cfg.model,
-            extra={"stage": "pretrain", "step": trainer.step, "init": cfg.model.pretrained_path},
+            extra={"stage": "pretrain", "step": trainer.step, "init": cfg.model.pretrained_path, "knn": knn},
         )
+    knn = dist.broadcast_object(knn)
     dist.barrier()
-    return {**fit_summary(result, resumed), "init": cfg.model.pretrained_path}
+    return {**fit_summary(result, resumed), "init": cfg.model.pretrained_path, "heads_from_init": heads_loaded, **knn}
 
 
 def _pretrain_train_cfg(cfg: Config) -> TrainConfig:
-    """train.* optimisation knobs with SwAV's own lr (pretrain.lr) and steps."""
-    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=1.0)
+    """train.* optimisation knobs with SwAV's own lr, backbone multiplier and steps."""
+    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=cfg.pretrain.backbone_lr_mult)
+
+
+def swav_groups(net: SwAVNet, pc: PretrainConfig) -> list[ParamGroup]:
+    """backbone at lr x backbone_lr_mult from freeze_backbone_steps on (a pretrained trunk is not
+    shaken by a random head's first gradients), projection at lr, prototypes from
+    freeze_prototypes_steps (SwAV's freeze)."""
+    return [
+        ParamGroup(
+            "backbone", net.embedder.param_groups()["backbone"], pc.lr * pc.backbone_lr_mult, pc.freeze_backbone_steps
+        ),
+        ParamGroup("projection", list(net.projection.parameters()), pc.lr),
+        ParamGroup(
+            "prototypes", list(net.prototypes.parameters()), pc.lr, start=pc.freeze_prototypes_steps, weight_decay=0.0
+        ),
+    ]
+
+
+# ------------------------------------------------------------------ init heads, hand-on choice
+def swav_head_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The projection head and prototypes a SwAV checkpoint carries, under SwAVNet's names.
+
+    Official SwAV files name them `projection_head.{0,1,3}.*` (Linear, BatchNorm1d, ReLU, Linear:
+    our `projection` layout) and `prototypes.weight`, all possibly under `module.` and/or a
+    "state_dict" entry. Empty when the file has neither (a torchvision or our own weights file)."""
+    obj = read_checkpoint(path)
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
+    heads = {
+        "projection." + k.removeprefix("projection_head."): v for k, v in sd.items() if k.startswith("projection_head.")
+    }
+    if "prototypes.weight" in sd:
+        heads["prototypes.weight"] = sd["prototypes.weight"]
+    return heads
+
+
+def build_swav_net(cfg: Config) -> tuple[SwAVNet, bool]:
+    """SwAVNet on cfg.model's embedder; with model.pretrained_path's SwAV heads when it has them
+    (prototype count and width then come from the file). Returns (net, heads loaded)."""
+    pc = cfg.pretrain
+    heads = swav_head_state(cfg.model.pretrained_path) if cfg.model.pretrained_path else {}
+    protos = heads.get("prototypes.weight")
+    k, proj_dim = (protos.shape[0], protos.shape[1]) if protos is not None else (pc.prototypes, pc.proj_dim)
+    net = SwAVNet(build_embedder(cfg.model), int(proj_dim), int(k))
+    if not heads:
+        return net, False
+    what = f"SwAV heads of {cfg.model.pretrained_path!r}"
+    for name, module in (("projection", net.projection), ("prototypes", net.prototypes)):
+        part = {key[len(name) + 1 :]: v for key, v in heads.items() if key.startswith(name + ".")}
+        if part:
+            load_state_dict_checked(module, part, strict=True, what=f"{what} ({name})")
+    net.normalize_prototypes_()
+    dist.get_logger().info(
+        f"pretrain: projection head / {k} prototypes of width {proj_dim} loaded from {cfg.model.pretrained_path}"
+        + (f" (pretrain.prototypes={pc.prototypes} is not used)" if protos is not None and k != pc.prototypes else "")
+    )
+    return net, True
+
+
+def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class _PooledFeatures(nn.Module):
+    """The embedder's pooled backbone features: what SwAV trains (the embedding head is untouched
+    here and random until the teacher trains it, so it would only blur the comparison)."""
+
+    def __init__(self, embedder: nn.Module) -> None:
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embedder.features(x)
+
+
+def labeled_knn_map_at_r(cfg: Config, embedder: nn.Module, device: torch.device) -> float:
+    """kNN MAP@R of the pooled backbone features on data.train_shards (eval transforms, this process alone)."""
+    stream = finite_batches(cfg.data.train_shards, cfg.data, cfg.eval.batch_size, rank=0, world=1)
+    feats, labels = [], []
+    for e, batch in embed_batches(_PooledFeatures(embedder), stream, device):
+        feats.append(torch.from_numpy(e))
+        labels.append(batch["labels"])
+    if not feats:
+        return float("nan")
+    return knn_map_at_r(torch.cat(feats).to(device), torch.cat(labels))
+
+
+def _better_of(
+    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(the embedder to hand on, {"knn_map_at_r": {"input", "output", "handed_on"}}); the SwAV
+    output unless the input weights score higher (pretrain.keep_better)."""
+    if initial is None:
+        return trained, {}
+    before = copy.deepcopy(trained)
+    before.load_state_dict(initial)
+    scores = {"input": labeled_knn_map_at_r(cfg, before, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
+    keep_input = scores["input"] > scores["output"]  # nan (no labeled pairs) compares False: the output
+    scores["handed_on"] = "input" if keep_input else "output"
+    dist.get_logger().info(
+        f"pretrain: labeled-train kNN MAP@R of the pooled features: input {scores['input']:.4f}, "
+        f"SwAV output {scores['output']:.4f}; handing on the {scores['handed_on']}"
+    )
+    return (before if keep_input else trained), {"knn_map_at_r": scores}

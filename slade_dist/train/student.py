@@ -10,6 +10,10 @@ Ablations (student.ablation, the paper's Table 4):
     no_mining  no unlabeled ranking term: L_rank(labeled) + lambda2 * (L_CE + L_SD)
     no_basis   no W_a: L_rank(labeled) + lambda1 * L_rank(unlabeled, pseudo labels as classes)
     raw_pairs  pseudo-label pairs used directly in L_rank, plus the basis losses
+When the warm-up ends the running Gaussians are reset, so the first batch of the moving embedder
+seeds them (not the frozen warm-up embeddings). L_SD's gradient follows basis.sd_grad (basis.py).
+Every step after the warm-up logs how the two Eq. 7 readings differ on that batch (mining/literal_*,
+mining/agreement_*: FeatureBasis.mining_shares), whichever reading trains.
 W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
 are exported in final.pt's `extra`.
 Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
@@ -31,6 +35,8 @@ from ..data.readers import labeled_batches, pseudo_labeled_batches
 from ..data.shards import read_classes
 from ..models import save_weights
 from ..stages import RunLayout, stage_id
+from ..tb import TBWriter
+from .batch_split import rank_share
 from .common import (
     Evaluate,
     embedder_groups,
@@ -79,7 +85,7 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[StudentNet, Path | None, 
     basis = None
     if cfg.student.ablation != "no_basis":
         b = cfg.basis
-        basis = FeatureBasis(num_classes, embedder.embed_dim, b.scale, b.beta, b.margin, b.lambda_sd)
+        basis = FeatureBasis(num_classes, embedder.embed_dim, b.scale, b.beta, b.margin, b.lambda_sd, b.sd_grad)
     return StudentNet(embedder, basis), init, num_classes
 
 
@@ -119,8 +125,13 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         raise FileNotFoundError(f"pseudo labels {pseudo_dir} are missing: run the round {r} cluster stage first")
     torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, W_a) on every rank
     net, init, num_classes = build_student(cfg, run_dir)
-    P, K = cfg.train.classes_per_batch, cfg.train.samples_per_class
-    Pu, Ku = cfg.student.unlabeled_classes_per_batch, cfg.student.unlabeled_samples_per_class
+    # both P are the whole optimizer step's: this rank draws its share per micro-batch
+    accum, cross = cfg.train.grad_accum, cfg.loss.cross_rank
+    P = rank_share(cfg.train.classes_per_batch, "train.classes_per_batch", accum, cross_rank=cross)
+    Pu = rank_share(
+        cfg.student.unlabeled_classes_per_batch, "student.unlabeled_classes_per_batch", accum, cross_rank=cross
+    )
+    K, Ku = cfg.train.samples_per_class, cfg.student.unlabeled_samples_per_class
     trainer = Trainer(
         net,
         param_groups(net, cfg),
@@ -155,7 +166,7 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         world=dist.world_size(),
     )
     tb = open_tb(cfg, run_dir, "student", r, trainer.step)
-    step_fn = StudentStep(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream)
+    step_fn = StudentStep(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream, tb=tb)
     resumed = dict(trainer.resume_info)
     if resumed and trainer.module.basis is not None:  # the Gaussians as restored from the checkpoint
         resumed["basis"] = {
@@ -200,8 +211,17 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
 class StudentStep:
     """One micro-batch of the student objective (callable for loop.fit)."""
 
-    def __init__(self, cfg: Config, trainer: Trainer, rank_loss: Any, lab_stream: Any, unl_stream: Any):
+    def __init__(
+        self,
+        cfg: Config,
+        trainer: Trainer,
+        rank_loss: Any,
+        lab_stream: Any,
+        unl_stream: Any,
+        tb: TBWriter | None = None,
+    ):
         self.cfg = cfg
+        self.tb = tb or TBWriter(None)  # the first batches' images go to TensorBoard
         self.trainer = trainer
         self.rank_loss = rank_loss
         self.lab_stream = lab_stream
@@ -209,18 +229,24 @@ class StudentStep:
         self.ablation = cfg.student.ablation
         self.mining = cfg.mining.enabled and self.ablation == "full"
         self.skip = SkipDelta()
+        self._reseeded = False  # the Gaussians were reset when the warm-up ended (once per process)
 
     def __call__(self, step: int) -> MicroResult:
         cfg, tr = self.cfg, self.trainer
         net: StudentNet = tr.module  # type: ignore[assignment]
         lab, wait_l = timed_next(self.lab_stream)
         unl, wait_u = timed_next(self.unl_stream)
+        self.tb.images("batch/labeled", lab["images"], step, nrow=cfg.train.samples_per_class, once=True)
+        self.tb.images(
+            "batch/pseudo_labeled", unl["images"], step, nrow=cfg.student.unlabeled_samples_per_class, once=True
+        )
         dev = tr.device
         x = torch.cat([lab["images"], unl["images"]]).to(dev, non_blocking=True)
         y = lab["labels"].to(dev, non_blocking=True)
         pl = unl["labels"].to(dev, non_blocking=True)
         n_lab = int(lab["images"].shape[0])
         warmup = net.basis is not None and step < cfg.student.basis_warmup_steps
+        self._reseed_after_warmup(net, step)
         if warmup:
             with torch.no_grad():  # W_a alone: the embedder gets no gradient (its lr is 0 too)
                 emb = tr.forward(x).float()
@@ -239,6 +265,16 @@ class StudentStep:
         scalars.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
         skipped = self.skip("labeled", lab.get("skipped", 0)) + self.skip("pseudo", unl.get("skipped", 0))
         return MicroResult(loss=loss, scalars=scalars, images=int(x.shape[0]), skipped=skipped, wait_s=wait_l + wait_u)
+
+    def _reseed_after_warmup(self, net: StudentNet, step: int) -> None:
+        """At the first step after the warm-up the Gaussians summarise the frozen warm-up
+        embeddings, with beta = 0.99 for ~100 more steps: forget them so the first moving batch
+        seeds them. Every rank does it at the same step; a resume past that step keeps the
+        checkpointed Gaussians."""
+        warm = self.cfg.student.basis_warmup_steps
+        if net.basis is not None and warm > 0 and step == warm and not self._reseeded:
+            net.basis.reset_gaussians()
+            self._reseeded = True
 
     def _basis_terms(
         self,
@@ -259,6 +295,8 @@ class StudentStep:
             if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
                 scalars[f"basis/{k}"] = float(v)
         terms = {"ce": cfg.student.lambda2 * ce, "sd": cfg.student.lambda2 * sd}
+        if not warmup:  # both Eq. 7 readings on this sim, whichever one (if any) trains
+            scalars.update({f"mining/{k}": v for k, v in basis.mining_shares(sim.detach(), pl).items()})
         if self.mining and not warmup:
             pos, neg = basis.mine_pairs(sim.detach(), pl, cfg.mining.require_cluster_agreement)
             n_pos, n_neg = _pairs_count(pos), _pairs_count(neg)

@@ -1,7 +1,9 @@
 """Teacher stage: the embedder trained with the ranking loss on labeled P x K batches.
 
 Owns `run(cfg, run_dir)`: init from the pretrain stage's final.pt when it exists (else from
-model.pretrained_path / random), cfg.train.teacher_steps optimizer steps on the DeepSpeed engine
+model.pretrained_path / random), cfg.train.teacher_steps optimizer steps of
+train.classes_per_batch x samples_per_class images each (over all ranks and micro-batches:
+train/batch_split.py) on the DeepSpeed engine
 (train/engine.py + train/loop.py: checkpoint/resume, schedule, TensorBoard), export <run>/teacher/final.pt.
 Tests: tests/integration/test_train_multirank.py, tests/integration/test_resume.py.
 """
@@ -18,6 +20,7 @@ from ..config import Config
 from ..data.readers import labeled_batches
 from ..models import save_weights
 from ..stages import RunLayout, stage_id
+from .batch_split import rank_share
 from .common import (
     Evaluate,
     embedder_groups,
@@ -40,7 +43,11 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
     init = pretrain_init_path(run_dir)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, W_a) on every rank
     embedder = init_embedder(cfg.model, init)
-    P, K = cfg.train.classes_per_batch, cfg.train.samples_per_class
+    # P is the whole optimizer step's: this rank draws its share of the classes per micro-batch
+    P = rank_share(
+        cfg.train.classes_per_batch, "train.classes_per_batch", cfg.train.grad_accum, cross_rank=cfg.loss.cross_rank
+    )
+    K = cfg.train.samples_per_class
     trainer = Trainer(
         embedder,
         embedder_groups(embedder, cfg.train),
@@ -61,6 +68,7 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
 
     def micro(step: int) -> MicroResult:
         batch, wait = timed_next(stream)
+        tb.images("batch/labeled", batch["images"], step, nrow=K, once=True)  # one class a row
         x = batch["images"].to(device, non_blocking=True)
         y = batch["labels"].to(device, non_blocking=True)
         emb = trainer.forward(x).float()  # the loss in fp32 even under bf16 autocast

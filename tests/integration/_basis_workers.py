@@ -64,11 +64,11 @@ def _cross_rank_part() -> dict:
     return result
 
 
-def _basis_part(steps: int) -> list[dict]:
+def _basis_part(steps: int, sd_grad: str) -> list[dict]:
     from slade_dist.basis import FeatureBasis
 
     torch.manual_seed(0)  # identical W_a on both ranks, as after DDP's initial broadcast
-    basis = FeatureBasis(num_classes=5, dim=8, beta=0.9, margin=0.5, lambda_sd=1.0)
+    basis = FeatureBasis(num_classes=5, dim=8, beta=0.9, margin=0.5, lambda_sd=1.0, sd_grad=sd_grad)
     sl = _my_slice()
     history = []
     for step in range(steps):
@@ -90,6 +90,6 @@ def _basis_part(steps: int) -> list[dict]:
 def multirank_worker(out_dir: str, basis_steps: int) -> None:
     """One 2-process run checks both the cross-rank loss and the basis (one spawn: test time)."""
     dist.init_distributed(backend="gloo")
-    result = {"cross_rank": _cross_rank_part(), "basis": _basis_part(basis_steps)}
+    result = {"cross_rank": _cross_rank_part(), "basis": {m: _basis_part(basis_steps, m) for m in ("full", "damped")}}
     torch.save(result, Path(out_dir) / f"rank{dist.rank()}.pt")
     dist.shutdown()

@@ -80,8 +80,10 @@ def write_embeddings(
 ) -> dict[str, tuple[list[str], np.ndarray]]:
     """Embed-stage files for synthetic Gaussian blobs (unit-normalised, float16) with hidden labels,
     as the embed stage would write them. Returns {shard name: (keys, true labels)}. shard_dir: where
-    the index lists the shards; an empty tar stands in for each missing one, so the embed files'
-    source stamps match the shards the cluster stage checks."""
+    the index lists the shards; a real tar of one tiny JPEG per key stands in for each missing one,
+    so the embed files' source stamps match the shards the cluster stage checks and its member
+    index finds every sample."""
+    from slade_dist.data.shards import write_shard
     from slade_dist.pseudo import embed as ef
 
     rng = np.random.default_rng(seed)
@@ -95,11 +97,22 @@ def write_embeddings(
         keys = [f"{Path(name).stem}_{j:05d}" for j in range(n)]
         source = Path(name) if shard_dir is None else Path(shard_dir) / name
         if shard_dir is not None and not source.exists():
-            source.write_bytes(b"")
+            write_shard(source, ({"__key__": key, "jpg": tiny_jpeg(j)} for j, key in enumerate(keys)), mtime=0)
         ef._write_shard_files(emb_dir, source, x.astype(np.float16), keys, [str(v) for v in y])
         truth[name] = (keys, y)
     (emb_dir / ef.FACTS_FILE).write_text(json.dumps({"teacher_sha256": "synthetic", "teacher_step": 7}))
     return truth
+
+
+def tiny_jpeg(seed: int, size: int = 8) -> bytes:
+    import io
+
+    from PIL import Image
+
+    a = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 def write_index_only(shard_dir: Path, shard_names: Sequence[str], per_shard: Sequence[int]) -> Path:

@@ -47,7 +47,7 @@ def reader_worker(shard_dir: str, five_dir: str, good_pl: str, bad_pl: str, out_
         for _ in range(200):
             next(bad)
         res["mismatch"] = None
-    except PseudoLabelMismatch as e:
+    except (PseudoLabelMismatch, FileNotFoundError) as e:  # labels without an index: refused
         res["mismatch"] = str(e)
     dist.barrier()
     Path(out_dir, f"rank{r}.json").write_text(json.dumps(res))

@@ -105,6 +105,7 @@ def write_pseudo(
     """Pseudo-label files (one per image shard, same key order) from the true classes."""
     import tarfile
 
+    from slade_dist.data.pseudo_index import build_index
     from slade_dist.data.pseudo_labels import pseudo_label_path, write_meta, write_pseudo_labels
 
     rng = np.random.default_rng(seed)
@@ -119,6 +120,7 @@ def write_pseudo(
         cls = np.array([truth[k] if rng.random() >= noise else rng.integers(n_cls) for k in keys])
         write_pseudo_labels(pseudo_label_path(pseudo_dir, shard), keys, cls, rng.random(len(keys)))
     write_meta(pseudo_dir, round=1, teacher_step=0, k=n_cls)
+    build_index(unlabeled_dir, pseudo_dir)  # the cluster -> members index the student reads
     return pseudo_dir
 
 

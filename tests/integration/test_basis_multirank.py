@@ -1,7 +1,7 @@
 """2 real gloo processes (one spawn, shared by the tests below):
 - basis.FeatureBasis.sd_loss on each rank's part of a batch: mu/var identical on both ranks and
   equal to one process seeing the union of both ranks' pairs; the DDP-averaged W_a gradient equals
-  that process's gradient.
+  that process's gradient, for both basis.sd_grad modes.
 - losses.cross_rank_loss with 10 + 6 samples: the loss value and the DDP-averaged parameter
   gradients equal one process with all 16 samples (MS and contrastive).
 """
@@ -26,8 +26,10 @@ def rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-def _basis_reference(w_a: torch.Tensor):
-    """Independent single-process computation over the union of per-rank pairs."""
+def _basis_reference(w_a: torch.Tensor, sd_grad: str):
+    """Independent single-process computation over the union of per-rank pairs.
+
+    r = cosines to W_a's rows; full: the value of Eq. 6 with the batch statistics' gradient."""
     w_a = w_a.clone().requires_grad_(True)
     state = {}
     out = []
@@ -36,7 +38,8 @@ def _basis_reference(w_a: torch.Tensor):
         vals = {"pos": [], "neg": []}
         lo = 0
         for n in workers.SPLIT:  # pairs exist only within one rank's batch
-            r = torch.nn.functional.normalize(feats[lo : lo + n] @ w_a.t(), dim=1)
+            f = torch.nn.functional.normalize(feats[lo : lo + n], dim=1)
+            r = torch.nn.functional.normalize(f @ torch.nn.functional.normalize(w_a, dim=1).t(), dim=1)
             sim, p = r @ r.t(), pl[lo : lo + n]
             iu = torch.triu_indices(n, n, 1)
             same = p[iu[0]] == p[iu[1]]
@@ -48,11 +51,15 @@ def _basis_reference(w_a: torch.Tensor):
         for kind in ("pos", "neg"):
             s = torch.cat(vals[kind])
             mu_b, var_b = s.mean(), (s * s).mean() - s.mean() ** 2
+            mu, var = mu_b, var_b
             if kind in state:
-                mu_b = (1 - BETA) * mu_b + BETA * state[kind][0]
-                var_b = (1 - BETA) * var_b + BETA * state[kind][1]
-            g[kind] = (mu_b, var_b)
-            state[kind] = (mu_b.detach(), var_b.detach())
+                mu = (1 - BETA) * mu_b + BETA * state[kind][0]
+                var = (1 - BETA) * var_b + BETA * state[kind][1]
+            if sd_grad == "full":
+                g[kind] = (mu_b + (mu - mu_b).detach(), var_b + (var - var_b).detach())
+            else:
+                g[kind] = (mu, var)
+            state[kind] = (mu.detach(), var.detach())
         loss = torch.relu(g["neg"][0] - g["pos"][0] + 0.5) + (g["pos"][1] + g["neg"][1])
         (grad,) = torch.autograd.grad(loss, w_a)
         out.append(
@@ -68,12 +75,13 @@ def _basis_reference(w_a: torch.Tensor):
     return out
 
 
-def test_two_ranks_hold_identical_gaussians_and_exact_gradient(rank_results):
-    r0, r1 = (res["basis"] for res in rank_results)
+@pytest.mark.parametrize("sd_grad", ["full", "damped"])
+def test_two_ranks_hold_identical_gaussians_and_exact_gradient(rank_results, sd_grad):
+    r0, r1 = (res["basis"][sd_grad] for res in rank_results)
     from slade_dist.basis import FeatureBasis
 
     torch.manual_seed(0)  # the workers' W_a init
-    ref = _basis_reference(FeatureBasis(num_classes=5, dim=8).W_a.detach())
+    ref = _basis_reference(FeatureBasis(num_classes=5, dim=8).W_a.detach(), sd_grad)
     for step in range(STEPS):
         a, b, want = r0[step], r1[step], ref[step]
         for key, buf in a["buffers"].items():

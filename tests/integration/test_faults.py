@@ -13,6 +13,8 @@ One test per fault, numbered as the trust issue lists them:
  9 a full disk / read-only run dir: one line naming the path and the cause
 10 a second launch on a run dir in use is refused; a stale lock is reported and taken over
 11 a shard dir named `pipe:...` is a directory, never a shell command
+and a kill test: embed SIGKILLed mid-pass completes with consistent outputs (trainer kills:
+tests/integration/test_resume.py; k-means killed mid-Lloyd: tests/integration/test_pseudo_multirank.py).
 """
 
 from __future__ import annotations
@@ -192,16 +194,23 @@ def test_5_all_labeled_images_corrupt_fails_fast(tmp_path, data):
 
 
 def test_6_partial_pseudo_labels_are_refused(tmp_path, data):
+    """A label file without some readable keys of its shard is refused where the cluster stage
+    indexes its labels for the student, naming both files; the student never starts on it."""
+    from slade_dist.data.pseudo_index import build_index
+    from slade_dist.data.pseudo_labels import PseudoLabelMismatch, read_pseudo_labels, write_pseudo_labels
+
     run = tmp_path / "run"
     pl = RunLayout(run).stage_dir("cluster", 1)
     W.write_pseudo(data["unlabeled"], pl, data["truth"])
-    from slade_dist.data.pseudo_labels import read_pseudo_labels, write_pseudo_labels
-
     keys, cls, dist = read_pseudo_labels(pl / "pl-000000.npz")
     write_pseudo_labels(pl / "pl-000000.npz", keys[:-4], cls[:-4], dist[:-4])  # 4 readable images dropped
+    with pytest.raises(
+        PseudoLabelMismatch, match=r"pl-000000.npz.*unlabeled-000000.tar|unlabeled-000000.tar.*pl-000000"
+    ):
+        build_index(data["unlabeled"], pl)
     assert cli("teacher", *ovr(data, run)).returncode == 0
-    r = cli("student", *ovr(data, run, "train.student_steps=40"))
-    assert r.returncode != 0 and "does not cover image shard" in r.stderr, r.stderr
+    r = cli("student", *ovr(data, run, "train.student_steps=40"))  # the index was cleared: no student on it
+    assert r.returncode != 0 and "cluster stage" in r.stderr, r.stderr
 
 
 def test_7_truncation_losses_are_counted_and_eval_warns(tmp_path, data):
@@ -301,3 +310,42 @@ def test_11_pipe_named_shard_dir_never_runs_a_command(tmp_path, data):
     )
     assert r.returncode == 0, r.stderr
     assert not marker.exists(), "a shard path was run as a shell command"
+
+
+def test_killed_embed_completes_with_consistent_outputs(tmp_path, data):
+    """SIGKILL mid-pass (several shards written, others not): the rerun embeds only what is
+    missing, and every shard ends with keys in tar order and one row per readable image."""
+    from slade_dist.data.readers import iter_shard
+    from slade_dist.data.shards import shard_paths
+    from slade_dist.pseudo import embed
+
+    run, unl = tmp_path / "run", tmp_path / "unl"
+    W.write_unlabeled(unl, 6, 20, n_shards=12)
+    d = {**data, "unlabeled": unl}
+    assert cli("teacher", *ovr(d, run)).returncode == 0
+    out = RunLayout(run).stage_dir("embed", 1)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slade_dist", "embed", *ovr(d, run, "pseudo.embed_batch_size=4")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("emb-*.npy"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written_before = len(list(out.glob("emb-*.npy")))
+    assert not (out / "DONE.json").exists()
+    r = cli("embed", *ovr(d, run))
+    assert r.returncode == 0, r.stderr
+    res = done(run, "embed", 1)["result"]
+    assert res["already_done"] == written_before and res["written"] == 12 - written_before
+    for shard in shard_paths(unl):
+        keys = [k for k, *_ in iter_shard(shard)]
+        assert embed.read_keys(out, shard) == keys and embed.load_embeddings(out, shard).shape[0] == len(keys)
+    # a kill mid-write can leave a hidden temp file (".emb-...tmp<pid>"): never one readers see
+    assert not [p for p in out.iterdir() if ".tmp" in p.name and not p.name.startswith(".")]

@@ -1,8 +1,9 @@
 """`--cluster local`: the launcher runs the chain on this machine through submitit's LocalExecutor
 (real processes, one per task, torch.distributed over gloo between them).
 
-Mechanics run now on the `probe` test stage, an embed shard subset (`--shards`) on the real embed
-stage; the tiny demo chain end to end waits on the stages (conftest.require_stages).
+Mechanics run now on the `probe` test stage (2 processes, each job's progress streamed to the
+terminal), an embed shard subset (`--shards`) on the real embed stage; the tiny demo chain end to
+end waits on the stages (conftest.require_stages).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def test_local_job_runs_one_process_per_task(probe_stage, tmp_path, monkeypatch,
     record = json.loads((tmp_path / "run" / "logs" / "submitted.json").read_text())
     assert record["cluster"] == "local"
     assert "finished in" in out and record["jobs"][0]["stdout"] in out
+    # the job's own progress lines reach the terminal while it runs, prefixed with the job's name
+    streamed = [line for line in out.splitlines() if line.startswith("  [probe] ")]
+    assert any("[probe] start" in line for line in streamed) and any("[probe] done in" in line for line in streamed)
+    assert not any("submitit INFO" in line for line in streamed), streamed
+    assert out.index("[probe] done in") < out.index("finished in")
 
 
 def test_local_failure_names_the_error_and_the_log(probe_stage, tmp_path, monkeypatch, capsys):

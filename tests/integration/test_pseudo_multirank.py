@@ -1,7 +1,9 @@
 """Pseudo labelling with 2 real ranks (gloo, separate processes): embed is aligned with the shards,
 idempotent and completes a half-done run; distributed k-means and the cluster stage give the
 1-rank centroids (flat and two-level, from the same training sample); pseudo labels zip with the
-image shards through the data readers, with purity well above chance; a 2-rank k-means killed
+image shards, with purity well above chance; the 2 ranks' member index (each rank the clusters it
+owns) equals the 1-rank one and cluster_thresholds on the label files, and the student's stream
+reads it with the label files gone; a 2-rank k-means killed
 mid-Lloyd resumes from its checkpoint and ends where an uninterrupted run ends. One pair of
 processes runs all the session's 2-rank work (W.session_worker); each test checks one part of it
 against single-process references computed here (the kill test starts its own pairs).
@@ -17,7 +19,8 @@ import pytest
 import torch
 
 from slade_dist import dist
-from slade_dist.data.pseudo_join import zip_pseudo_labels
+from slade_dist.data.pseudo_index import ClusterIndex
+from slade_dist.data.pseudo_join import cluster_thresholds, zip_pseudo_labels
 from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels
 from slade_dist.data.readers import finite_batches, iter_shard, pseudo_labeled_batches
 from slade_dist.data.shards import shard_paths
@@ -29,8 +32,9 @@ from slade_dist.stages import RunLayout
 from tests.integration import _pseudo_workers as W
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-# k=16 for 8 hidden classes; 10 points per centroid -> the 160-point sample of 240 is exercised
-CLUSTER = ["pseudo.k=16", "pseudo.niter=15", "pseudo.max_points_per_centroid=10"]
+# k=16 for 8 hidden classes; 10 points per centroid -> the 160-point sample of 240 is exercised;
+# the member index keeps each cluster's nearest 90 %
+CLUSTER = ["pseudo.k=16", "pseudo.niter=15", "pseudo.max_points_per_centroid=10", "data.pseudo_max_dist_percentile=90"]
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,18 @@ def test_embed_two_ranks_aligned_idempotent_and_resumable(session):
     np.testing.assert_allclose(embed.load_embeddings(out, shards[3]).astype(np.float32), want, atol=2e-3)
 
 
-def test_cluster_two_ranks_equals_one_rank_and_zips_with_shards(session):
+@pytest.fixture(scope="module")
+def single(session):
+    """The cluster stage in this process on the 2-rank run's embeddings."""
     root, unl, run2 = session
     run1 = root / "run_single"
     shutil.copytree(RunLayout(run2).stage_dir("embed", 1), RunLayout(run1).stage_dir("embed", 1))
-    res1 = cluster.run(W.make_cfg(run1, unl, CLUSTER), run1)
+    return run1, cluster.run(W.make_cfg(run1, unl, CLUSTER), run1)
+
+
+def test_cluster_two_ranks_equals_one_rank_and_zips_with_shards(session, single):
+    root, unl, run2 = session
+    run1, res1 = single
     res2 = json.loads((root / "cluster.json").read_text())
     out1, out2 = RunLayout(run1).stage_dir("cluster", 1), RunLayout(run2).stage_dir("cluster", 1)
     np.testing.assert_allclose(np.load(out2 / "centroids.npy"), np.load(out1 / "centroids.npy"), atol=1e-4)
@@ -145,3 +156,32 @@ def test_killed_two_rank_kmeans_resumes_from_checkpoint(tmp_path):
     whole = train_centroids({int(k[1:]): v for k, v in W.kmeans_parts().items()}, W.ckpt_params())
     np.testing.assert_allclose(z["centroids"], whole.centroids, atol=1e-4)
     np.testing.assert_allclose(z["objective"], whole.objective, rtol=1e-5)
+
+
+def test_member_index_two_ranks_equals_one_rank_and_needs_no_label_file(session, single, tmp_path):
+    root, unl, run2 = session
+    run1, _ = single
+    out1, out2 = RunLayout(run1).stage_dir("cluster", 1), RunLayout(run2).stage_dir("cluster", 1)
+    one, two = ClusterIndex.open(out1, 90.0, 2), ClusterIndex.open(out2, 90.0, 2)
+    assert [m["first"] for m in two.summary["members"]] == [0, 8] and len(one.summary["members"]) == 1
+    for key in ("sizes", "kept", "indptr"):
+        np.testing.assert_array_equal(getattr(two, key), getattr(one, key))
+    np.testing.assert_allclose(two.thresholds, one.thresholds, rtol=1e-5)  # distances: float noise of the centroids
+    for c in range(16):  # the same kept members in each cluster
+        kept = [
+            {(int(e["shard"]), int(e["offset"])) for e in idx.entries(c, np.arange(idx.kept[c]))} for idx in (one, two)
+        ]
+        assert kept[0] == kept[1]
+    want = cluster_thresholds(sorted(out2.glob("pl-*.npz")), 90.0, 2)
+    np.testing.assert_array_equal(two.thresholds[: len(want)], want)
+    assert 0 < two.summary["kept_images"] < 240 and two.summary["lost_to_truncation"] == 0
+    moved = tmp_path / "cluster"
+    shutil.copytree(out2, moved, ignore=shutil.ignore_patterns("pl-*.npz"))  # the index, no label file
+    data = W.make_cfg(run2, unl, CLUSTER).data
+    stream = pseudo_labeled_batches(unl, moved, data, 4, 3, seed=0, rank=0, world=1)
+    for _ in range(4):
+        b = next(stream)
+        groups = {}
+        for key, lab in zip(b["keys"], b["labels"].tolist()):
+            groups.setdefault(lab, set()).add(key)
+        assert len(groups) == 4 and all(len(v) == 3 for v in groups.values())  # P x K distinct images

@@ -10,11 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from slade_dist import dist
 from slade_dist.data import writers
-from slade_dist.data.pseudo_labels import pseudo_label_path, write_pseudo_labels
+from slade_dist.data.pseudo_index import build_index
+from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.readers import iter_shard
 from slade_dist.data.shards import shard_paths
 
@@ -40,6 +42,7 @@ def build(root: Path) -> tuple[Path, Path, Path, Path]:
         if i == 1:  # planted: two keys swapped in the second shard's label file
             keys = (keys[1], keys[0], *keys[2:])
         write_pseudo_labels(pseudo_label_path(bad, p), keys, cls, [0.0] * len(keys))
+    build_index(root / "three", good)  # what the cluster stage writes beside its label files
     return root / "three", root / "five", good, bad
 
 
@@ -53,7 +56,10 @@ def test_readers_two_ranks_two_workers(tmp_path):
     for r in res:
         assert r["steps"] == n and len(r["labels"]) == n and r["pseudo_steps"] == n
         assert all(sorted(Counter(b).values()) == [2, 2, 2] for b in r["labels"])
-        assert r["mismatch"] and "three/train-000001.tar" in r["mismatch"] and "pl-000001.npz" in r["mismatch"]
+        assert r["mismatch"] and "run the cluster stage" in r["mismatch"]  # no index for the bad labels
+    # the planted swap is refused where the index is built, naming both files
+    with pytest.raises(PseudoLabelMismatch, match=r"three/train-000001\.tar.*pl-000001\.npz"):
+        build_index(three, bad)
     assert res[0]["labels"] != res[1]["labels"] or res[0]["first_images_sum"] != res[1]["first_images_sum"]
     for name, d in (("finite3", three), ("finite5", five)):
         got = res[0][name] + res[1][name]

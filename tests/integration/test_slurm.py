@@ -3,7 +3,9 @@
 Mechanics (run now, on the `probe` test stage from launch_probe.py, through real sbatch/srun and
 submitit jobs running slade_dist.launch.job.StageJob): a 2-node gloo job, afterok chains, a failed job
 cancelling its dependants, real preemption -> requeue -> resume from the checkpoint, DONE skip on
-resubmission, and every pre-submission error against the real `sinfo`.
+resubmission, `--status` / `--cancel` of a chain (sacct, scancel), an sbatch option passed through
+launch.sbatch_extra and a launch.setup line (scontrol show job, the job's log), and every
+pre-submission error against the real `sinfo`.
 The real chain (teacher on 2 nodes, `--stage all` to metrics, preempting the real teacher) waits on
 the stages: see conftest.require_stages.
 """
@@ -25,6 +27,7 @@ from slade_dist.config import JobShape, load_config
 from slade_dist.launch import cli
 from slade_dist.launch.plan import JobSpec
 from slade_dist.launch.slurm import submit_slurm
+from slade_dist.launch.status import write_record
 from tests.integration.conftest import REPO_ROOT, launch, require_stages, tiny_config
 from tests.integration.launch_probe import ProbeJob, probe_dir
 
@@ -36,8 +39,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 def sacct_state(job_id: str) -> str:
     out = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=30
-    ).stdout.split()
-    return out[-1].split()[0] if out else "UNKNOWN"
+    ).stdout.splitlines()
+    return out[-1].split()[0] if out else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
 
 
 def wait_states(job_ids: list[str], timeout_s: float = 240) -> dict[str, str]:
@@ -207,6 +210,48 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, t
     assert done["result"]["steps"] == 30 and done["result"]["total"] == 30.0
     log = Path(submitted(tmp_path)["probe"]["stdout"]).read_text()
     assert "preempted" in log or "timed-out" in log  # submitit's own account of the USR2
+
+
+# ----------------------------------------------------- --status, --cancel, sbatch pass-through
+def test_status_cancel_and_pass_through_options_on_real_jobs(slurm_cluster, probe_stage, tmp_path, at_repo_root):
+    """A two-job chain named after its run, with an sbatch option passed through (--comment) and a
+    setup line; `--status` shows both jobs, `--cancel` scancels both, `--status` then shows them
+    CANCELLED and a second `--cancel` finds nothing left."""
+    cfg_file = probe_config(tmp_path / "chain7", steps=2000, ckpt_every=100)  # ~17 min: cancelled long before
+    cfg = load_config(
+        cfg_file,
+        ["launch.sbatch_extra.comment=slade test chain 7", 'launch.setup=["echo setup line ran on $(hostname)"]'],
+    )
+    shape = JobShape(cpus_per_task=1, tasks_per_node=1)
+    plan = [JobSpec("first", "probe", 1, shape), JobSpec("second", "probe", 1, shape, after="first")]
+    subs = submit_slurm(cfg, plan, force=False, job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.5"}))
+    write_record(cfg, "slurm", subs)
+    first, second = (sub.job_id for sub in subs)
+    wait_for(lambda: sacct_state(first) == "RUNNING", "the first job to start")
+
+    info = subprocess.run(["scontrol", "show", "job", "-o", first], capture_output=True, text=True).stdout
+    assert "Comment=slade test chain 7" in info and "JobName=slade-run-first" in info, info
+    stdout = Path(subs[0].stdout)
+    wait_for(lambda: stdout.exists() and "setup line ran on" in stdout.read_text(), "the setup line in the job log")
+
+    status = launch("--status", "--config", str(cfg_file))
+    assert status.returncode == 0, status.stderr
+    print(status.stdout)
+    rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines() if "slade-run-" in line}
+    assert rows["slade-run-first"][:2] == [first, "RUNNING"], status.stdout
+    assert rows["slade-run-second"][:2] == [second, "PENDING"], status.stdout
+
+    cancel = launch("--cancel", "--config", str(cfg_file))
+    assert cancel.returncode == 0, cancel.stderr
+    print(cancel.stdout)
+    assert f"scancel {first} {second}" in cancel.stdout
+    assert "cancelling slade-run-first" in cancel.stdout and "cancelling slade-run-second" in cancel.stdout
+    assert wait_states([first, second]) == {first: "CANCELLED", second: "CANCELLED"}
+
+    after = launch("--status", "--config", str(cfg_file))
+    assert [line.split()[2] for line in after.stdout.splitlines() if "slade-run-" in line] == ["CANCELLED"] * 2
+    again = launch("--cancel", "--config", str(cfg_file))
+    assert again.returncode == 0 and "nothing to cancel: every job of the last launch has ended" in again.stdout
 
 
 # ------------------------------------------------------------------ errors before submitting

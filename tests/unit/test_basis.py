@@ -101,20 +101,22 @@ def test_running_gaussians_follow_eq6_over_batches():
         assert loss.item() == pytest.approx(float(expect), abs=1e-5)
 
 
-def test_only_the_batch_part_carries_gradient():
+@pytest.mark.parametrize("sd_grad,scale", [("damped", 0.1), ("full", 1.0)])
+def test_only_the_batch_part_carries_gradient(sd_grad, scale):
     beta = 0.9
-    basis = FeatureBasis(num_classes=4, dim=6, beta=beta, margin=2.0, lambda_sd=1.0)
+    basis = FeatureBasis(num_classes=4, dim=6, beta=beta, margin=2.0, lambda_sd=1.0, sd_grad=sd_grad)
     feats, pl = torch.randn(12, 6), torch.randint(0, 3, (12,))
     basis.sd_loss(basis.basis_similarity(feats), pl)  # seed
     feats2 = torch.randn(12, 6, requires_grad=True)
     sim = basis.basis_similarity(feats2)
     loss, _ = basis.sd_loss(sim, pl)
     (g_sim,) = torch.autograd.grad(loss, sim)
-    # d L / d s_ij for a positive pair = (1-beta) * d(-mu_b+ + var_b+)/d s_ij (margin active)
+    # d L / d s_ij for a positive pair = scale * d(-mu_b+ + var_b+)/d s_ij (margin active), scale =
+    # 1 - beta through the running update (damped), 1 with the batch statistics' own gradient (full)
     bp, _, _, _ = _pair_stats(sim.detach(), pl)
     i, j = next((i, j) for i in range(12) for j in range(i + 1, 12) if pl[i] == pl[j])
     n_pos = sum(int(pl[a] == pl[b]) for a in range(12) for b in range(a + 1, 12))
-    expect = (1 - beta) * (-1.0 / n_pos + 2.0 * (sim[i, j].item() - bp.item()) / n_pos)
+    expect = scale * (-1.0 / n_pos + 2.0 * (sim[i, j].item() - bp.item()) / n_pos)
     assert g_sim[i, j].item() == pytest.approx(expect, rel=1e-4, abs=1e-7)
     assert g_sim[j, i].item() == 0.0 and torch.all(g_sim.diagonal() == 0)
 
@@ -167,3 +169,73 @@ def test_fp32_under_bf16_autocast():
         sim = basis.basis_similarity(feats.bfloat16())
         ce = basis.ce_loss(feats.bfloat16(), pl)
     assert sim.dtype == torch.float32 and ce.dtype == torch.float32
+
+
+def _sd_and_ce_grads(sd_grad: str, beta: float = 0.99, seed: int = 0) -> tuple[float, float, float]:
+    """(|d lambda2 L_SD / d W_a|, |d lambda2 L_CE / d W_a|, L_SD) on a seeded basis, a
+    student-sized batch (32 unlabeled of 8 pseudo classes, 32 labeled of 8 classes, d = 64)."""
+    torch.manual_seed(seed)
+    basis = FeatureBasis(num_classes=40, dim=64, beta=beta, sd_grad=sd_grad)
+    pl = torch.arange(8).repeat_interleave(4)
+    basis.sd_loss(basis.basis_similarity(torch.randn(32, 64)), pl)  # seed G+ / G-
+    loss, _ = basis.sd_loss(basis.basis_similarity(torch.randn(32, 64)), pl)
+    (g_sd,) = torch.autograd.grad(0.25 * loss, basis.W_a)
+    (g_ce,) = torch.autograd.grad(0.25 * basis.ce_loss(torch.randn(32, 64), pl), basis.W_a)
+    return float(g_sd.norm()), float(g_ce.norm()), float(loss.detach())
+
+
+def test_full_sd_grad_is_the_damped_one_undamped_with_the_same_value():
+    full_sd, full_ce, full_loss = _sd_and_ce_grads("full")
+    damped_sd, damped_ce, damped_loss = _sd_and_ce_grads("damped")
+    assert full_loss == pytest.approx(damped_loss, rel=1e-6)  # same L_SD value: the running Gaussians
+    assert full_sd / damped_sd == pytest.approx(1 / (1 - 0.99), rel=1e-3)
+    # damped, L_SD's pull on W_a is a small fraction of L_CE's; full brings it to the same order
+    assert damped_sd / damped_ce < 0.05 < full_sd / full_ce
+    assert full_ce == damped_ce
+
+
+def test_reset_gaussians_reseeds_from_the_next_batch():
+    feats, pl = _planted()
+    basis = _identity_basis(beta=0.9)
+    basis.sd_loss(basis.basis_similarity(torch.randn(12, 8)), pl)
+    basis.reset_gaussians()
+    assert not bool(basis.seeded_pos) and not bool(basis.seeded_neg)
+    assert basis.mine_pairs(basis.basis_similarity(feats), pl)[0].numel() == 0  # off while unseeded
+    sim = basis.basis_similarity(feats)
+    _, stats = basis.sd_loss(sim, pl)
+    bp, bvp, bn, bvn = _pair_stats(sim.detach(), pl)
+    assert stats["mu_pos"] == pytest.approx(bp.item(), abs=1e-5)  # the new batch alone, no old mean
+    assert stats["var_neg"] == pytest.approx(bvn.item(), abs=1e-5)
+
+
+def test_project_gives_the_cosines_ce_scores():
+    basis = FeatureBasis(num_classes=5, dim=8)
+    with torch.no_grad():
+        basis.W_a.mul_(torch.arange(1, 6).view(-1, 1).float())  # rows of very different length
+    feats = torch.randn(6, 8) * 7.0
+    r = basis.project(feats)
+    assert torch.allclose(r, F.normalize(feats, dim=1) @ F.normalize(basis.W_a, dim=1).t(), atol=1e-6)
+    assert r.abs().max() <= 1.0 + 1e-6
+
+
+def test_mining_shares_count_both_readings_from_one_sim():
+    feats, pl = _planted(noise=0.4, seed=3)
+    basis = _identity_basis()
+    assert basis.mining_shares(basis.basis_similarity(feats), pl) == {}  # unseeded: nothing to say
+    sim = basis.basis_similarity(feats)
+    basis.sd_loss(sim, pl)
+    wrong = pl.clone()
+    wrong[0] = 1 - wrong[0]
+    shares = basis.mining_shares(sim, wrong)
+    lit_pos, lit_neg = basis.mine_pairs(sim, wrong, require_cluster_agreement=False)
+    agr_pos, agr_neg = basis.mine_pairs(sim, wrong, require_cluster_agreement=True)
+    assert shares["literal_pos_pairs"] == lit_pos.shape[1] and shares["agreement_pos_pairs"] == agr_pos.shape[1]
+    assert shares["literal_neg_pairs"] == lit_neg.shape[1] and shares["agreement_neg_pairs"] == agr_neg.shape[1]
+    assert shares["literal_pos_same_cluster"] == pytest.approx(agr_pos.shape[1] / lit_pos.shape[1])
+    assert shares["literal_neg_diff_cluster"] == pytest.approx(agr_neg.shape[1] / lit_neg.shape[1])
+    assert 0 < shares["literal_pos_same_cluster"] < 1  # the wrong label makes some disagree
+
+
+def test_beta_must_be_below_one():
+    with pytest.raises(ValueError, match="beta < 1"):
+        FeatureBasis(num_classes=3, dim=4, beta=1.0)

@@ -146,3 +146,44 @@ def test_two_level_saves_coarse_cells_assigns_through_them_and_checkpoints(setup
     cfg.pseudo.two_level = "off"  # flat centroids: no coarse cells left to assign through
     cluster.run(cfg, run)
     assert not (out / "coarse_centroids.npy").exists()
+
+
+def test_cluster_stage_writes_the_member_index_the_student_reads(setup):
+    """Summaries equal cluster_thresholds on the stage's own label files; with the label files
+    replaced by garbage the pseudo stream still starts and gives K distinct images per label."""
+    from slade_dist.data.pseudo_index import ClusterIndex
+    from slade_dist.data.pseudo_join import cluster_thresholds
+    from slade_dist.data.readers import pseudo_labeled_batches
+
+    cfg, run, _ = setup
+    cfg.data.pseudo_max_dist_percentile, cfg.data.pseudo_min_cluster_size = 75.0, 3
+    res = cluster.run(cfg, run)
+    out = RunLayout(run).stage_dir("cluster", 1)
+    paths = sorted(out.glob("pl-*.npz"))
+    idx = ClusterIndex.open(out, 75.0, 3)
+    want = cluster_thresholds(paths, 75.0, 3)
+    np.testing.assert_array_equal(idx.thresholds[: len(want)], want)
+    assert idx.sizes.tolist() == json.loads((out / "stats.json").read_text())["sizes"]
+    assert res["index_kept_images"] == int(idx.kept.sum()) and 0 < res["index_kept_images"] < sum(SIZES)
+    for p in paths:
+        p.write_bytes(b"not a label file")
+    cfg.data.image_size = cfg.data.resize_size = 8
+    stream = pseudo_labeled_batches(cfg.data.unlabeled_shards, out, cfg.data, 3, 4, seed=0, rank=0, world=1)
+    for _ in range(5):
+        b = next(stream)
+        groups = {}
+        for key, lab in zip(b["keys"], b["labels"].tolist()):
+            groups.setdefault(lab, set()).add(key)
+        assert len(groups) == 3 and all(len(v) == 4 for v in groups.values())
+
+
+def test_tar_scans_in_spawned_workers_give_the_same_index(setup):
+    cfg, run, _ = setup
+    cluster.run(cfg, run)
+    out = RunLayout(run).stage_dir("cluster", 1)
+    inline = np.load(out / "members-00000.npy"), dict(np.load(out / "clusters.npz"))
+    cfg.data.num_workers = 2  # 4 shards > 2 workers: scanned by a pool of 2 spawned processes
+    cluster.run(cfg, run)
+    np.testing.assert_array_equal(np.load(out / "members-00000.npy"), inline[0])
+    for key, arr in np.load(out / "clusters.npz").items():
+        np.testing.assert_array_equal(arr, inline[1][key])

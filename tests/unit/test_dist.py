@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -105,10 +107,36 @@ def test_slurm_batch_script_without_step_is_single():
     assert env.source == "single" and env.world_size == 1
 
 
-def test_expand_nodelist():
-    assert dist.expand_slurm_nodelist("node1") == ["node1"]
-    assert dist.expand_slurm_nodelist("node[1-3],gpu05") == ["node1", "node2", "node3", "gpu05"]
-    assert dist.expand_slurm_nodelist("a[08-10]b") == ["a08b", "a09b", "a10b"]
+NODELISTS = {
+    "node1": ["node1"],
+    "node[1-3],gpu05": ["node1", "node2", "node3", "gpu05"],
+    "a[08-10]b": ["a08b", "a09b", "a10b"],
+    "a[1-2]b[3-4]": ["a1b3", "a1b4", "a2b3", "a2b4"],  # every bracket multiplies the hosts
+    "n[01-03,07]": ["n01", "n02", "n03", "n07"],
+    "gpu-[1-2],cpu1": ["gpu-1", "gpu-2", "cpu1"],
+    "x[9-11]": ["x9", "x10", "x11"],  # padding from the lower end only
+}
+
+
+@pytest.mark.parametrize("nodelist", NODELISTS)
+def test_expand_nodelist_like_scontrol_and_submitit(nodelist):
+    """dist must not import submitit (the import contract): its own parser agrees with submitit's,
+    and with `scontrol show hostnames` where Slurm is installed."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    assert dist.expand_slurm_nodelist(nodelist) == NODELISTS[nodelist]
+    assert _parse_node_list(nodelist) == NODELISTS[nodelist]
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        # Slurm 22.05 refuses a suffix after a single bracket (a[08-10]b), though with exit code 0
+        if "Invalid hostlist" not in out.stderr:
+            assert out.stdout.split() == NODELISTS[nodelist]
+
+
+@pytest.mark.parametrize("bad", ["a[1-2", "a]1[", "n[x-3]"])
+def test_bad_nodelist_is_named(bad):
+    with pytest.raises(RuntimeError, match="cannot parse Slurm node list"):
+        dist.expand_slurm_nodelist(bad)
 
 
 def test_bad_integer_is_named():

@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from slade_dist.config import TrainConfig
 from slade_dist.models import UnsafeCheckpointError
+from slade_dist.tb import TBWriter
 from slade_dist.train import engine as E
 from slade_dist.train import loop as L
-from slade_dist.train.tb import TBWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 

@@ -185,7 +185,7 @@ def test_sbatch_lines_carry_shape_dependency_and_requeue(tmp_path):
         "--kill-on-invalid-dep=yes",
         "--requeue",
         "--signal=USR2@90",
-        "--job-name=slade-round1-student",
+        "--job-name=slade-run-round1-student",  # slade-<run name>-<job>: run.dir is <tmp>/run
     ]:
         assert f"#SBATCH {expected}" in lines, (expected, lines)
 
@@ -205,13 +205,15 @@ def test_gres_gpu_counts():
     assert slurm._gres_gpus("(null)") == 0
 
 
-def test_local_when_no_sbatch(monkeypatch, tmp_path):
+def test_local_when_no_sbatch_unless_a_job_spans_nodes(monkeypatch, tmp_path):
     cfg, _ = config(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert cli.pick_cluster(None, cfg) == "local"
-    assert cli.pick_cluster("debug", cfg) == "debug"
+    one_node = planning.plan_jobs(cfg, "teacher", flags())
+    assert cli.pick_cluster(None, cfg, one_node) == "local"
+    assert cli.pick_cluster(None, cfg, planning.plan_jobs(cfg, "teacher", flags(nodes=8))) == "slurm"
+    assert cli.pick_cluster("debug", cfg, one_node) == "debug"
     cfg.launch.cluster = "slurm"
-    assert cli.pick_cluster(None, cfg) == "slurm"
+    assert cli.pick_cluster(None, cfg, one_node) == "slurm"
 
 
 def test_job_error_line_finds_the_exception():
@@ -302,7 +304,7 @@ def test_dry_run_shows_the_shard_subset_job(tmp_path, capsys):
     out = capsys.readouterr().out
     (header,) = [line for line in out.splitlines() if line.startswith("## job ")]
     assert header.startswith("## job round1-embed-shards: stage embed round 1, 1 node(s) x 1 task(s)"), header
-    assert header.endswith(", shards 0-9,12") and "#SBATCH --job-name=slade-round1-embed-shards" in out
+    assert header.endswith(", shards 0-9,12") and "#SBATCH --job-name=slade-run-round1-embed-shards" in out
 
 
 def test_module_entry_point_is_the_same_cli(tmp_path):
@@ -361,6 +363,11 @@ def test_help_explains_every_option():
         "--dry-run",
         "--array",
         "--shards",
+        "--status",
+        "--cancel",
+        "slade-<run name>-<job>",
+        "sbatch_extra",
+        "setup",
         "cluster_job",
         "teacher_steps",
     ]:  # ... and the config keys
@@ -444,3 +451,216 @@ def test_shards_and_array_tasks_embed_their_subsets_only(demo, tmp_path, capsys)
     assert cli.main([*args, "--shards", "2,7-8"]) == 2  # checked before anything runs
     assert "--shards: shard ids 7-8 are not in data.unlabeled_shards" in capsys.readouterr().err
     assert not embed.is_embedded(out, 2)
+
+
+# ------------------------------------------------------------- dry run on any machine (issue 16)
+def no_sbatch(monkeypatch, tmp_path) -> None:
+    """PATH without Slurm's commands (a laptop, a CI runner)."""
+    empty = tmp_path / "empty_bin"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def jobs_of(out: str) -> dict[str, list[str]]:
+    """Dry-run output -> {job name: its script lines (#SBATCH, setup, srun)}."""
+    jobs: dict[str, list[str]] = {}
+    for block in out.split("\n## job ")[1:]:
+        header, *lines = block.splitlines()
+        jobs[header.split(":", 1)[0]] = [ln for ln in lines if ln]
+    return jobs
+
+
+def sbatch_options(lines: list[str]) -> dict[str, str]:
+    """#SBATCH --key=value / --flag lines -> {key: value ('' for a bare flag)}."""
+    options = {}
+    for line in lines:
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --") :].partition("=")
+            options[key] = value.strip("'")
+    return options
+
+
+def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatch, tmp_path, capsys):
+    """The issue's command: it used to exit 2 (input path check), or run "local" and refuse --nodes 8."""
+    no_sbatch(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)  # none of cub.yaml's relative data paths exist here
+    rc = cli.main(["--stage", "student", "--nodes", "8", "--config", str(REPO_ROOT / "configs/cub.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "# 1 job(s) on cluster=slurm" in out  # more than one node: Slurm, sbatch or not
+    for missing in ("data.train_shards", "data.unlabeled_shards", "model.pretrained_path"):
+        assert f"# WARNING: a real submission would stop here: {missing}: input path" in out, missing
+    assert "sbatch is not on PATH here" in out
+    (script,) = jobs_of(out).values()
+    options = sbatch_options(script)
+    assert (
+        options["nodes"] == "8"
+        and options["gpus-per-node"] == "8"
+        and options["job-name"] == "slade-cub-round1-student"
+    )
+    (srun,) = [ln for ln in script if ln.startswith("srun ")]
+    assert "--kill-on-bad-exit=1" in srun and srun.endswith(str(tmp_path / "runs/cub/logs/round1-student"))
+    assert not (tmp_path / "runs").exists()
+    # a real submission there stops with the reason, not with "--cluster local runs on one machine"
+    rc = cli.main(["--stage", "student", "--nodes", "8", "--config", str(REPO_ROOT / "configs/cub.yaml")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err  # the data first
+    _, path = config(tmp_path)
+    assert cli.main(["--stage", "eval", "--nodes", "2", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "asks for 2 node(s)) but `sbatch` is not on PATH" in err and "--cluster local --nodes 1" in err, err
+
+
+def test_config_defaults_to_the_run_dirs_saved_config_else_the_demo(monkeypatch, tmp_path, capsys):
+    no_sbatch(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "myrun"
+    assert cli.main(["--stage", "teacher", "--dry-run", f"run.dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"slade_dist: no --config given and no {run / 'config.yaml'}: using ")
+    assert "backbone: tiny_cnn" in out and str(REPO_ROOT / "configs/demo.yaml") in out.splitlines()[0]
+    saved = load_config(REPO_ROOT / "configs/demo.yaml", [f"run.dir={run}", "train.lr=0.125"], check_paths=False)
+    saved.save(run / "config.yaml")
+    assert cli.main(["--stage", "teacher", "--dry-run", f"run.dir={run}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"slade_dist: no --config given: using {run / 'config.yaml'}, the config run dir")
+    assert "lr: 0.125" in out
+
+
+SHIPPED = ["cub", "cars", "inshop", "web"]
+MODEL_JOBS = ["pretrain", "teacher", "round1-embed", "round1-cluster", "round1-student", "eval"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_give_every_model_stage_and_the_cluster_job_gpus(name, monkeypatch, tmp_path, capsys):
+    no_sbatch(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(
+        ["--stage", "all", "--config", str(REPO_ROOT / f"configs/{name}.yaml"), "--cluster", "slurm", "--dry-run"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    jobs = jobs_of(out)
+    for job in MODEL_JOBS:
+        options = sbatch_options(jobs[job])
+        gpus = int(options.get("gpus-per-node", "0"))
+        assert gpus >= 1, (name, job, options)
+        assert int(options["ntasks-per-node"]) == gpus, (name, job)  # one task per GPU
+        assert options["job-name"] == f"slade-{name}-{job}"
+
+
+# --------------------------------------------------------------- job names, sbatch pass-through
+@pytest.mark.parametrize(
+    "run_dir, name", [("runs/cub", "cub"), ("runs/my run!", "my-run"), ("/x/a.b_c-d/", "a.b_c-d"), ("runs/!!", "run")]
+)
+def test_run_name_is_the_sanitized_basename_of_run_dir(tmp_path, run_dir, name):
+    cfg, _ = config(tmp_path, f"run.dir={run_dir}")
+    assert planning.run_name(cfg) == name
+    (job,) = planning.plan_jobs(cfg, "teacher", flags())
+    assert planning.slurm_job_name(cfg, job) == f"slade-{name}-teacher"
+
+
+def test_sbatch_extra_and_setup_reach_the_script(tmp_path):
+    cfg, _ = config(
+        tmp_path,
+        "launch.sbatch_extra.exclusive=true",
+        "launch.sbatch_extra.reservation=r1",
+        "launch.sbatch_extra.mem_per_gpu=80G",
+        "launch.sbatch_extra.comment=run 7",
+        "launch.eval.sbatch_extra.exclusive=false",  # a stage opting out of a global option
+        "launch.eval.sbatch_extra.gres=gpu:1",
+        'launch.setup=["module load cuda/12.1", "source /opt/env/bin/activate"]',
+    )
+    plan = {j.name: j for j in planning.plan_jobs(cfg, "all", flags())}
+    cli.check_sbatch_extra(cfg, list(plan.values()))
+    teacher = slurm.script_lines(slurm.slurm_params(plan["teacher"], cfg, None), tmp_path / "logs")
+    options = sbatch_options(teacher)
+    assert options["exclusive"] == "" and options["reservation"] == "r1" and options["mem-per-gpu"] == "80G"
+    assert "#SBATCH --comment='run 7'" in teacher and "gres" not in options
+    srun = next(i for i, ln in enumerate(teacher) if ln.startswith("srun "))
+    assert teacher.index("module load cuda/12.1") < teacher.index("source /opt/env/bin/activate") < srun
+    evals = sbatch_options(slurm.sbatch_lines(slurm.slurm_params(plan["eval"], cfg, None), tmp_path / "logs"))
+    assert "exclusive" not in evals and evals["gres"] == "gpu:1" and evals["reservation"] == "r1"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("launch.sbatch_extra.job_name=x", "the launcher sets --job-name itself"),
+        ("launch.student.sbatch_extra.nodes=3", "use launch.<stage>.nodes or --nodes"),
+        ("launch.sbatch_extra=exclusive", "must be a mapping of sbatch option -> value"),
+        ("launch.sbatch_extra.gres=[1,2]", "expected a string, number or true/false"),
+    ],
+)
+def test_bad_sbatch_extra_is_one_clear_line(tmp_path, capsys, override, message):
+    _, path = config(tmp_path)
+    assert cli.main(["--stage", "all", "--config", str(path), "--cluster", "slurm", "--dry-run", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------ --status / --cancel
+def test_status_and_cancel_before_anything_was_submitted(tmp_path, capsys):
+    _, path = config(tmp_path)
+    for flag in ("--status", "--cancel"):
+        assert cli.main([flag, "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"nothing was submitted for run dir {tmp_path / 'run'}" in err and "--stage all" in err, err
+
+
+def test_status_of_a_local_launch_and_cancel_refusing_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(stages.STAGES, "probe", PROBE)
+    _, path = config(tmp_path, train={"teacher_steps": 2, "ckpt_every": 1})
+    assert cli.main(["--stage", "probe", "--config", str(path), "--cluster", "debug"], job_cls=ProbeJob) == 0
+    capsys.readouterr()
+    assert cli.main(["--status", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 job(s) on cluster=debug" in out and "probe" in out and "ran here, finished" in out
+    assert cli.main(["--cancel", "--config", str(path)]) == 2
+    assert "ran on cluster=debug" in capsys.readouterr().err
+    assert cli.main(["--stage", "probe", "--config", str(path), "--cluster", "debug"], job_cls=ProbeJob) == 0
+    capsys.readouterr()  # the second launch found the stage done: its record lists no job
+    assert cli.main(["--status", "--config", str(path)]) == 2
+    assert "submitted no job: every stage was already done" in capsys.readouterr().err
+
+
+def test_stage_is_required_unless_status_or_cancel(tmp_path, capsys):
+    _, path = config(tmp_path)
+    for args, message in [
+        (["--config", str(path)], "--stage is required (or --status / --cancel"),
+        (["--status", "--cancel", "--config", str(path)], "pass one of them"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- img2dataset output, log tails
+def test_raw_img2dataset_output_is_refused_with_the_command_that_validates_it(tmp_path, capsys):
+    from slade_dist.data import __main__ as data_cli
+    from slade_dist.data import writers
+    from tests.unit.test_writers import make_img2dataset
+
+    raw = make_img2dataset(tmp_path / "laion")
+    _, path = config(tmp_path, data={"unlabeled_shards": str(raw)})
+    assert cli.main(["--stage", "embed", "--config", str(path), "--cluster", "local"]) == 2
+    err = capsys.readouterr().err
+    command = f"python -m slade_dist.data write --format img2dataset --root {raw} --out {raw}"
+    assert f"data.unlabeled_shards: {raw} holds img2dataset output that was never validated" in err
+    assert f"run `{command}` once" in err and not (raw / "index.json").exists()
+    assert cli.main(["--stage", "embed", "--config", str(path), "--cluster", "local", "--dry-run"]) == 0
+    assert command in capsys.readouterr().out  # a dry run warns
+    assert data_cli.main(command.split()[3:] + ["--no-progress"]) == 0  # the suggested command, as is
+    assert data_cli.unvalidated_img2dataset(raw) is None  # its index.json says it validated the tars
+    assert data_cli.FORMATS == writers.FORMATS  # the data CLI's copy (it keeps writers out of the launcher)
+
+
+def test_log_tail_returns_complete_lines_and_the_last_one_at_the_end(tmp_path):
+    log = tmp_path / "x.out"
+    tail = local.LogTail(log)
+    assert tail.new_lines() == []  # not written yet
+    log.write_bytes(b"step 1\nstep 2\r\nhalf")
+    assert tail.new_lines() == ["step 1", "step 2"]
+    with open(log, "ab") as f:
+        f.write(b" a line\nlast")
+    assert tail.new_lines() == ["half a line"]
+    assert tail.new_lines(final=True) == ["last"] and tail.new_lines(final=True) == []

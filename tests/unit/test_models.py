@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from slade_dist.config import ModelConfig
+from slade_dist.eval.metrics import retrieval_metrics
 from slade_dist.models import (
     StateDictMismatchError,
     build_embedder,
@@ -23,6 +24,7 @@ from slade_dist.models import (
     save_weights,
 )
 from slade_dist.models.backbones import ResNetTrunk, UnsafeCheckpointError, read_checkpoint
+from slade_dist.models.retrieval import knn_map_at_r
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -211,3 +213,33 @@ def test_embed_batches_normalises_and_restores_the_mode():
         emb.train()
     assert np.allclose(e, ref, atol=1e-6)  # eval-mode forward (BatchNorm running stats), no dropout
     assert emb.training  # the caller's mode is back
+
+
+def test_embed_batches_runs_the_head_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    emb = build_embedder(_cfg()).eval()
+    x = torch.randn(4, 3, 32, 32)
+    ((e, _),) = embed_batches(emb, [{"images": x}], torch.device("cpu"), autocast=True)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = emb.features(x)
+            all_bf16 = emb.head(f)
+        fp32_head = emb.head(f.float())
+    assert all_bf16.dtype == torch.bfloat16 and f.dtype == torch.bfloat16  # autocast did act on the backbone
+    ref = torch.nn.functional.normalize(fp32_head, dim=1).numpy()
+    assert np.allclose(e, ref, atol=1e-6)
+    bf16 = torch.nn.functional.normalize(all_bf16.float(), dim=1).numpy()
+    assert np.abs(e - bf16).max() > 1e-4  # the head's own bf16 rounding is gone
+
+
+def test_knn_map_at_r_agrees_with_the_eval_metrics():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, 300)
+    centers = rng.normal(size=(12, 16))
+    emb = centers[labels] + rng.normal(scale=1.2, size=(300, 16))
+    labels[:3] = 99  # one class of three, and ...
+    labels[3] = 100  # ... a lone query, left out by both
+    ref = retrieval_metrics(emb.astype(np.float32), labels, recall_k=[1])["map_at_r"]
+    got = knn_map_at_r(torch.from_numpy(emb), torch.from_numpy(labels), chunk=64)
+    assert 0.05 < ref < 0.95 and got == pytest.approx(ref, abs=1e-5)
+    assert np.isnan(knn_map_at_r(torch.randn(3, 4), torch.arange(3)))  # every query lone

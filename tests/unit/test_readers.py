@@ -1,6 +1,7 @@
 """Streaming readers + transforms (slade_dist/data/readers.py, transforms.py), single process:
 labeled P x K stream shapes/labels/seeding, finite pass coverage and order, corrupt samples and a
-truncated tar skipped and counted, pseudo-labeled stream filters, transform equivalences."""
+truncated tar skipped and counted, pseudo-labeled stream (from the cluster index: filters, K distinct
+images per pseudo label, start-up without label files), transform equivalences."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
-from slade_dist.config import DataConfig
+from slade_dist.config import AugmentConfig, DataConfig
 from slade_dist.data import readers, transforms, writers
+from slade_dist.data.pseudo_index import build_index
 from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.shards import shard_paths, write_index, write_shard
 
@@ -129,34 +132,65 @@ def test_corrupt_sample_and_truncated_tar_skipped_and_counted(damaged):
     assert got[-1]["skipped"] >= 2 and all(g["images"].shape[0] == 4 for g in got)
 
 
-def test_pseudo_labeled_stream_filters(tmp_path, labeled):
-    """Unlabeled = the labeled shards; pseudo label = true class, cluster 5 too small, far points out."""
-    pdir = tmp_path / "pl"
+def _plant_pseudo_labels(pdir, labeled):
+    """Unlabeled = the labeled shards; pseudo label = true class, cluster 5 holding a single member
+    (the rest of class 5 made singletons), a third of each cluster far from its centroid."""
     far, kept5, seen = set(), False, Counter()
     for p in shard_paths(labeled):
         rows = []
         for k, _, c, _ in readers.iter_shard(p):
             if c == 5 and kept5:
                 c = 100 + len(far) + sum(seen.values())  # a singleton cluster: below pseudo_min_cluster_size
-            kept5 |= c == 5  # cluster 5 keeps a single member overall
+            kept5 |= c == 5
             seen[c] += 1
-            d = 10.0 if seen[c] % 3 == 0 else 0.1  # a third of each cluster is far from its centroid
+            d = 10.0 if seen[c] % 3 == 0 else 0.1
             if d > 1:
                 far.add(k)
             rows.append((k, c, d))
-        keys, cls, dist = zip(*rows)
-        write_pseudo_labels(pseudo_label_path(pdir, p), keys, cls, dist)
+        write_pseudo_labels(pseudo_label_path(pdir, p), *zip(*rows))
+    return far
+
+
+def test_pseudo_stream_filters_and_k_distinct_images(tmp_path, labeled):
+    pdir = tmp_path / "pl"
+    far = _plant_pseudo_labels(pdir, labeled)
     c = cfg(pseudo_min_cluster_size=2, pseudo_max_dist_percentile=50.0)
+    with pytest.raises(FileNotFoundError, match="run the cluster stage"):  # label files alone are not enough
+        readers.pseudo_labeled_batches(labeled, pdir, c, 2, 2, seed=0)
+    build_index(labeled, pdir, 50.0, 2)
     stream = readers.pseudo_labeled_batches(labeled, pdir, c, 2, 2, seed=0, rank=0, world=1)
     labels = Counter()
     for _ in range(20):
         b = next(stream)
         labels.update(b["labels"].tolist())
         assert not far & set(b["keys"])  # beyond the cluster's 50th distance percentile
-        assert sorted(Counter(b["labels"].tolist()).values()) == [2, 2]
-    assert 5 not in labels and set(labels) <= {0, 1, 2, 3, 4}
-    with pytest.raises(FileNotFoundError, match="cluster stage"):
+        by_label = {}
+        for key, lab in zip(b["keys"], b["labels"].tolist()):
+            by_label.setdefault(lab, []).append(key)
+        assert sorted(len(set(v)) for v in by_label.values()) == [2, 2]  # P=2 labels x K=2 distinct images
+    assert 5 not in labels and set(labels) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="built with data.pseudo_max_dist_percentile=50.0"):
+        readers.pseudo_labeled_batches(labeled, pdir, cfg(), 2, 2, seed=0)
+    with pytest.raises(FileNotFoundError, match="run the cluster stage"):
         readers.pseudo_labeled_batches(labeled, tmp_path / "none", c, 2, 2, seed=0)
+
+
+def test_pseudo_stream_start_up_reads_no_label_file(tmp_path, labeled):
+    """The index is all the stream needs: the label files moved away, then replaced by garbage."""
+    pdir = tmp_path / "pl"
+    _plant_pseudo_labels(pdir, labeled)
+    build_index(labeled, pdir, 100.0, 2)
+    want = [next(readers.pseudo_labeled_batches(labeled, pdir, cfg(), 2, 3, seed=4, rank=0, world=1))["keys"]]
+    (tmp_path / "away").mkdir()
+    for p in pdir.glob("pl-*.npz"):
+        p.rename(tmp_path / "away" / p.name)
+    got = readers.pseudo_labeled_batches(labeled, pdir, cfg(), 2, 3, seed=4, rank=0, world=1)
+    assert [next(got)["keys"]] == want
+    for p in (tmp_path / "away").glob("pl-*.npz"):
+        (pdir / p.name).write_bytes(b"garbage")
+    again = readers.pseudo_labeled_batches(labeled, pdir, cfg(num_workers=1), 2, 3, seed=4, rank=0, world=1)
+    b = next(again)
+    assert b["keys"] == want[0] and b["images"].shape == (6, 3, 16, 16)
 
 
 def test_a_label_file_missing_readable_keys_is_refused(tmp_path, labeled):
@@ -165,14 +199,12 @@ def test_a_label_file_missing_readable_keys_is_refused(tmp_path, labeled):
         rows = [(k, c, 0.1) for k, _, c, _ in readers.iter_shard(p)]
         rows = rows[:-3] if p == shard_paths(labeled)[0] else rows  # the first file lost its last 3 rows
         write_pseudo_labels(pseudo_label_path(pdir, p), *zip(*rows))
-    stream = readers.pseudo_labeled_batches(labeled, pdir, cfg(num_workers=0), 2, 2, seed=0, rank=0, world=1)
     with pytest.raises(
         PseudoLabelMismatch,
         match=r"pl-000000.npz does not cover image shard .*train-000000.tar: "
         r"sample '\d+' decodes but has no label row",
     ):
-        for _ in range(200):
-            next(stream)
+        build_index(labeled, pdir)
 
 
 def test_every_image_corrupt_fails_fast(tmp_path):
@@ -222,3 +254,98 @@ def test_transforms_batched_normalize_equals_per_sample():
     for bad in (b"", jpeg(0)[:60], b"\xff\xd8garbage"):
         with pytest.raises(transforms.CorruptImage):
             transforms.decode(bad)
+
+
+# ---------------------------------------------------------------------------- data.augment
+def _asymmetric(size: int = 16) -> torch.Tensor:
+    """uint8 (3, size, size), no mirror symmetry: a left-right ramp, a top-bottom ramp, a coloured corner."""
+    ramp = torch.arange(size, dtype=torch.float32) * (200 / size)
+    img = torch.stack(
+        [
+            ramp.view(1, -1).expand(size, size),
+            ramp.view(-1, 1).expand(size, size),
+            40 + 0 * ramp.view(1, -1).expand(size, size),
+        ]
+    )
+    img[2, :4, :4] = 250
+    return img.round().to(torch.uint8)
+
+
+def _whole_image(**kw) -> AugmentConfig:
+    """Crops that always take the whole (square) image, so only the option under test acts."""
+    return AugmentConfig(
+        **{
+            "flip": False,
+            "crop_scale_min": 1.0,
+            "crop_scale_max": 1.0,
+            "crop_ratio_min": 1.0,
+            "crop_ratio_max": 1.0,
+            **kw,
+        }
+    )
+
+
+def _draws(geometry, img: torch.Tensor, n: int = 40) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    return [geometry(img) for _ in range(n)]
+
+
+def test_augment_flip_off_never_mirrors_and_on_does():
+    img = _asymmetric()
+    mirrored = img.flip(-1)
+    off = _draws(readers._train_geometry(cfg(augment=_whole_image()), 16, train=True), img)
+    assert all(torch.equal(o, img) for o in off)  # flip off: the image itself, never its mirror
+    on = _draws(readers._train_geometry(cfg(augment=_whole_image(flip=True)), 16, train=True), img)
+    n_mirror = sum(torch.equal(o, mirrored) for o in on)
+    assert 5 < n_mirror < 35 and n_mirror + sum(torch.equal(o, img) for o in on) == len(on)
+
+
+def test_augment_default_keeps_todays_crop_and_flip():
+    steps = transforms.augment_steps(16, 0.3, AugmentConfig())
+    assert [type(s) for s in steps] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
+    assert steps[0].scale == (0.3, 1.0)  # crop_scale_min null: data.crop_scale_min
+    legacy = transforms.augment_steps(16, 0.3, None)
+    assert [type(s) for s in legacy] == [type(s) for s in steps] and legacy[0].scale == steps[0].scale
+
+
+@pytest.mark.parametrize(
+    "option,check",
+    [
+        ({"rotation_degrees": 90.0}, lambda img, out: not torch.equal(out, img)),
+        ({"grayscale_p": 1.0}, lambda img, out: torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])),
+        (
+            {"jitter_brightness": 0.5, "jitter_p": 1.0},
+            lambda img, out: not torch.equal(out, img) and _order_kept(img, out),
+        ),
+        (
+            {"blur_p": 1.0, "blur_sigma_min": 2.0, "blur_sigma_max": 2.0},
+            lambda img, out: _roughness(out) < 0.8 * _roughness(img),
+        ),
+    ],
+)
+def test_augment_each_option_is_applied(option, check):
+    img = _asymmetric()
+    img[:, ::2, ::2] = 0  # some high-frequency content for the blur to remove
+    outs = _draws(readers._train_geometry(cfg(augment=_whole_image(**option)), 16, train=True), img, n=10)
+    assert sum(check(img, o) for o in outs) >= 8, option
+
+
+def test_augment_crop_ranges_are_used():
+    steps = transforms.augment_steps(16, 0.3, _whole_image(crop_scale_min=0.2, crop_scale_max=0.4, crop_ratio_min=0.5))
+    assert steps[0].scale == (0.2, 0.4) and steps[0].ratio == (0.5, 1.0)
+    img = _asymmetric(32)
+    outs = _draws(transforms.train_geometry(16, 0.3, _whole_image(crop_scale_min=0.2, crop_scale_max=0.2)), img, n=5)
+    assert all(o.shape == (3, 16, 16) and not torch.equal(o, transforms.eval_geometry(16, 16)(img)) for o in outs)
+
+
+def _roughness(img: torch.Tensor) -> float:
+    """Mean absolute difference between horizontal neighbours (high for sharp detail)."""
+    x = img.float()
+    return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+
+def _order_kept(img: torch.Tensor, out: torch.Tensor) -> bool:
+    """A brightness change scales every pixel by one factor: the order of pixel values is kept."""
+    x, y = img.float().flatten(), out.float().flatten()
+    order = torch.argsort(x, stable=True)
+    return bool((y[order].diff() >= 0).all())

@@ -27,8 +27,9 @@ def _batches(n_classes: int, seed: int):
         yield {"images": x, "labels": labels, "skipped": 0}
 
 
-def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2):
-    """(scalars of each step, the module, the trainer, the parameters before training)."""
+def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2, before_step=None):
+    """(scalars of each step, the module, the trainer, the parameters before training);
+    before_step(step, net, step_fn) runs before each step."""
     from slade_dist.basis import FeatureBasis
     from slade_dist.models import build_embedder
 
@@ -45,7 +46,9 @@ def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2):
     basis = (
         None
         if ablation == "no_basis"
-        else FeatureBasis(6, emb.embed_dim, cfg.basis.scale, cfg.basis.beta, cfg.basis.margin, cfg.basis.lambda_sd)
+        else FeatureBasis(
+            6, emb.embed_dim, cfg.basis.scale, cfg.basis.beta, cfg.basis.margin, cfg.basis.lambda_sd, cfg.basis.sd_grad
+        )
     )
     net = StudentNet(emb, basis)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -55,6 +58,8 @@ def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2):
     step_fn = StudentStep(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2))
     seen = []
     for s in range(steps):
+        if before_step is not None:
+            before_step(s, net, step_fn)
         out = step_fn(s)
         tr.backward_step(out.loss)
         seen.append(out.scalars)
@@ -93,3 +98,46 @@ def test_ablations_select_their_terms(tmp_path, ablation, present, absent):
     assert present <= last and not (absent & last), sorted(last)
     assert (net.basis is None) == (ablation == "no_basis")
     assert ("basis" in tr.group_names) == (ablation != "no_basis")
+
+
+def _plant_impossible_gaussians(net) -> None:
+    """mu+ = 5 / mu- = -5: no cosine batch can give these, so a value near them means "not reset"."""
+    with torch.no_grad():
+        net.basis.mu_pos.fill_(5.0)
+        net.basis.mu_neg.fill_(-5.0)
+
+
+def test_gaussians_are_reseeded_once_when_the_warmup_ends(tmp_path):
+    mus = []
+
+    def before(step, net, step_fn):
+        if step >= 2:
+            mus.append(float(net.basis.mu_pos))  # after the previous step
+        if step >= 1:
+            _plant_impossible_gaussians(net)
+        if step == 3:  # a second micro-batch of optimizer step 2 (grad_accum): no second reset
+            step_fn(2)
+            mus.append(float(net.basis.mu_pos))
+
+    _run(tmp_path, "full", steps=4, warmup=2, before_step=before)
+    assert mus[0] > 4.0  # warm-up step 1 kept the running mean (beta 0.99)
+    assert -1.0 <= mus[1] <= 1.0  # step 2 == warm-up: re-seeded from the moving embedder's batch
+    assert mus[2] > 4.0  # step 2 again did not reset
+
+
+@pytest.mark.parametrize("ablation", ["full", "no_mining"])
+def test_both_eq7_readings_are_logged_after_the_warmup(tmp_path, ablation):
+    seen, _, _, _ = _run(tmp_path, ablation, steps=3, warmup=1)
+    keys = {
+        "mining/literal_pos_pairs",
+        "mining/literal_neg_pairs",
+        "mining/agreement_pos_pairs",
+        "mining/agreement_neg_pairs",
+    }
+    assert not (keys & set(seen[0]))  # warm-up: no mining statistics
+    assert keys <= set(seen[-1])
+    last = seen[-1]
+    assert last["mining/agreement_pos_pairs"] <= last["mining/literal_pos_pairs"]
+    if last["mining/literal_pos_pairs"]:
+        share = last["mining/agreement_pos_pairs"] / last["mining/literal_pos_pairs"]
+        assert last["mining/literal_pos_same_cluster"] == pytest.approx(share)

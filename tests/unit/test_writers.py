@@ -332,3 +332,23 @@ def test_cli_write_help_and_errors(tmp_path, capsys):
     (tmp_path / "o" / "test" / "index.json").unlink()
     assert main(["index", str(tmp_path / "o" / "test")]) == 0
     assert read_index(tmp_path / "o" / "test")["total"] == 6
+
+
+def test_cli_write_prints_and_records_the_split_it_wrote(tmp_path, capsys):
+    """A single-split format written with --split test is the test split: in the output line, the
+    shard names and index.json (it used to say "train")."""
+    from slade_dist.data.__main__ import main
+
+    src = tmp_path / "folder"
+    for c in ("a_cls", "b_cls"):
+        for j in range(2):
+            put(src / c / f"{j}.jpg", jpeg(len(c) + j))
+    out = tmp_path / "test_split"
+    assert main(["write", "--format", "imagefolder", "--root", str(src), "--out", str(out), "--split", "test"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("test: 4 images in 1 shards") and "train" not in printed, printed
+    assert read_index(out)["split"] == "test"
+    assert [p.name for p in shard_paths(out)] == ["test-000000.tar"]
+    cub_out = tmp_path / "cub"
+    writers.convert("cub", make_cub(tmp_path / "cub_src"), cub_out, split="test", progress=False)
+    assert read_index(cub_out / "test")["split"] == "test"  # multi-split formats: OUT/<split>/
