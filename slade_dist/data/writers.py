@@ -464,32 +464,21 @@ def convert(
         raise ValueError(f"{fmt} has splits {', '.join(plans)}; --split {split!r} is not one of them")
     done = {}
     for name, plan in plans.items():
-        if fmt in MULTI_SPLIT:
-            if split not in ("all", name):
-                continue
-            done[name] = write_split(
-                plan,
-                out / name,
-                shard_size=shard_size,
-                workers=workers,
-                resize=resize,
-                seed=seed,
-                progress=progress,
-                extra_index={"format": fmt},
-            )
-        else:
-            prefix = split if split != "all" else None
-            done[prefix or name] = write_split(
-                plan,
-                out,
-                prefix=prefix,
-                shard_size=shard_size,
-                workers=workers,
-                resize=resize,
-                seed=seed,
-                progress=progress,
-                extra_index={"format": fmt},
-            )
+        if fmt in MULTI_SPLIT and split not in ("all", name):
+            continue
+        # a multi-split format writes a dir per split; a single-split one writes here, named by --split
+        dest, prefix = (out / name, None) if fmt in MULTI_SPLIT else (out, split if split != "all" else None)
+        done[prefix or name] = write_split(
+            plan,
+            dest,
+            prefix=prefix,
+            shard_size=shard_size,
+            workers=workers,
+            resize=resize,
+            seed=seed,
+            progress=progress,
+            extra_index={"format": fmt},
+        )
     return done
 
 

@@ -71,6 +71,30 @@ def log_tails(folder: Path, job_id: str, lines: int = 15) -> str:
     return "\n".join(parts) or f"(no logs of job {job_id} in {folder})"
 
 
+def submit_preempting_job(slurm_cluster: dict[str, str], tmp_path: Path) -> str:
+    """A 2-node job on the high-priority partition: it preempts (requeues) whatever holds the nodes."""
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            slurm_cluster["high_partition"],
+            "-N",
+            "2",
+            "--ntasks-per-node",
+            "2",
+            "-o",
+            str(tmp_path / "high-%j.out"),
+            "--wrap",
+            "sleep 1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
 def probe_config(tmp_path: Path, steps: int = 12, ckpt_every: int = 3) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "probe.yaml"
@@ -180,26 +204,7 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, t
     job_id = submitted(tmp_path)["probe"]["job_id"]
     ckpt = probe_dir(tmp_path / "run") / "ckpt.json"
     wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 10, "a checkpoint at step >= 10")
-    high = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "-p",
-            slurm_cluster["high_partition"],
-            "-N",
-            "2",
-            "--ntasks-per-node",
-            "2",
-            "-o",
-            str(tmp_path / "high-%j.out"),
-            "--wrap",
-            "sleep 1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    high_id = high.stdout.strip().split(";")[0]
+    high_id = submit_preempting_job(slurm_cluster, tmp_path)
     states = wait_states([job_id, high_id])
     assert states == {job_id: "COMPLETED", high_id: "COMPLETED"}
     info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
@@ -383,28 +388,10 @@ def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluste
         f"teacher job {teacher_id} ended ({sacct_state(teacher_id)}) before its first checkpoint:\n"
         + log_tails(Path(jobs["teacher"]["stdout"]).parent, teacher_id)
     )
-    high = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "-p",
-            slurm_cluster["high_partition"],
-            "-N",
-            "2",
-            "--ntasks-per-node",
-            "2",
-            "-o",
-            str(tmp_path / "high-%j.out"),
-            "--wrap",
-            "sleep 1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    high_id = submit_preempting_job(slurm_cluster, tmp_path)
     ids = [j["job_id"] for j in jobs.values() if not j["array"]]
     ids += [f"{jobs['round1-embed-array']['job_id']}_{i}" for i in range(2)]
-    states = wait_states(ids + [high.stdout.strip()], timeout_s=900)
+    states = wait_states(ids + [high_id], timeout_s=900)
     assert set(states.values()) == {"COMPLETED"}, states
     print(f"demo chain through Slurm (with one preemption): {time.time() - t0:.1f}s")
     teacher = json.loads((tmp_path / "run" / "teacher" / "DONE.json").read_text())
