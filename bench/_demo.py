@@ -1,8 +1,9 @@
 """What bench/teacher_quality.py and bench/ablation.py share: the demo data they train on, its
 config, and the one evaluation both report (eval/stage.py's, MAP@R / P@1 on the test classes).
 
-Full size: configs/demo.yaml as it is. --quick: the demo drawn at 32 px (crops of 28 px) and
-fewer steps, so each bench runs in minutes on 2 CPU cores. Data goes under runs/bench/ (never
+Sizes (SIZES): "demo" is configs/demo.yaml as it is; "small" a second demo at 32 px with other
+class counts (30 labeled, 30 test, 30 unlabeled-only classes, k 90); "quick" the demo drawn at 32 px
+(crops of 28 px) with fewer steps, so each bench runs in minutes on 2 CPU cores. Data goes under runs/bench/ (never
 shards/demo: the benches must not rewrite what a demo run next to them reads).
 """
 
@@ -22,19 +23,41 @@ from slade_dist.eval.stage import evaluate_model  # noqa: E402
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
-def size_overrides(quick: bool) -> list[str]:
-    """The demo's image size (and crops) for the mode."""
-    return ["demo.image_size=32", "data.image_size=28", "data.resize_size=32"] if quick else []
+# The demo's sizes: "demo" is configs/demo.yaml as it is; "small" a second demo of another image
+# size and other class counts (so a default that only suits the demo shows); "quick" the demo drawn
+# at 32 px for minute-long runs.
+SIZES: dict[str, list[str]] = {
+    "demo": [],
+    "small": [
+        "demo.image_size=32",
+        "data.image_size=28",
+        "data.resize_size=32",
+        "demo.train_classes=30",
+        "demo.test_classes=30",
+        "demo.extra_classes=30",
+        "demo.labeled_per_class=12",
+        "demo.unlabeled_per_class=40",
+        "pseudo.k=90",
+        "pretrain.prototypes=90",
+    ],
+    "quick": ["demo.image_size=32", "data.image_size=28", "data.resize_size=32"],
+}
 
 
-def prepare_data(bench_dir: Path, quick: bool) -> list[str]:
+def size_overrides(quick: bool, size: str | None = None) -> list[str]:
+    """The overrides of a named demo size (default: "quick" or "demo" as `quick` says)."""
+    return SIZES[size or ("quick" if quick else "demo")]
+
+
+def prepare_data(bench_dir: Path, quick: bool, size: str | None = None) -> list[str]:
     """Generate the demo (skipped when already there) and return the data.* overrides that read it."""
-    out = bench_dir / ("demo-quick" if quick else "demo")
-    cfg = load_config(DEMO, [f"demo.out={out}", *size_overrides(quick)], check_paths=False)
+    size = size or ("quick" if quick else "demo")
+    out = bench_dir / ("demo" if size == "demo" else f"demo-{size}")
+    cfg = load_config(DEMO, [f"demo.out={out}", *SIZES[size]], check_paths=False)
     generate(cfg.demo, progress=False)
     return [
         f"demo.out={out}",
-        *size_overrides(quick),
+        *SIZES[size],
         f"data.train_shards={out / 'train'}",
         f"data.test_shards={out / 'test'}",
         f"data.unlabeled_shards={out / 'unlabeled'}",

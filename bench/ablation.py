@@ -10,8 +10,10 @@ every student variant from the same teacher and pseudo labels, and two teachers:
 - full_cluster_agreement  full with mining.require_cluster_agreement=true (the non-literal Eq. 7)
 - full_init_pretrain      full with student.init=pretrain (the student starts from the SwAV export)
 `full` is the defaults: sd_grad full, literal Eq. 7, student.init teacher.
---quick: the demo at 32 px (crops 28), 30 pretrain / 100 teacher / 100 student steps, 1 seed.
-The last line is one JSON object {"bench": "ablation", "unit": "MAP@R", "rows": {name: {...}}}.
+--size small: the second demo size (bench/_demo.py SIZES: 32 px, 30 + 30 + 30 classes, k 90), the
+demo's steps. --quick: the demo at 32 px (crops 28), 30 pretrain / 100 teacher / 100 student steps, 1 seed.
+The last line is one JSON object {"bench": "ablation", "ours": full's MAP@R, "baseline": the
+budget-matched teacher's, "unit", "ratio", "rows": {name: {mean and std of MAP@R and P@1}}}.
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ def budget_teacher(overrides: list[str], pretrain_export: Path, run_dir: Path) -
     return metrics_of(RunLayout(run_dir).stage_dir("teacher") / "final.pt", cfg)
 
 
-def one_seed(bench_dir: Path, data: list[str], seed: int, quick: bool) -> dict[str, dict[str, float]]:
+def one_seed(bench_dir: Path, data: list[str], seed: int, quick: bool, size: str) -> dict[str, dict[str, float]]:
     overrides = [*data, f"run.seed={seed}", "run.rounds=1", "run.round=1", "train.eval_every=0"]
     overrides += QUICK_STEPS if quick else []
-    run_dir = bench_dir / f"ablation-s{seed}"
+    run_dir = bench_dir / f"ablation-{size}-s{seed}"
     cfg = config(run_dir, overrides)
     for stage in ("pretrain", "teacher", "embed", "cluster"):
         _timed(stage, run_stage, cfg, stage)
@@ -98,19 +100,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 px demo, short stages, 1 seed")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
+    ap.add_argument("--size", choices=["demo", "small"], default="demo", help="which demo size (bench/_demo.py)")
     ap.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where data and runs go")
     args = ap.parse_args()
     bench_dir = Path(args.dir)
     seeds = args.seeds or (1 if args.quick else 3)
-    data = prepare_data(bench_dir, args.quick)
-    per_seed = [one_seed(bench_dir, data, seed, args.quick) for seed in range(seeds)]
+    size = "quick" if args.quick else args.size
+    data = prepare_data(bench_dir, args.quick, size)
+    per_seed = [one_seed(bench_dir, data, seed, args.quick, size) for seed in range(seeds)]
     rows = summarise(per_seed)
     for name, r in rows.items():
         print(
             f"{name:24s} MAP@R {r['map_at_r']:.4f} +- {r['map_at_r_std']:.4f}   "
             f"P@1 {r['precision_at_1']:.4f} +- {r['precision_at_1_std']:.4f}"
         )
-    print(json.dumps({"bench": "ablation", "unit": "MAP@R", "seeds": seeds, "quick": args.quick, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "bench": "ablation",
+                "ours": rows["full"]["map_at_r"],
+                "baseline": rows["teacher_budget"]["map_at_r"],
+                "unit": "MAP@R (student full vs the budget-matched teacher)",
+                "ratio": round(rows["full"]["map_at_r"] / max(rows["teacher_budget"]["map_at_r"], 1e-9), 4),
+                "seeds": seeds,
+                "size": size,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

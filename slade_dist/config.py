@@ -189,6 +189,24 @@ class PretrainConfig:
         "features) on the labeled train classes; false: always the output",
     )
     augment: AugmentConfig = _f(factory=swav_augment, help="augmentation of each SwAV view (SwAV's own defaults)")
+    local_crops: int = _f(
+        6, lo=0, help="multi-crop: V small crops per image besides the 2 global ones (SwAV: 6); 0: two views only"
+    )
+    local_crop_size: int | None = _f(
+        None, lo=8, help="side of a local crop in pixels; null: data.image_size x 96 / 224 (SwAV's 96 px at 224), >= 16"
+    )
+    local_crop_scale_min: float = _f(0.05, lo=0.01, hi=1.0, help="RandomResizedCrop area scale range of a local crop")
+    local_crop_scale_max: float = _f(0.14, lo=0.01, hi=1.0, help="RandomResizedCrop area scale range of a local crop")
+    queue_length: int = _f(
+        -1,
+        lo=-1,
+        help="global rows of the feature queue whose scores join the Sinkhorn input; -1 auto: when "
+        "pretrain.batch_size x ranks < prototypes, the smallest multiple of that global batch >= 2 x prototypes, "
+        "else none; 0: none",
+    )
+    queue_start_step: int | None = _f(
+        None, lo=0, help="first step whose codes use the (full) queue; null: pretrain.freeze_prototypes_steps"
+    )
 
 
 @dataclass
@@ -605,6 +623,7 @@ def _check_values(cfg: Config) -> None:
     _check_basis_beta(cfg)
     for key in ("data.augment", "pretrain.augment"):
         _check_augment(cfg, key)
+    _check_local_crops(cfg)
     b = cfg.model.backbone
     if b not in BACKBONE_NAMES and not (b.startswith("timm:") and len(b) > 5):
         hint = _suggest(b, BACKBONE_NAMES)
@@ -641,6 +660,23 @@ def _check_augment(cfg: Config, key: str) -> None:
                 f"{lo_key} = {lo} is above {key}.{hi_name} = {hi} "
                 f"(from {cfg.source_of(lo_key)} / {cfg.source_of(f'{key}.{hi_name}')})"
             )
+
+
+def _check_local_crops(cfg: Config) -> None:
+    """SwAV's local crops: an ordered scale range, and smaller than the global crops."""
+    pc = cfg.pretrain
+    if pc.local_crop_scale_min > pc.local_crop_scale_max:
+        raise ConfigError(
+            f"pretrain.local_crop_scale_min = {pc.local_crop_scale_min} is above pretrain.local_crop_scale_max = "
+            f"{pc.local_crop_scale_max} (from {cfg.source_of('pretrain.local_crop_scale_min')} / "
+            f"{cfg.source_of('pretrain.local_crop_scale_max')})"
+        )
+    if pc.local_crops and pc.local_crop_size is not None and pc.local_crop_size > cfg.data.image_size:
+        raise ConfigError(
+            f"pretrain.local_crop_size (from {cfg.source_of('pretrain.local_crop_size')}) = {pc.local_crop_size} "
+            f"is larger than the global crops (data.image_size = {cfg.data.image_size}): local crops are the "
+            f"small views; set it below {cfg.data.image_size} or null"
+        )
 
 
 def _check_data_fits(cfg: Config) -> None:

@@ -1,9 +1,12 @@
 """Pair-based ranking losses: multi-similarity (with its pair miner) and contrastive, plus the
 cross-rank variant.
 
-Owns: `MultiSimilarityLoss`, `ContrastiveLoss`, `build_loss(loss_cfg)`, `cross_rank_loss`.
+Owns: `MultiSimilarityLoss`, `ContrastiveLoss`, `build_loss(loss_cfg)`, and the cross-rank pieces
+`gather_live` (the global batch, local rows live), `cross_rank_loss` (labels), `global_pair_loss`
+(explicit pairs indexing the global batch).
 Tests: tests/unit/test_losses.py (values and gradients against pytorch-metric-learning, explicit
-pair lists, empty pair sets, 2-rank gloo gradient equality with one big batch).
+pair lists, empty pair sets, the one-process cross-rank helpers); 2-rank gloo equality with one
+big batch: tests/integration/test_basis_multirank.py (labels), test_global_batch.py (mined pairs).
 
 Call convention (both losses):
     loss(emb, labels)                                   pairs derived from labels, a == b excluded
@@ -30,6 +33,8 @@ Definitions (identical to pytorch-metric-learning 2.x defaults):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +42,16 @@ from torch import nn
 from . import dist
 from .config import LossConfig
 
-__all__ = ["PairLoss", "MultiSimilarityLoss", "ContrastiveLoss", "build_loss", "cross_rank_loss", "pair_masks"]
+__all__ = [
+    "PairLoss",
+    "MultiSimilarityLoss",
+    "ContrastiveLoss",
+    "build_loss",
+    "cross_rank_loss",
+    "gather_live",
+    "global_pair_loss",
+    "pair_masks",
+]
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -202,28 +216,56 @@ def build_loss(loss_cfg: LossConfig) -> PairLoss:
     raise ValueError(f"unknown loss.name {loss_cfg.name!r}; choose ms or contrastive")
 
 
+def gather_live(emb: torch.Tensor) -> torch.Tensor:
+    """The global batch: every rank's `emb` concatenated in rank order (dist.all_gather_cat: no
+    gradient through the remote rows), with this rank's own live `emb` put back at its slice, so
+    the local rows keep their graph. Ranks may hold different numbers of rows. Collective: every
+    rank must call it at the same step. One process: `emb` itself."""
+    if dist.world_size() == 1:
+        return emb
+    sizes = [int(n) for n in dist.all_gather_cat(torch.tensor([emb.shape[0]], device=emb.device))]
+    all_emb = dist.all_gather_cat(emb)
+    start = sum(sizes[: dist.rank()])
+    return torch.cat([all_emb[:start], emb, all_emb[start + emb.shape[0] :]])
+
+
+def _grad_world_scaled(loss: torch.Tensor) -> torch.Tensor:
+    """Value `loss`, gradient world_size * d loss (see cross_rank_loss); identity in one process."""
+    world = dist.world_size()
+    return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())
+
+
 def cross_rank_loss(loss_fn: PairLoss, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss of the GLOBAL batch (all ranks' embeddings, rank order), computed on every rank.
 
-    Every rank all-gathers embeddings and labels (dist.all_gather_cat: no gradient through the
-    remote copies) and puts its own live `emb` back at its slice, so its local anchors see the
-    whole global batch as candidates and the remote rows act as (detached) anchors too. The
-    returned value is exactly the single-process loss of the concatenated batch, the same on all
-    ranks. Gradient scaling (precise): the gradient w.r.t. the local `emb` is
-    world_size * dL_global/d emb_local, so after DDP / DeepSpeed AVERAGE the parameter gradients
-    over ranks, each parameter's gradient equals that of one process holding the full batch.
-    (sum over ranks of dL/d emb_r * d emb_r/d theta = dL/d theta; averaging divides by W.)
-    Cost: the (W*B) x (W*B) similarity matrix on every rank (fine for W*B up to ~10^4).
-    Collective: every rank must call it at the same step. One process: plain loss_fn(emb, labels).
+    Every rank all-gathers embeddings and labels and puts its own live `emb` back at its slice
+    (gather_live), so its local anchors see the whole global batch as candidates and the remote
+    rows act as (detached) anchors too. The returned value is exactly the single-process loss of
+    the concatenated batch, the same on all ranks. Gradient scaling (precise): the gradient w.r.t.
+    the local `emb` is world_size * dL_global/d emb_local, so after DDP / DeepSpeed AVERAGE the
+    parameter gradients over ranks, each parameter's gradient equals that of one process holding
+    the full batch. (sum over ranks of dL/d emb_r * d emb_r/d theta = dL/d theta; averaging
+    divides by W.) Cost: the (W*B) x (W*B) similarity matrix on every rank (fine for W*B up to
+    ~10^4). Collective: every rank must call it at the same step. One process: plain
+    loss_fn(emb, labels). Explicit pairs: global_pair_loss.
     """
-    world = dist.world_size()
-    if world == 1:
+    if dist.world_size() == 1:
         return loss_fn(emb, labels)
-    sizes = [int(n) for n in dist.all_gather_cat(torch.tensor([emb.shape[0]], device=emb.device))]
-    all_emb = dist.all_gather_cat(emb)
+    glob = gather_live(emb)
     all_labels = dist.all_gather_cat(labels.view(-1).to(emb.device))
-    start = sum(sizes[: dist.rank()])
-    glob = torch.cat([all_emb[:start], emb, all_emb[start + emb.shape[0] :]])
-    loss = loss_fn(glob, all_labels)
-    # value = loss, gradient = world * d loss (see docstring)
-    return loss + (world - 1) * (loss - loss.detach())
+    return _grad_world_scaled(loss_fn(glob, all_labels))
+
+
+def global_pair_loss(
+    loss_fn: Callable[..., torch.Tensor], glob: torch.Tensor, pos_pairs: torch.Tensor, neg_pairs: torch.Tensor
+) -> torch.Tensor:
+    """cross_rank_loss with explicit pairs: loss_fn(glob, pos_pairs=..., neg_pairs=...) on the
+    global batch `glob` = gather_live(emb), the pairs indexing ITS rows (e.g. mined on the global
+    batch, identically on every rank). Same value on every rank (the single-process loss of the
+    concatenated batch with these pairs) and the same world_size gradient scaling as
+    cross_rank_loss, so averaged parameter gradients equal one process's. `glob` must come from
+    gather_live (a rank-local batch would get its gradient scaled by world_size wrongly). With no
+    pair the loss is a zero connected to the local rows. Not itself collective; one process:
+    plain loss_fn(emb, pos_pairs=..., neg_pairs=...).
+    """
+    return _grad_world_scaled(loss_fn(glob, pos_pairs=pos_pairs, neg_pairs=neg_pairs))

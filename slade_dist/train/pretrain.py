@@ -1,33 +1,31 @@
 """Pretrain stage: SwAV (Caron et al., NeurIPS 2020) continued on labeled + unlabeled shards.
 
-Owns `run(cfg, run_dir)` and the SwAV pieces:
-- `SwAVNet`: the Embedder built from cfg.model (its backbone is what SwAV trains), a projection
-  MLP (feature_dim -> feature_dim -> pretrain.proj_dim) and K = pretrain.prototypes prototype
-  vectors; scores = <normalised projection, normalised prototype>. The prototypes are normalised
-  in the forward (correct under every ZeRO stage, where the optimizer may hold its own fp32 copy)
-  and, with ZeRO-0, also in place after each optimizer step as in the paper. When
-  model.pretrained_path is a SwAV checkpoint (`projection_head.*`, `prototypes.weight`, possibly
-  under `module.`), its projection head and prototypes are loaded too (K and the width from the
-  file): continued SwAV then starts from a consistent objective instead of random heads.
-- `sinkhorn`: Sinkhorn-Knopp codes over the GLOBAL batch (row sums all-reduced across ranks),
-  epsilon = pretrain.epsilon, pretrain.sinkhorn_iters iterations; columns sum to 1 (one unit of
-  mass per image), rows to B/K (equal use of every prototype). Scores are shifted by the global
-  max only (SwAV's exact codes; see the function).
-- `swav_loss`: swapped prediction, each view predicts the other's codes at temperature
-  pretrain.temperature.
+Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV's objective
+(train/swav.py: `SwAVNet`, `sinkhorn`, `FeatureQueue`, `swav_loss`):
+- The net: the Embedder built from cfg.model, a projection MLP to pretrain.proj_dim and
+  K = pretrain.prototypes prototypes. When model.pretrained_path is a SwAV checkpoint
+  (`projection_head.*`, `prototypes.weight`, possibly under `module.`), its projection head and
+  prototypes are loaded too (K and the width from the file): continued SwAV then starts from a
+  consistent objective instead of random heads.
+- Codes: Sinkhorn over the GLOBAL batch, epsilon = pretrain.epsilon, pretrain.sinkhorn_iters
+  iterations, shifted by the global max only. When the global batch (pretrain.batch_size x
+  ranks) is smaller than K, a feature queue (pretrain.queue_length, auto) joins each global
+  crop's Sinkhorn input from step pretrain.queue_start_step on.
+- Multi-crop: 2 global views at data.image_size plus pretrain.local_crops local views at
+  pretrain.local_crop_size (scale pretrain.local_crop_scale_min..max), all augmented as
+  pretrain.augment says; every view predicts the codes of both global views but its own.
 - Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult from
   step pretrain.freeze_backbone_steps; prototypes frozen for the first
   pretrain.freeze_prototypes_steps optimizer steps (their lr group starts late), as in the paper.
 - The image stream: every shard of data.train_shards + data.unlabeled_shards, resampled per
-  rank, labels ignored, two views per image augmented as pretrain.augment says; undecodable
-  images are skipped and counted.
+  rank, labels ignored; undecodable images are skipped and counted.
 - The hand-on (pretrain.keep_better): before the teacher starts, rank 0 measures kNN MAP@R of
   the pooled backbone features on the labeled train classes for the input weights and for the
   SwAV output, and exports the better one (both figures in the result and final.pt's extra), so
   the stage cannot hand on a worse init than it was given.
 pretrain.steps == 0 exports the initial (model.pretrained_path) weights unchanged.
 The export <run>/pretrain/final.pt is a plain Embedder file (backbone + head) the teacher loads.
-Tests: tests/unit/test_pretrain.py.
+Tests: tests/unit/test_pretrain.py, tests/unit/test_swav.py.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -57,95 +54,45 @@ from ..stages import RunLayout, stage_id
 from .common import fit_summary, open_tb, stream_seed
 from .engine import ParamGroup, Trainer
 from .loop import MicroResult, fit, timed_next
-
-
-# ------------------------------------------------------------------------------------ model
-class SwAVNet(nn.Module):
-    def __init__(self, embedder: nn.Module, proj_dim: int, prototypes: int):
-        super().__init__()
-        self.embedder = embedder
-        d = int(embedder.feature_dim)
-        self.projection = nn.Sequential(
-            nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim)
-        )
-        self.prototypes = nn.Linear(proj_dim, prototypes, bias=False)
-        self.normalize_prototypes_()
-
-    @torch.no_grad()
-    def normalize_prototypes_(self) -> None:
-        w = self.prototypes.weight
-        w.copy_(F.normalize(w, dim=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, K) cosine scores against the prototypes."""
-        z = F.normalize(self.projection(self.embedder.features(x)), dim=1)
-        return z @ F.normalize(self.prototypes.weight, dim=1).t()
-
-
-# exp(x) of float64 is 0 below about -745: a shift below this floor would give an image no mass
-# at all (a 0/0 in its column); entries this far below the global best are codes of ~1e-304 anyway
-EXP_FLOOR = -700.0
-
-
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
-    """SwAV codes for this rank's (B, K) scores, equipartitioned over the global batch.
-
-    Returns (B, K) float32 with rows summing to 1 (computed in float64: B x K is small).
-    exp(scores / epsilon) is shifted by ONE constant, the maximum over every rank's scores: that
-    cancels in the first normalisation, so the codes are exactly those of SwAV's unshifted
-    exp(scores / epsilon) at any iteration count. A per-image shift (each image by its own max)
-    scales the columns differently, which the iterations only undo at convergence (on peaked
-    scores, B 64, K 300, 3 iterations: L1 1.0 per image from the converged codes vs 0.0002).
-    """
-    s = scores.double() / epsilon
-    top = dist.all_gather_cat(s.max().reshape(1)).max()  # every rank shifts by the same constant
-    Q = torch.exp((s - top).clamp_min(EXP_FLOOR)).t()  # K x B
-    K, B_local = Q.shape
-    B = torch.tensor([float(B_local)], device=Q.device)
-    dist.all_reduce_sum(B)
-    total = Q.sum().reshape(1)
-    dist.all_reduce_sum(total)
-    Q /= total
-    for _ in range(iters):
-        rows = Q.sum(dim=1, keepdim=True)
-        dist.all_reduce_sum(rows)
-        Q /= rows
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)
-        Q /= B
-    Q *= B  # columns sum to 1: each image's code is a distribution over prototypes
-    return Q.t().float()
-
-
-def swav_loss(
-    scores1: torch.Tensor, scores2: torch.Tensor, temperature: float, epsilon: float, iters: int
-) -> torch.Tensor:
-    """Swapped prediction: view 1 predicts view 2's codes and vice versa (mean over images)."""
-    q1 = sinkhorn(scores1.detach(), epsilon, iters)
-    q2 = sinkhorn(scores2.detach(), epsilon, iters)
-    logp1 = F.log_softmax(scores1.float() / temperature, dim=1)
-    logp2 = F.log_softmax(scores2.float() / temperature, dim=1)
-    return -0.5 * ((q2 * logp1).sum(dim=1).mean() + (q1 * logp2).sum(dim=1).mean())
+from .swav import FeatureQueue, SwAVNet, queue_length, swav_loss
 
 
 # ------------------------------------------------------------------------------ data stream
 def two_view_transform(data_cfg: DataConfig, augment: AugmentConfig) -> Any:
-    """One SwAV view: pretrain.augment (by default random resized crop, flip, colour jitter,
+    """One global SwAV view: pretrain.augment (by default random resized crop, flip, colour jitter,
     grayscale: SwAV's), normalised; the vocabulary and code of data.augment (data/transforms.py)."""
     return full_transform(train_geometry(data_cfg.image_size, data_cfg.crop_scale_min, augment))
 
 
-def _two_view_batches(
-    samples: Iterable[dict[str, Any]], *, data_cfg: DataConfig, augment: AugmentConfig, batch_size: int, seed: int
+def local_crop_size(pc: PretrainConfig, data_cfg: DataConfig) -> int:
+    """pretrain.local_crop_size, or SwAV's 96 / 224 of the global crop, at least 16 px (tiny_cnn's
+    16x downsampling needs 16) and at most the global crop."""
+    return pc.local_crop_size or min(data_cfg.image_size, max(16, round(data_cfg.image_size * 96 / 224)))
+
+
+def local_view_transform(pc: PretrainConfig, data_cfg: DataConfig, augment: AugmentConfig) -> Any:
+    """One local SwAV view: the global view's augmentation on a small crop of a small area."""
+    small = dataclasses.replace(augment, crop_scale_min=pc.local_crop_scale_min, crop_scale_max=pc.local_crop_scale_max)
+    return full_transform(train_geometry(local_crop_size(pc, data_cfg), pc.local_crop_scale_min, small))
+
+
+def _multicrop_batches(
+    samples: Iterable[dict[str, Any]],
+    *,
+    data_cfg: DataConfig,
+    augment: AugmentConfig,
+    batch_size: int,
+    seed: int,
+    local: tuple[int, Any] = (0, None),
 ) -> Iterator[dict[str, Any]]:
-    """Decode, shuffle (buffer), make two views, batch. Undecodable samples are counted, not fatal."""
+    """Decode, shuffle (buffer), make two global views (+ `local` = (V, transform) local ones),
+    batch. Undecodable samples are counted, not fatal."""
     rng = random.Random(seed)
     torch.manual_seed(seed)  # this process' augmentation randomness (worker-local under a loader)
     tf = two_view_transform(data_cfg, augment)
+    n_local, local_tf = local
     buf: list[Any] = []
-    v1: list[torch.Tensor] = []
-    v2: list[torch.Tensor] = []
+    crops: list[list[torch.Tensor]] = []
     skipped = 0
     cap = max(data_cfg.shuffle_buffer, 1)
     for sample in samples:
@@ -158,11 +105,14 @@ def _two_view_batches(
         if len(buf) < cap:
             continue
         img = buf.pop(rng.randrange(len(buf)))
-        v1.append(tf(img))
-        v2.append(tf(img))
-        if len(v1) == batch_size:
-            yield {"view1": torch.stack(v1), "view2": torch.stack(v2), "skipped": skipped}
-            v1, v2, skipped = [], [], 0
+        crops.append([tf(img), tf(img), *(local_tf(img) for _ in range(n_local))])
+        if len(crops) == batch_size:
+            views = [torch.stack(v) for v in zip(*crops, strict=True)]
+            batch = {"view1": views[0], "view2": views[1], "skipped": skipped}
+            if n_local:
+                batch["local"] = torch.stack(views[2:])  # (V, B, 3, s, s)
+            yield batch
+            crops, skipped = [], 0
 
 
 class _ResampledTars(torch.utils.data.IterableDataset):
@@ -182,18 +132,31 @@ class _ResampledTars(torch.utils.data.IterableDataset):
             yield from TarSamples(self.paths[rng.randrange(len(self.paths))])
 
 
-class _TwoViewStream(torch.utils.data.IterableDataset):
+class _MultiCropStream(torch.utils.data.IterableDataset):
     def __init__(
-        self, paths: list[Path], data_cfg: DataConfig, augment: AugmentConfig, batch_size: int, seed: int
+        self,
+        paths: list[Path],
+        data_cfg: DataConfig,
+        augment: AugmentConfig,
+        batch_size: int,
+        seed: int,
+        pretrain_cfg: PretrainConfig | None = None,
     ) -> None:
         self.tars, self.data_cfg, self.batch_size, self.seed = _ResampledTars(paths, seed), data_cfg, batch_size, seed
-        self.augment = augment
+        self.augment, self.pretrain_cfg = augment, pretrain_cfg
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         seed = self.seed * 31 + (info.id if info else 0)
-        return _two_view_batches(
-            iter(self.tars), data_cfg=self.data_cfg, augment=self.augment, batch_size=self.batch_size, seed=seed
+        pc = self.pretrain_cfg
+        local = (pc.local_crops, local_view_transform(pc, self.data_cfg, self.augment)) if pc else (0, None)
+        return _multicrop_batches(
+            iter(self.tars),
+            data_cfg=self.data_cfg,
+            augment=self.augment,
+            batch_size=self.batch_size,
+            seed=seed,
+            local=local if local[0] else (0, None),
         )
 
 
@@ -206,15 +169,17 @@ def swav_batches(
     rank: int,
     world: int,
     augment: AugmentConfig | None = None,
+    pretrain_cfg: PretrainConfig | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Infinite stream of {"view1", "view2", "skipped"} over the shards of every dir (labels ignored)."""
+    """Infinite stream of {"view1", "view2", "skipped"} (+ "local" (V, B, 3, s, s) when
+    pretrain_cfg.local_crops) over the shards of every dir (labels ignored)."""
     paths = [p for d in shard_dirs if d for p in shard_paths(d)]
     if not paths:
         raise FileNotFoundError(f"no shards for SwAV pretraining in {shard_dirs}")
     # resampled per rank: no per-rank split, so no uneven shard counts (a split with fewer shards than
     # ranks x workers raises or leaves ranks uneven, and an uneven rank hangs a collective)
     augment = swav_augment() if augment is None else augment
-    stream = _TwoViewStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank)
+    stream = _MultiCropStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank, pretrain_cfg)
     if data_cfg.num_workers > 0:
         loader = torch.utils.data.DataLoader(
             stream,
@@ -271,25 +236,11 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         seed=seed,
         rank=dist.rank(),
         world=dist.world_size(),
+        augment=pc.augment,
+        pretrain_cfg=pc,
     )
     tb = open_tb(cfg, run_dir, "pretrain", None, trainer.step)
-    dev = trainer.device
-
-    def micro(step: int) -> MicroResult:
-        batch, wait = timed_next(stream)
-        n = min(8, len(batch["view1"]))  # row 1: the first views, row 2: the second views of the same images
-        tb.images("batch/two_views", torch.cat([batch["view1"][:n], batch["view2"][:n]]), step, nrow=n, once=True)
-        x = torch.cat([batch["view1"], batch["view2"]]).to(dev, non_blocking=True)
-        scores = trainer.forward(x)
-        s1, s2 = scores.float().chunk(2)
-        loss = swav_loss(s1, s2, pc.temperature, pc.epsilon, pc.sinkhorn_iters)
-        return MicroResult(
-            loss=loss,
-            scalars={"loss/swav": float(loss.detach())},
-            images=int(x.shape[0]) // 2,
-            skipped=int(batch["skipped"]),
-            wait_s=wait,
-        )
+    micro = SwAVStep(pc, trainer, stream, tb)
 
     def after_step(step: int) -> dict[str, float]:
         if tcfg.zero_stage == 0:  # ZeRO-0: the parameter is the optimizer's master copy
@@ -318,6 +269,51 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     knn = dist.broadcast_object(knn)
     dist.barrier()
     return {**fit_summary(result, resumed), "init": cfg.model.pretrained_path, "heads_from_init": heads_loaded, **knn}
+
+
+class SwAVStep:
+    """One micro-batch of SwAV (callable for loop.fit): the global crops and the local ones through
+    the net in one forward, the queue (when there is one) in front of each global crop's codes."""
+
+    def __init__(self, pc: PretrainConfig, trainer: Trainer, stream: Iterator[dict[str, Any]], tb: Any) -> None:
+        self.pc, self.trainer, self.stream, self.tb = pc, trainer, stream, tb
+        rows = queue_length(pc.queue_length, pc.batch_size, dist.world_size(), _k(trainer))
+        proj_dim = trainer.module.prototypes.weight.shape[1]
+        self.queue = FeatureQueue(2, rows, proj_dim, trainer.device) if rows else None
+        self.queue_start = pc.freeze_prototypes_steps if pc.queue_start_step is None else pc.queue_start_step
+        if self.queue is not None:
+            dist.get_logger().info(
+                f"pretrain: feature queue of {rows} rows per rank x {dist.world_size()} ranks (global batch "
+                f"{pc.batch_size * dist.world_size()} < {_k(trainer)} prototypes), used from step {self.queue_start}"
+            )
+
+    def __call__(self, step: int) -> MicroResult:
+        batch, wait = timed_next(self.stream)
+        n = min(8, len(batch["view1"]))  # row 1: the first views, row 2: the second views of the same images
+        self.tb.images("batch/two_views", torch.cat([batch["view1"][:n], batch["view2"][:n]]), step, nrow=n, once=True)
+        dev = self.trainer.device
+        crops = [torch.cat([batch["view1"], batch["view2"]]).to(dev, non_blocking=True)]
+        if "local" in batch:
+            crops.append(batch["local"].flatten(0, 1).to(dev, non_blocking=True))
+        use_queue = self.queue is not None and self.queue.full and step >= self.queue_start
+        out = self.trainer.forward(crops, self.queue.z if use_queue else None)
+        B = len(batch["view1"])
+        scores = list(out.scores.float().split(B))
+        pc = self.pc
+        loss = swav_loss(scores, pc.temperature, pc.epsilon, pc.sinkhorn_iters, queue_scores=out.queue_scores)
+        if self.queue is not None:
+            self.queue.push(out.z[: 2 * B].split(B))
+        return MicroResult(
+            loss=loss,
+            scalars={"loss/swav": float(loss.detach()), "swav/queue_used": float(use_queue)},
+            images=B,
+            skipped=int(batch["skipped"]),
+            wait_s=wait,
+        )
+
+
+def _k(trainer: Trainer) -> int:
+    return int(trainer.module.prototypes.weight.shape[0])
 
 
 def _pretrain_train_cfg(cfg: Config) -> TrainConfig:

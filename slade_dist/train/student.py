@@ -12,8 +12,9 @@ Ablations (student.ablation, the paper's Table 4):
     raw_pairs  pseudo-label pairs used directly in L_rank, plus the basis losses
 When the warm-up ends the running Gaussians are reset, so the first batch of the moving embedder
 seeds them (not the frozen warm-up embeddings). L_SD's gradient follows basis.sd_grad (basis.py).
-Every step after the warm-up logs how the two Eq. 7 readings differ on that batch (mining/literal_*,
-mining/agreement_*: FeatureBasis.mining_shares), whichever reading trains.
+Under loss.cross_rank the mined term is the global batch's: pairs mined on every rank's
+embeddings (`mined_loss`). Every step after the warm-up logs how the two Eq. 7 readings differ on
+that batch (mining/literal_*, mining/agreement_*: FeatureBasis.mining_shares), whichever trains.
 W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
 are exported in final.pt's `extra`.
 Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
@@ -33,6 +34,7 @@ from ..basis import FeatureBasis
 from ..config import Config
 from ..data.readers import labeled_batches, pseudo_labeled_batches
 from ..data.shards import read_classes
+from ..losses import gather_live, global_pair_loss
 from ..models import save_weights
 from ..stages import RunLayout, stage_id
 from ..tb import TBWriter
@@ -298,10 +300,48 @@ class StudentStep:
         if not warmup:  # both Eq. 7 readings on this sim, whichever one (if any) trains
             scalars.update({f"mining/{k}": v for k, v in basis.mining_shares(sim.detach(), pl).items()})
         if self.mining and not warmup:
-            pos, neg = basis.mine_pairs(sim.detach(), pl, cfg.mining.require_cluster_agreement)
-            n_pos, n_neg = _pairs_count(pos), _pairs_count(neg)
+            mined, n_pos, n_neg = mined_loss(
+                basis,
+                self.rank_loss,
+                emb_u,
+                pl,
+                sim=sim,
+                cross_rank=cfg.loss.cross_rank,
+                require_agreement=cfg.mining.require_cluster_agreement,
+            )
             scalars["mining/pos_pairs"] = float(n_pos)
             scalars["mining/neg_pairs"] = float(n_neg)
-            # with no mined pair the loss is a zero connected to emb_u (same graph on every rank)
-            terms["rank_mined"] = cfg.student.lambda1 * self.rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg)
+            terms["rank_mined"] = cfg.student.lambda1 * mined
         return terms
+
+
+def mined_loss(
+    basis: FeatureBasis,
+    rank_loss: Any,
+    emb_u: torch.Tensor,
+    pl: torch.Tensor,
+    *,
+    sim: torch.Tensor | None = None,
+    cross_rank: bool = False,
+    require_agreement: bool = False,
+) -> tuple[torch.Tensor, int, int]:
+    """(L_rank on the pairs Eq. 7 mines from the unlabeled batch, #positive, #negative pairs).
+
+    Under loss.cross_rank (world > 1) the pairs are mined on the GLOBAL batch (every rank's emb_u
+    and pseudo labels, rank order, losses.gather_live) and the loss is that batch's
+    (losses.global_pair_loss): value and averaged gradient equal one process holding the whole
+    step. Collective then: every rank calls it each step. `sim`: basis_similarity(emb_u) when
+    already computed (the per-rank path reuses it). With no mined pair the loss is a zero
+    connected to emb_u (the same graph on every rank)."""
+    if cross_rank and dist.world_size() > 1:
+        glob = gather_live(emb_u)
+        labels = dist.all_gather_cat(pl.view(-1))
+        with torch.no_grad():
+            glob_sim = basis.basis_similarity(glob.detach())
+        pos, neg = basis.mine_pairs(glob_sim, labels, require_agreement)
+        loss = global_pair_loss(rank_loss, glob, pos, neg)
+    else:
+        local_sim = basis.basis_similarity(emb_u) if sim is None else sim
+        pos, neg = basis.mine_pairs(local_sim.detach(), pl, require_agreement)
+        loss = rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg)
+    return loss, _pairs_count(pos), _pairs_count(neg)

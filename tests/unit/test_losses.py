@@ -10,7 +10,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from slade_dist.config import LossConfig
-from slade_dist.losses import ContrastiveLoss, MultiSimilarityLoss, build_loss
+from slade_dist.losses import ContrastiveLoss, MultiSimilarityLoss, build_loss, gather_live, global_pair_loss
 
 
 def _batch(seed: int, n: int = 48, d: int = 16, classes: int = 8, dtype=torch.float64):
@@ -147,3 +147,18 @@ def test_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = MultiSimilarityLoss()(emb, labels)
     assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_cross_rank_helpers_are_the_plain_loss_in_one_process():
+    torch.manual_seed(0)
+    emb = torch.randn(8, 4, requires_grad=True)
+    assert gather_live(emb) is emb  # no process group: the batch is the global batch
+    pos = torch.tensor([[0, 1, 2], [1, 0, 3]])
+    neg = torch.tensor([[0, 4, 5], [6, 7, 2]])
+    loss_fn = MultiSimilarityLoss()
+    expected = loss_fn(emb, pos_pairs=pos, neg_pairs=neg)
+    got = global_pair_loss(loss_fn, gather_live(emb), pos, neg)
+    assert expected.item() > 0 and torch.allclose(got, expected)
+    (g1,) = torch.autograd.grad(got, emb)
+    (g2,) = torch.autograd.grad(loss_fn(emb, pos_pairs=pos, neg_pairs=neg), emb)
+    assert torch.allclose(g1, g2)  # no world-size scaling in one process

@@ -1,4 +1,4 @@
-"""Tests of slade_dist/train/pretrain.py (SwAV): Sinkhorn codes, the swapped loss, the stage.
+"""Tests of slade_dist/train/pretrain.py (SwAV's stage): the multi-crop stream, heads, groups, the stage.
 
 The stage runs on a real one-process DeepSpeed engine over tiny real shards (labeled + unlabeled,
 with undecodable images among them), and its export initialises the teacher's embedder.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -18,48 +17,19 @@ from slade_dist.stages import RunLayout
 from slade_dist.train import common as C
 from slade_dist.train.common import pretrain_init_path
 from slade_dist.train.pretrain import (
-    SwAVNet,
     _better_of,
     build_swav_net,
+    local_view_transform,
     run,
-    sinkhorn,
+    swav_batches,
     swav_groups,
-    swav_loss,
     two_view_transform,
 )
+from slade_dist.train.swav import SwAVNet
 
 from ..integration import _train_workers as W
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
-
-
-def test_sinkhorn_codes_are_doubly_stochastic():
-    torch.manual_seed(0)
-    B, K = 64, 16
-    scores = (
-        torch.nn.functional.normalize(torch.randn(B, 8), dim=1)
-        @ torch.nn.functional.normalize(torch.randn(K, 8), dim=1).t()
-    )
-    q = sinkhorn(scores, epsilon=0.05, iters=3)
-    assert q.shape == (B, K) and (q >= 0).all()
-    assert torch.allclose(q.sum(1), torch.ones(B), atol=1e-5)  # one unit of mass per image
-    usage = q.sum(0)  # moving towards B/K uses of every prototype (exact only at convergence, below)
-    plain = torch.softmax(scores / 0.05, dim=1).sum(0)  # without equipartition: very unequal
-    assert (usage - B / K).abs().max() < (plain - B / K).abs().max()
-    q_conv = sinkhorn(scores, epsilon=0.05, iters=200)
-    assert torch.allclose(q_conv.sum(0), torch.full((K,), B / K), rtol=1e-3)
-
-
-def test_swav_loss_is_low_when_views_agree_and_has_gradients():
-    torch.manual_seed(0)
-    net = SwAVNet(W_embedder(), proj_dim=8, prototypes=6)
-    x = torch.randn(12, 3, 32, 32)
-    s1 = net(x)
-    same = swav_loss(s1, s1.detach().clone().requires_grad_(), 0.1, 0.05, 3)
-    other = swav_loss(s1, net(torch.randn(12, 3, 32, 32)), 0.1, 0.05, 3)
-    assert math.isfinite(same.item()) and same.item() < other.item()
-    other.backward()
-    assert net.prototypes.weight.grad is not None and net.projection[0].weight.grad.abs().sum() > 0
 
 
 def W_embedder():
@@ -104,45 +74,6 @@ def test_pretrain_zero_steps_exports_initial_weights(tmp_path):
     assert res["steps"] == 0 and res["exported_initial"]
     emb = load_embedder(RunLayout(tmp_path / "run").stage_dir("pretrain") / "final.pt")
     assert emb.embed_dim == 32
-
-
-def _swav_reference(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
-    """Official SwAV's distributed_sinkhorn on one process, written independently: exp(s / eps), no shift."""
-    Q = torch.exp(scores.double() / epsilon).t()
-    K, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(iters):
-        Q /= Q.sum(dim=1, keepdim=True)
-        Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)
-        Q /= B
-    return (Q * B).t()
-
-
-def _peaked(B: int = 64, K: int = 300, seed: int = 0) -> torch.Tensor:
-    """One peak per image, of a height that varies across images, over flat scores."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.full((B, K), -0.5)
-    s[torch.arange(B), torch.randint(0, K, (B,), generator=g)] = torch.rand(B, generator=g) * 1.5 - 0.5
-    return s
-
-
-def test_sinkhorn_codes_are_swavs_unshifted_codes():
-    torch.manual_seed(0)
-    scores = (
-        torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
-        @ torch.nn.functional.normalize(torch.randn(20, 8), dim=1).t()
-    )
-    for iters in (1, 3):  # the global shift cancels exactly at every iteration count
-        assert torch.allclose(sinkhorn(scores, 0.05, iters).double(), _swav_reference(scores, 0.05, iters), atol=1e-6)
-
-
-def test_sinkhorn_on_peaked_scores_is_close_to_converged_codes():
-    scores = _peaked()
-    converged = _swav_reference(scores, 0.05, 5000)
-    q = sinkhorn(scores, 0.05, 3).double()
-    assert (q - converged).abs().sum(1).mean() < 0.01  # a per-image shift gave ~1.0 here
-    assert torch.isfinite(sinkhorn(scores, 1e-4, 3)).all()  # exp range far beyond float64: no nan
 
 
 def test_swav_views_use_pretrain_augment():
@@ -208,3 +139,48 @@ def test_the_better_of_input_and_output_is_handed_on(tmp_path):
     assert torch.equal(out.backbone.features[0].weight, good.backbone.features[0].weight)
     out, info = _better_of(cfg, good, state(broken), torch.device("cpu"))
     assert info["knn_map_at_r"]["handed_on"] == "output" and out is good
+
+
+def test_multicrop_stream_gives_two_global_and_v_local_views(tmp_path):
+    data = W.make_data(tmp_path / "data", n_classes=2, per_class=4, unl_per_class=2, corrupt=1)
+    cfg = W.load_cfg(W.overrides(data, tmp_path / "run", "pretrain.local_crops=3", "pretrain.local_crop_size=12"))
+    stream = swav_batches(
+        [cfg.data.train_shards, cfg.data.unlabeled_shards],
+        cfg.data,
+        4,
+        seed=0,
+        rank=0,
+        world=1,
+        augment=cfg.pretrain.augment,
+        pretrain_cfg=cfg.pretrain,
+    )
+    batch = next(stream)
+    assert batch["view1"].shape == batch["view2"].shape == (4, 3, 32, 32)
+    assert batch["local"].shape == (3, 4, 3, 12, 12)
+    crop = local_view_transform(cfg.pretrain, cfg.data, cfg.pretrain.augment).transforms[0].transforms[1]
+    assert crop.scale == (0.05, 0.14)  # SwAV's local scale range, not the global crops'
+    assert W.load_cfg(["data.image_size=224"]).pretrain.local_crop_size is None
+    none = W.load_cfg(W.overrides(data, tmp_path / "run", "pretrain.local_crops=0"))
+    assert "local" not in next(
+        swav_batches([cfg.data.train_shards], none.data, 4, seed=0, rank=0, world=1, pretrain_cfg=none.pretrain)
+    )
+
+
+def test_local_crops_larger_than_the_global_ones_fail_at_load():
+    from slade_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="local_crop_size"):
+        W.load_cfg(["data.image_size=32", "pretrain.local_crop_size=48"])
+    with pytest.raises(ConfigError, match="local_crop_scale_min"):
+        W.load_cfg(["pretrain.local_crop_scale_min=0.5"])
+
+
+def test_pretrain_stage_uses_the_queue_when_the_batch_is_below_the_prototypes(tmp_path):
+    data = W.make_data(tmp_path / "data", n_classes=4, per_class=6, unl_per_class=6)
+    run_dir = tmp_path / "run"
+    extra = ("pretrain.steps=10", "pretrain.prototypes=20", "pretrain.local_crops=2", "train.log_every=1")
+    res = run(W.load_cfg(W.overrides(data, run_dir, *extra)), run_dir)  # batch 16 < 20: queue of 48 rows
+    assert res["steps"] == 10
+    used = dict(W.tb_scalars(RunLayout(run_dir).tb_dir("pretrain"))["swav/queue_used"])
+    # filled after 3 steps of 16 rows, used from freeze_prototypes_steps (3) on
+    assert [used[s] for s in sorted(used)] == [0.0] * 3 + [1.0] * 7, used

@@ -1,0 +1,167 @@
+"""SwAV's objective (Caron et al., NeurIPS 2020), as the pretrain stage (train/pretrain.py) uses it.
+
+Owns:
+- `SwAVNet`: the Embedder (its backbone is what SwAV trains), a projection MLP (feature_dim ->
+  feature_dim -> proj_dim) and K prototype vectors; scores = <normalised projection, normalised
+  prototype>. It takes one batch or a list of batches of different crop sizes (multi-crop: each
+  size goes through the backbone on its own, the projection sees them all, as SwAV's wrapper
+  does). The prototypes are normalised in the forward (correct under every ZeRO stage, where the
+  optimizer may hold its own fp32 copy) and, with ZeRO-0, also in place after each step.
+- `sinkhorn`: Sinkhorn-Knopp codes over the GLOBAL batch (row sums all-reduced across ranks).
+- `FeatureQueue`: the last projections of each global crop on this rank. When the global batch
+  is smaller than the prototypes the equipartition constraint is meaningless on the batch alone
+  (B < K images cannot use K prototypes equally), so the queue's scores join the Sinkhorn input
+  and only the batch's codes are kept (SwAV's queue). It is not checkpointed: after a resume it
+  refills, and until it is full the codes come from the batch alone.
+- `swav_loss`: swapped prediction over multi-crop views: every crop predicts the codes of each
+  global crop other than itself; the mean over those pairs (2 crops: the classic two-view loss).
+Tests: tests/unit/test_swav.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist
+
+# exp(x) of float64 is 0 below about -745: a shift below this floor would give an image no mass
+# at all (a 0/0 in its column); entries this far below the global best are codes of ~1e-304 anyway
+EXP_FLOOR = -700.0
+
+
+class SwAVOut(NamedTuple):
+    z: torch.Tensor  # (N, proj_dim) normalised projections of every crop, in input order
+    scores: torch.Tensor  # (N, K) cosine scores against the prototypes
+    queue_scores: torch.Tensor | None  # (views, L, K) scores of the queue's rows (no gradient), or None
+
+
+class SwAVNet(nn.Module):
+    def __init__(self, embedder: nn.Module, proj_dim: int, prototypes: int):
+        super().__init__()
+        self.embedder = embedder
+        d = int(embedder.feature_dim)
+        self.projection = nn.Sequential(
+            nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, proj_dim)
+        )
+        self.prototypes = nn.Linear(proj_dim, prototypes, bias=False)
+        self.normalize_prototypes_()
+
+    @torch.no_grad()
+    def normalize_prototypes_(self) -> None:
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def forward(
+        self, crops: torch.Tensor | Sequence[torch.Tensor], queue: torch.Tensor | None = None
+    ) -> torch.Tensor | SwAVOut:
+        """One (B, 3, H, W) batch -> its (B, K) scores. A list of batches (one per crop size) ->
+        SwAVOut over all of them in order; `queue` (views, L, proj_dim) is scored too (inside the
+        forward, so the prototypes are whole under ZeRO-3)."""
+        batches = [crops] if torch.is_tensor(crops) else list(crops)
+        feats = torch.cat([self.embedder.features(x) for x in batches])
+        z = F.normalize(self.projection(feats), dim=1)
+        protos = F.normalize(self.prototypes.weight, dim=1)
+        scores = z @ protos.t()
+        if torch.is_tensor(crops):
+            return scores
+        queue_scores = None
+        if queue is not None:
+            with torch.no_grad():
+                queue_scores = queue.to(protos.dtype) @ protos.detach().t()
+        return SwAVOut(z, scores, queue_scores)
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
+    """SwAV codes for this rank's (B, K) scores, equipartitioned over the global batch.
+
+    Returns (B, K) float32 with rows summing to 1 (computed in float64: B x K is small).
+    exp(scores / epsilon) is shifted by ONE constant, the maximum over every rank's scores: that
+    cancels in the first normalisation, so the codes are exactly those of SwAV's unshifted
+    exp(scores / epsilon) at any iteration count. A per-image shift (each image by its own max)
+    scales the columns differently, which the iterations only undo at convergence (on peaked
+    scores, B 64, K 300, 3 iterations: L1 1.0 per image from the converged codes vs 0.0002).
+    """
+    s = scores.double() / epsilon
+    top = dist.all_gather_cat(s.max().reshape(1)).max()  # every rank shifts by the same constant
+    Q = torch.exp((s - top).clamp_min(EXP_FLOOR)).t()  # K x B
+    K, B_local = Q.shape
+    B = torch.tensor([float(B_local)], device=Q.device)
+    dist.all_reduce_sum(B)
+    total = Q.sum().reshape(1)
+    dist.all_reduce_sum(total)
+    Q /= total
+    for _ in range(iters):
+        rows = Q.sum(dim=1, keepdim=True)
+        dist.all_reduce_sum(rows)
+        Q /= rows
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    Q *= B  # columns sum to 1: each image's code is a distribution over prototypes
+    return Q.t().float()
+
+
+class FeatureQueue:
+    """This rank's last `length` projections of each of the `views` global crops (newest first)."""
+
+    def __init__(self, views: int, length: int, dim: int, device: torch.device | str = "cpu") -> None:
+        if length < 1:
+            raise ValueError(f"a feature queue needs length >= 1, got {length}")
+        self.z = torch.zeros(views, length, dim, device=device)
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled >= self.z.shape[1]
+
+    @torch.no_grad()
+    def push(self, views: Sequence[torch.Tensor]) -> None:
+        """Add this step's (B, dim) projections of each global crop; the oldest rows drop out."""
+        new = torch.stack([v.detach().to(self.z) for v in views])[:, : self.z.shape[1]]
+        self.z = torch.cat([new, self.z[:, : self.z.shape[1] - new.shape[1]]], dim=1)
+        self.filled = min(self.z.shape[1], self.filled + new.shape[1])
+
+
+def queue_length(configured: int, batch_size: int, world: int, prototypes: int) -> int:
+    """Rows per rank of the feature queue. configured > 0: that many GLOBAL rows, split over the
+    ranks; 0: none; -1 (auto): none when the global batch has at least as many images as there are
+    prototypes, else the smallest multiple of the global batch holding 2 x prototypes rows (SwAV:
+    queue 3,840 + batch 256 for 3,000 prototypes)."""
+    global_batch = batch_size * world
+    if configured == 0 or (configured < 0 and global_batch >= prototypes):
+        return 0
+    rows = configured if configured > 0 else -(-2 * prototypes // global_batch) * global_batch
+    return max(1, -(-rows // world))
+
+
+def swav_loss(
+    scores: Sequence[torch.Tensor],
+    temperature: float,
+    epsilon: float,
+    iters: int,
+    *,
+    assign: int = 2,
+    queue_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Swapped prediction over crops. `scores`: one (B, K) tensor per crop, the first `assign` are
+    the global crops whose Sinkhorn codes are the targets; every crop predicts each of those codes
+    but its own; the mean over the (crop, target) pairs. queue_scores (assign, L, K): rows put in
+    front of each global crop's Sinkhorn input (their codes are dropped)."""
+    logp = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
+    total, pairs = scores[0].new_zeros((), dtype=torch.float32), 0
+    for i in range(assign):
+        s = scores[i].detach()
+        if queue_scores is not None:
+            s = torch.cat([queue_scores[i].to(s.dtype), s])
+        q = sinkhorn(s, epsilon, iters)[-scores[i].shape[0] :]
+        for v, lp in enumerate(logp):
+            if v != i:
+                total = total - (q * lp).sum(dim=1).mean()
+                pairs += 1
+    return total / pairs
