@@ -18,7 +18,7 @@ that batch (mining/literal_*, mining/agreement_*: FeatureBasis.mining_shares), w
 W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
 are exported in final.pt's `extra`.
 Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
-tests/integration/test_resume.py.
+tests/integration/test_resume.py, tests/integration/test_global_batch.py (the mined term on 2 ranks).
 """
 
 from __future__ import annotations
