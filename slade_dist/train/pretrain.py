@@ -149,14 +149,18 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         seed = self.seed * 31 + (info.id if info else 0)
         pc = self.pretrain_cfg
-        local = (pc.local_crops, local_view_transform(pc, self.data_cfg, self.augment)) if pc else (0, None)
+        local = (
+            (pc.local_crops, local_view_transform(pc, self.data_cfg, self.augment))
+            if pc and pc.local_crops
+            else (0, None)
+        )
         return _multicrop_batches(
             iter(self.tars),
             data_cfg=self.data_cfg,
             augment=self.augment,
             batch_size=self.batch_size,
             seed=seed,
-            local=local if local[0] else (0, None),
+            local=local,
         )
 
 
