@@ -148,8 +148,13 @@ class ModelConfig:
     backbone: str = _f("resnet50", help=" | ".join(BACKBONE_NAMES) + " | timm:<name>")
     embed_dim: int = _f(128, lo=2)
     pretrained_path: str = _f("", input_path=True, help="local weights file; never downloaded")
-    freeze_bn: bool = _f(True)
+    freeze_bn: bool = _f(True, help="BatchNorm keeps its running statistics and weights (eval mode) while training")
     pooling: Literal["avg", "max", "avgmax"] = _f("avg")
+    sync_bn: bool = _f(
+        True,
+        help="BatchNorm layers that train normalise with the statistics of every rank's rows (SyncBatchNorm; "
+        "an all-reduce BatchNorm on CPU); false: each rank's own rows, so the method depends on the GPU count",
+    )
 
 
 @dataclass
@@ -161,7 +166,6 @@ class LossConfig:
     ms_eps: float = _f(0.1, lo=0.0)
     pos_margin: float = _f(0.0, lo=0.0)
     neg_margin: float = _f(1.0, lo=0.0)
-    cross_rank: bool = _f(False, help="all-gather embeddings so anchors see the global batch")
 
 
 @dataclass
@@ -169,7 +173,9 @@ class PretrainConfig:
     """SwAV continued pre-training on labeled + unlabeled images (labels ignored)."""
 
     steps: int = _f(200, lo=0)
-    batch_size: int = _f(64, lo=2)
+    batch_size: int = _f(
+        64, lo=2, help="images per optimizer step over all ranks and micro-batches (each rank takes its share)"
+    )
     prototypes: int = _f(300, lo=2)
     proj_dim: int = _f(128, lo=2)
     temperature: float = _f(0.1, lo=1e-4)
@@ -215,7 +221,9 @@ class TrainConfig:
 
     teacher_steps: int = _f(1000, lo=0)
     student_steps: int = _f(1000, lo=0)
-    classes_per_batch: int = _f(8, lo=2, help="P of the labeled P x K batch")
+    classes_per_batch: int = _f(
+        8, lo=1, help="P of the labeled P x K batch of one optimizer step, over all ranks and micro-batches"
+    )
     samples_per_class: int = _f(4, lo=2, help="K of the labeled P x K batch")
     optimizer: Literal["adamw", "sgd"] = _f("adamw")
     lr: float = _f(1e-4, lo=0.0, help="head learning rate")
@@ -236,11 +244,19 @@ class TrainConfig:
 @dataclass
 class StudentConfig:
     init: Literal["teacher", "pretrain"] = _f("teacher")
-    unlabeled_classes_per_batch: int = _f(8, lo=2, help="P of the pseudo-labeled P x K batch")
+    unlabeled_classes_per_batch: int = _f(
+        8, lo=1, help="P of the pseudo-labeled P x K batch of one optimizer step, over all ranks and micro-batches"
+    )
     unlabeled_samples_per_class: int = _f(4, lo=2)
     lambda1: float = _f(1.0, lo=0.0, help="weight of the ranking loss on mined unlabeled pairs")
     lambda2: float = _f(0.25, lo=0.0, help="weight of L_CE + L_SD")
     basis_warmup_steps: int = _f(100, lo=0, help="train W_a alone first, embeddings detached")
+    lr_mult: float = _f(
+        1.0,
+        lo=0.0,
+        help="the student's learning rates are train.lr's x this: a student whose step holds more images than "
+        "its teacher's scales them (docs/SCALING.md: the square-root rule)",
+    )
     ablation: Literal["full", "no_mining", "no_basis", "raw_pairs"] = _f("full")
 
 
@@ -755,3 +771,20 @@ def describe_sections() -> str:
             keys += f"; {{{','.join(nested)}}}.{{{leaf}}}"
         lines.append(f"  {name:9s} {keys}")
     return "\n".join(lines)
+
+
+def step_share(total: int, key: str, world: int, grad_accum: int = 1) -> int:
+    """Each rank's share per micro-batch of a per-step count (train.classes_per_batch,
+    student.unlabeled_classes_per_batch, pretrain.batch_size: the batch of one optimizer step over
+    every rank and every micro-batch of train.grad_accum). A count that does not divide fails
+    naming the two nearest values that do. Torch-free: the launcher checks job shapes with it."""
+    parts = world * grad_accum
+    if total % parts:
+        lower, upper = total // parts * parts, (total // parts + 1) * parts
+        fix = " or ".join(f"{key}={v}" for v in (lower, upper) if v > 0)
+        raise ConfigError(
+            f"{key} = {total} per optimizer step is shared by {world} rank(s) x {grad_accum} micro-batch(es) "
+            f"(train.grad_accum): it must be a multiple of {parts}; set {fix} (or change the job's GPUs / "
+            f"train.grad_accum)"
+        )
+    return total // parts

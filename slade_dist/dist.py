@@ -38,6 +38,9 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "all_gather_cat",
+    "gather_rows",
+    "sum_over_ranks",
+    "row_offset",
     "all_gather_object",
     "broadcast_object",
     "print0",
@@ -334,6 +337,52 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# ------------------------------------------------------------------ the step's global batch
+# A loss over the global batch is computed by every rank on its own rows (the anchors) against all
+# rows (the candidates), and its partial sums are added over ranks. Both collectives below are
+# differentiable: a candidate row's gradient, from every rank that used it, is summed into its
+# owner's rows, and a summed statistic's gradient reaches every rank's part. Every rank thus
+# back-propagates the same global loss and gets world_size x the one-process gradient of its own
+# rows, which the engine's gradient AVERAGE over ranks turns into exactly that gradient.
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.detach().clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)  # each rank's use of the sum reaches each part
+        return out
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks, differentiable (the gradient is summed back too). Collective:
+    every rank calls it, also in backward. Identity in one process."""
+    return _SumOverRanks.apply(t) if world_size() > 1 else t
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` in rank order, differentiable: the gradient of each copy of a row,
+    on every rank, is summed into the row's owner (torch.distributed.nn's all_gather: a
+    reduce-scatter in backward). Every rank must hold the same number of rows (a P x K share).
+    Collective; identity in one process."""
+    if world_size() == 1:
+        return t
+    import torch.distributed.nn.functional as dnn  # torch.distributed.nn imports RPC pieces: only when used
+
+    return torch.cat(dnn.all_gather(t.contiguous()))
+
+
+def row_offset(n_local: int) -> int:
+    """Index of this rank's first row in a gather_rows result of equal shares of `n_local` rows."""
+    return rank() * int(n_local)
 
 
 def print0(*args: Any, **kwargs: Any) -> None:

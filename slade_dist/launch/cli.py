@@ -32,8 +32,10 @@ from .checks import (
     check_sbatch_extra,
     check_shard_ids,
     check_stages_exist,
+    check_step_batches,
     input_problems,
     missing_input_paths,
+    step_picture,
 )
 from .local import check_local_shape, run_here
 from .plan import (
@@ -257,6 +259,7 @@ def resolve(args: argparse.Namespace, config_file: str) -> tuple[Config, str, li
     check_flags_fit_stage(args)
     plan = plan_jobs(cfg, args.stage, args)
     check_sbatch_extra(cfg, plan)
+    check_step_batches(cfg, plan)  # also in a dry run: such a job could never start
     cluster = pick_cluster(args.cluster, cfg, plan)
     if not args.dry_run:
         check_cluster_fits(cluster, plan, cfg)
@@ -315,6 +318,8 @@ def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], warnings: 
             else ""
         )
         print(f"\n## job {spec.name}: stage {spec.stage}{rnd}, {describe_shape(spec)}{done}", file=out)
+        if picture := step_picture(cfg, spec):
+            print(f"# {picture}", file=out)
         if cluster == "slurm":
             dep = f"afterok:<job id of {spec.after}>" if spec.after else None
             for line in script_lines(slurm_params(spec, cfg, dep), log_folder(cfg, spec), spec.array):

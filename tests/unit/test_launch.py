@@ -480,6 +480,34 @@ def sbatch_options(lines: list[str]) -> dict[str, str]:
     return options
 
 
+def test_a_job_whose_ranks_do_not_divide_the_step_is_refused_before_queueing(monkeypatch, tmp_path, capsys):
+    """8 nodes x 8 GPUs = 64 ranks for cub.yaml's P = 8: refused in the dry run too (such a job
+    could never start), naming the job, its ranks and the fix."""
+    no_sbatch(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--stage",
+        "student",
+        "--nodes",
+        "8",
+        "--gpus-per-node",
+        "8",
+        "--config",
+        str(REPO_ROOT / "configs/cub.yaml"),
+    ]
+    assert cli.main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "job round1-student runs 8 node(s) x 8 task(s) = 64 ranks" in err, err
+    assert "set train.classes_per_batch=64" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    # SwAV's batch is the step's too: 512 over 3 x 8 = 24 ranks does not divide
+    assert (
+        cli.main(["--stage", "pretrain", "--nodes", "3", "--config", str(REPO_ROOT / "configs/cub.yaml"), "--dry-run"])
+        == 2
+    )
+    assert "set pretrain.batch_size=504 or pretrain.batch_size=528" in capsys.readouterr().err
+
+
 def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatch, tmp_path, capsys):
     """The issue's command: it used to exit 2 (input path check), or run "local" and refuse --nodes 8."""
     no_sbatch(monkeypatch, tmp_path)
@@ -495,9 +523,11 @@ def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatc
     options = sbatch_options(script)
     assert (
         options["nodes"] == "8"
-        and options["gpus-per-node"] == "8"
+        and options["gpus-per-node"] == "1"  # cub.yaml's student: the paper's step is one GPU's work
         and options["job-name"] == "slade-cub-round1-student"
     )
+    # what 8 ranks imply for the step's batch: one class and one pseudo-class per rank
+    assert "# per GPU and step: 4 labeled images + 4 pseudo-labeled images (of 32 + 32 over 8 rank(s))" in out
     (srun,) = [ln for ln in script if ln.startswith("srun ")]
     assert "--kill-on-bad-exit=1" in srun and srun.endswith(str(tmp_path / "runs/cub/logs/round1-student"))
     assert not (tmp_path / "runs").exists()

@@ -11,7 +11,8 @@ import torch
 
 from slade_dist.train import engine as E
 from slade_dist.train.common import ranking_loss_fn
-from slade_dist.train.student import StudentNet, StudentStep, param_groups
+from slade_dist.train.loop import optimizer_step
+from slade_dist.train.student import StudentNet, StudentObjective, param_groups
 
 from ..integration import _train_workers as W
 
@@ -55,14 +56,13 @@ def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2, before_step=N
     tr = E.Trainer(
         net, param_groups(net, cfg), cfg.train, stage_dir=tmp_path / ablation, total_steps=steps, micro_batch=32
     )
-    step_fn = StudentStep(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2))
+    step_fn = StudentObjective(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2))
     seen = []
     for s in range(steps):
         if before_step is not None:
             before_step(s, net, step_fn)
-        out = step_fn(s)
-        tr.backward_step(out.loss)
-        seen.append(out.scalars)
+        _, scalars = optimizer_step(tr, step_fn, s, [step_fn.draw(s)])
+        seen.append(scalars)
     return seen, net, tr, before
 
 
@@ -115,8 +115,8 @@ def test_gaussians_are_reseeded_once_when_the_warmup_ends(tmp_path):
             mus.append(float(net.basis.mu_pos))  # after the previous step
         if step >= 1:
             _plant_impossible_gaussians(net)
-        if step == 3:  # a second micro-batch of optimizer step 2 (grad_accum): no second reset
-            step_fn(2)
+        if step == 3:  # optimizer step 2 seen again (as by a process that resumed there): no second reset
+            optimizer_step(step_fn.trainer, step_fn, 2, [step_fn.draw(2)])
             mus.append(float(net.basis.mu_pos))
 
     _run(tmp_path, "full", steps=4, warmup=2, before_step=before)
