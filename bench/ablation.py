@@ -25,12 +25,11 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from _demo import ROOT, config, metrics_of, prepare_data
+from _demo import ROOT, config, metrics_of, prepare_data, summarise
 
 from slade_dist.runner import run_stage
 from slade_dist.stages import RunLayout
@@ -102,18 +101,6 @@ def one_seed(
         rows[name] = metrics_of(layout.stage_dir("student", 1) / "final.pt", scfg)
     print(f"seed {seed}: " + ", ".join(f"{k} {v['map_at_r']:.4f}" for k, v in rows.items()), flush=True)
     return rows
-
-
-def summarise(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    out = {}
-    for name in per_seed[0]:
-        row: dict[str, float] = {}
-        for metric in ("map_at_r", "precision_at_1"):
-            vals = [s[name][metric] for s in per_seed]
-            row[metric] = round(statistics.mean(vals), 4)
-            row[f"{metric}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-        out[name] = row
-    return out
 
 
 def main() -> None:

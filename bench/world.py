@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
-from _demo import ROOT, config, metrics_of, prepare_data
+from _demo import ROOT, config, metrics_of, prepare_data, summarise
 
 from slade_dist import dist
 from slade_dist.runner import run_stage
@@ -71,18 +70,6 @@ def one_seed(bench_dir: Path, data: list[str], seed: int, quick: bool, worlds: l
     return rows
 
 
-def summarise(per_seed: list[dict[int, dict]], worlds: list[int]) -> dict[int, dict[str, float]]:
-    out = {}
-    for world in worlds:
-        row: dict[str, float] = {}
-        for metric in ("map_at_r", "precision_at_1"):
-            vals = [s[world][metric] for s in per_seed]
-            row[metric] = round(statistics.mean(vals), 4)
-            row[f"{metric}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
-        out[world] = row
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 px demo, short stages, 1 seed, 1 and 2 ranks")
@@ -94,7 +81,7 @@ def main() -> None:
     worlds = [1, 2] if args.quick else [1, 2, 4]
     data = prepare_data(bench_dir, args.quick)
     per_seed = [one_seed(bench_dir, data, seed, args.quick, worlds) for seed in range(seeds)]
-    rows = summarise(per_seed, worlds)
+    rows = summarise(per_seed)
     for world, r in rows.items():
         print(
             f"{world} rank(s)  MAP@R {r['map_at_r']:.4f} +- {r['map_at_r_std']:.4f}   "

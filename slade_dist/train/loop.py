@@ -103,6 +103,8 @@ def optimizer_step(trainer: Trainer, objective: StepObjective, step: int, micros
         if trains:
             after = _rng_state()
             for m, state, leaf in zip(micros, states, leaves):
+                if leaf.grad is None:  # an output the loss did not use (the same on every rank)
+                    continue
                 _set_rng_state(state)
                 out = objective.trunk(m.x)
                 trainer.backward((out.float() * leaf.grad.float()).sum())
