@@ -190,7 +190,7 @@ class FeatureBasis(nn.Module):
         (this rank's anchor index, global candidate index). Empty while a Gaussian is unseeded or
         mu+ <= mu-. require_cluster_agreement also demands same / different pseudo label (the
         non-literal reading)."""
-        pos, neg = self._literal_masks(block)
+        pos, neg = self.literal_masks(block)
         if not self.mining_on():
             pos, neg = torch.zeros_like(pos), torch.zeros_like(neg)
         if require_cluster_agreement:
@@ -200,7 +200,7 @@ class FeatureBasis(nn.Module):
         self._last_mined = (n_pos, n_neg)
         return pos.nonzero().t().contiguous(), neg.nonzero().t().contiguous()
 
-    def _literal_masks(self, block: PairBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    def literal_masks(self, block: PairBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 7 read literally: (s_ij >= mu+, s_ij <= mu-), i != j."""
         sim = block.sim.detach()
         return (sim >= self.mu_pos) & block.valid, (sim <= self.mu_neg) & block.valid
@@ -217,7 +217,7 @@ class FeatureBasis(nn.Module):
         mu-); {} while a Gaussian is unseeded; a share is left out when its set is empty."""
         if not (bool(self.seeded_pos) and bool(self.seeded_neg)):
             return {}
-        pos, neg = self._literal_masks(block)
+        pos, neg = self.literal_masks(block)
         n_pos, n_neg, agree_pos, agree_neg = global_counts(pos, neg, pos & block.same, neg & ~block.same)
         out = {
             "literal_pos_pairs": float(n_pos),

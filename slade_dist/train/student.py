@@ -17,7 +17,9 @@ embeddings, train/loop.py): the ranking losses, L_CE, the Eq. 6 Gaussians, the E
 and mined pairs are those of the global batch of all ranks (basis.py, losses.py), so 1 GPU and 64
 train the same method, also with one pseudo-class per rank. Every step after the warm-up logs how
 the two Eq. 7 readings differ on that batch (mining/literal_*, mining/agreement_*:
-FeatureBasis.mining_shares), whichever trains.
+FeatureBasis.mining_shares), whichever trains, and, where the unlabeled samples carry a hidden
+class (`true_labels` of the pseudo-labeled batches), the precision of the pseudo-positive pairs and
+of both readings' mined pairs against it (truth/*, `TruthPrecision`; run totals in DONE.json).
 W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
 are exported in final.pt's `extra`.
 Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..basis import FeatureBasis, PairBlock
+from ..basis import FeatureBasis, PairBlock, global_counts
 from ..config import Config
 from ..data.readers import labeled_batches, pseudo_labeled_batches
 from ..data.shards import read_classes
@@ -206,6 +208,7 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         "init": str(init) if init else "",
         "num_classes": num_classes,
         "basis": {k: float(v) for k, v in basis_stats.items() if isinstance(v, (int, float))},
+        "truth_precision": objective.truth.summary(),
     }
 
 
@@ -231,6 +234,7 @@ class StudentObjective(StepObjective):
         self.mining = cfg.mining.enabled and self.ablation == "full"
         self.skip = SkipDelta()
         self._reseeded = False  # the Gaussians were reset when the warm-up ended (once per process)
+        self.truth = TruthPrecision()
 
     @property
     def net(self) -> StudentNet:
@@ -258,6 +262,8 @@ class StudentObjective(StepObjective):
             "pseudo": unl["labels"].to(dev, non_blocking=True),
             "n_labeled": int(lab["images"].shape[0]),
         }
+        if "true_labels" in unl:  # the hidden classes, where the unlabeled json has them: measured only
+            data["truth"] = unl["true_labels"].to(dev, non_blocking=True)
         skipped = self.skip("labeled", lab.get("skipped", 0)) + self.skip("pseudo", unl.get("skipped", 0))
         return Micro(x=x, data=data, images=int(x.shape[0]), skipped=skipped, wait_s=wait_l + wait_u)
 
@@ -267,6 +273,7 @@ class StudentObjective(StepObjective):
         emb_u = torch.cat([o[m.data["n_labeled"] :] for o, m in zip(outs, micros)]).float()
         y = torch.cat([m.data["labels"] for m in micros])
         pl = torch.cat([m.data["pseudo"] for m in micros])
+        truth = torch.cat([m.data["truth"] for m in micros]) if "truth" in micros[0].data else None
         warmup = self.warmup(step)
         self._reseed_after_warmup(net, step)
         terms: dict[str, torch.Tensor] = {}
@@ -274,7 +281,7 @@ class StudentObjective(StepObjective):
         if not warmup:
             terms["rank_labeled"] = self.rank_loss(emb_l, y)
         if net.basis is not None:
-            terms.update(self._basis_terms(net.basis, emb_l, y, emb_u, pl, warmup, scalars))
+            terms.update(self._basis_terms(net.basis, emb_l, y, emb_u, pl, truth, warmup, scalars))
         if self.ablation in ("no_basis", "raw_pairs") and not warmup:
             terms["rank_unlabeled"] = cfg.student.lambda1 * self.rank_loss(emb_u, pl)
         scalars.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
@@ -297,6 +304,7 @@ class StudentObjective(StepObjective):
         y: torch.Tensor,
         emb_u: torch.Tensor,
         pl: torch.Tensor,
+        truth: torch.Tensor | None,
         warmup: bool,
         scalars: dict[str, float],
     ) -> dict[str, torch.Tensor]:
@@ -308,6 +316,8 @@ class StudentObjective(StepObjective):
         terms = {"ce": cfg.student.lambda2 * ce, "sd": cfg.student.lambda2 * sd}
         if not warmup:  # both Eq. 7 readings on this batch, whichever one (if any) trains
             scalars.update({f"mining/{k}": v for k, v in basis.mining_shares(block).items()})
+            if truth is not None:
+                scalars.update(self.truth.measure(basis, block, truth))
         if self.mining and not warmup:
             mined, n_pos, n_neg = mined_loss(
                 basis, self.rank_loss, emb_u, block, require_agreement=cfg.mining.require_cluster_agreement
@@ -316,6 +326,54 @@ class StudentObjective(StepObjective):
             scalars["mining/neg_pairs"] = float(n_neg)
             terms["rank_mined"] = cfg.student.lambda1 * mined
         return terms
+
+
+class TruthPrecision:
+    """How many of the pairs the student trains on are right, where the unlabeled samples carry a
+    hidden class (the demo, the NABirds / CompCars converters, any json with a label): the
+    precision, over the global batch's pairs whose two classes are known, of the pseudo-positive
+    pairs (same cluster), and of both Eq. 7 readings' mined positives (same class) and negatives
+    (different classes). Per step in TensorBoard (truth/*), summed over the run for DONE.json
+    (`summary`). The hidden classes are never trained on. Collective (counts over ranks)."""
+
+    SETS = ("pseudo_pos", "literal_pos", "literal_neg", "agreement_pos", "agreement_neg")
+
+    def __init__(self) -> None:
+        self.totals = {name: [0, 0] for name in self.SETS}  # (agreeing, known) over the run
+
+    def measure(self, basis: FeatureBasis, block: PairBlock, truth: torch.Tensor) -> dict[str, float]:
+        truth_all = dist.all_gather_cat(truth)
+        known = (truth.view(-1, 1) >= 0) & (truth_all.view(1, -1) >= 0) & block.valid
+        equal = truth.view(-1, 1) == truth_all.view(1, -1)
+        pos, neg = basis.literal_masks(block)
+        sets = {
+            "pseudo_pos": block.same,
+            "literal_pos": pos,
+            "literal_neg": neg,
+            "agreement_pos": pos & block.same,
+            "agreement_neg": neg & ~block.same,
+        }
+        masks = []
+        for name, m in sets.items():
+            right = equal if name.endswith("pos") else ~equal
+            masks += [m & known & right, m & known]
+        counts = global_counts(*masks)
+        out = {}
+        for i, name in enumerate(self.SETS):
+            agree, n = counts[2 * i], counts[2 * i + 1]
+            self.totals[name][0] += agree
+            self.totals[name][1] += n
+            if n:
+                out[f"truth/{name}_precision"] = agree / n
+        return out
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        """{set: {precision, pairs}} over every step measured in this process (empty without truth)."""
+        return {
+            name: {"precision": round(agree / n, 4) if n else None, "pairs": n}
+            for name, (agree, n) in self.totals.items()
+            if n
+        }
 
 
 def mined_loss(
