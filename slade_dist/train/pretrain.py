@@ -43,7 +43,7 @@ from PIL import Image
 from torch import nn
 
 from .. import dist
-from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment
+from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment, swav_backbone_lr_mult
 from ..data.readers import finite_batches
 from ..data.shards import shard_paths
 from ..data.tars import TarSamples, image_bytes
@@ -215,9 +215,11 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     stage_dir = RunLayout(run_dir).stage_dir("pretrain")
     stage_dir.mkdir(parents=True, exist_ok=True)
-    pc = cfg.pretrain
-    if pc.steps == 0:
+    if cfg.pretrain.steps == 0:
         return export_initial(cfg, stage_dir)
+    lr_mult, why = swav_backbone_lr_mult(cfg)
+    dist.get_logger().info(f"pretrain: backbone lr = pretrain.lr x {lr_mult} ({why})")
+    pc = dataclasses.replace(cfg.pretrain, backbone_lr_mult=lr_mult)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net, heads_loaded = build_swav_net(cfg)
     # the input weights, to compare with the output before handing one on (rank 0 decides)
@@ -263,7 +265,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     tb.close()
     knn: dict[str, Any] = {}
     if dist.is_main():
-        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device)
+        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device, result.seconds)
         save_weights(
             stage_dir / "final.pt",
             out,
@@ -322,7 +324,7 @@ def _k(trainer: Trainer) -> int:
 
 def _pretrain_train_cfg(cfg: Config) -> TrainConfig:
     """train.* optimisation knobs with SwAV's own lr, backbone multiplier and steps."""
-    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=cfg.pretrain.backbone_lr_mult)
+    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=swav_backbone_lr_mult(cfg)[0])
 
 
 def swav_groups(net: SwAVNet, pc: PretrainConfig) -> list[ParamGroup]:
@@ -410,10 +412,12 @@ def labeled_knn_map_at_r(cfg: Config, embedder: nn.Module, device: torch.device)
 
 
 def _better_of(
-    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device
+    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device, seconds: float = 0.0
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(the embedder to hand on, {"knn_map_at_r": {"input", "output", "handed_on"}}); the SwAV
-    output unless the input weights score higher (pretrain.keep_better)."""
+    output unless the input weights score higher (pretrain.keep_better). Handing on the input
+    means the stage's `seconds` of SwAV were spent for nothing: a WARNING says so, with both
+    figures, and the result carries it ("warning") for the closing summary."""
     if initial is None:
         return trained, {}
     before = copy.deepcopy(trained)
@@ -421,8 +425,16 @@ def _better_of(
     scores = {"input": labeled_knn_map_at_r(cfg, before, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
     keep_input = scores["input"] > scores["output"]  # nan (no labeled pairs) compares False: the output
     scores["handed_on"] = "input" if keep_input else "output"
-    dist.get_logger().info(
-        f"pretrain: labeled-train kNN MAP@R of the pooled features: input {scores['input']:.4f}, "
-        f"SwAV output {scores['output']:.4f}; handing on the {scores['handed_on']}"
+    figures = f"input {scores['input']:.4f}, SwAV output {scores['output']:.4f}"
+    if not keep_input:
+        dist.get_logger().info(
+            f"pretrain: labeled-train kNN MAP@R of the pooled features: {figures}; handing on the output"
+        )
+        return trained, {"knn_map_at_r": scores}
+    warning = (
+        f"pretrain handed on its INPUT weights: the SwAV output scored below them (labeled-train kNN MAP@R "
+        f"{figures}); its {seconds:.0f} s of SwAV were spent for nothing (pretrain.steps=0 skips SwAV; "
+        f"more steps or another pretrain.backbone_lr_mult may make it pay)"
     )
-    return (before if keep_input else trained), {"knn_map_at_r": scores}
+    dist.get_logger().warning(warning)
+    return before, {"knn_map_at_r": scores, "warning": warning}
