@@ -381,6 +381,15 @@ class EvalConfig:
     batch_size: int = _f(256, lo=1, result=False)
     chunk_size: int = _f(8192, lo=1, result=False, help="query chunk of the exact kNN search")
     nmi: bool = _f(True)
+    grid_queries: int = _f(
+        8,
+        lo=0,
+        hi=200,
+        help="retrieval grids (eval/retrieval_<model>.png + TensorBoard) of the teacher and the final model: "
+        "this many queries, one per class first, drawn with run.seed; 0: no grids",
+    )
+    grid_k: int = _f(6, lo=1, hi=50, help="results shown per query in the retrieval grids")
+    grid_tile: int = _f(96, lo=16, hi=512, result=False, help="side of one image in the retrieval grids, pixels")
 
 
 @dataclass

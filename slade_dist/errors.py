@@ -18,7 +18,7 @@ import errno
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "is_user_error", "exit_on_user_error", "one_line", "DEBUG_FLAG"]
+__all__ = ["UserError", "is_user_error", "exit_on_user_error", "one_line", "DEBUG_FLAG", "DEBUG_HELP"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "show the traceback of a user error (bad config, refused checkpoint, missing data...) too"
@@ -45,14 +45,18 @@ def one_line(error: BaseException) -> str:
     return "; ".join(parts) if parts else type(error).__name__
 
 
-def exit_on_user_error(main: Callable[[list[str]], int], argv: Sequence[str] | None, prog: str) -> int:
-    """main(argv), with a user error turned into one stderr line and exit code 2 (`--debug` in
-    argv: raised with its traceback instead). argv keeps `--debug`: each parser declares it."""
+def exit_on_user_error(
+    main: Callable[[list[str]], int], argv: Sequence[str] | None, prog: str, also: tuple[type, ...] = ()
+) -> int:
+    """main(argv without `--debug`), a user error (or one of `also`, the entry point's own) turned
+    into one stderr line and exit code 2; with `--debug` it is raised with its traceback instead.
+    Parsers may list `--debug` for their --help; they never see it."""
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
     try:
-        return main(args)
+        return main([a for a in args if a != DEBUG_FLAG])
     except Exception as e:
-        if not is_user_error(e) or DEBUG_FLAG in args:
+        if debug or not (is_user_error(e) or isinstance(e, also)):
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
