@@ -286,10 +286,11 @@ def _last_line(e: Exception) -> str:
 
 
 def is_safetensors(path: Path) -> bool:
-    """A safetensors file: an 8-byte little-endian header length, then the JSON header ('{')."""
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header ('{'). A
+    torch file starts with a zip ('PK') or pickle (0x80) signature, so the two never look alike."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32
 
 
 def _read_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
