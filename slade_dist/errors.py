@@ -18,7 +18,7 @@ import errno
 import sys
 from collections.abc import Callable, Sequence
 
-__all__ = ["UserError", "is_user_error", "exit_on_user_error", "one_line", "DEBUG_FLAG", "DEBUG_HELP"]
+__all__ = ["UserError", "UnusableInput", "is_user_error", "exit_on_user_error", "one_line", "DEBUG_FLAG", "DEBUG_HELP"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "show the traceback of a user error (bad config, refused checkpoint, missing data...) too"
@@ -29,6 +29,10 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 class UserError(Exception):
     """An error the user causes and can fix; its message names what and how (no traceback shown)."""
+
+
+class UnusableInput(UserError, RuntimeError):
+    """Input that exists but cannot be used (not one image readable, files that do not belong together)."""
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -29,6 +29,7 @@ from ..config import Config
 from ..data.readers import finite_batches
 from ..data.shards import read_classes, read_index
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import UnusableInput
 from ..fileio import atomic_write_json
 from ..models import embed_batches, load_embedder, output_dim
 from ..stages import RunLayout
@@ -79,7 +80,7 @@ def embed_keyed(model: torch.nn.Module, shard_dir: str, cfg: Config) -> Split:
 def _warn_if_dropped(shard_dir: str, measured: int, counts: list[dict[str, int]]) -> None:
     corrupt, lost = sum(c["corrupt"] for c in counts), sum(c["lost"] for c in counts)
     if not measured:
-        raise RuntimeError(
+        raise UnusableInput(
             f"eval: not one image of {shard_dir} could be read ({corrupt} corrupt, {lost} lost to "
             f"truncated tars): nothing to measure"
         )
