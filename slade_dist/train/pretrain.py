@@ -14,7 +14,8 @@ Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV'
 - Multi-crop: 2 global views at data.image_size plus pretrain.local_crops local views at
   pretrain.local_crop_size (scale pretrain.local_crop_scale_min..max), all augmented as
   pretrain.augment says; every view predicts the codes of both global views but its own.
-- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult from
+- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult (auto:
+  1.0 from random weights, 0.1 from pretrained ones, config.swav_backbone_lr_mult) from
   step pretrain.freeze_backbone_steps; prototypes frozen for the first
   pretrain.freeze_prototypes_steps optimizer steps (their lr group starts late), as in the paper.
 - The image stream: every shard of data.train_shards + data.unlabeled_shards, resampled per
@@ -22,7 +23,8 @@ Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV'
 - The hand-on (pretrain.keep_better): before the teacher starts, rank 0 measures kNN MAP@R of
   the pooled backbone features on the labeled train classes for the input weights and for the
   SwAV output, and exports the better one (both figures in the result and final.pt's extra), so
-  the stage cannot hand on a worse init than it was given.
+  the stage cannot hand on a worse init than it was given; handing on the input is a WARNING
+  (both figures, the seconds spent) kept in the result as "warning" for the closing summary.
 pretrain.steps == 0 exports the initial (model.pretrained_path) weights unchanged.
 The export <run>/pretrain/final.pt is a plain Embedder file (backbone + head) the teacher loads.
 Tests: tests/unit/test_pretrain.py, tests/unit/test_swav.py.
