@@ -59,14 +59,14 @@ class Split:
 
 @dataclass(frozen=True)
 class GridLayout:
-    """rows x (1 + k) framed tiles under a title line; a caption line under every tile."""
+    """rows x (1 + k) framed tiles under a title line; two caption lines under every tile."""
 
     rows: int
     k: int
     tile: int = 96
     frame: int = 4
     gap: int = 6
-    caption: int = 14
+    caption: int = 26  # two lines of the default font: class names are long ("blue-headed long 3-stripe ...")
     title: int = 20
 
     @property
@@ -123,10 +123,24 @@ def _fit(img: Image.Image | None, tile: int) -> Image.Image:
     return ImageOps.fit(img.convert("RGB"), (tile, tile), Image.Resampling.BILINEAR)
 
 
-def _caption(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, text: str, x: int, y: int, width: int) -> None:
-    while text and draw.textlength(text, font=font) > width:  # cut to the tile's width
+def _fitting(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, text: str, width: int) -> str:
+    while text and draw.textlength(text, font=font) > width:
         text = text[:-1]
-    draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    return text
+
+
+def _caption(
+    draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, text: str, x: int, y: int, width: int, lines: int = 1
+) -> None:
+    """`text` in up to `lines` lines of `width` pixels (word-wrapped; what does not fit is cut)."""
+    words, rows = text.split(), []
+    while words and len(rows) < lines:
+        row = words.pop(0)
+        while words and draw.textlength(f"{row} {words[0]}", font=font) <= width:
+            row = f"{row} {words.pop(0)}"
+        rows.append(_fitting(draw, font, row, width))
+    for i, row in enumerate(rows):
+        draw.text((x, y + 12 * i), row, fill=(0, 0, 0), font=font)
 
 
 def render_grid(
@@ -151,7 +165,7 @@ def render_grid(
             x0, y0, x1, y1 = layout.cell_box(r, c)
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
             canvas.paste(_fit(img, layout.tile), (x0 + layout.frame, y0 + layout.frame))
-            _caption(draw, font, captions[r][c], x0, y1 + 1, layout.cell)
+            _caption(draw, font, captions[r][c], x0, y1 + 1, layout.cell, lines=2)
     return canvas
 
 
@@ -203,11 +217,12 @@ def retrieval_grid(
     r_imgs = q_imgs if same_set else {}
     r_imgs = {**r_imgs, **read_thumbnails(refs.shard_dir, {key for row in r_keys for key in row} - set(r_imgs))}
 
-    def name(label: int) -> str:
-        return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+    def name(label: int) -> str:  # the id first: long names that differ only at the end still differ
+        known = class_names is not None and 0 <= label < len(class_names)
+        return f"{label}: {class_names[label]}" if known else str(label)
 
     captions = [
-        [f"q: {name(int(queries.labels[i]))}"] + [name(int(refs.labels[j])) for j in results[r]]
+        [f"query {name(int(queries.labels[i]))}"] + [name(int(refs.labels[j])) for j in results[r]]
         for r, i in enumerate(rows)
     ]
     layout = GridLayout(rows=len(rows), k=results.shape[1], tile=tile)
