@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 _CAUSES = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -31,7 +33,7 @@ _CAUSES = {
 }
 
 
-class WriteFailed(OSError):
+class WriteFailed(OSError, UserError):
     """Writing `path` failed for a reason the user must fix (disk full, read-only, permissions)."""
 
 
@@ -122,7 +124,7 @@ def set_aside(path: Path, why: str) -> Path | None:
     return dest
 
 
-class DirInUse(RuntimeError):
+class DirInUse(RuntimeError, UserError):
     """Another live process holds the directory's lock."""
 
 

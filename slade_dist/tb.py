@@ -236,16 +236,20 @@ def log_eval(
     pairs: Iterable[tuple[np.ndarray, dict[str, Any]]],
     names: Sequence[str] | None,
     image_norm: tuple[Sequence[float], Sequence[float]],
+    images: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """The eval stage's run (rank 0; a rerun replaces it): eval/<metric> per model at steps 0..n-1
     in chain order (eval/model names each step), the final model's metrics as final/<metric>
-    with config_hparams(cfg) as hparams, and the projector "test" of `pairs` (embed_batches of the
-    final model) at the final model's step."""
+    with config_hparams(cfg) as hparams, the projector "test" of `pairs` (embed_batches of the
+    final model) at the final model's step, and `images` (model -> a (3, H, W) uint8 picture, the
+    retrieval grids) as retrieval/<model> at that model's step."""
     models = results["models"]
     with TBWriter(log_dir, image_norm=image_norm) as tb:
         for step, (name, metrics) in enumerate(models.items()):
             tb.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
             tb.text("eval/model", name, step)
+            if images and name in images:
+                tb.images(f"retrieval/{name.replace(' ', '_')}", images[name][None], step, nrow=1)
         tb.hparams(config_hparams(cfg), {f"final/{k}": v for k, v in models[results["final"]].items()})
         tb.projector("test", pairs, max(len(models) - 1, 0), names=names)
 

@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
 from ..fileio import atomic_write_json, explained_writes
 from .shards import shard_index
 
 META_FILE = "meta.json"
 
 
-class PseudoLabelMismatch(ValueError):
+class PseudoLabelMismatch(ValueError, UserError):
     """An image shard and its pseudo-label file disagree on keys."""
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import UserError
 from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
 from .tars import TarSamples, image_bytes
 
@@ -42,7 +43,7 @@ REJECTS_FILE = "rejects.txt"
 _STORE_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(ValueError, UserError):
     """The --root directory does not look like the dataset it was said to be."""
 
 

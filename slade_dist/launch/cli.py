@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import stages
 from ..config import REPO_ROOT, Config, ConfigError, describe_sections, load_config
+from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 from .checks import (
     check_flag_ranges,
     check_flags_fit_stage,
@@ -115,6 +116,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     _shape_flags(p)
     _slurm_flags(p)
     _run_flags(p)
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -355,14 +357,6 @@ def print_follow_up(cfg: Config, cluster: str, subs: Sequence[Submitted], record
     print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")
 
 
-def print_error(prog: str, error: Exception) -> None:
-    """The first line after `<prog>: error: ` (argparse's own format), any further lines indented."""
-    lines = str(error).splitlines()
-    print(f"{prog}: error: {lines[0]}", file=sys.stderr)
-    for extra in lines[1:]:
-        print(f"  {extra}", file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------- main
 def submit_or_run(
     args: argparse.Namespace, config_file: str, job_cls: type | None
@@ -394,24 +388,25 @@ def status_or_cancel(args: argparse.Namespace, config_file: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None, job_cls: type | None = None, prog: str = PROG) -> int:
-    """The launcher; `job_cls` replaces StageJob (tests run their probe stage through it)."""
+    """The launcher; `job_cls` replaces StageJob (tests run their probe stage through it). A user
+    error (errors.py) ends it with one line `<prog>: error: ...` and exit code 2."""
+    return exit_on_user_error(lambda args: _main(args, job_cls, prog), argv, prog)
+
+
+def _main(argv: list[str], job_cls: type | None, prog: str) -> int:
     parser = build_parser(prog)
     args = parser.parse_intermixed_args(argv)  # overrides may sit between the flags
     if args.status and args.cancel:
         parser.error("--status and --cancel: pass one of them")
     if not (args.stage or args.status or args.cancel):
         parser.error("--stage is required (or --status / --cancel, about the jobs already submitted)")
-    try:
-        config_file, why = pick_config_file(args)
-        if why:
-            print(f"slade_dist: {why}", flush=True)
-        if args.status or args.cancel:
-            status_or_cancel(args, config_file)
-            return 0
-        launched = submit_or_run(args, config_file, job_cls)
-    except (ConfigError, LaunchError) as e:
-        print_error(parser.prog, e)
-        return 2
+    config_file, why = pick_config_file(args)
+    if why:
+        print(f"slade_dist: {why}", flush=True)
+    if args.status or args.cancel:
+        status_or_cancel(args, config_file)
+        return 0
+    launched = submit_or_run(args, config_file, job_cls)
     if launched is not None:
         print_follow_up(*launched)
     return 0

@@ -50,7 +50,7 @@ def init_embedder(model_cfg: ModelConfig, init_path: str | os.PathLike[str] | No
     """
     if init_path is None:
         return build_embedder(model_cfg)
-    plain = dataclasses.replace(model_cfg, pretrained_path="")  # the file replaces it anyway
+    plain = dataclasses.replace(model_cfg, pretrained="none", pretrained_path="")  # the file replaces them anyway
     emb = build_embedder(plain)
     obj = read_checkpoint(init_path)
     if not isinstance(obj, dict) or "state_dict" not in obj:

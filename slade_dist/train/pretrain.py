@@ -19,7 +19,8 @@ Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV'
 - Multi-crop: 2 global views at data.image_size plus pretrain.local_crops local views at
   pretrain.local_crop_size (scale pretrain.local_crop_scale_min..max), all augmented as
   pretrain.augment says; every view predicts the codes of both global views but its own.
-- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult from
+- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult (auto:
+  1.0 from random weights, 0.1 from pretrained ones, config.swav_backbone_lr_mult) from
   step pretrain.freeze_backbone_steps; prototypes frozen for the first
   pretrain.freeze_prototypes_steps optimizer steps (their lr group starts late), as in the paper.
 - The image stream: every shard of data.train_shards + data.unlabeled_shards, resampled per
@@ -27,7 +28,8 @@ Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV'
 - The hand-on (pretrain.keep_better): before the teacher starts, rank 0 measures kNN MAP@R of
   the pooled backbone features on the labeled train classes for the input weights and for the
   SwAV output, and exports the better one (both figures in the result and final.pt's extra), so
-  the stage cannot hand on a worse init than it was given.
+  the stage cannot hand on a worse init than it was given; handing on the input is a WARNING
+  (both figures, the seconds spent) kept in the result as "warning" for the closing summary.
 pretrain.steps == 0 exports the initial (model.pretrained_path) weights unchanged.
 The export <run>/pretrain/final.pt is a plain Embedder file (backbone + head) the teacher loads.
 Tests: tests/unit/test_pretrain.py, tests/unit/test_swav.py.
@@ -48,7 +50,7 @@ from PIL import Image
 from torch import nn
 
 from .. import dist
-from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment
+from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment, swav_backbone_lr_mult
 from ..data.readers import finite_batches
 from ..data.shards import shard_paths
 from ..data.tars import TarSamples, image_bytes
@@ -221,9 +223,11 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     stage_dir = RunLayout(run_dir).stage_dir("pretrain")
     stage_dir.mkdir(parents=True, exist_ok=True)
-    pc = cfg.pretrain
-    if pc.steps == 0:
+    if cfg.pretrain.steps == 0:
         return export_initial(cfg, stage_dir)
+    lr_mult, why = swav_backbone_lr_mult(cfg)
+    dist.get_logger().info(f"pretrain: backbone lr = pretrain.lr x {lr_mult} ({why})")
+    pc = dataclasses.replace(cfg.pretrain, backbone_lr_mult=lr_mult)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net, heads_loaded = build_swav_net(cfg)
     check_trunk_bn(net.embedder, cfg)
@@ -273,7 +277,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     tb.close()
     knn: dict[str, Any] = {}
     if dist.is_main():
-        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device)
+        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device, result.seconds)
         save_weights(
             stage_dir / "final.pt",
             out,
@@ -343,7 +347,7 @@ def _k(trainer: Trainer) -> int:
 
 def _pretrain_train_cfg(cfg: Config) -> TrainConfig:
     """train.* optimisation knobs with SwAV's own lr, backbone multiplier and steps."""
-    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=cfg.pretrain.backbone_lr_mult)
+    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=swav_backbone_lr_mult(cfg)[0])
 
 
 def swav_groups(net: SwAVNet, pc: PretrainConfig) -> list[ParamGroup]:
@@ -431,10 +435,12 @@ def labeled_knn_map_at_r(cfg: Config, embedder: nn.Module, device: torch.device)
 
 
 def _better_of(
-    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device
+    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device, seconds: float = 0.0
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(the embedder to hand on, {"knn_map_at_r": {"input", "output", "handed_on"}}); the SwAV
-    output unless the input weights score higher (pretrain.keep_better)."""
+    output unless the input weights score higher (pretrain.keep_better). Handing on the input
+    means the stage's `seconds` of SwAV were spent for nothing: a WARNING says so, with both
+    figures, and the result carries it ("warning") for the closing summary."""
     if initial is None:
         return trained, {}
     before = copy.deepcopy(trained)
@@ -442,8 +448,16 @@ def _better_of(
     scores = {"input": labeled_knn_map_at_r(cfg, before, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
     keep_input = scores["input"] > scores["output"]  # nan (no labeled pairs) compares False: the output
     scores["handed_on"] = "input" if keep_input else "output"
-    dist.get_logger().info(
-        f"pretrain: labeled-train kNN MAP@R of the pooled features: input {scores['input']:.4f}, "
-        f"SwAV output {scores['output']:.4f}; handing on the {scores['handed_on']}"
+    figures = f"input {scores['input']:.4f}, SwAV output {scores['output']:.4f}"
+    if not keep_input:
+        dist.get_logger().info(
+            f"pretrain: labeled-train kNN MAP@R of the pooled features: {figures}; handing on the output"
+        )
+        return trained, {"knn_map_at_r": scores}
+    warning = (
+        f"pretrain handed on its INPUT weights: the SwAV output scored below them (labeled-train kNN MAP@R "
+        f"{figures}); its {seconds:.0f} s of SwAV were spent for nothing (pretrain.steps=0 skips SwAV; "
+        f"more steps or another pretrain.backbone_lr_mult may make it pay)"
     )
-    return (before if keep_input else trained), {"knn_map_at_r": scores}
+    dist.get_logger().warning(warning)
+    return before, {"knn_map_at_r": scores, "warning": warning}

@@ -556,7 +556,7 @@ def test_config_defaults_to_the_run_dirs_saved_config_else_the_demo(monkeypatch,
     assert "lr: 0.125" in out
 
 
-SHIPPED = ["cub", "cars", "inshop", "web"]
+SHIPPED = ["cub", "cars", "inshop", "web", "cub_dinov2"]
 MODEL_JOBS = ["pretrain", "teacher", "round1-embed", "round1-cluster", "round1-student", "eval"]
 
 
