@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from ..progress import progress as progress_bar
 from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
 from .tars import TarSamples, image_bytes
 
@@ -367,10 +367,6 @@ def _finished(job: ShardJob) -> dict[str, Any] | None:
     return rec
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
-
-
 def write_split(
     plan: SplitPlan,
     out_dir: Path,
@@ -404,7 +400,7 @@ def write_split(
     _remove_stale(out_dir, prefix, {j.path.name for j in jobs})
     results = {j.path.name: r for j in jobs if (r := _finished(j)) is not None}
     todo = [j for j in jobs if j.path.name not in results]
-    bar = _progress(len(rows), f"{out_dir.name}", progress)
+    bar = progress_bar(len(rows), out_dir.name, "img", enabled=progress)
     bar.update(sum(len(j.rows) for j in jobs if j.path.name in results))
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
@@ -527,8 +523,7 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
                 results[t.name] = rec
                 continue
         todo.append(t)
-    bar = _progress(len(tars), f"validate {root.name}", progress)
-    bar.unit = "shard"
+    bar = progress_bar(len(tars), f"validate {root.name}", "shard", enabled=progress)
     bar.update(len(results))
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo))) if workers > 1 and len(todo) > 1 else None
     try:

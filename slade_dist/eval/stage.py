@@ -28,8 +28,9 @@ from ..data.shards import read_classes, read_index
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..fileio import atomic_write_json
 from ..models import embed_batches, load_embedder, output_dim
+from ..progress import progress
 from ..stages import RunLayout
-from ..tb import log_eval, progress
+from ..tb import log_eval
 from .metrics import query_gallery_metrics, retrieval_metrics
 
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
@@ -49,6 +48,7 @@ from ..data.shards import shard_index, shard_paths
 from ..data.tars import TarSamples, image_bytes
 from ..data.transforms import CorruptImage, decode
 from ..fileio import atomic_write_json
+from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
@@ -237,7 +237,7 @@ def _assign_my_shards(
     sq_sum, n = 0.0, 0
     pairs: Counter = Counter()
     with _TarScans(scan_workers if len(mine) > scan_workers else 0) as scans:
-        for shard in _bar(mine, "assign shards"):
+        for shard in steps(mine, "assign shards"):
             pl_path = pseudo_label_path(out_dir, shard)
             keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
             scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path))
@@ -314,12 +314,6 @@ class _TarScans:
         self.seconds += time.time() - t
         rows = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=ROW)
         return rows, self.lost, self.seconds
-
-
-def _bar(items: list[Any], desc: str) -> Any:
-    if not dist.is_main():
-        return items
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------- member index

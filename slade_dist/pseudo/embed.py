@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
@@ -33,6 +32,7 @@ from ..data.readers import finite_batches
 from ..data.shards import read_index, shard_index, shard_paths
 from ..fileio import atomic_write_json, atomic_write_text, explained_writes
 from ..models import embed_batches, load_embedder, output_dim, read_checkpoint
+from ..progress import progress
 from ..stages import RunLayout
 
 __all__ = [
@@ -330,11 +330,4 @@ def _progress(todo: list[Path], cfg: Config) -> Any:
     root = Path(cfg.data.unlabeled_shards)
     counts = {(root / s["name"]).resolve(): int(s["count"]) for s in read_index(root)["shards"]}
     total = sum(counts.get(p.resolve(), 0) for p in todo)
-    return tqdm(
-        total=total or None,
-        desc=f"embed {len(todo)} shards (rank 0)",
-        unit="img",
-        unit_scale=True,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    return progress(total or None, f"embed {len(todo)} shards (rank 0)", "img", unit_scale=True)

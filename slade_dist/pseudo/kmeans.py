@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..tb import steps
+from ..progress import steps
 
 __all__ = [
     "KMeansParams",
