@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write_json
 from ..progress import progress as progress_bar
 from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
 from .tars import TarSamples, image_bytes
@@ -348,10 +349,7 @@ def write_one_shard(job: ShardJob) -> dict[str, Any]:
     if count == 0:
         job.path.unlink(missing_ok=True)
     record = {"name": job.path.name, "count": count, "rejects": rejects, "plan": job.plan_hash}
-    job.part.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.part.with_name(f".{job.part.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(job.part)
+    atomic_write_json(job.part, record, indent=None)
     return record
 
 

@@ -47,7 +47,7 @@ from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_me
 from ..data.shards import shard_index, shard_paths
 from ..data.tars import TarSamples, image_bytes
 from ..data.transforms import CorruptImage, decode
-from ..fileio import atomic_write_json
+from ..fileio import atomic_path, atomic_write_json
 from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
@@ -137,9 +137,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     stats.update(k=k, k_requested=cfg.pseudo.k, round=r, world_size=dist.world_size())
     if dist.is_main():
         atomic_write_json(out_dir / STATS_FILE, stats)
-        tmp = out_dir / f".{SIZES_FILE}.tmp.npy"
-        np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
-        tmp.replace(out_dir / SIZES_FILE)
+        with atomic_path(out_dir / SIZES_FILE) as tmp:
+            np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
         write_meta(out_dir, **_meta(cfg, layout, k, centroids, n_total, embed_facts))
         sizes = np.asarray(local["sizes_all"])
         _tensorboard(layout.tb_dir("cluster", r), stats, sizes, r, _cluster_examples(shards[0], out_dir, sizes))
@@ -206,9 +205,8 @@ def _save_centroids(
         if arr is None:
             (out_dir / name).unlink(missing_ok=True)
             continue
-        tmp = out_dir / f".{name}.tmp.npy"
-        np.save(tmp, arr.astype(np.float32))
-        tmp.replace(out_dir / name)
+        with atomic_path(out_dir / name) as tmp:
+            np.save(tmp, arr.astype(np.float32))
     atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)  # written last: marks the centroids final
 
 

@@ -30,7 +30,7 @@ from .. import dist
 from ..config import Config
 from ..data.readers import finite_batches
 from ..data.shards import read_index, shard_index, shard_paths
-from ..fileio import atomic_write_json, atomic_write_text, explained_writes
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text
 from ..models import embed_batches, load_embedder, output_dim, read_checkpoint
 from ..progress import progress
 from ..stages import RunLayout
@@ -295,23 +295,17 @@ def _write_shard_files(out_dir: Path, shard: Path, arr: np.ndarray, keys: list[s
         raise RuntimeError(
             f"embed {shard.name}: {len(keys)} keys ({len(set(keys))} distinct) for {len(arr)} embeddings"
         )
-    tag = f".tmp{os.getpid()}"
     kp = keys_path(out_dir, shard)
     atomic_write_text(kp, "".join(k + "\n" for k in keys))
     atomic_write_text(source_path(out_dir, shard), _source_stamp(shard))
     lp = labels_path(out_dir, shard)
     if any(h is not None for h in hidden):
-        tmp = lp.with_name(f".{lp.name}{tag}.npy")
-        with explained_writes(lp):
+        with atomic_path(lp) as tmp:
             np.save(tmp, np.array([h if h is not None else "" for h in hidden], dtype=str))
-            tmp.replace(lp)
     else:
         lp.unlink(missing_ok=True)
-    ep = emb_path(out_dir, shard)
-    tmp = ep.with_name(f".{ep.name}{tag}.npy")
-    with explained_writes(ep):
+    with atomic_path(emb_path(out_dir, shard)) as tmp:
         np.save(tmp, np.ascontiguousarray(arr, dtype=np.float16))
-        tmp.replace(ep)
 
 
 def _dim(out_dir: Path, shards: Iterable[Path]) -> int | None:

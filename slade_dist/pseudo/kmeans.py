@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..fileio import atomic_path
 from ..progress import steps
 
 __all__ = [
@@ -628,7 +629,7 @@ def _init_centroids(
 class _Checkpoints:
     """Files of one training run under `root`, each stamped with the inputs' fingerprint: a file
     written for other inputs (params, part sizes, caller's tag) is never loaded. Writes are
-    tmp + os.replace, so a killed writer leaves the previous file or none, never half of one."""
+    atomic (fileio.atomic_path): a killed writer leaves the previous file or none, never half of one."""
 
     def __init__(self, root: str | os.PathLike[str] | None, fingerprint: str):
         self.root = Path(root) if root is not None else None
@@ -644,14 +645,9 @@ class _Checkpoints:
     def save(self, name: str, meta: dict[str, Any], **arrays: np.ndarray) -> None:
         if self.root is None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.tmp{os.getpid()}.npz"
         body = json.dumps({**meta, "fingerprint": self.fingerprint, "version": CKPT_VERSION})
-        try:
+        with atomic_path(self.root / f"{name}.npz") as tmp:
             np.savez(tmp, meta=np.array(body), **arrays)
-            os.replace(tmp, self.root / f"{name}.npz")
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def load(self, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         if self.root is None:
