@@ -425,3 +425,38 @@ def run_local_processes(
         join=True,
         start_method="spawn",
     )
+
+
+# ------------------------------------------- collectives of tensors that may live in host memory
+def _staged(t: torch.Tensor) -> bool:
+    """NCCL cannot send host memory, yet a CPU tensor reaches a collective under NCCL on GPU nodes
+    (FAISS backends keep the k-means sample on the host; counters are kept on the CPU): such a
+    tensor goes through this rank's GPU and comes back."""
+    return is_dist() and t.device.type == "cpu" and tdist.get_backend() == "nccl"
+
+
+def staged_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks on `t`'s device, whatever the backend (in place unless staged)."""
+    if _staged(t):
+        return all_reduce_sum(t.to(device())).cpu()
+    return all_reduce_sum(t)
+
+
+def staged_broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank, on `t`'s device (same shape and dtype everywhere)."""
+    if not is_dist():
+        return t
+    buf = t.to(device()) if _staged(t) else t.contiguous()
+    tdist.broadcast(buf, src=src)
+    return buf.to(t.device)
+
+
+def all_to_all_rows(t: torch.Tensor, send: Sequence[int], recv: Sequence[int]) -> torch.Tensor:
+    """Rows [sum(send[:j]), sum(send[:j+1])) of `t` go to rank j; returns the rows received, by
+    source rank (recv[j] from rank j), on `t`'s device. Collective: call on every rank."""
+    buf = t.to(device()) if _staged(t) else t.contiguous()
+    out = torch.empty((int(sum(recv)), *t.shape[1:]), dtype=t.dtype, device=buf.device)
+    tdist.all_to_all_single(
+        out, buf, output_split_sizes=[int(v) for v in recv], input_split_sizes=[int(v) for v in send]
+    )
+    return out.to(t.device)

@@ -53,7 +53,6 @@ from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
 from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
-from .kmeans import _all_to_all as all_to_all_rows  # the one row exchange of the package (gloo / NCCL)
 
 CENTROIDS_FILE = "centroids.npy"
 COARSE_FILE = "coarse_centroids.npy"  # two-level training's coarse cells: the ivf assignment's lists
@@ -77,7 +76,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     mine = dist.shard_slice(shards)
     parts = {shard_index(p): embed_files.load_embeddings(emb_dir, p) for p in mine}
 
-    n_total = int(_sum_all(torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64))[0])
+    n_local = torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64)
+    n_total = int(dist.staged_all_reduce_sum(n_local)[0])
     if n_total == 0:
         raise ValueError(
             f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image corrupt or every shard empty?)"
@@ -172,12 +172,6 @@ def _check_embeddings(emb_dir: Path, shards: list[Path], round_: int) -> None:
             f"cluster round {round_}: {len(missing)} of {len(shards)} shards have no embeddings in "
             f"{emb_dir} (first: {', '.join(missing[:3])}); run the embed stage for round {round_} first"
         )
-
-
-def _sum_all(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_dist() and torch.distributed.get_backend() == "nccl":
-        return dist.all_reduce_sum(t.to(dist.device())).cpu()
-    return dist.all_reduce_sum(t)
 
 
 # ---------------------------------------------------------------------------------- centroids
@@ -339,13 +333,13 @@ def _rows_to_owners(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     send = np.bincount(dest, minlength=len(bounds) - 1)
     recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
     wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), ROW.itemsize))
-    return all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(ROW)
+    return dist.all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(ROW)
 
 
 # ------------------------------------------------------------------------------------- stats
 def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[str, Any]) -> dict[str, Any]:
     packed = torch.from_numpy(np.concatenate([local["sizes"].astype(np.float64), [local["sq_sum"], float(local["n"])]]))
-    packed = _sum_all(packed).numpy()
+    packed = dist.staged_all_reduce_sum(packed).numpy()
     sizes = packed[:k].round().astype(np.int64)
     inertia, n = float(packed[k]), int(round(packed[k + 1]))
     if n != n_total:

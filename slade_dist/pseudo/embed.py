@@ -154,7 +154,7 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
     if bar is not None:
         bar.close()
     total = torch.tensor([counts[k] for k in sorted(counts)], dtype=torch.float64)
-    total = dist.all_reduce_sum(total.to(device) if _nccl() else total).cpu()
+    total = dist.staged_all_reduce_sum(total)
     result = {k: int(v) for k, v in zip(sorted(counts), total.tolist())}
     seconds = time.time() - t0
     result.update(
@@ -182,10 +182,6 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
             f"(corrupt or truncated data); nothing to cluster"
         )
     return result
-
-
-def _nccl() -> bool:
-    return dist.is_dist() and torch.distributed.get_backend() == "nccl"
 
 
 def _unlabeled_shards(cfg: Config) -> list[Path]:

@@ -541,39 +541,7 @@ def _rows_by_position(local_x: torch.Tensor, local_pos: np.ndarray, wanted: np.n
         dst = torch.as_tensor(order[at[hit]], device=local_x.device)
         src = torch.as_tensor(np.flatnonzero(hit), device=local_x.device)
         out[dst] = local_x[src]
-    return _all_reduce(out)
-
-
-# ---------------------------------------------------------------------------------- collectives
-def _staged(t: torch.Tensor) -> bool:
-    """CPU tensors under NCCL go through the GPU (FAISS backends keep the sample in host memory
-    while the process group is NCCL on GPU nodes)."""
-    return dist.is_dist() and t.device.type == "cpu" and torch.distributed.get_backend() == "nccl"
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if _staged(t):
-        return dist.all_reduce_sum(t.to(dist.device())).cpu()
-    return dist.all_reduce_sum(t)
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank (same shape and dtype everywhere)."""
-    if not dist.is_dist():
-        return t
-    buf = t.to(dist.device()) if _staged(t) else t.contiguous()
-    torch.distributed.broadcast(buf, src=0)
-    return buf.to(t.device)
-
-
-def _all_to_all(t: torch.Tensor, send: np.ndarray, recv: np.ndarray) -> torch.Tensor:
-    """Rows [sum(send[:j]), sum(send[:j+1])) of t go to rank j; returns the rows received, by source rank."""
-    buf = t.to(dist.device()) if _staged(t) else t.contiguous()
-    out = torch.empty((int(recv.sum()), *t.shape[1:]), dtype=t.dtype, device=buf.device)
-    torch.distributed.all_to_all_single(
-        out, buf, output_split_sizes=[int(v) for v in recv], input_split_sizes=[int(v) for v in send]
-    )
-    return out.to(t.device)
+    return dist.staged_all_reduce_sum(out)
 
 
 # ----------------------------------------------------------------------------------------- init
@@ -622,7 +590,7 @@ def _init_centroids(
     if not distributed:
         return _kmeans_pp(pool, k, pp_rng), method
     c = _kmeans_pp(pool, k, pp_rng) if dist.is_main() else torch.zeros(k, pool.shape[1], device=pool.device)
-    return _all_reduce(c), method  # broadcast of rank 0's seeding
+    return dist.staged_all_reduce_sum(c), method  # broadcast of rank 0's seeding
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -752,7 +720,7 @@ def _lloyd_step(
         obj += d2.to(acc_dev, torch.float64).sum()
     window.flush()
     if distributed:
-        packed = _all_reduce(packed)
+        packed = dist.staged_all_reduce_sum(packed)
     return packed[: k * d].view(k, d), packed[k * d : k * d + k].cpu().numpy(), float(packed[-1])
 
 
@@ -860,7 +828,7 @@ def _resume_lloyd(ckpt: _Checkpoints, stage: str, k: int, d: int, device: torch.
     if loaded is not None:
         c.copy_(torch.from_numpy(loaded[1]["centroids"]))
         counts.copy_(torch.from_numpy(loaded[1]["counts"].astype(np.float64)))
-    c, counts = _broadcast(c), _broadcast(counts)
+    c, counts = dist.staged_broadcast(c), dist.staged_broadcast(counts)
     dist.get_logger().info(f"[k-means] {stage}: resuming from the checkpoint of iteration {meta['iteration']}")
     return _Lloyd(
         c=c,
@@ -1071,9 +1039,9 @@ def _send_to_owners(sample: TrainingSample, cells: torch.Tensor, owners: np.ndar
     recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
     x_send = sample.x[torch.as_tensor(order, device=sample.x.device)]
     sample.x = sample.x.new_zeros((0, sample.d))  # peak: send and receive buffers, each ~ m / world rows
-    x = _all_to_all(x_send, send, recv)
+    x = dist.all_to_all_rows(x_send, send, recv)
     del x_send
-    keys = _all_to_all(torch.from_numpy(keys[order]), send, recv).numpy()
+    keys = dist.all_to_all_rows(torch.from_numpy(keys[order]), send, recv).numpy()
     by_key = np.argsort(keys, kind="stable")
     return x[torch.as_tensor(by_key, device=x.device)], keys[by_key]
 
@@ -1165,8 +1133,8 @@ def _assemble_cells(
         stats[k : k + niter] += res.objective
         stats[-2] += res.splits
     stats[-1] = resumed
-    c = _all_reduce(c)
-    stats = _all_reduce(torch.from_numpy(stats).to(device)).cpu().numpy()
+    c = dist.staged_all_reduce_sum(c)
+    stats = dist.staged_all_reduce_sum(torch.from_numpy(stats).to(device)).cpu().numpy()
     st = _Lloyd(c=c, objective=stats[k : k + niter].tolist(), counts=stats[:k], splits=int(round(stats[-2])))
     return st, int(round(stats[-1]))
 
@@ -1192,7 +1160,7 @@ def _partition_by_cell(
     """Every sample row's coarse cell, each cell's share of k, and the rows moved to the rank
     owning their cell: (rows, keys cell * m + position, centroids per cell). Frees sample.x."""
     cells = _nearest(sample.x, coarse, assigner, params.chunk_size)
-    cell_sizes = _all_reduce(torch.bincount(cells, minlength=coarse.shape[0]).to(torch.float64))
+    cell_sizes = dist.staged_all_reduce_sum(torch.bincount(cells, minlength=coarse.shape[0]).to(torch.float64))
     cell_sizes = np.round(cell_sizes.cpu().numpy()).astype(np.int64)
     fine_k = allocate_fine_k(cell_sizes, params.k)
     x, keys = _send_to_owners(sample, cells, cell_owners(cell_sizes, fine_k, dist.world_size()))
