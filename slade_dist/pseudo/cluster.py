@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import dist
-from ..config import Config
+from ..config import Config, PseudoConfig
 from ..data.pseudo_index import (
     ROW,
     clear_index,
@@ -52,7 +52,7 @@ from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
-from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
+from .kmeans import assign_array, cap_k, params_assigner, train_centroids
 
 CENTROIDS_FILE = "centroids.npy"
 COARSE_FILE = "coarse_centroids.npy"  # two-level training's coarse cells: the ivf assignment's lists
@@ -83,7 +83,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
             f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image corrupt or every shard empty?)"
         )
     k = cap_k(cfg.pseudo.k, n_total)
-    params = KMeansParams.from_config(cfg.pseudo, k=k)
+    params = dataclasses.replace(cfg.pseudo, k=k)  # k capped to the data
     embed_facts = embed_files.read_embed_facts(emb_dir)
     fingerprint = {
         "pseudo": dataclasses.asdict(cfg.pseudo),
@@ -217,7 +217,7 @@ def _assign_my_shards(
     emb_dir: Path,
     out_dir: Path,
     centroids: np.ndarray,
-    params: KMeansParams,
+    params: PseudoConfig,
     positions: dict[str, int],
     scan_workers: int = 0,
 ) -> dict[str, Any]:
@@ -244,7 +244,7 @@ def _assign_my_shards(
 
 
 def _shard_labels(
-    shard: Path, emb_dir: Path, pl_path: Path, assigner: Any, params: KMeansParams
+    shard: Path, emb_dir: Path, pl_path: Path, assigner: Any, params: PseudoConfig
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(keys, labels, dists) of one shard: assigned and written, or read back when a resumed run
     already labelled it with these centroids."""

@@ -20,12 +20,12 @@ import pytest
 from PIL import Image
 
 from slade_dist import dist
-from slade_dist.config import load_config
+from slade_dist.config import PseudoConfig, load_config
 from slade_dist.data.shards import encode_jpeg, shard_paths, write_shard
 from slade_dist.data.writers import index_img2dataset
 from slade_dist.progress import progress, steps
 from slade_dist.pseudo.embed import _progress
-from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+from slade_dist.pseudo.kmeans import train_centroids
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def _read(fd: int) -> bytes:
 
 def test_kmeans_reports_every_lloyd_iteration_in_a_job_log(log_lines):
     x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
-    train_centroids({0: x}, KMeansParams(k=4, niter=5, backend="torch", progress=True))
+    train_centroids({0: x}, PseudoConfig(spherical=False, k=4, niter=5, backend="torch"))
     ours = [m for m in log_lines if m.startswith("[k-means lloyd k=4]")]
     assert ours[0] == "[k-means lloyd k=4] 1/5" and ours[-1] == "[k-means lloyd k=4] 5/5", log_lines
 
@@ -101,7 +101,7 @@ def test_embed_bar_keeps_its_total_over_img2dataset_output_indexed_in_place(tmp_
     for i, n in enumerate((5, 3)):
         img = Image.new("RGB", (16, 16), (i * 90, 40, 200))
         write_shard(src / f"{i:05d}.tar", [{"__key__": f"{i}_{j}", "jpg": encode_jpeg(img)} for j in range(n)])
-    index_img2dataset(src, out, progress=False)
+    index_img2dataset(src, out)
     cfg = load_config(None, [f"data.unlabeled_shards={out}"], check_paths=False)
     todo = shard_paths(out)
     assert [p.name for p in todo] == ["00000.tar", "00001.tar"] and todo[0].parent != out
