@@ -14,52 +14,26 @@ tests/integration/test_pseudo_multirank.py (2 real ranks == 1 rank, flat and two
 sample; a killed 2-rank run resumes).
 """
 
-from .assign import (
-    Assigner,
-    FaissCPUAssigner,
-    FaissGPUAssigner,
-    FaissIVFAssigner,
-    TorchAssigner,
-    assign_array,
-    choose_backend,
-    make_assigner,
-    params_assigner,
-)
+from .assign import TorchAssigner, assign_array, choose_backend, make_assigner, params_assigner
 from .centroids import train_centroids
-from .lloyd import KMeansResult, kmeans_pp, resolve_init
-from .plan import (
-    TrainingSample,
-    cap_k,
-    coarse_k_for,
-    draw_sample,
-    sample_counts,
-    sample_plan,
-    sample_rows,
-    use_two_level,
-)
+from .lloyd import KMeansResult, resolve_init
+from .plan import cap_k, draw_sample, sample_counts, sample_plan, sample_rows
 from .two_level import allocate_fine_k
 
+# what the cluster stage, the tests and the benches use; the rest stays inside the package
 __all__ = [
     "KMeansResult",
-    "TrainingSample",
-    "Assigner",
     "TorchAssigner",
-    "FaissCPUAssigner",
-    "FaissGPUAssigner",
-    "FaissIVFAssigner",
+    "allocate_fine_k",
+    "assign_array",
+    "cap_k",
     "choose_backend",
+    "draw_sample",
     "make_assigner",
     "params_assigner",
-    "train_centroids",
-    "assign_array",
-    "sample_plan",
-    "sample_counts",
-    "sample_rows",
-    "draw_sample",
-    "kmeans_pp",
     "resolve_init",
-    "use_two_level",
-    "coarse_k_for",
-    "allocate_fine_k",
-    "cap_k",
+    "sample_counts",
+    "sample_plan",
+    "sample_rows",
+    "train_centroids",
 ]

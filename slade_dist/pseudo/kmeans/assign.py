@@ -57,6 +57,7 @@ class TorchAssigner(Assigner):
     def __init__(self, device: torch.device | str = "cpu", gpu_tf32: bool = True, budget: int | None = None):
         self.device = torch.device(device)
         self.tf32 = gpu_tf32 and self.device.type == "cuda"
+        # elements of one score block: 1 GiB of float32 on a GPU, 16 MiB (cache sized) on the host
         self.budget = budget or (1 << 28 if self.device.type == "cuda" else 1 << 22)
         self.c: torch.Tensor | None = None
         self.c_sq: torch.Tensor | None = None
@@ -190,7 +191,7 @@ class FaissIVFAssigner(FaissCPUAssigner):
         else:
             nlist = min(self.nlist or self.auto_nlist(k), k)
             index = self.faiss.IndexIVFFlat(quantizer, d, nlist, self.faiss.METRIC_L2)
-            index.cp.seed = 1234
+            index.cp.seed = 1234  # the quantizer's own k-means: the same lists on every rank and rerun
             index.train(c_np)
         assert index.is_trained
         if self.res is not None:

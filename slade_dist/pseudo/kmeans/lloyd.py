@@ -58,11 +58,6 @@ def resolve_init(init: str, k: int, kmeanspp_max_k: int) -> str:
     return init
 
 
-def kmeans_pp(pool: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """k-means++ seeding (D^2 sampling) on `pool`; deterministic given the seed."""
-    return _kmeans_pp(pool, k, np.random.default_rng([seed, 3]))
-
-
 def _kmeans_pp(pool: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
     n = pool.shape[0]
     chosen = [int(rng.integers(n))]

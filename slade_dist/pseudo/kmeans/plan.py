@@ -28,6 +28,10 @@ from ...config import PseudoConfig
 from .assign import to_float
 
 HYPERGEOMETRIC_LIMIT = 10**9  # numpy's hypergeometric needs ngood, nbad < 10^9
+# Every random draw of a run has its own generator keyed [seed, purpose, ...] (0 the sample counts,
+# 1 a part's rows; appended to a stage's key: 2/3 init, 4 Lloyd's splits; two-level stages 10 coarse,
+# 20/21 a cell's init/Lloyd, 30 refine): a draw depends on neither the world size nor on the draws
+# made before it, so 1 rank and N ranks draw alike and a resumed run draws what the first one did.
 
 
 def check_params(params: PseudoConfig) -> None:

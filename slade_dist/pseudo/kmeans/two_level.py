@@ -66,7 +66,7 @@ def _coarse_subset(sample: TrainingSample, m1: int, seed: int) -> tuple[torch.Te
     """This rank's rows of a world-size-free m1-row subset of the sample, and their positions in it."""
     if m1 >= sample.m:
         return sample.x, sample.pos
-    chosen = np.sort(np.random.default_rng([seed, 10, 1]).choice(sample.m, m1, replace=False))
+    chosen = np.sort(np.random.default_rng([seed, 10, 1]).choice(sample.m, m1, replace=False))  # keys: plan.py
     at = np.minimum(np.searchsorted(chosen, sample.pos), m1 - 1)
     mine = chosen[at] == sample.pos
     return sample.x[torch.as_tensor(mine, device=sample.x.device)], at[mine]
