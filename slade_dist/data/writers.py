@@ -528,9 +528,7 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
         it = pool.map(validate_tar, [str(t) for t in todo]) if pool else map(validate_tar, [str(t) for t in todo])
         for t, rec in zip(todo, it):
             rec.update(name=os.path.relpath(t, out), stamp=_tar_stamp(t))
-            part = out / PARTS_DIR / f"{t.name}.json"
-            part.parent.mkdir(parents=True, exist_ok=True)
-            part.write_text(json.dumps(rec))
+            atomic_write_json(out / PARTS_DIR / f"{t.name}.json", rec, indent=None)  # read back on resume
             results[t.name] = rec
             bar.update(1)
     finally:

@@ -18,7 +18,7 @@ import torch
 from ...config import PseudoConfig
 from .assign import Assigner, choose_backend, make_assigner, params_assigner
 from .checkpoints import Checkpoints, inputs_fingerprint
-from .lloyd import KMeansResult, distributed_kmeans
+from .lloyd import KMeansResult, Run, distributed_kmeans
 from .plan import TrainingSample, check_params, coarse_k_for, draw_sample, two_level_mode, use_two_level
 from .two_level import train_two_level
 
@@ -56,10 +56,11 @@ def train_centroids(
     sample = draw_sample(parts, params, _sample_device(backend, assigner))
     k1 = coarse_k_for(params) if two_level else 0
     ckpt = Checkpoints(ckpt_dir, inputs_fingerprint(params, sample, two_level, k1, init_centroids, ckpt_tag))
+    run = Run(params, ckpt, on_step)
     if two_level:
-        res = train_two_level(sample, params, backend, assigner, ckpt, on_step)
+        res = train_two_level(sample, run, backend, assigner)
     else:
-        res = _train_flat(sample, params, assigner, backend, ckpt, on_step, init_centroids)
+        res = _train_flat(sample, run, assigner, backend, init_centroids)
     res.n_total = sum(sample.sizes.values())
     res.seconds = time.time() - t0
     res.timings = {"sample_s": sample.seconds, **res.timings}
@@ -73,30 +74,14 @@ def _sample_device(backend: str, assigner: Assigner) -> torch.device:
 
 
 def _train_flat(
-    sample: TrainingSample,
-    params: PseudoConfig,
-    assigner: Assigner,
-    backend: str,
-    ckpt: Checkpoints,
-    on_step: Callable[[str, int], None] | None,
-    init_centroids: np.ndarray | None,
+    sample: TrainingSample, run: Run, assigner: Assigner, backend: str, init_centroids: np.ndarray | None
 ) -> KMeansResult:
-    if init_centroids is not None and np.shape(init_centroids) != (params.k, sample.d):
-        raise ValueError(f"init_centroids has shape {np.shape(init_centroids)}, expected {(params.k, sample.d)}")
+    k = run.params.k
+    if init_centroids is not None and np.shape(init_centroids) != (k, sample.d):
+        raise ValueError(f"init_centroids has shape {np.shape(init_centroids)}, expected {(k, sample.d)}")
     t0 = time.time()
     st, method, resumed, init_s = distributed_kmeans(
-        sample.x,
-        sample.pos,
-        sample.m,
-        sample.d,
-        params.k,
-        params,
-        assigner,
-        (params.seed,),
-        "lloyd",
-        ckpt,
-        on_step,
-        init_centroids,
+        sample.x, sample.pos, sample.m, k, run, assigner, (run.params.seed,), "lloyd", init_centroids
     )
     return KMeansResult(
         centroids=st.c.cpu().numpy().astype(np.float32),

@@ -13,6 +13,7 @@ Tests: tests/unit/test_kmeans_lloyd.py, tests/integration/test_pseudo_multirank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -206,6 +207,25 @@ class LloydState:
     it: int = 0  # iterations done
 
 
+@dataclass
+class Run:
+    """What the distributed stages of one training run share: its parameters, its checkpoints and
+    the caller's hook on_step(stage, step), called after each distributed Lloyd iteration and each
+    finished cell (a test's kill switch)."""
+
+    params: PseudoConfig
+    ckpt: Checkpoints
+    on_step: Callable[[str, int], None] | None = None
+
+    def derived(self, extra: str) -> Run:
+        """The same run, its later stages' checkpoints valid only after `extra` (Checkpoints.derived)."""
+        return dataclasses.replace(self, ckpt=self.ckpt.derived(extra))
+
+    def stepped(self, stage: str, step: int) -> None:
+        if self.on_step is not None:
+            self.on_step(stage, step)
+
+
 def run_lloyd(
     chunks: list[torch.Tensor],
     st: LloydState,
@@ -213,25 +233,24 @@ def run_lloyd(
     params: PseudoConfig,
     niter: int,
     rng_key: tuple,
-    distributed: bool,
+    run: Run | None = None,
     stage: str = "",
-    ckpt: Checkpoints | None = None,
-    on_step: Callable[[str, int], None] | None = None,
 ) -> LloydState:
-    """Lloyd iterations st.it .. niter. Distributed stages are checkpointed by rank 0 every
-    ckpt_every_iters iterations and at the end, then on_step(stage, iterations done) runs."""
+    """Lloyd iterations st.it .. niter: over all ranks, checkpointed by rank 0 every
+    ckpt_every_iters iterations and at the end, as stage `stage` of `run`; without a run, over this
+    rank's chunks alone (a two-level cell)."""
     every = params.ckpt_every_iters
     its = range(st.it, niter)
     # one bar for a distributed run; a cell's local run (one of thousands) shows none
-    for it in steps(its, f"k-means {stage} k={st.c.shape[0]}") if distributed else its:
-        sums, counts, obj = _lloyd_step(chunks, st.c, assigner, distributed)
+    for it in steps(its, f"k-means {stage} k={st.c.shape[0]}") if run else its:
+        sums, counts, obj = _lloyd_step(chunks, st.c, assigner, distributed=run is not None)
         st.c, splits = _update_centroids(st.c, sums, counts, np.random.default_rng([*rng_key, it]), params.spherical)
         st.objective.append(obj)
         st.counts, st.splits, st.it = counts, st.splits + splits, it + 1
-        if ckpt is not None and dist.is_main() and (st.it == niter or (every and st.it % every == 0)):
-            _save_lloyd(ckpt, stage, st)
-        if on_step is not None:
-            on_step(stage, st.it)
+        if run is not None:
+            if dist.is_main() and (st.it == niter or (every and st.it % every == 0)):
+                _save_lloyd(run.ckpt, stage, st)
+            run.stepped(stage, st.it)
     return st
 
 
@@ -273,20 +292,18 @@ def distributed_kmeans(
     x: torch.Tensor,
     pos: np.ndarray,
     m: int,
-    d: int,
     k: int,
-    params: PseudoConfig,
+    run: Run,
     assigner: Assigner,
     key: tuple,
     stage: str,
-    ckpt: Checkpoints,
-    on_step: Callable[[str, int], None] | None,
     init_centroids: np.ndarray | None = None,
 ) -> tuple[LloydState, str, int, float]:
-    """k-means over all ranks' rows (x, global positions pos in [0, m)), resumed from its
-    checkpoint when one matches: (final state, init used, iterations resumed, init seconds)."""
-    t0 = time.time()
-    st = resume_lloyd(ckpt, stage, k, d, x.device)
+    """k-means over all ranks' rows (x, global positions pos in [0, m)), stage `stage` of `run`,
+    resumed from its checkpoint when one matches: (final state, init used, iterations resumed,
+    init seconds)."""
+    t0, params, d = time.time(), run.params, x.shape[1]
+    st = resume_lloyd(run.ckpt, stage, k, d, x.device)
     resumed = st.it if st is not None else 0
     method = "resumed"
     if st is None:
@@ -299,5 +316,5 @@ def distributed_kmeans(
         st = LloydState(c=c, counts=np.zeros(k))
     init_s = time.time() - t0
     chunks = list(torch.split(x, params.chunk_size)) if len(x) else []
-    st = run_lloyd(chunks, st, assigner, params, params.niter, (*key, 4), True, stage, ckpt, on_step)
+    st = run_lloyd(chunks, st, assigner, params, params.niter, (*key, 4), run, stage)
     return st, method, resumed, init_s

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +24,7 @@ from ...config import PseudoConfig
 from ...progress import steps
 from .assign import Assigner, params_assigner
 from .checkpoints import Checkpoints
-from .lloyd import KMeansResult, LloydState, distributed_kmeans, resume_lloyd, run_lloyd, seed_centroids
+from .lloyd import KMeansResult, LloydState, Run, distributed_kmeans, resume_lloyd, run_lloyd, seed_centroids
 from .plan import TrainingSample, coarse_k_for
 
 COARSE_POINTS_PER_CELL = 2000  # coarse level of two-level training: as FAISS's two_level_clustering
@@ -122,9 +121,7 @@ def _train_cell(x: torch.Tensor, k_c: int, cell: int, params: PseudoConfig, assi
     if params.spherical:
         c = torch.nn.functional.normalize(c, dim=1)
     st = LloydState(c=c, counts=np.zeros(k_c))
-    st = run_lloyd(
-        list(torch.split(x, params.chunk_size)), st, assigner, params, params.niter, (params.seed, 21, cell), False
-    )
+    st = run_lloyd(list(torch.split(x, params.chunk_size)), st, assigner, params, params.niter, (params.seed, 21, cell))
     return _Cell(st.c, st.counts, np.asarray(st.objective, dtype=np.float64), st.splits)
 
 
@@ -137,14 +134,7 @@ def _cell_from_ckpt(ckpt: Checkpoints, cell: int, k_c: int, niter: int, device: 
 
 
 def _train_my_cells(
-    x: torch.Tensor,
-    keys: np.ndarray,
-    m: int,
-    fine_k: np.ndarray,
-    params: PseudoConfig,
-    assigner: Assigner,
-    ckpt: Checkpoints,
-    on_step: Callable[[str, int], None] | None,
+    x: torch.Tensor, keys: np.ndarray, m: int, fine_k: np.ndarray, run: Run, assigner: Assigner
 ) -> tuple[dict[int, _Cell], int]:
     """Fine k-means of the cells whose rows this rank received (rows grouped by cell); each
     finished cell is checkpointed by this rank. Returns ({cell: result}, cells resumed)."""
@@ -154,10 +144,10 @@ def _train_my_cells(
     out, resumed = {}, 0
     for j in steps(range(len(mine)), f"k-means cells ({len(mine)} on rank 0)"):
         cell, k_c = int(mine[j]), int(fine_k[mine[j]])
-        res = _cell_from_ckpt(ckpt, cell, k_c, params.niter, x.device)
+        res = _cell_from_ckpt(run.ckpt, cell, k_c, run.params.niter, x.device)
         if res is None:
-            res = _train_cell(x[bounds[j] : bounds[j + 1]], k_c, cell, params, assigner)
-            ckpt.save(
+            res = _train_cell(x[bounds[j] : bounds[j + 1]], k_c, cell, run.params, assigner)
+            run.ckpt.save(
                 f"cell-{cell:07d}",
                 {"splits": res.splits},
                 centroids=res.centroids.cpu().numpy().astype(np.float32),
@@ -167,8 +157,7 @@ def _train_my_cells(
         else:
             resumed += 1
         out[cell] = res
-        if on_step is not None:
-            on_step("cell", cell)
+        run.stepped("cell", cell)
     return out, resumed
 
 
@@ -194,19 +183,12 @@ def _assemble_cells(
     return st, int(round(stats[-1]))
 
 
-def _train_coarse(
-    sample: TrainingSample,
-    k1: int,
-    params: PseudoConfig,
-    assigner: Assigner,
-    ckpt: Checkpoints,
-    on_step: Callable[[str, int], None] | None,
-) -> tuple[LloydState, str, int, float]:
+def _train_coarse(sample: TrainingSample, k1: int, run: Run, assigner: Assigner) -> tuple[LloydState, str, int, float]:
     """The coarse level: distributed Lloyd with k1 centroids on a world-size-free subset of the
     sample (COARSE_POINTS_PER_CELL per cell, as FAISS), checkpointed as stage "coarse"."""
     m1 = min(sample.m, k1 * COARSE_POINTS_PER_CELL)
-    x1, pos1 = _coarse_subset(sample, m1, params.seed)
-    return distributed_kmeans(x1, pos1, m1, sample.d, k1, params, assigner, (params.seed, 10), "coarse", ckpt, on_step)
+    x1, pos1 = _coarse_subset(sample, m1, run.params.seed)
+    return distributed_kmeans(x1, pos1, m1, k1, run, assigner, (run.params.seed, 10), "coarse")
 
 
 def _partition_by_cell(
@@ -222,14 +204,7 @@ def _partition_by_cell(
     return x, keys, fine_k
 
 
-def train_two_level(
-    sample: TrainingSample,
-    params: PseudoConfig,
-    backend: str,
-    exact: Assigner,
-    ckpt: Checkpoints,
-    on_step: Callable[[str, int], None] | None,
-) -> KMeansResult:
+def train_two_level(sample: TrainingSample, run: Run, backend: str, exact: Assigner) -> KMeansResult:
     """Coarse cells by distributed Lloyd on a subset of the sample; each cell's share of k trained
     by its owner rank on all of the cell's sample points; the fine centroids all-gathered; then
     two_level_refine_iters distributed Lloyd iterations over all k centroids, assigning through
@@ -243,33 +218,23 @@ def train_two_level(
     centroid: 1.3 x 10^11 bytes in float32 - 131 GB, too much for any one rank), so it stays split:
     each rank holds ~m / world rows, then exchanges them so it holds its cells' rows (~m / world
     again); peak ~2 m d 4 / world bytes per rank (4 GB at 64 ranks, 2 GB with mppc 64 at 32)."""
-    times = [time.time()]
+    times, params = [time.time()], run.params
     k1 = coarse_k_for(params)
-    coarse, method, resumed_coarse, _ = _train_coarse(sample, k1, params, exact, ckpt, on_step)
+    coarse, method, resumed_coarse, _ = _train_coarse(sample, k1, run, exact)
     coarse_np = coarse.c.cpu().numpy().astype(np.float32)
     times.append(time.time())
     x, keys, fine_k = _partition_by_cell(sample, coarse.c, params, exact)
     times.append(time.time())
-    fine_ckpt = ckpt.derived(hashlib.sha256(coarse_np.tobytes()).hexdigest())
-    st = resume_lloyd(fine_ckpt, "refine", params.k, sample.d, x.device) if params.two_level_refine_iters else None
+    fine = run.derived(hashlib.sha256(coarse_np.tobytes()).hexdigest())  # a new coarse level never meets old cells
+    st = resume_lloyd(fine.ckpt, "refine", params.k, sample.d, x.device) if params.two_level_refine_iters else None
     resumed = {"coarse": resumed_coarse, "cells": 0, "refine": st.it if st is not None else 0}
     if st is None:  # a refine checkpoint already holds everything the cells gave
-        done, n_resumed = _train_my_cells(x, keys, sample.m, fine_k, params, exact, fine_ckpt, on_step)
+        done, n_resumed = _train_my_cells(x, keys, sample.m, fine_k, fine, exact)
         st, resumed["cells"] = _assemble_cells(done, fine_k, sample.d, params.niter, n_resumed, coarse.c.device)
     times.append(time.time())
     chunks = list(torch.split(x, params.chunk_size)) if len(x) else []
-    st = run_lloyd(
-        chunks,
-        st,
-        params_assigner(params, coarse_np),
-        params,
-        params.two_level_refine_iters,
-        (params.seed, 30),
-        True,
-        "refine",
-        fine_ckpt,
-        on_step,
-    )
+    refine = params_assigner(params, coarse_np)
+    st = run_lloyd(chunks, st, refine, params, params.two_level_refine_iters, (params.seed, 30), fine, "refine")
     times.append(time.time())
     return KMeansResult(
         centroids=st.c.cpu().numpy().astype(np.float32),
