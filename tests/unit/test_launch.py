@@ -1,7 +1,8 @@
 """Unit tests of the launcher, slade_dist/launch/ (planning, checks, Slurm parameters, dry run,
 errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist.launch`.
 
-No cluster needed: Slurm parameters are checked through the #SBATCH lines submitit itself renders,
+No cluster needed: Slurm parameters are checked through the #SBATCH lines the dry run renders (held
+against the scripts submitit really submits in tests/integration/test_slurm.py),
 and the execution tests run the `probe` test stage and the real embed stage in this process
 (--cluster debug). Real Slurm / LocalExecutor runs: tests/integration/test_slurm.py and
 test_launch_local.py.
