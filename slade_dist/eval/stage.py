@@ -32,8 +32,9 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UnusableInput
 from ..fileio import atomic_write_json
 from ..models import embed_batches, load_embedder, output_dim
+from ..progress import progress
 from ..stages import RunLayout
-from ..tb import log_eval, progress
+from ..tb import log_eval
 from .grids import Split, retrieval_grid, save_png
 from .metrics import query_gallery_metrics, retrieval_metrics
 

@@ -168,11 +168,11 @@ def _slurm_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--status",
         action="store_true",
-        help="show the jobs of the run's last launch (<run>/logs/submitted.json) with their state and "
-        "elapsed time (sacct); submits nothing",
+        help="show the jobs of every launch of the run (<run>/logs/submitted.json) with their state and "
+        "nodes (sacct, through submitit); submits nothing",
     )
     s.add_argument(
-        "--cancel", action="store_true", help="scancel every job of the run's last launch that has not ended"
+        "--cancel", action="store_true", help="cancel every job of every launch of the run that has not ended"
     )
 
 
@@ -353,7 +353,7 @@ def print_follow_up(cfg: Config, cluster: str, subs: Sequence[Submitted], record
     if cluster == "slurm" and subs:
         again = f"python {PROG} --config {run_root(cfg) / 'config.yaml'}"
         print(f"status:      {again} --status   (squeue --name slade-{run_name(cfg)}-<job>, sacct -j ...)")
-        print(f"cancel:      {again} --cancel   (scancel every job of this chain)")
+        print(f"cancel:      {again} --cancel   (every job of every launch of this run)")
     print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import PRETRAINED_HUB, PRETRAINED_NONE, ModelConfig, pretrained_source
-from ..fileio import explained_writes
+from ..fileio import atomic_path
 from .backbones import (
     Backbone,
     CheckpointError,
@@ -111,21 +111,14 @@ def save_weights(
 ) -> Path:
     """torch.save {"state_dict", "model", "extra"} atomically (tmp + rename): readers never see
     a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in embedder.state_dict().items()},
         "model": dataclasses.asdict(model_cfg),
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with explained_writes(path):
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def load_embedder(path: str | os.PathLike[str], map_location: Any = "cpu") -> Embedder:

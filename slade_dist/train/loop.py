@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import dist
+from ..progress import progress
 from ..tb import TBWriter
 from .engine import Trainer, average_bn_buffers, param_digest
 
@@ -167,7 +167,7 @@ def fit(
     t_start = time.perf_counter()
     # a job log is not a terminal: no carriage-return redraws there, a plain line per log window
     tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not (dist.is_main() and tty), dynamic_ncols=True)
+    bar = progress(total, desc, initial=start, leave=True)
     try:
         while trainer.step < total:
             micros = [objective.draw(trainer.step) for _ in range(trainer.accum)]
@@ -203,7 +203,7 @@ def fit(
     finally:
         bar.close()
     average_bn_buffers(trainer.module)  # also when nothing ran (resumed at the last step)
-    images, skipped = (int(v) for v in dist.all_reduce_sum(totals.to(_collective_device())).cpu().tolist())
+    images, skipped = (int(v) for v in dist.staged_all_reduce_sum(totals).tolist())
     return FitResult(
         steps=trainer.step,
         start_step=start,
@@ -215,12 +215,6 @@ def fit(
         images=images,
         skipped=skipped,
     )
-
-
-def _collective_device() -> torch.device:
-    """Where a tensor must live for this process group's collectives (nccl: the GPU)."""
-    nccl = dist.is_dist() and torch.distributed.get_backend() == "nccl"
-    return dist.device() if nccl else torch.device("cpu")
 
 
 def _log_line(desc: str, step: int, total: int, start: int, logged: Mapping[str, float], elapsed: float) -> None:

@@ -1,7 +1,8 @@
 """Unit tests of the launcher, slade_dist/launch/ (planning, checks, Slurm parameters, dry run,
 errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist.launch`.
 
-No cluster needed: Slurm parameters are checked through the #SBATCH lines submitit itself renders,
+No cluster needed: Slurm parameters are checked through the #SBATCH lines the dry run renders (held
+against the scripts submitit really submits in tests/integration/test_slurm.py),
 and the execution tests run the `probe` test stage and the real embed stage in this process
 (--cluster debug). Real Slurm / LocalExecutor runs: tests/integration/test_slurm.py and
 test_launch_local.py.
@@ -22,7 +23,7 @@ import yaml
 
 from slade_dist import stages
 from slade_dist.config import load_config
-from slade_dist.launch import cli, local, slurm
+from slade_dist.launch import cli, local, slurm, status
 from slade_dist.launch import plan as planning
 from slade_dist.launch.job import StageJob, array_part
 from slade_dist.pseudo import embed
@@ -648,8 +649,18 @@ def test_status_of_a_local_launch_and_cancel_refusing_it(tmp_path, capsys, monke
     assert cli.main(["--cancel", "--config", str(path)]) == 2
     assert "ran on cluster=debug" in capsys.readouterr().err
     assert cli.main(["--stage", "probe", "--config", str(path), "--cluster", "debug"], job_cls=ProbeJob) == 0
-    capsys.readouterr()  # the second launch found the stage done: its record lists no job
-    assert cli.main(["--status", "--config", str(path)]) == 2
+    capsys.readouterr()  # the second launch found the stage done: its record lists no job ...
+    assert cli.main(["--status", "--config", str(path)]) == 0
+    out = capsys.readouterr().out  # ... and hides nothing of the first
+    assert "2 launch(es)" in out and "ran here, finished" in out, out
+    assert "launch 2 at" in out and "nothing submitted: every stage was already done" in out, out
+    assert [
+        j["name"] for j in json.loads((tmp_path / "run" / "logs" / "submitted.json").read_text())["earlier"][0]["jobs"]
+    ] == ["probe"]
+    (tmp_path / "b").mkdir()
+    cfg, other = config(tmp_path / "b")
+    status.write_record(cfg, "debug", [])  # a run whose only launch found everything done
+    assert cli.main(["--status", "--config", str(other)]) == 2
     assert "submitted no job: every stage was already done" in capsys.readouterr().err
 
 

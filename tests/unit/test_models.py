@@ -31,7 +31,7 @@ from slade_dist.models.backbones import (
     UnsafeCheckpointError,
     read_checkpoint,
 )
-from slade_dist.models.retrieval import knn_map_at_r
+from slade_dist.models.retrieval import knn_map_at_r, map_at_r
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -250,6 +250,9 @@ def test_knn_map_at_r_agrees_with_the_eval_metrics():
     got = knn_map_at_r(torch.from_numpy(emb), torch.from_numpy(labels), chunk=64)
     assert 0.05 < ref < 0.95 and got == pytest.approx(ref, abs=1e-5)
     assert np.isnan(knn_map_at_r(torch.randn(3, 4), torch.arange(3)))  # every query lone
+    # the one formula both use: R = 2 with hits at ranks 1 and 2 -> 1; at 2 only -> (1/2) / 2
+    hits = np.array([[True, True, False], [False, True, False], [False, False, False]])
+    np.testing.assert_allclose(map_at_r(hits, np.array([2, 2, 0])), [1.0, 0.25, 0.0])
 
 
 # ----------------------------------------------------------- timm transformers, the hub, safetensors
