@@ -284,7 +284,8 @@ def _squeue_count() -> int:
 
 
 BAD_ARGUMENTS = [
-    (["--stage", "teacher", "--nodes", "3"], "asks for 3 nodes but partition 'debug' has 2"),
+    # 6 classes split over 3 ranks: the batch is fine, the partition is what refuses
+    (["--stage", "teacher", "--nodes", "3", "train.classes_per_batch=6"], "asks for 3 nodes but partition 'debug' has 2"),
     (["--stage", "teacher", "--partition", "nosuch"], "partition 'nosuch' does not exist"),
     (["--stage", "teacher", "--cpus-per-task", "8"], "nodes of partition 'debug' have 2 CPUs"),
     (["--stage", "teacher", "train.lrr=0.1"], "unknown config key 'train.lrr'"),
@@ -304,7 +305,7 @@ def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, tmp_path
         assert rc == 2, (args, err)
         assert message in err, (args, err)
         assert "Traceback" not in err
-    proc = launch("--stage", "teacher", "--nodes", "3", "--config", str(cfg))  # the real CLI once
+    proc = launch(*BAD_ARGUMENTS[0][0], "--config", str(cfg))  # the real CLI once
     assert proc.returncode == 2 and BAD_ARGUMENTS[0][1] in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
     assert _squeue_count() == before
