@@ -88,7 +88,11 @@ def student_rate(
         net, param_groups(net, cfg), cfg.train, stage_dir=run_dir, total_steps=total, micro_batch=labeled + unlabeled
     )
     objective = StudentObjective(
-        cfg, trainer, ranking_loss_fn(cfg), _fixed_stream(labeled, size, device, 1), _fixed_stream(unlabeled, size, device, 2)
+        cfg,
+        trainer,
+        ranking_loss_fn(cfg),
+        _fixed_stream(labeled, size, device, 1),
+        _fixed_stream(unlabeled, size, device, 2),
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
     if device.type == "cuda":
@@ -153,7 +157,9 @@ def main() -> None:
     torch.set_num_threads(2)
     cpu = torch.device("cpu")
     out = {"collectives": collectives_check(cpu)}
-    rates = [student_rate(cpu, 4, n, backbone="tiny_cnn", size=32, precision="fp32", steps=3, warmup=1) for n in (8, 16)]
+    rates = [
+        student_rate(cpu, 4, n, backbone="tiny_cnn", size=32, precision="fp32", steps=3, warmup=1) for n in (8, 16)
+    ]
     out["student"] = rates
     print(json.dumps(out))
 

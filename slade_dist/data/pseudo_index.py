@@ -332,22 +332,45 @@ class ClusterIndex:
                 f"lower the unlabeled P or K, or loosen data.pseudo_max_dist_percentile / pseudo_min_cluster_size"
             )
 
-    def draw(self, rng: np.random.Generator, P: int, K: int) -> list[tuple[int, np.ndarray]]:
-        """P distinct clusters, each with probability proportional to its kept members (each kept
-        image equally likely, as a fully shuffled stream gives), and K distinct kept members of each."""
+    def draw_clusters(self, rng: np.random.Generator, P: int, K: int) -> list[int]:
+        """P distinct drawable clusters, each with probability proportional to its kept members
+        (each kept image equally likely, as a fully shuffled stream gives)."""
         if self._weights is None or self._weights[0] != K:
             ids = self.drawable(K)
             self._weights = (K, ids, np.cumsum(self.kept[ids], dtype=np.float64))
         _, ids, cum = self._weights
         if len(ids) < P:
             self.check_drawable(P, K)
-        chosen: list[int] = []
+        chosen: dict[int, None] = {}  # insertion-ordered set: P can be thousands (web.yaml's step)
         while len(chosen) < P:
             for j in np.searchsorted(cum, rng.random(P) * cum[-1], side="right"):
-                c = int(ids[min(j, len(ids) - 1)])
-                if c not in chosen and len(chosen) < P:
-                    chosen.append(c)
-        return [(c, self.entries(c, np.sort(rng.choice(int(self.kept[c]), K, replace=False)))) for c in chosen]
+                if len(chosen) < P:
+                    chosen.setdefault(int(ids[min(j, len(ids) - 1)]))
+        return list(chosen)
+
+    def draw_members(self, rng: np.random.Generator, c: int, K: int) -> np.ndarray:
+        """K distinct kept members of cluster c (entries for TarReader)."""
+        return self.entries(c, np.sort(rng.choice(int(self.kept[c]), K, replace=False)))
+
+    def draw(self, rng: np.random.Generator, P: int, K: int) -> list[tuple[int, np.ndarray]]:
+        """P distinct clusters and K distinct kept members of each."""
+        return [(c, self.draw_members(rng, c, K)) for c in self.draw_clusters(rng, P, K)]
+
+    def draw_step_part(
+        self, seed: int, step: int, P: int, K: int, part: int, parts: int
+    ) -> list[tuple[int, np.ndarray]]:
+        """Part `part` of `parts` of one optimizer step's pseudo-labeled batch: the step draws
+        P x parts distinct clusters from (seed, step) alone, so every rank and micro-batch of the
+        step computes the same global draw and takes its own P. The step's global batch is thus
+        the same on any world size x grad_accum, and no two ranks hold one cluster (an independent
+        draw per rank would repeat clusters: with one cluster per rank, a step whose ranks drew the
+        same one has no negative pair). Members are drawn per slot of the global batch."""
+        clusters = self.draw_clusters(np.random.default_rng([seed, step]), P * parts, K)
+        first = part * P
+        return [
+            (c, self.draw_members(np.random.default_rng([seed, step, first + i]), c, K))
+            for i, c in enumerate(clusters[first : first + P])
+        ]
 
 
 # ------------------------------------------------------------------------------ one process

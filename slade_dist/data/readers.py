@@ -22,6 +22,7 @@ Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import random
@@ -29,7 +30,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -365,27 +365,47 @@ def labeled_batches(
 class _IndexedPK(_ResampledPK):
     """Infinite P x K batches from the cluster index: no buffer and no shuffle, so the K images of
     each pseudo label are distinct and every image read is used (decoding and the corrupt-image
-    rules are the labeled stream's)."""
+    rules are the labeled stream's). Batch n of this rank is micro-batch n % accum of optimizer
+    step n // accum (a DataLoader hands batches out round-robin over its workers, so worker w makes
+    batches w, w + workers, ...); its clusters are this rank's part of the step's global draw
+    (ClusterIndex.draw_step_part), the same on every world size."""
 
-    def __init__(self, index: ClusterIndex, tars: list[Path], P: int, K: int, geometry: Callable, seed: int, rank: int):
+    def __init__(
+        self,
+        index: ClusterIndex,
+        tars: list[Path],
+        P: int,
+        K: int,
+        geometry: Callable,
+        seed: int,
+        rank: int,
+        world: int,
+        accum: int,
+    ):
         super().__init__(tars, P, K, geometry, P * K, 0, seed, rank)
-        self.index = index
+        self.index, self.world, self.accum = index, world, accum
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, _ = _worker()
-        rng = random.Random(_seed_for(self.seed, self.rank, wid))
+        wid, workers = _worker()
+        rng = random.Random(_seed_for(self.seed, self.rank, wid))  # augmentation and corrupt-image refills
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
-        draws = np.random.default_rng(rng.randrange(1 << 62))
+        parts = self.world * self.accum
         self.skipped, self._decoded, self._undecodable = 0, 0, 0
         reader = TarReader(self.shards)
         try:
-            while True:
-                drawn = self.index.draw(draws, self.P, self.K)
-                out = self._decode_batch([(reader.read(e), c) for c, entries in drawn for e in entries], rng)
-                if out is not None:
-                    out["worker"] = wid
-                    out["images_read"] = reader.reads  # this worker's running total: P x K per draw
-                    yield out
+            for n in itertools.count(wid, workers):
+                step, micro = divmod(n, self.accum)
+                part = self.rank * self.accum + micro  # rank-major, then micro-batch (train/batch_split.py)
+                out = None
+                for retry in itertools.count():  # every cluster of a batch all corrupt: redraw the slot's batch
+                    seed = self.seed if retry == 0 else _seed_for(self.seed, "retry", retry, self.rank)
+                    drawn = self.index.draw_step_part(seed, step, self.P, self.K, part, parts)
+                    out = self._decode_batch([(reader.read(e), c) for c, entries in drawn for e in entries], rng)
+                    if out is not None:
+                        break
+                out["worker"] = wid
+                out["images_read"] = reader.reads  # this worker's running total: P x K per draw
+                yield out
         finally:
             reader.close()
 
@@ -400,6 +420,7 @@ def pseudo_labeled_batches(
     seed: int,
     rank: int | None = None,
     world: int | None = None,
+    accum: int = 1,
     train: bool = True,
     image_size: int | None = None,
 ) -> BatchStream:
@@ -409,16 +430,17 @@ def pseudo_labeled_batches(
     Only kept members are drawn (distance within the cluster's data_cfg.pseudo_max_dist_percentile,
     cluster of at least data_cfg.pseudo_min_cluster_size), from clusters holding >= K of them.
     Start-up reads clusters.json and clusters.npz (no label file, no stat per shard); the member
-    files are memory-mapped. `world` is accepted for symmetry (every rank draws from all clusters).
+    files are memory-mapped. Every rank draws its part of each optimizer step's global draw of
+    P x world x accum distinct clusters (see _IndexedPK), so that many must be drawable.
     """
     rank = dist.rank() if rank is None else rank
     if P < 1 or K < 1:
         raise ValueError(f"P x K batches need P, K >= 1; got P={P} K={K}")
     index = ClusterIndex.open(pseudo_dir, data_cfg.pseudo_max_dist_percentile, data_cfg.pseudo_min_cluster_size)
-    index.check_drawable(P, K)
-    ds = _IndexedPK(
-        index, index.shard_paths(unlabeled_dir), P, K, _train_geometry(data_cfg, image_size, train), seed, rank
-    )
+    world = dist.world_size() if world is None else world
+    index.check_drawable(P * world * accum, K)
+    geometry = _train_geometry(data_cfg, image_size, train)
+    ds = _IndexedPK(index, index.shard_paths(unlabeled_dir), P, K, geometry, seed, rank, world, accum)
     return BatchStream(_loader(ds, data_cfg.num_workers))
 
 

@@ -164,9 +164,10 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         cfg.data,
         Pu,
         Ku,
-        seed=seeds["pseudo_stream_seed"],
+        seed=seeds["pseudo_stream_seed"],  # the same on every rank: the ranks share each step's draw
         rank=dist.rank(),
         world=dist.world_size(),
+        accum=accum,
     )
     tb = open_tb(cfg, run_dir, "student", r, trainer.step)
     objective = StudentObjective(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream, tb=tb)

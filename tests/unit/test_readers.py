@@ -193,6 +193,53 @@ def test_pseudo_stream_start_up_reads_no_label_file(tmp_path, labeled):
     assert b["keys"] == want[0] and b["images"].shape == (6, 3, 16, 16)
 
 
+def _step_batches(labeled, pdir, P_step, world, accum, steps, workers=0):
+    """Each step's global pseudo-labeled batch (keys, labels) as `world` ranks x `accum` micro-batches
+    read it: rank-major, then micro-batch, as the trainers concatenate a step."""
+    streams = [
+        readers.pseudo_labeled_batches(
+            labeled,
+            pdir,
+            cfg(num_workers=workers),
+            P_step // (world * accum),
+            2,
+            seed=7,
+            rank=r,
+            world=world,
+            accum=accum,
+        )
+        for r in range(world)
+    ]
+    out = []
+    for _ in range(steps):
+        keys, labels = [], []
+        for s in streams:
+            for _ in range(accum):
+                b = next(s)
+                keys += b["keys"]
+                labels += b["labels"].tolist()
+        out.append((keys, labels))
+    return out
+
+
+def test_pseudo_stream_step_is_the_same_global_batch_on_any_world_size(tmp_path, labeled):
+    """1, 2 and 4 ranks, grad_accum 2 and two DataLoader workers read each optimizer step's same
+    global batch: P distinct clusters over all ranks (no cluster on two ranks), same members."""
+    pdir = tmp_path / "pl"
+    _plant_pseudo_labels(pdir, labeled)
+    build_index(labeled, pdir, 100.0, 2)
+    one = _step_batches(labeled, pdir, 4, 1, 1, 6)
+    for keys, labels in one:
+        assert len(set(labels)) == 4 and len(set(keys)) == 8  # 4 distinct clusters x 2 distinct images
+    assert len({tuple(sorted(set(lab))) for _, lab in one}) > 1  # the draw changes from step to step
+    assert _step_batches(labeled, pdir, 4, 2, 1, 6) == one
+    assert _step_batches(labeled, pdir, 4, 4, 1, 6) == one  # one cluster per rank, never the same one
+    assert _step_batches(labeled, pdir, 4, 1, 2, 6) == one
+    assert _step_batches(labeled, pdir, 4, 2, 1, 6, workers=2) == one
+    with pytest.raises(ValueError, match="fewer than P=6"):  # 5 drawable clusters: the step's P is checked
+        readers.pseudo_labeled_batches(labeled, pdir, cfg(), 3, 2, seed=7, rank=0, world=2)
+
+
 def test_a_label_file_missing_readable_keys_is_refused(tmp_path, labeled):
     pdir = tmp_path / "pl"
     for p in shard_paths(labeled):
