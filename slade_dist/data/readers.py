@@ -15,8 +15,16 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
 plus `iter_shard` for one shard. Sharding is done here (not by webdataset's nodesplitter /
 split_by_node, which read the env and raise or double-read with few shards).
 Tar members are parsed in tars.py (webdataset's own tar iterator and key rule).
-A corrupt image, a sample without an image, or a truncated tar is skipped and counted ("skipped" in
-every batch: total so far over this rank's workers), never a crash.
+Images are decoded under the decoder contract of transforms.py (8-bit RGB, header limits
+data.max_image_pixels / data.max_aspect_ratio checked before decoding, alpha on white, EXIF
+orientation applied), in the loader workers, or with data.decode: device on the rank
+(device_decode.py: workers hand over JPEG bytes).
+A corrupt image (anything outside the contract), a sample without an image, or a truncated tar is
+skipped and counted ("skipped" in every batch: total so far over this rank's workers and the
+rank's own decodes), never a crash.
+Memory per loader worker is bounded by the config, not by the images: buffers hold encoded
+samples only, each buffer at most data.buffer_mb MiB (and its sample count), one image is decoded
+at a time (at most data.max_image_pixels pixels), and batches hold transformed images.
 Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
 """
 
@@ -26,6 +34,7 @@ import multiprocessing
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +44,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import dist
 from .batcher import PKBatcher
+from .device_decode import DeviceDecoder, prepare
 from .pseudo_index import ClusterIndex, TarReader
 from .shards import index_counts, read_index, shard_paths
 from .tars import TarSamples, image_bytes, sample_cls, sample_meta
-from .transforms import CorruptImage, decode, eval_geometry, eval_resize_for, normalize_batch, train_geometry
+from .transforms import (
+    DEFAULT_LIMITS,
+    CorruptImage,
+    ImageLimits,
+    decode,
+    eval_geometry,
+    eval_max_size,
+    eval_resize_for,
+    normalize_batch,
+    train_geometry,
+)
 
 # a training stream that has decoded nothing after this many images stops with a clear error
 # instead of waiting forever for a batch (every labeled image corrupt)
@@ -52,6 +72,8 @@ __all__ = [
     "BatchStream",
     "rank_shards",
     "resolve_shards",
+    "buffer_bytes",
+    "sample_nbytes",
 ]
 
 
@@ -60,10 +82,17 @@ class _ShardIter:
     and, for a truncated tar, the samples it lost in `lost` (its index count minus those met, or 1
     when the count is not known)."""
 
-    def __init__(self, path: str | os.PathLike[str], transform: Callable | None, expected: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        transform: Callable | None,
+        expected: int | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
+        on_device: bool = False,
+    ) -> None:
         self.tar = TarSamples(path)
-        self.transform = transform
-        self.expected = expected
+        self.transform = transform or _as_is
+        self.expected, self.limits, self.on_device = expected, limits, on_device
         self.corrupt = 0
         self.lost = 0
         self.seen = 0
@@ -85,12 +114,16 @@ class _ShardIter:
         for s in self.tar:
             self.seen += 1
             try:
-                img = decode(image_bytes(s))
+                img = prepare(image_bytes(s), self.limits, self.transform, self.on_device)
             except CorruptImage:
                 self.corrupt += 1
                 continue
-            yield s["__key__"], (self.transform(img) if self.transform else img), sample_cls(s), sample_meta(s)
+            yield s["__key__"], img, sample_cls(s), sample_meta(s)
         self.lost = lost_to_truncation(self.expected, self.seen, self.tar.truncated)
+
+
+def _as_is(img: torch.Tensor) -> torch.Tensor:
+    return img
 
 
 def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) -> int:
@@ -101,12 +134,17 @@ def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) 
 
 
 def iter_shard(
-    path: str | os.PathLike[str], transform: Callable | None = None, expected: int | None = None
+    path: str | os.PathLike[str],
+    transform: Callable | None = None,
+    expected: int | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    on_device: bool = False,
 ) -> _ShardIter:
     """(key, image, cls, meta) for one shard in order; image is a uint8 (3,H,W) tensor when transform
-    is None, else transform(that tensor). `.corrupt` counts undecodable samples, `.lost` the samples
-    a truncated tar lost (`expected` = its index count), `.skipped` both."""
-    return _ShardIter(path, transform, expected)
+    is None, else transform(that tensor) (on_device: a plain JPEG comes as device_decode.EncodedJpeg).
+    `.corrupt` counts images outside the decoder contract (`limits`), `.lost` the samples a
+    truncated tar lost (`expected` = its index count), `.skipped` both."""
+    return _ShardIter(path, transform, expected, limits, on_device)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -130,42 +168,71 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _shuffle(stream: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
-    """Reservoir-style shuffle with a bounded buffer."""
+def _shuffle(
+    stream: Iterable[Any],
+    bufsize: int,
+    rng: random.Random,
+    max_bytes: int | None = None,
+    size_of: Callable[[Any], int] | None = None,
+) -> Iterator[Any]:
+    """Reservoir-style shuffle with a buffer bounded by count (bufsize) and by bytes (max_bytes, by
+    size_of): an item leaves as soon as either is reached."""
     if bufsize <= 1:
         yield from stream
         return
     buf: list[Any] = []
+    held = 0
     for item in stream:
         buf.append(item)
-        if len(buf) >= bufsize:
+        held += size_of(item) if size_of else 0
+        if len(buf) >= bufsize or (max_bytes is not None and held > max_bytes):
             i = rng.randrange(len(buf))
             buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
+            out = buf.pop()
+            held -= size_of(out) if size_of else 0
+            yield out
     rng.shuffle(buf)
     yield from buf
+
+
+def sample_nbytes(sample: dict[str, Any]) -> int:
+    """Bytes a raw sample holds (its members' data)."""
+    return sum(len(v) for v in sample.values() if isinstance(v, bytes))
+
+
+def buffer_bytes(data_cfg: Any) -> int:
+    """data.buffer_mb in bytes: the cap of each encoded-sample buffer of a loader worker."""
+    return int(getattr(data_cfg, "buffer_mb", 256)) << 20
 
 
 class BatchStream:
     """Main-process side of a DataLoader: folds each worker's running counts into totals.
 
     Workers send {"worker": id, "skipped": n, "counts": {"corrupt": .., "lost": ..}, ...} (running
-    totals of that worker); batches with images=None only carry counts.
+    totals of that worker); batches with images=None only carry counts. With data.decode: device,
+    a batch carries "pending" items that `finish` (device_decode.DeviceDecoder) decodes on the
+    rank; the JPEGs that fail there are counted as corrupt here.
     """
 
-    def __init__(self, loader: Iterable[dict[str, Any]] | None) -> None:
+    def __init__(self, loader: Iterable[dict[str, Any]] | None, finish: DeviceDecoder | None = None) -> None:
         self._it = iter(loader) if loader is not None else iter(())
         self._skips: dict[int, int] = {}
         self._counts: dict[int, dict[str, int]] = {}
+        self.finish = finish
+
+    @property
+    def _rank_corrupt(self) -> int:
+        return self.finish.corrupt if self.finish is not None else 0
 
     @property
     def skipped(self) -> int:
-        return sum(self._skips.values())
+        return sum(self._skips.values()) + self._rank_corrupt
 
     @property
     def counts(self) -> dict[str, int]:
-        """What was left out so far, by cause: corrupt (undecodable) and lost (truncated tars)."""
-        out = {"corrupt": 0, "lost": 0}
+        """What was left out so far, by cause: corrupt (outside the decoder contract) and lost
+        (truncated tars)."""
+        out = {"corrupt": self._rank_corrupt, "lost": 0}
         for c in self._counts.values():
             for k, v in c.items():
                 out[k] = out.get(k, 0) + int(v)
@@ -181,6 +248,10 @@ class BatchStream:
             self._skips[wid] = b["skipped"]
             if "counts" in b:
                 self._counts[wid] = b.pop("counts")
+            if "pending" in b:
+                b = self.finish(b) if self.finish is not None else None
+                if b is None:  # every image of a label group failed on the rank
+                    continue
             b["skipped"] = self.skipped
             if b.get("images") is not None:
                 return b
@@ -205,6 +276,20 @@ def _seed_for(*parts: Any) -> int:
     return random.Random("/".join(map(str, parts))).randrange(1 << 62)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How a stream decodes: the decoder contract's limits, where JPEGs are decoded (data.decode)
+    and the byte cap of each encoded-sample buffer (data.buffer_mb)."""
+
+    limits: ImageLimits = DEFAULT_LIMITS
+    on_device: bool = False
+    buffer_bytes: int = 256 << 20
+
+    @classmethod
+    def of(cls, data_cfg: Any) -> Decoding:
+        return cls(ImageLimits.of(data_cfg), getattr(data_cfg, "decode", "workers") == "device", buffer_bytes(data_cfg))
+
+
 # ------------------------------------------------------------------------------ training streams
 class _ResampledPK(IterableDataset):
     """Infinite P x K batches from randomly drawn shards, labels from `cls`."""
@@ -221,6 +306,7 @@ class _ResampledPK(IterableDataset):
         rank: int,
         max_samples_without_batch: int = 0,
         expected: Sequence[int | None] | None = None,
+        decoding: Decoding = Decoding(),
     ) -> None:
         if not shards:
             raise ValueError("no shards to read")
@@ -228,17 +314,22 @@ class _ResampledPK(IterableDataset):
         self.expected = list(expected) if expected is not None else [None] * len(shards)
         self.max_buffered, self.shuffle_buffer, self.seed, self.rank = max_buffered, shuffle_buffer, seed, rank
         self.max_without_batch = max_samples_without_batch or max(50 * max_buffered, 100_000)
+        self.decoding = decoding
         self.skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, _ = _worker()
         rng = random.Random(_seed_for(self.seed, self.rank, wid))
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
-        batcher = PKBatcher(self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31))
+        cap = self.decoding.buffer_bytes
+        batcher = PKBatcher(
+            self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31), max_bytes=cap, size_of=sample_nbytes
+        )
         self.skipped = 0
         self._since_batch = 0
         self._decoded, self._undecodable = 0, 0
-        for batch in batcher(_shuffle(self._class_samples(rng), self.shuffle_buffer, rng)):
+        samples = _shuffle(self._class_samples(rng), self.shuffle_buffer, rng, cap, _pair_nbytes)
+        for batch in batcher(samples):
             self._since_batch = 0
             out = self._decode_batch(batch, rng)
             if out is not None:
@@ -272,39 +363,62 @@ class _ResampledPK(IterableDataset):
             self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated)
             self._count_progress()
 
+    def _load(self, sample: dict[str, Any]) -> Any:
+        """The decoded image (uint8, full size), or with data.decode: device what `prepare` hands the
+        rank (a JPEG's bytes, or the transformed image); CorruptImage outside the contract."""
+        d = self.decoding
+        if d.on_device:
+            return prepare(image_bytes(sample), d.limits, self.geometry, True)
+        return decode(image_bytes(sample), d.limits)
+
     def _decode_batch(self, batch: list[tuple[dict[str, Any], int]], rng: random.Random) -> dict[str, Any] | None:
         """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
         decodable sample of the same label (all K corrupt: the batch is dropped)."""
-        decoded: list[torch.Tensor | None] = []
+        loaded: list[Any] = []
         for s, _ in batch:
             try:
-                decoded.append(decode(image_bytes(s)))
+                loaded.append(self._load(s))
                 self._decoded += 1
             except CorruptImage:
                 self.skipped += 1
                 self._undecodable += 1
-                decoded.append(None)
+                loaded.append(None)
         if self._decoded == 0 and self._undecodable >= ALL_CORRUPT_AFTER:
             raise RuntimeError(
                 f"none of the first {self._undecodable} images read from {len(self.shards)} shards "
                 f"(e.g. {self.shards[0]}) could be decoded: the data is corrupt or not images; "
                 f"check it with `python -m slade_dist.data index` / rewrite the shards"
             )
-        images, labels = [], []
+        items, labels = [], []
         for g in range(0, len(batch), self.K):
-            group = decoded[g : g + self.K]
+            group = loaded[g : g + self.K]
             good = [d for d in group if d is not None]
             if not good:
                 return None
             for d in group:
-                images.append(self.geometry(d if d is not None else rng.choice(good)))
+                src = d if d is not None else rng.choice(good)
+                items.append(src if self.decoding.on_device else self.geometry(src))
             labels.extend([batch[g][1]] * self.K)
-        return {
-            "images": normalize_batch(torch.stack([torch.as_tensor(x) for x in images])),
+        out: dict[str, Any] = {
             "labels": torch.tensor(labels, dtype=torch.long),
             "keys": [s["__key__"] for s, _ in batch],
             "skipped": self.skipped,
         }
+        if self.decoding.on_device:  # the rank decodes the JPEGs (device_decode.DeviceDecoder)
+            out["pending"] = items
+        else:
+            out["images"] = normalize_batch(torch.stack([torch.as_tensor(x) for x in items]))
+        return out
+
+
+def _pair_nbytes(pair: tuple[dict[str, Any], int]) -> int:
+    return sample_nbytes(pair[0])
+
+
+def _stream(loader: DataLoader, data_cfg: Any, geometry: Callable, group: int | None) -> BatchStream:
+    """The rank's side of a loader; with data.decode: device, the decoder of the pending JPEGs."""
+    on_device = getattr(data_cfg, "decode", "workers") == "device"
+    return BatchStream(loader, DeviceDecoder(geometry, group=group) if on_device else None)
 
 
 def _check_pk(P: int, K: int, data_cfg: Any) -> None:
@@ -319,7 +433,8 @@ def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Calla
     size = image_size or data_cfg.image_size
     if train:  # data.augment: flip, rotation, colour, blur and crop ranges from the config
         return train_geometry(size, data_cfg.crop_scale_min, data_cfg.augment)
-    return eval_geometry(size, eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size))
+    resize = eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size)
+    return eval_geometry(size, resize, eval_max_size(resize, ImageLimits.of(data_cfg).max_aspect_ratio))
 
 
 def labeled_batches(
@@ -348,18 +463,20 @@ def labeled_batches(
             f"shard dir; use pseudo_labeled_batches for unlabeled data"
         )
     shards = resolve_shards(shard_dir)
+    geometry = _train_geometry(data_cfg, image_size, train)
     ds = _ResampledPK(
         shards,
         P,
         K,
-        _train_geometry(data_cfg, image_size, train),
+        geometry,
         data_cfg.max_buffered,
         data_cfg.shuffle_buffer,
         seed,
         rank,
         expected=index_counts(shards),
+        decoding=Decoding.of(data_cfg),
     )
-    return BatchStream(_loader(ds, data_cfg.num_workers))
+    return _stream(_loader(ds, data_cfg.num_workers), data_cfg, geometry, K)
 
 
 class _IndexedPK(_ResampledPK):
@@ -367,8 +484,18 @@ class _IndexedPK(_ResampledPK):
     each pseudo label are distinct and every image read is used (decoding and the corrupt-image
     rules are the labeled stream's)."""
 
-    def __init__(self, index: ClusterIndex, tars: list[Path], P: int, K: int, geometry: Callable, seed: int, rank: int):
-        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank)
+    def __init__(
+        self,
+        index: ClusterIndex,
+        tars: list[Path],
+        P: int,
+        K: int,
+        geometry: Callable,
+        seed: int,
+        rank: int,
+        decoding: Decoding = Decoding(),
+    ):
+        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank, decoding=decoding)
         self.index = index
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -416,39 +543,52 @@ def pseudo_labeled_batches(
         raise ValueError(f"P x K batches need P, K >= 1; got P={P} K={K}")
     index = ClusterIndex.open(pseudo_dir, data_cfg.pseudo_max_dist_percentile, data_cfg.pseudo_min_cluster_size)
     index.check_drawable(P, K)
-    ds = _IndexedPK(
-        index, index.shard_paths(unlabeled_dir), P, K, _train_geometry(data_cfg, image_size, train), seed, rank
-    )
-    return BatchStream(_loader(ds, data_cfg.num_workers))
+    geometry = _train_geometry(data_cfg, image_size, train)
+    ds = _IndexedPK(index, index.shard_paths(unlabeled_dir), P, K, geometry, seed, rank, Decoding.of(data_cfg))
+    return _stream(_loader(ds, data_cfg.num_workers), data_cfg, geometry, K)
 
 
 # ---------------------------------------------------------------------------------- finite pass
 class _FinitePass(IterableDataset):
-    def __init__(self, shards: list[Path], batch_size: int, geometry: Callable, expected: Sequence[int | None]) -> None:
+    def __init__(
+        self,
+        shards: list[Path],
+        batch_size: int,
+        geometry: Callable,
+        expected: Sequence[int | None],
+        decoding: Decoding = Decoding(),
+    ) -> None:
         self.shards, self.batch_size, self.geometry = shards, batch_size, geometry
         self.expected = list(expected)
+        self.decoding = decoding
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
         done = {"corrupt": 0, "lost": 0}  # finished shards of this worker
         rows: list[tuple[str, str, int, dict[str, Any], torch.Tensor]] = []
         for path, expected in list(zip(self.shards, self.expected))[wid::nw]:
-            it = iter_shard(path, self.geometry, expected)
+            it = iter_shard(path, self.geometry, expected, self.decoding.limits, self.decoding.on_device)
             for key, img, cls, meta in it:
                 rows.append((key, path.name, cls, meta, img))
                 if len(rows) == self.batch_size:
-                    yield self._collate(rows, {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"]}, wid)
+                    counts = {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"]}
+                    yield self._collate(rows, counts, wid, self.decoding.on_device)
                     rows = []
             done = {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"] + it.lost}
         if rows:
-            yield self._collate(rows, done, wid)
+            yield self._collate(rows, done, wid, self.decoding.on_device)
         # final counts, absorbed by BatchStream
         yield {"images": None, "skipped": sum(done.values()), "counts": done, "worker": wid}
 
     @staticmethod
-    def _collate(rows: list, counts: dict[str, int], wid: int) -> dict[str, Any]:
+    def _collate(rows: list, counts: dict[str, int], wid: int, pending: bool) -> dict[str, Any]:
+        images = (
+            {"pending": [r[4] for r in rows]}
+            if pending  # the rank decodes the JPEGs (device_decode.DeviceDecoder)
+            else {"images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows]))}
+        )
         return {
-            "images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows])),
+            **images,
             "keys": [r[0] for r in rows],
             "shards": [r[1] for r in rows],
             "labels": torch.tensor([r[2] for r in rows], dtype=torch.long),
@@ -478,5 +618,6 @@ def finite_batches(
     mine = rank_shards(resolve_shards(shard_dir_or_paths), rank, world)
     if not mine:
         return BatchStream(None)
-    ds = _FinitePass(mine, batch_size, _train_geometry(data_cfg, image_size, train=False), index_counts(mine))
-    return BatchStream(_loader(ds, min(data_cfg.num_workers, len(mine))))
+    geometry = _train_geometry(data_cfg, image_size, train=False)
+    ds = _FinitePass(mine, batch_size, geometry, index_counts(mine), Decoding.of(data_cfg))
+    return _stream(_loader(ds, min(data_cfg.num_workers, len(mine))), data_cfg, geometry, None)

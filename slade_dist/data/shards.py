@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,14 +86,11 @@ def read_classes(shard_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def count_tar_samples(path: str | os.PathLike[str]) -> int:
-    """Samples in a tar = distinct keys (member name up to the first dot of its basename)."""
-    keys = set()
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if m.isfile():
-                d, base = os.path.split(m.name)
-                keys.add(os.path.join(d, base.split(".", 1)[0]))
-    return len(keys)
+    """Samples in a tar as every stage reads them (tars.TarSamples: a truncated tar counts the
+    complete samples before its cut)."""
+    from .tars import TarSamples  # here: tars imports torch (via transforms), the launcher imports this module
+
+    return sum(1 for _ in TarSamples(path, read_data=False))
 
 
 def read_index(shard_dir: str | os.PathLike[str], rebuild: bool = True) -> dict[str, Any]:

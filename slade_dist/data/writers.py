@@ -6,13 +6,23 @@ the dense class ids of each labeled split, and the resumable, parallel, determin
 
 Per split: records are sorted by source path, then shuffled with a fixed seed (every shard gets a
 mix of classes, which the P x K batcher needs), keyed `%08d` by that order, and cut into shards of
-`shard_size`. Every image is decoded once here: an unreadable one is left out, counted and listed
-in `rejects.txt`. JPEG/PNG/WEBP sources in RGB or grayscale are stored byte-for-byte (no quality
-loss); others, and everything when `resize` is set (shorter side, only ever shrinking), are
-re-encoded as JPEG. A finished shard leaves a record in `.parts/<shard>.json` (count, rejects and
-a hash of its plan): re-running skips shards whose record matches and rewrites the others.
+`shard_size`. Every image is decoded once here, by the stages' decoder contract
+(transforms.decode: header limits, 16-bit, alpha, EXIF orientation): one outside it is left out,
+counted and listed in `rejects.txt` with the contract's reason. JPEG/PNG/WEBP sources are stored
+byte-for-byte (no quality loss: the stages read them by the same contract); BMP/PPM/TIFF, and
+everything when `resize` is set (shorter side, only ever shrinking), are re-encoded as JPEG from
+the contract's 8-bit RGB. A finished shard leaves a record in `.parts/<shard>.json` (count, rejects
+and a hash of its plan): re-running skips shards whose record matches and rewrites the others.
+Every file under a walked root is accounted for (`walk_tree`): written, rejected with a reason, or
+listed as skipped (an unknown extension, a hidden directory, a directory symlink pointing back up
+or at a directory read already, which are never followed). An ImageFolder root of class folders
+is labeled; a root with loose images is refused when it also has sub-folders with images, unless
+`--split unlabeled` says the whole tree is one unlabeled set (never a silent relabel).
+`rejects.txt`: one JSON object per line, {"path", "reason", "action": "rejected" | "skipped"},
+paths as Python reads them (a name that is not UTF-8 is surrogate-escaped:
+os.fsencode(json.loads(line)["path"]) gives its bytes back); reasons carry no memory address.
 Output: single-split formats write into OUT; cub/cars196/inshop write OUT/<split>/.
-Tests: tests/unit/test_writers.py.
+Tests: tests/unit/test_writers.py, tests/integration/test_hazards.py.
 """
 
 from __future__ import annotations
@@ -33,13 +43,26 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..fileio import atomic_write_text
 from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
 from .tars import TarSamples, image_bytes
+from .transforms import (
+    CONVERTER_FORMATS,
+    DEFAULT_LIMITS,
+    CorruptImage,
+    ImageLimits,
+    decode,
+    decode_with_header,
+    pil_image,
+)
 
-FILE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FILE_EXTS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 PARTS_DIR = ".parts"
 REJECTS_FILE = "rejects.txt"
 _STORE_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# bumped when what a shard or a validation holds changes (the decoder contract): older records are redone
+WRITER_VERSION = 2
+CONVERTER_LIMITS = ImageLimits(formats=CONVERTER_FORMATS)
 
 
 class DatasetLayoutError(ValueError):
@@ -62,6 +85,59 @@ class SplitPlan:
     records: list[Record]
     labeled: bool
     class_names: list[str] | None = None  # id -> name; shared mapping for query/gallery
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path under the root, why not read)
+
+
+@dataclass
+class Tree:
+    """Every file under a root: the images to read, and the rest with why they are not read."""
+
+    images: list[Path]
+    skipped: list[tuple[str, str]]
+
+
+def walk_tree(root: Path) -> Tree:
+    """All files under root, sorted, accounted for. Files with an image extension (FILE_EXTS) are
+    images; any other file is skipped ("unknown extension"), as is anything that is not a file or
+    directory. Hidden directories are not entered; a directory symlink is followed unless it points
+    at the root, at a directory enclosing it (a loop) or at a directory read already."""
+    tree = Tree([], [])
+    seen: set[Path] = set()
+
+    def visit(d: Path, enclosing: tuple[Path, ...]) -> None:
+        seen.add(d.resolve())
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:  # unreadable (permissions): listed, the rest of the tree is still read
+            tree.skipped.append((d.relative_to(root).as_posix() + "/", f"directory not readable ({reason(e)})"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            if entry.is_dir():
+                target = path.resolve()
+                if entry.name.startswith("."):
+                    tree.skipped.append((rel + "/", "hidden directory (not read)"))
+                elif entry.is_symlink() and target in enclosing:
+                    tree.skipped.append(
+                        (rel, f"symlink to an enclosing directory ({target.name or '/'}): not followed")
+                    )
+                elif target in seen:
+                    tree.skipped.append((rel, "link to a directory read already: not followed"))
+                else:
+                    visit(path, (*enclosing, target))
+            elif entry.is_file():
+                if path.suffix.lower() in FILE_EXTS:
+                    tree.images.append(path)
+                else:
+                    tree.skipped.append(
+                        (rel, f"unknown extension {path.suffix or '(none)'!r}: not an image format read here")
+                    )
+            else:
+                tree.skipped.append((rel, "not a regular file (broken link, device, socket)"))
+
+    visit(root, (root.resolve(),))
+    return tree
 
 
 # ----------------------------------------------------------------------------------- layouts
@@ -208,17 +284,15 @@ def plan_nabirds(root: Path) -> dict[str, SplitPlan]:
     return {"unlabeled": SplitPlan("unlabeled", records, False)}
 
 
-def _image_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in FILE_EXTS)
-
-
 def plan_compcars(root: Path) -> dict[str, SplitPlan]:
     image_dir = _find(root, "image", "data/image")
     records = []
-    for p in _image_files(image_dir):
+    tree = walk_tree(image_dir)
+    for p in tree.images:
         parts = p.relative_to(image_dir).parts
         if len(parts) != 4:
-            continue  # not image/<make>/<model>/<year>/<file>
+            tree.skipped.append((p.relative_to(image_dir).as_posix(), "not under image/<make>/<model>/<year>/"))
+            continue
         make, model, year, _ = parts
         rel = p.relative_to(image_dir.parent).as_posix()
         records.append(
@@ -227,7 +301,7 @@ def plan_compcars(root: Path) -> dict[str, SplitPlan]:
     if not records:
         raise DatasetLayoutError(f"{image_dir}: no images under image/<make>/<model>/<year>/")
     _hidden_truth(records)
-    return {"unlabeled": SplitPlan("unlabeled", records, False)}
+    return {"unlabeled": SplitPlan("unlabeled", records, False, skipped=tree.skipped)}
 
 
 def plan_fashion200k(root: Path) -> dict[str, SplitPlan]:
@@ -257,20 +331,30 @@ def plan_fashion200k(root: Path) -> dict[str, SplitPlan]:
     return {"unlabeled": SplitPlan("unlabeled", records, False)}
 
 
-def plan_imagefolder(root: Path) -> dict[str, SplitPlan]:
+def plan_imagefolder(root: Path, unlabeled: bool = False) -> dict[str, SplitPlan]:
+    """Class folders (ROOT/<class>/**) -> a labeled split; loose images (ROOT/*.jpg) -> an
+    unlabeled one. Both at once is refused (no silent relabel), unless `unlabeled`: then every
+    image under the root is one unlabeled split, sub-folders included."""
     if not root.is_dir():
         raise DatasetLayoutError(f"{root} is not a directory")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    records = []
-    for d in class_dirs:
-        for p in _image_files(d):
-            records.append(Record(p, d.name, d.name, {"source": p.relative_to(root).as_posix()}))
-    if records:
-        return {"train": SplitPlan("train", records, True, _dense(records))}
-    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in FILE_EXTS)
-    if not flat:
+    tree = walk_tree(root)
+    if not tree.images:
         raise DatasetLayoutError(f"{root}: no images (class sub-directories or a flat folder of images)")
-    return {"unlabeled": SplitPlan("unlabeled", [Record(p, None, None, {"source": p.name}) for p in flat], False)}
+    rel = [p.relative_to(root) for p in tree.images]
+    loose = [r for r in rel if len(r.parts) == 1]
+    nested = sorted({r.parts[0] for r in rel if len(r.parts) > 1})
+    if unlabeled or not nested:
+        records = [Record(p, None, None, {"source": r.as_posix()}) for p, r in zip(tree.images, rel)]
+        return {"unlabeled": SplitPlan("unlabeled", records, False, skipped=tree.skipped)}
+    if loose:
+        raise DatasetLayoutError(
+            f"{root} holds {len(loose)} loose images (e.g. {loose[0].as_posix()!r}) and sub-folders with images "
+            f"({', '.join(nested[:5])}{', ...' if len(nested) > 5 else ''}): a flat folder is one unlabeled set, a "
+            f"folder of class folders a labeled one. Pass --split unlabeled to read every image under it as one "
+            f"unlabeled set, or move the loose images into class folders"
+        )
+    records = [Record(p, r.parts[0], r.parts[0], {"source": r.as_posix()}) for p, r in zip(tree.images, rel)]
+    return {"train": SplitPlan("train", records, True, _dense(records), skipped=tree.skipped)}
 
 
 PLANNERS: dict[str, Callable[[Path], dict[str, SplitPlan]]] = {
@@ -287,21 +371,28 @@ FORMATS = sorted([*PLANNERS, "img2dataset"])
 
 
 # ------------------------------------------------------------------------------------ writing
-def load_image(src: Path, resize: int = 0) -> tuple[str, bytes]:
-    """Decode a source image fully once; return (member ext, bytes to store). Raises on bad images."""
+def load_image(src: Path, resize: int = 0, limits: ImageLimits = CONVERTER_LIMITS) -> tuple[str, bytes]:
+    """Decode a source image fully once, by the decoder contract; return (member ext, bytes to
+    store). CorruptImage (with the contract's reason) for one outside it, OSError when unreadable."""
     data = src.read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # full decode: a truncated/corrupt file raises here
-        fmt, mode, size = im.format, im.mode, im.size
-        if min(size) < 1:
-            raise ValueError(f"empty image {size}")
-        if resize and min(size) > resize:
-            scale = resize / min(size)
-            new = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-            return "jpg", _jpeg(im.convert("RGB").resize(new, Image.BICUBIC, reducing_gap=3.0))
-        if fmt in _STORE_AS_IS and mode in ("RGB", "L"):
-            return _STORE_AS_IS[fmt], data
-        return "jpg", _jpeg(im.convert("RGB"))
+    head, img = decode_with_header(data, limits)  # header limits first, then the full decode: damage raises here
+    fmt = head.format
+    h, w = img.shape[1:]
+    if resize and min(h, w) > resize:
+        scale = resize / min(h, w)
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return "jpg", _jpeg(pil_image(img).resize(new, Image.BICUBIC, reducing_gap=3.0))
+    if fmt in _STORE_AS_IS:  # the stages decode these bytes by the same contract: kept as they are
+        return _STORE_AS_IS[fmt], data
+    return "jpg", _jpeg(pil_image(img))
+
+
+def reason(e: BaseException) -> str:
+    """A reject's reason: the contract's words, or the error's type and first line, without the
+    memory addresses some messages carry (rejects.txt is the same on every run)."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)[:200]
+    return text if isinstance(e, CorruptImage) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 def _jpeg(im: Image.Image) -> bytes:
@@ -320,21 +411,21 @@ class ShardJob:
 
 
 def _plan_hash(rows: Sequence[tuple], resize: int) -> str:
-    h = hashlib.sha256(json.dumps([rows, resize], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([rows, resize, WRITER_VERSION], sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
 def write_one_shard(job: ShardJob) -> dict[str, Any]:
     """Decode, encode and write one shard atomically, then its `.parts` record. Module level: runs in
     worker processes."""
-    rejects: list[list[str]] = []
+    rejects: list[dict[str, str]] = []
 
     def samples() -> Iterable[dict[str, Any]]:
         for key, src, cls, cname, meta in job.rows:
             try:
                 ext, data = load_image(Path(src), job.resize)
             except Exception as e:  # any decoder/IO failure is a reject, never a crash
-                rejects.append([src, f"{type(e).__name__}: {str(e)[:200]}"])
+                rejects.append({"path": meta.get("source", src), "reason": reason(e), "action": "rejected"})
                 continue
             body = {"source": meta.get("source", src), **{k: v for k, v in meta.items() if k not in ("cls",)}}
             sample: dict[str, Any] = {"__key__": key, ext: data}
@@ -418,16 +509,35 @@ def write_split(
     bar.close()
     ordered = [results[j.path.name] for j in jobs]
     rejects = [r for rec in ordered for r in rec["rejects"]]
-    (out_dir / REJECTS_FILE).write_text("".join(f"{src}\t{why}\n" for src, why in rejects))
+    skipped = [{"path": path, "reason": why, "action": "skipped"} for path, why in plan.skipped]
+    write_rejects(out_dir, rejects + skipped)
     if plan.labeled:
         write_classes(out_dir, plan.class_names or [])
     # the split written is the one asked for: a single-split format's --split names it (and its shards)
-    extra = {"split": prefix, "rejected": len(rejects), "written_now": len(todo), **(extra_index or {})}
+    extra = {
+        "split": prefix,
+        "rejected": len(rejects),
+        "skipped": len(skipped),
+        "written_now": len(todo),
+        **(extra_index or {}),
+    }
     if plan.labeled:
         extra["num_classes"] = len(plan.class_names or [])
     return write_index(
         out_dir, [r for r in ordered if r["count"] > 0], "labeled" if plan.labeled else "unlabeled", **extra
     )
+
+
+def write_rejects(out_dir: Path, records: Sequence[dict[str, str]]) -> None:
+    """rejects.txt: one JSON object a line (ASCII: a newline or tab in a name cannot forge a line,
+    a name in any byte encoding is written, surrogate-escaped)."""
+    atomic_write_text(out_dir / REJECTS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_rejects(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The records of a rejects.txt (empty when there is none)."""
+    path = Path(out_dir) / REJECTS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
@@ -459,7 +569,7 @@ def convert(
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not root.is_dir():
         raise DatasetLayoutError(f"--root {root} is not a directory")
-    plans = PLANNERS[fmt](root)
+    plans = plan_imagefolder(root, unlabeled=split == "unlabeled") if fmt == "imagefolder" else PLANNERS[fmt](root)
     if split != "all" and fmt in MULTI_SPLIT and split not in plans:
         raise ValueError(f"{fmt} has splits {', '.join(plans)}; --split {split!r} is not one of them")
     done = {}
@@ -483,19 +593,22 @@ def convert(
 
 
 # ------------------------------------------------------------------------------- img2dataset
-def validate_tar(path: str) -> dict[str, Any]:
-    """Decode every image of one img2dataset tar once: {name, count, corrupt, truncated, rejects}."""
+def validate_tar(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Decode every image of one img2dataset tar once, by the stages' decoder contract and tar
+    reader (so it calls bad exactly what they skip): {count, corrupt, truncated, rejects}."""
     tar = TarSamples(path)
     count, rejects = 0, []
+    name = Path(path).name
     for s in tar:
         count += 1
         try:
-            with Image.open(io.BytesIO(image_bytes(s))) as im:
-                im.load()
-        except Exception as e:  # any failure = corrupt sample; readers skip it too
-            rejects.append([f"{Path(path).name}:{s['__key__']}", f"{type(e).__name__}: {str(e)[:200]}"])
+            decode(image_bytes(s), limits)
+        except CorruptImage as e:  # the stages skip and count it alike
+            rejects.append({"path": f"{name}:{s['__key__']}", "reason": reason(e), "action": "rejected"})
     if tar.truncated:
-        rejects.append([Path(path).name, f"truncated tar ({tar.error})"])
+        rejects.append(
+            {"path": name, "reason": f"truncated tar ({reason(ValueError(tar.error))})", "action": "rejected"}
+        )
     return {
         "count": count,
         "corrupt": len(rejects) - int(tar.truncated),
@@ -523,7 +636,7 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
         part = out / PARTS_DIR / f"{t.name}.json"
         if part.exists():
             rec = json.loads(part.read_text())
-            if rec.get("stamp") == _tar_stamp(t):
+            if rec.get("stamp") == _tar_stamp(t) and rec.get("version") == WRITER_VERSION:
                 results[t.name] = rec
                 continue
         todo.append(t)
@@ -534,7 +647,7 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
     try:
         it = pool.map(validate_tar, [str(t) for t in todo]) if pool else map(validate_tar, [str(t) for t in todo])
         for t, rec in zip(todo, it):
-            rec.update(name=os.path.relpath(t, out), stamp=_tar_stamp(t))
+            rec.update(name=os.path.relpath(t, out), stamp=_tar_stamp(t), version=WRITER_VERSION)
             part = out / PARTS_DIR / f"{t.name}.json"
             part.parent.mkdir(parents=True, exist_ok=True)
             part.write_text(json.dumps(rec))
@@ -546,7 +659,7 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
         bar.close()
     ordered = [results[t.name] for t in tars]
     rejects = [r for rec in ordered for r in rec["rejects"]]
-    (out / REJECTS_FILE).write_text("".join(f"{a}\t{b}\n" for a, b in rejects))
+    write_rejects(out, rejects)
     return write_index(
         out,
         [r for r in ordered if r["count"] > 0],
@@ -564,6 +677,8 @@ __all__ = [
     "write_split",
     "index_img2dataset",
     "load_image",
+    "walk_tree",
+    "read_rejects",
     "PLANNERS",
     "FORMATS",
     "Record",

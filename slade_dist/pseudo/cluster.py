@@ -47,7 +47,7 @@ from ..data.pseudo_index import (
 from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_meta, write_pseudo_labels
 from ..data.shards import shard_index, shard_paths
 from ..data.tars import TarSamples, image_bytes
-from ..data.transforms import CorruptImage, decode
+from ..data.transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
 from ..fileio import atomic_write_json
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
@@ -122,7 +122,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     dist.barrier()
     t_assign = time.time()
     positions = {p.name: i for i, p in enumerate(shards)}
-    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers)
+    limits = ImageLimits.of(cfg.data)  # embed's decoder contract: the index's coverage check decodes alike
+    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers, limits)
     t_assign = time.time() - t_assign
     stats = _global_stats(local, k, n_total, train_info)
     t_index = time.time()
@@ -228,6 +229,7 @@ def _assign_my_shards(
     params: KMeansParams,
     positions: dict[str, int],
     scan_workers: int = 0,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     k = centroids.shape[0]
     coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
@@ -240,7 +242,7 @@ def _assign_my_shards(
         for shard in _bar(mine, "assign shards"):
             pl_path = pseudo_label_path(out_dir, shard)
             keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
-            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path))
+            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path), limits)
             sizes += np.bincount(labels, minlength=k)
             sq_sum += float(np.square(dists.astype(np.float64)).sum())
             n += len(labels)
