@@ -14,7 +14,7 @@ data, on a member boundary, inside the end-of-archive blocks):
   name up to the first dot of its last path part; the extension, lower-cased, names the member);
   non-regular members and webdataset's `__meta__` names are skipped, as its own reader does;
 - a sample is COMPLETE once the header of a member with another key has been read, or the tar
-  ended cleanly (a zero end-of-archive block where the next header would be);
+  ended cleanly (zeros where the next header would be: the end-of-archive blocks, possibly cut);
 - a tar that does not end cleanly (cut anywhere, or garbage where a header should be) is
   `truncated`: the sample in progress at the cut is dropped, even when its members so far are
   whole (nothing says no member of it is missing). Every complete sample before the cut is kept.
@@ -106,12 +106,12 @@ class _Walk:
                 prefix, suffix = _split(ti)
                 if prefix is None:
                     continue
-                end = -(-(ti.offset_data + ti.size) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if ti.offset_data + ti.size > self.size:
-                    raise _Cut(f"member {ti.name!r} runs past the end of the file ({self.size} bytes)")
                 if cur is not None and cur["__key__"] != prefix:
                     yield cur  # a header of another key was read: that sample is complete
                     cur = None
+                end = -(-(ti.offset_data + ti.size) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if ti.offset_data + ti.size > self.size:
+                    raise _Cut(f"member {ti.name!r} runs past the end of the file ({self.size} bytes)")
                 if cur is None:
                     cur = {"__key__": prefix, "__span__": (self.base + ti.offset, self.base + end)}
                 cur["__span__"] = (cur["__span__"][0], self.base + end)
@@ -139,7 +139,9 @@ class _Walk:
             return offset == self.size
         self.f.seek(offset)
         block = self.f.read(tarfile.BLOCKSIZE)
-        return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+        # zeros (a cut inside the end blocks still shows some): the end; nothing, or a header's
+        # first bytes (a name is never empty): cut on a member boundary or inside a header
+        return len(block) > 0 and not block.strip(b"\0")
 
 
 def _split(ti: tarfile.TarInfo) -> tuple[str | None, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from torchvision.transforms import v2
 
 from slade_dist.config import AugmentConfig, DataConfig
 from slade_dist.data import readers, transforms, writers
+from slade_dist.data.batcher import PKBatcher
 from slade_dist.data.pseudo_index import build_index
 from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.shards import shard_paths, write_index, write_shard
+from tests import _hazards as H
 
 
 def jpeg(seed: int, size: int = 24) -> bytes:
@@ -349,3 +352,53 @@ def _order_kept(img: torch.Tensor, out: torch.Tensor) -> bool:
     x, y = img.float().flatten(), out.float().flatten()
     order = torch.argsort(x, stable=True)
     return bool((y[order].diff() >= 0).all())
+
+
+# ------------------------------------------------------------------------ a crawl's hazards
+@pytest.fixture(scope="module")
+def hazard_shards(tmp_path_factory) -> Path:
+    """One labeled shard: 2 classes x 4 photos, plus every hazard of tests/_hazards.py (class 0)."""
+    d = tmp_path_factory.mktemp("hz")
+    rows = [
+        {"__key__": f"p{c}{j}", "jpg": H.photo_jpeg(10 * c + j, c), "cls": str(c)} for c in (0, 1) for j in range(4)
+    ]
+    for i, (name, (make, _)) in enumerate(H.HAZARDS.items()):
+        ext = "png" if name.endswith(".png") else "jpg"
+        rows.append({"__key__": f"h{i:02d}", ext: make(), "cls": "0"})
+    n = write_shard(d / "x-000000.tar", rows)
+    write_index(d, [{"name": "x-000000.tar", "count": n}], "labeled")
+    return d
+
+
+def test_hazards_in_a_shard_are_decoded_by_the_contract_or_counted(hazard_shards):
+    """Cases 1, 4, 5 in the finite pass (embed, eval): a 16-bit PNG batched with JPEGs used to kill the
+    stage; an aspect-ratio bomb made eval's Resize allocate gigabytes; a pixel bomb was embedded."""
+    stream = readers.finite_batches(hazard_shards, cfg(), 64, rank=0, world=1)
+    batches = list(stream)
+    keys = [k for b in batches for k in b["keys"]]
+    accepted = sum(ok for _, ok in H.HAZARDS.values())
+    assert len(keys) == 8 + accepted and stream.counts == {"corrupt": len(H.HAZARDS) - accepted, "lost": 0}
+    assert all(b["images"].dtype == torch.float32 and b["images"].shape[1:] == (3, 16, 16) for b in batches)
+    assert torch.isfinite(torch.cat([b["images"] for b in batches])).all()
+    assert float(torch.cat([b["images"] for b in batches]).abs().max()) < 3.0  # no x257 pixels
+
+
+def test_hazards_in_a_labeled_stream_are_skipped_and_counted(hazard_shards):
+    stream = readers.labeled_batches(hazard_shards, cfg(shuffle_buffer=4), 2, 2, seed=0, rank=0, world=1)
+    batches = [next(stream) for _ in range(12)]
+    assert all(b["images"].shape == (4, 3, 16, 16) for b in batches)
+    assert batches[-1]["skipped"] > 0
+
+
+def test_buffers_are_capped_in_bytes(tmp_path):
+    """Memory per worker is bounded by data.buffer_mb, not by the images: with a cap below two
+    samples, the shuffle buffer lets every sample through at once and the P x K batcher never holds
+    more than the cap (plus the sample that overflows it)."""
+    big = [{"__key__": f"{i}", "jpg": bytes(300_000)} for i in range(20)]
+    rng = random.Random(0)
+    out = list(readers._shuffle(iter(big), 1000, rng, max_bytes=500_000, size_of=readers.sample_nbytes))
+    assert len(out) == 20  # nothing waits for 1000 samples
+    b = PKBatcher(2, 2, 10_000, max_bytes=1 << 20, size_of=readers.sample_nbytes)
+    for i, s in enumerate(big):
+        b.add(s, i % 7)
+    assert b.peak_bytes <= (1 << 20) + 300_000 and b.n_bytes <= 1 << 20
