@@ -5,7 +5,10 @@ unchanged), apply the same transforms (slade_dist.data.transforms: RandomResized
 + flip + float + ImageNet normalisation), with the same worker count and batch size, in this one
 process, alternating rounds. Ours: labeled_batches (resampled shards, P x K batcher, decode +
 augment in workers, one normalisation per batch). Baseline: ImageFolder(PIL loader) + random
-sampler + default collate. Figure: images/s delivered to the main process.
+sampler + default collate. Figure: images/s delivered to the main process. A third row, ours with
+data.decode: device on this machine's device (the CPU here: workers hand over the JPEG bytes, the
+main process decodes each batch with torchvision.io.decode_jpeg and transforms it; on a GPU the
+decode is nvJPEG's), is reported beside them ("device_decode").
 Last output line: one JSON object {"bench", "ours", "baseline", "unit", "ratio", ...}.
 
   python bench/loader.py            # 2000 images of 500x375, 2 workers
@@ -18,6 +21,7 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,6 +62,10 @@ def make_images(root: Path, n: int, classes: int, size: tuple[int, int], seed: i
     return total
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def time_batches(it, n_batches: int, warmup: int) -> float:
     """images/s over n_batches after `warmup` batches (worker start-up excluded)."""
     for _ in range(warmup):
@@ -74,6 +82,11 @@ def time_batches(it, n_batches: int, warmup: int) -> float:
 def run_ours(shards: Path, cfg: DataConfig, P: int, K: int, n_batches: int, warmup: int) -> float:
     stream = labeled_batches(shards, cfg, P, K, seed=0, rank=0, world=1)
     return time_batches(stream, n_batches, warmup)
+
+
+def run_device(shards: Path, cfg: DataConfig, P: int, K: int, n_batches: int, warmup: int) -> float:
+    """Ours with data.decode: device (the rank decodes the JPEGs of each batch)."""
+    return run_ours(shards, dataclasses.replace(cfg, decode="device"), P, K, n_batches, warmup)
 
 
 def run_baseline(folder: Path, cfg: DataConfig, batch: int, n_batches: int, warmup: int) -> float:
@@ -123,17 +136,23 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         writers.convert("imagefolder", folder, shards, shard_size=200, workers=args.workers, progress=False)
         write_s = time.perf_counter() - t0
-        ours, base = [], []
+        ours, base, dev = [], [], []
         for r in range(args.rounds):
             ours.append(run_ours(shards, cfg, args.P, args.K, args.batches, warmup=3))
             base.append(run_baseline(folder, cfg, args.P * args.K, args.batches, warmup=3))
-            print(f"round {r}: ours {ours[-1]:.1f} img/s, baseline (ImageFolder) {base[-1]:.1f} img/s", flush=True)
-    o, b = float(np.mean(ours)), float(np.mean(base))
+            dev.append(run_device(shards, cfg, args.P, args.K, args.batches, warmup=3))
+            print(
+                f"round {r}: ours {ours[-1]:.1f} img/s, baseline (ImageFolder) {base[-1]:.1f} img/s, "
+                f"ours with data.decode=device ({device_name()}) {dev[-1]:.1f} img/s",
+                flush=True,
+            )
+    o, b, d = float(np.mean(ours)), float(np.mean(base)), float(np.mean(dev))
     print(
         f"{args.images} JPEGs {args.width}x{args.height} (mean {nbytes / args.images / 1024:.1f} KiB), "
         f"{args.workers} workers, batch {args.P}x{args.K}, crop {args.image_size}: "
         f"ours {o:.1f} img/s vs ImageFolder {b:.1f} img/s -> ratio {o / b:.2f} (goal >= 1.3); "
-        f"shard writing {args.images / write_s:.0f} img/s"
+        f"shard writing {args.images / write_s:.0f} img/s; data.decode=device on {device_name()}: {d:.1f} img/s "
+        f"(ratio {d / b:.2f})"
     )
     result = {
         "bench": "loader",
@@ -144,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         "images": args.images,
         "workers": args.workers,
         "write_images_per_s": round(args.images / write_s, 1),
+        "device_decode": {"device": device_name(), "images_per_s": round(d, 1), "ratio": round(d / b, 3)},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result))
     return result

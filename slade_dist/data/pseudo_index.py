@@ -39,7 +39,7 @@ import numpy as np
 from ..fileio import atomic_write_json, explained_writes
 from .pseudo_join import cluster_percentile, zip_pseudo_labels
 from .pseudo_labels import PseudoLabelMismatch, pseudo_label_path, read_meta, read_pseudo_labels
-from .shards import shard_paths
+from .shards import read_index, shard_paths
 from .tars import TarSamples, image_bytes, parse_sample
 from .transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
 
@@ -287,8 +287,16 @@ class ClusterIndex:
         return cls(d, summary, arrays)
 
     def shard_paths(self, unlabeled_dir: str | os.PathLike[str]) -> list[Path]:
-        """The indexed tars by name under unlabeled_dir (no stat: a missing one fails when read)."""
-        return [Path(unlabeled_dir) / name for name in self.summary["shards"]]
+        """The indexed tars under unlabeled_dir, where its index.json says they are (no stat: a
+        missing one fails when read)."""
+        # the index names each shard by its file name; index.json by its path from the shard dir
+        # (img2dataset output indexed in place: "../<root>/00001.tar"), so the tar is found through it
+        d = Path(unlabeled_dir)
+        try:
+            listed = {Path(s["name"]).name: s["name"] for s in read_index(d, rebuild=False)["shards"]}
+        except FileNotFoundError:
+            listed = {}
+        return [d / listed.get(name, name) for name in self.summary["shards"]]
 
     def _members(self, part: int) -> np.ndarray:
         if part not in self._maps:

@@ -210,3 +210,25 @@ def test_cluster_stage_survives_a_tar_cut_anywhere(tmp_path, teacher_run, cut):
     read = {reader.read(e)["__key__"] for m in members for e in m}  # every entry is its sample
     assert read == {k for shard in sorted(unl.glob("*.tar")) for k in embed.read_keys(run / "round1" / "embed", shard)}
     reader.close()
+
+
+def test_img2dataset_shards_indexed_in_place_are_found(tmp_path):
+    """img2dataset output is indexed where it lies (index.json names "../i2d/00000.tar"): the student
+    reads its members from there, not from <unlabeled dir>/00000.tar (which does not exist)."""
+    from slade_dist.data import writers
+
+    src = tmp_path / "i2d"
+    for i in range(2):
+        write_shard(src / f"{i:05d}.tar", samples(f"s{i}_", 6))
+    out = tmp_path / "unl"
+    writers.convert("img2dataset", src, out, progress=False)
+    for i in range(2):
+        keys = [s["__key__"] for s in TarSamples(src / f"{i:05d}.tar")]
+        write_pseudo_labels(pseudo_label_path(tmp_path / "pl", f"{i:05d}.tar"), keys, np.arange(6) % 2, np.zeros(6))
+    pi.build_index(out, tmp_path / "pl", k=2)
+    index = pi.ClusterIndex.open(tmp_path / "pl", 100.0, 2)
+    paths = index.shard_paths(out)
+    assert [p.resolve() for p in paths] == [(src / f"{i:05d}.tar").resolve() for i in range(2)]
+    reader = pi.TarReader(paths)
+    assert reader.read(index.entries(0, np.arange(1))[0])["__key__"].startswith("s")
+    reader.close()
