@@ -2,9 +2,10 @@
 3000 x 2000 photos (what the README's memory note states).
 
 Each stream runs in a process of its own with num_workers=0, so the process does exactly what one
-loader worker does (read, buffer, decode, transform, batch); the figure is the growth of its peak
-RSS (getrusage ru_maxrss) from the moment the stream is built to after `--batches` batches: the
-buffers, one decode and the batches, without the interpreter and torch themselves. Streams, at the
+loader worker does (read, buffer, decode, transform, batch); the figure is its peak RSS (VmHWM,
+reset through /proc/self/clear_refs once torch is imported) minus its RSS before the stream is
+built, after `--batches` batches: the buffers, the decodes and the batches, without the
+interpreter and torch themselves. Streams, at the
 shipped defaults (data.shuffle_buffer 1000, data.max_buffered 10000, data.buffer_mb 256,
 data.max_image_pixels 64 Mpx): `labeled` (the teacher's / student's P x K stream, 8 x 4 at 224 px),
 `swav` (the pretrain stage's multi-crop stream, batch 32, 2 x 224 + 6 x 96 px crops), `finite`
@@ -24,7 +25,6 @@ import dataclasses
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,6 +59,17 @@ def write_photos(folder: Path, n: int, classes: int, size: tuple[int, int], dist
     return int(np.mean([len(blobs[i % distinct]) for i in range(n)]))
 
 
+def rss_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak() -> None:
+    """Forget the peak so far (the imports'): Linux resets VmHWM on "5" to clear_refs."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def probe(kind: str, root: Path, batches: int) -> dict:
     """In this process: build one stream, take `batches` batches, report the peak-RSS growth."""
     import torch
@@ -70,7 +81,8 @@ def probe(kind: str, root: Path, batches: int) -> dict:
 
     torch.set_num_threads(1)
     cfg = dataclasses.replace(DataConfig(), image_size=224, num_workers=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak()
+    before = rss_mb()[0]
     if kind == "labeled":
         it = labeled_batches(root / "shards", cfg, 8, 4, seed=0, rank=0, world=1)
     elif kind == "swav":
@@ -92,8 +104,7 @@ def probe(kind: str, root: Path, batches: int) -> dict:
         except StopIteration:  # the finite pass ends: a pass is what it holds
             break
         n += 1
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"stream": kind, "batches": n, "growth_mb": round((after - before) / 1024, 1)}
+    return {"stream": kind, "batches": n, "growth_mb": round(rss_mb()[1] - before, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:

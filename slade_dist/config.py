@@ -134,7 +134,7 @@ class DataConfig:
     shuffle_buffer: int = _f(1000, lo=0)
     max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
     buffer_mb: int = _f(
-        256,
+        128,
         lo=1,
         help="most MiB of encoded images each of a loader worker's buffers holds (the shuffle buffer, the P x K "
         "batcher, the SwAV shuffle buffer), whatever shuffle_buffer / max_buffered allow",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..config import AugmentConfig, DataConfig, PretrainConfig, swav_augment
+from .readers import buffer_bytes
 from .shards import index_counts, shard_paths
 from .tars import TarSamples, image_bytes
 from .transforms import CorruptImage, ImageLimits, decode, full_transform, train_geometry
@@ -70,7 +71,7 @@ def _multicrop_batches(
     limits = ImageLimits.of(data_cfg)
     n_local, local_tf = local
     buf: list[bytes] = []
-    held, cap, max_bytes = 0, max(data_cfg.shuffle_buffer, 1), int(getattr(data_cfg, "buffer_mb", 256)) << 20
+    held, cap, max_bytes = 0, max(data_cfg.shuffle_buffer, 1), buffer_bytes(data_cfg)
     crops: list[list[torch.Tensor]] = []
     skipped = 0
     for sample in samples:

@@ -63,6 +63,7 @@ from .transforms import (
 # a training stream that has decoded nothing after this many images stops with a clear error
 # instead of waiting forever for a batch (every labeled image corrupt)
 ALL_CORRUPT_AFTER = 256
+DEFAULT_BUFFER_MB = 128  # data.buffer_mb's default (config.py), for a data config without the key
 
 __all__ = [
     "labeled_batches",
@@ -202,7 +203,7 @@ def sample_nbytes(sample: dict[str, Any]) -> int:
 
 def buffer_bytes(data_cfg: Any) -> int:
     """data.buffer_mb in bytes: the cap of each encoded-sample buffer of a loader worker."""
-    return int(getattr(data_cfg, "buffer_mb", 256)) << 20
+    return int(getattr(data_cfg, "buffer_mb", DEFAULT_BUFFER_MB)) << 20
 
 
 class BatchStream:
@@ -283,7 +284,7 @@ class Decoding:
 
     limits: ImageLimits = DEFAULT_LIMITS
     on_device: bool = False
-    buffer_bytes: int = 256 << 20
+    buffer_bytes: int = DEFAULT_BUFFER_MB << 20
 
     @classmethod
     def of(cls, data_cfg: Any) -> Decoding:
