@@ -108,7 +108,7 @@ def _multicrop_batches(
 class _ResampledTars(torch.utils.data.IterableDataset):
     """Samples of shards drawn at random (with replacement) forever, read with data.tars; after a
     truncated tar, a {LOST: n} marker with the samples it lost (its index count minus those read,
-    at least 1).
+    at least 1) and those the tar reader left out for a repeated key.
 
     Paths are opened as local files by our own tar reader, never handed to webdataset's URL
     opener: a directory named like `pipe:cmd` is a directory, not a shell command.
@@ -127,8 +127,9 @@ class _ResampledTars(torch.utils.data.IterableDataset):
             for sample in tar:
                 seen += 1
                 yield sample
-            if tar.truncated:
-                yield {LOST: max((self.expected[i] or 0) - seen, 1)}
+            lost = max((self.expected[i] or 0) - seen, 1) if tar.truncated else 0
+            if lost + tar.duplicates:
+                yield {LOST: lost + tar.duplicates}
 
 
 class _MultiCropStream(torch.utils.data.IterableDataset):

@@ -120,6 +120,7 @@ class _ShardIter:
                 self.corrupt += 1
                 continue
             yield s["__key__"], img, sample_cls(s), sample_meta(s)
+        self.corrupt += self.tar.duplicates  # a key met twice: left out by the tar reader, counted here
         self.lost = lost_to_truncation(self.expected, self.seen, self.tar.truncated)
 
 
@@ -361,7 +362,7 @@ class _ResampledPK(IterableDataset):
                     self.skipped += 1  # no usable cls member: corrupt for a labeled stream
                     continue
                 yield s, label
-            self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated)
+            self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated) + tar.duplicates
             self._count_progress()
 
     def _load(self, sample: dict[str, Any]) -> Any:

@@ -17,7 +17,10 @@ data, on a member boundary, inside the end-of-archive blocks):
   ended cleanly (zeros where the next header would be: the end-of-archive blocks, possibly cut);
 - a tar that does not end cleanly (cut anywhere, or garbage where a header should be) is
   `truncated`: the sample in progress at the cut is dropped, even when its members so far are
-  whole (nothing says no member of it is missing). Every complete sample before the cut is kept.
+  whole (nothing says no member of it is missing). Every complete sample before the cut is kept;
+- a sample whose key an earlier sample of the tar already had (members of one key that are not
+  consecutive: concatenated or hand-made tars) is left out and counted in `duplicates` (every
+  stage writes one row per key; the readers count these as corrupt).
 Each sample carries `__span__` = (offset of its first header, end of its last member's padded
 data): the byte range the cluster stage's member index stores (webdataset's writer skips
 `_`-prefixed keys, so a sample read here can be written back unchanged).
@@ -60,9 +63,10 @@ class TarSamples:
         self.read_data = read_data
         self.truncated = False
         self.error = ""
+        self.duplicates = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.truncated, self.error = False, ""
+        self.truncated, self.error, self.duplicates = False, "", 0
         try:
             f = open(self.path, "rb")  # noqa: SIM115 (closed in the finally below, also when the consumer stops early)
         except OSError as e:
@@ -70,7 +74,13 @@ class TarSamples:
             return
         try:
             walk = _Walk(f, os.fstat(f.fileno()).st_size, self.read_data)
-            yield from walk
+            seen: set[str] = set()
+            for sample in walk:
+                if sample["__key__"] in seen:
+                    self.duplicates += 1
+                    continue
+                seen.add(sample["__key__"])
+                yield sample
             self.truncated, self.error = walk.truncated, walk.error
         finally:
             f.close()

@@ -595,7 +595,9 @@ def convert(
 # ------------------------------------------------------------------------------- img2dataset
 def validate_tar(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Decode every image of one img2dataset tar once, by the stages' decoder contract and tar
-    reader (so it calls bad exactly what they skip): {count, corrupt, truncated, rejects}."""
+    reader (so it calls bad exactly what they skip): {count, corrupt, truncated, rejects}. corrupt
+    counts what the stages count as corrupt: images outside the contract and samples left out
+    for a repeated key."""
     tar = TarSamples(path)
     count, rejects = 0, []
     name = Path(path).name
@@ -605,16 +607,14 @@ def validate_tar(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> dict[str, A
             decode(image_bytes(s), limits)
         except CorruptImage as e:  # the stages skip and count it alike
             rejects.append({"path": f"{name}:{s['__key__']}", "reason": reason(e), "action": "rejected"})
+    corrupt = len(rejects) + tar.duplicates
+    if tar.duplicates:
+        why = f"{tar.duplicates} samples repeat the key of an earlier sample of the tar (left out)"
+        rejects.append({"path": name, "reason": why, "action": "rejected"})
     if tar.truncated:
-        rejects.append(
-            {"path": name, "reason": f"truncated tar ({reason(ValueError(tar.error))})", "action": "rejected"}
-        )
-    return {
-        "count": count,
-        "corrupt": len(rejects) - int(tar.truncated),
-        "truncated": tar.truncated,
-        "rejects": rejects,
-    }
+        why = f"truncated tar ({reason(ValueError(tar.error))})"
+        rejects.append({"path": name, "reason": why, "action": "rejected"})
+    return {"count": count, "corrupt": corrupt, "truncated": tar.truncated, "rejects": rejects}
 
 
 def _tar_stamp(p: Path) -> str:

@@ -130,3 +130,18 @@ def test_directories_and_webdataset_meta_members_are_skipped(tmp_path):
                 tf.addfile(info, io.BytesIO(data))
     got = list(TarSamples(path))
     assert [s["__key__"] for s in got] == ["d/k1", "k2"] and got[0]["cls"] == b"1"
+
+
+def test_a_key_met_twice_is_left_out_and_counted(tmp_path):
+    """Concatenated or hand-made tars can repeat a key: every stage writes one row per key (embed
+    used to stop on "keys (n distinct)"), so the reader leaves the repeat out and says how many."""
+    from slade_dist.data import readers, writers
+
+    rows = [{"__key__": k, "jpg": H.photo_jpeg(i)} for i, k in enumerate(["a", "b", "a", "c"])]
+    write_shard(tmp_path / "d-000000.tar", rows)
+    tar = TarSamples(tmp_path / "d-000000.tar")
+    assert [s["__key__"] for s in tar] == ["a", "b", "c"] and tar.duplicates == 1
+    it = readers.iter_shard(tmp_path / "d-000000.tar")
+    assert [k for k, *_ in it] == ["a", "b", "c"] and it.corrupt == 1
+    report = writers.validate_tar(str(tmp_path / "d-000000.tar"))
+    assert report["count"] == 3 and report["corrupt"] == 1 and "repeat the key" in report["rejects"][0]["reason"]
