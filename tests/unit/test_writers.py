@@ -445,3 +445,38 @@ def test_img2dataset_validator_and_stages_agree(tmp_path):
     it = iter_shard(shard_paths(out)[0])
     read = {k for k, *_ in it}
     assert read == {r["__key__"] for r in rows} - bad and it.corrupt == len(bad)
+
+
+def test_rejected_names_in_any_encoding_one_json_line_each(tmp_path):
+    """Cases 3 and 10: a rejected file whose name is not UTF-8 crashed the converter while writing
+    rejects.txt (no index.json); a newline or tab in a name forged lines; reasons carried a memory
+    address, so the file differed on every run."""
+    src = tmp_path / "flat"
+    for j in range(3):
+        put(src / f"{j}.jpg", jpeg(j))
+    put(src / os.fsdecode(b"caf\xe9.jpg"), CORRUPT)
+    put(src / "two\nlines\tname.jpg", b"not an image at all")
+    out = tmp_path / "out"
+    idx = writers.convert("imagefolder", src, out, progress=False)["unlabeled"]
+    assert idx["total"] == 3 and idx["rejected"] == 2 and (out / "index.json").exists()
+    lines = (out / "rejects.txt").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["action"] == "rejected" for line in lines)
+    paths = {os.fsencode(json.loads(line)["path"]) for line in lines}
+    assert paths == {b"caf\xe9.jpg", b"two\nlines\tname.jpg"}
+    assert " at 0x" not in (out / "rejects.txt").read_text()
+    writers.convert("imagefolder", src, tmp_path / "again", progress=False)
+    assert (tmp_path / "again" / "rejects.txt").read_bytes() == (out / "rejects.txt").read_bytes()
+
+
+def test_unknown_extensions_are_listed_as_skipped(tmp_path):
+    """Case 8: .gif, .avif, .heic files were in no count and not in rejects.txt; .jfif is a JPEG."""
+    src = tmp_path / "flat"
+    put(src / "a.jpg", jpeg(1))
+    put(src / "b.jfif", jpeg(2))
+    for name in ("c.gif", "d.avif", "e.heic"):
+        put(src / name, b"\0" * 32)
+    out = tmp_path / "out"
+    idx = writers.convert("imagefolder", src, out, progress=False)["unlabeled"]
+    assert idx["total"] == 2 and idx["skipped"] == 3
+    skipped = {r["path"]: r["reason"] for r in writers.read_rejects(out) if r["action"] == "skipped"}
+    assert set(skipped) == {"c.gif", "d.avif", "e.heic"} and all("unknown extension" in r for r in skipped.values())
