@@ -197,6 +197,18 @@ def _shuffle(
     yield from buf
 
 
+def batch_images(images: Sequence[Any]) -> torch.Tensor:
+    """Transformed uint8 images -> the normalised float batch. In a loader worker the batch is
+    written straight into shared memory, as torch's default_collate does: handing it to the main
+    process then copies nothing (otherwise the queue copies every batch into shared memory)."""
+    u8 = torch.stack([torch.as_tensor(x) for x in images])
+    out = None
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(u8.numel() * 4)
+        out = torch.empty(0, dtype=torch.float32).set_(storage).view(u8.shape)
+    return normalize_batch(u8, out)
+
+
 def sample_nbytes(sample: dict[str, Any]) -> int:
     """Bytes a raw sample holds (its members' data)."""
     return sum(len(v) for v in sample.values() if isinstance(v, bytes))
@@ -409,7 +421,7 @@ class _ResampledPK(IterableDataset):
         if self.decoding.on_device:  # the rank decodes the JPEGs (device_decode.DeviceDecoder)
             out["pending"] = items
         else:
-            out["images"] = normalize_batch(torch.stack([torch.as_tensor(x) for x in items]))
+            out["images"] = batch_images(items)
         return out
 
 
@@ -587,7 +599,7 @@ class _FinitePass(IterableDataset):
         images = (
             {"pending": [r[4] for r in rows]}
             if pending  # the rank decodes the JPEGs (device_decode.DeviceDecoder)
-            else {"images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows]))}
+            else {"images": batch_images([r[4] for r in rows])}
         )
         return {
             **images,

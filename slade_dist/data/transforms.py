@@ -307,6 +307,9 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
 _INV_STD = 1.0 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
 
 
-def normalize_batch(images_u8: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32 normalised, identical (to float rounding) to `normalization()`."""
-    return images_u8.float().sub_(_MEAN.to(images_u8.device)).mul_(_INV_STD.to(images_u8.device))
+def normalize_batch(images_u8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 normalised, identical (to float rounding) to `normalization()`;
+    into `out` when given (a loader worker's shared-memory batch)."""
+    out = torch.empty(images_u8.shape, dtype=torch.float32, device=images_u8.device) if out is None else out
+    out.copy_(images_u8)
+    return out.sub_(_MEAN.to(images_u8.device)).mul_(_INV_STD.to(images_u8.device))
