@@ -211,3 +211,43 @@ def cut_points(tar_path: Path) -> dict[str, int]:
         "between_samples": next_sample.offset,
         "inside_end_blocks": end + 300,
     }
+
+
+def big_photo_jpeg(width: int = 3000, height: int = 2000) -> bytes:
+    """A photo-sized JPEG (smooth patterns, ~260 KB at 3000 x 2000): 18 MB once decoded."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    photo = np.stack([(xx // 7) % 256, (yy // 5) % 256, ((xx + yy) // 9) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+_RSS_PROBE = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+def status(key):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1]) / 1024
+{setup}
+Path("/proc/self/clear_refs").write_text("5")  # forget the imports' and the setup's peak (VmHWM)
+before = status("VmRSS")
+{run}
+print(json.dumps({{"growth_mb": status("VmHWM") - before}}))
+"""
+
+
+def rss_growth_mb(repo: Path, setup: str, run: str, timeout: float = 300) -> float:
+    """Peak-RSS growth (MB) of `run` in a fresh Python process, after `setup` (both code strings);
+    the process' peak is reset after the setup, so imports and fixtures do not count."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = _RSS_PROBE.format(setup=textwrap.dedent(setup), run=textwrap.dedent(run))
+    out = subprocess.run([sys.executable, "-c", code, str(repo)], capture_output=True, text=True, timeout=timeout)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return float(__import__("json").loads(out.stdout.splitlines()[-1])["growth_mb"])

@@ -52,7 +52,6 @@ from .transforms import (
     DEFAULT_LIMITS,
     CorruptImage,
     ImageLimits,
-    decode,
     eval_geometry,
     eval_max_size,
     eval_resize_for,
@@ -378,43 +377,40 @@ class _ResampledPK(IterableDataset):
             self._count_progress()
 
     def _load(self, sample: dict[str, Any]) -> Any:
-        """The decoded image (uint8, full size), or with data.decode: device what `prepare` hands the
-        rank (a JPEG's bytes, or the transformed image); CorruptImage outside the contract."""
+        """The image transformed (one full-size decode at a time: never a batch of them), or with
+        data.decode: device what `prepare` hands the rank (a JPEG's bytes, or the transformed
+        image); CorruptImage outside the contract."""
         d = self.decoding
-        if d.on_device:
-            return prepare(image_bytes(sample), d.limits, self.geometry, True)
-        return decode(image_bytes(sample), d.limits)
+        return prepare(image_bytes(sample), d.limits, self.geometry, d.on_device)
 
     def _decode_batch(self, batch: list[tuple[dict[str, Any], int]], rng: random.Random) -> dict[str, Any] | None:
-        """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
-        decodable sample of the same label (all K corrupt: the batch is dropped)."""
-        loaded: list[Any] = []
+        """Decode + augment a P x K batch, image by image; a corrupt entry is replaced by a fresh
+        augmentation of a decodable sample of the same label, decoded again (all K corrupt: the
+        batch is dropped)."""
+        items: list[Any] = []
         for s, _ in batch:
             try:
-                loaded.append(self._load(s))
+                items.append(self._load(s))
                 self._decoded += 1
             except CorruptImage:
                 self.skipped += 1
                 self._undecodable += 1
-                loaded.append(None)
+                items.append(None)
         if self._decoded == 0 and self._undecodable >= ALL_CORRUPT_AFTER:
             raise RuntimeError(
                 f"none of the first {self._undecodable} images read from {len(self.shards)} shards "
                 f"(e.g. {self.shards[0]}) could be decoded: the data is corrupt or not images; "
                 f"check it with `python -m slade_dist.data index` / rewrite the shards"
             )
-        items, labels = [], []
         for g in range(0, len(batch), self.K):
-            group = loaded[g : g + self.K]
-            good = [d for d in group if d is not None]
+            good = [i for i in range(g, min(g + self.K, len(batch))) if items[i] is not None]
             if not good:
                 return None
-            for d in group:
-                src = d if d is not None else rng.choice(good)
-                items.append(src if self.decoding.on_device else self.geometry(src))
-            labels.extend([batch[g][1]] * self.K)
+            for i in range(g, min(g + self.K, len(batch))):
+                if items[i] is None:
+                    items[i] = self._load(batch[rng.choice(good)][0])
         out: dict[str, Any] = {
-            "labels": torch.tensor(labels, dtype=torch.long),
+            "labels": torch.tensor([label for _, label in batch], dtype=torch.long),
             "keys": [s["__key__"] for s, _ in batch],
             "skipped": self.skipped,
         }

@@ -6,10 +6,6 @@ loses is counted. (Shapes of the views and the pretrain stage on it: tests/unit/
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import torch
@@ -35,41 +31,20 @@ def batches(samples, data_cfg, n, batch_size=4):
 
 def test_buffer_growth_does_not_follow_the_image_size():
     """Case 6: 40 3000x2000 JPEGs took 3.3 GB at shuffle_buffer=20 (full-size decodes buffered).
-    Here 60 are buffered: decoded they would hold 60 x 18 MB = 1.08 GB; encoded, a few MB. The
-    peak RSS (VmHWM, reset after the imports) less the RSS before the stream runs."""
-    script = textwrap.dedent(
-        """
-        import json, sys, dataclasses
-        from pathlib import Path
-        import numpy as np, torch
-        from PIL import Image
-        import io
-        sys.path.insert(0, sys.argv[1])
+    Here 60 are buffered: decoded they would hold 60 x 18 MB = 1.08 GB (the old stream grew by
+    1.4 GB here); encoded, a few MB."""
+    setup = """
+        import dataclasses
         from slade_dist.config import DataConfig, swav_augment
         from slade_dist.data import multicrop
-        torch.set_num_threads(1)
-        yy, xx = np.mgrid[0:2000, 0:3000]
-        photo = np.stack([(xx // 7) % 256, (yy // 5) % 256, ((xx + yy) // 9) % 256], -1).astype(np.uint8)
-        buf = io.BytesIO(); Image.fromarray(photo).save(buf, "JPEG", quality=90); data = buf.getvalue()
-        del photo, yy, xx
+        from tests._hazards import big_photo_jpeg
+        data = big_photo_jpeg()
         cfg = dataclasses.replace(DataConfig(), image_size=32, shuffle_buffer=60, num_workers=0)
         samples = ({"__key__": str(i), "jpg": data} for i in range(10**6))
         it = multicrop._multicrop_batches(samples, data_cfg=cfg, augment=swav_augment(), batch_size=2, seed=0)
-        def status(key):
-            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
-            return int(line.split()[1]) / 1024
-        Path("/proc/self/clear_refs").write_text("5")  # forget the imports' peak (VmHWM)
-        before = status("VmRSS")
-        for _ in range(6):
-            next(it)
-        print(json.dumps({"growth_mb": status("VmHWM") - before, "jpeg_kb": len(data) / 1024}))
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script, str(REPO)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    facts = json.loads(out.stdout.splitlines()[-1])
-    # one 3000x2000 decode (18 MB) + crops: well under the 60 x 18 MB the decoded buffer held
-    assert facts["growth_mb"] < 250, facts
+    """
+    growth = H.rss_growth_mb(REPO, setup, "for _ in range(6): next(it)")
+    assert growth < 250, growth  # one 3000x2000 decode (18 MB) and its crops
 
 
 def test_the_byte_cap_lets_images_through_before_the_count_is_reached():

@@ -26,6 +26,8 @@ from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path
 from slade_dist.data.shards import shard_paths, write_index, write_shard
 from tests import _hazards as H
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def jpeg(seed: int, size: int = 24) -> bytes:
     a = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
@@ -403,3 +405,25 @@ def test_buffers_are_capped_in_bytes(tmp_path):
     for i, s in enumerate(big):
         b.add(s, i % 7)
     assert b.peak_bytes <= (1 << 20) + 300_000 and b.n_bytes <= 1 << 20
+
+
+def test_a_labeled_worker_decodes_one_image_at_a_time():
+    """A P x K batch was decoded whole before its crops were taken: 16 photos of 3000x2000 held
+    16 x 18 MB at once. Now each image is cropped as it is decoded (and the buffers hold bytes)."""
+    setup = """
+        import dataclasses
+        from tests._hazards import big_photo_jpeg
+        from slade_dist.config import DataConfig
+        from slade_dist.data.readers import labeled_batches
+        from slade_dist.data.shards import write_index, write_shard
+        import tempfile
+        d = Path(tempfile.mkdtemp())
+        data = big_photo_jpeg()
+        rows = [{"__key__": f"{i:03d}", "jpg": data, "cls": str(i % 4)} for i in range(24)]
+        n = write_shard(d / "x-000000.tar", rows)
+        write_index(d, [{"name": "x-000000.tar", "count": n}], "labeled")
+        cfg = dataclasses.replace(DataConfig(), image_size=32, num_workers=0, shuffle_buffer=4, max_buffered=64)
+        stream = labeled_batches(d, cfg, 4, 4, seed=0, rank=0, world=1)
+    """
+    growth = H.rss_growth_mb(REPO, setup, "for _ in range(3): next(stream)")
+    assert growth < 150, growth  # one decode at a time (18 MB), not 16 (288 MB)
