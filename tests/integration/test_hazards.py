@@ -125,4 +125,5 @@ def test_eval_measures_what_it_can_and_says_what_it_could_not(chain):
 
 
 def test_peak_rss_stays_under_the_bound(chain):
+    print(f"hazard chain: peak RSS of its largest process {chain['peak_rss_mb']:.0f} MB (bound {PEAK_RSS_MB})")
     assert 0 < chain["peak_rss_mb"] < PEAK_RSS_MB, chain["peak_rss_mb"]
