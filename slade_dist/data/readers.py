@@ -14,7 +14,7 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
   ranks x workers (idle readers yield nothing).
 plus `iter_shard` for one shard. Sharding is done here (not by webdataset's nodesplitter /
 split_by_node, which read the env and raise or double-read with few shards).
-Tar members are parsed in tars.py (webdataset's own tar iterator and key rule).
+Tar members are parsed by tars.TarSamples (the one tar reader of every stage; webdataset's key rule).
 Images are decoded under the decoder contract of transforms.py (8-bit RGB, header limits
 data.max_image_pixels / data.max_aspect_ratio checked before decoding, alpha on white, EXIF
 orientation applied), in the loader workers, or with data.decode: device on the rank
