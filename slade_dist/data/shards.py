@@ -21,7 +21,7 @@ from typing import Any
 
 import webdataset as wds
 
-from ..fileio import atomic_write_json, explained_writes
+from ..fileio import atomic_path, atomic_write_json
 
 INDEX_FILE = "index.json"
 CLASSES_FILE = "classes.json"
@@ -48,20 +48,12 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
     Member times are whole seconds: tarfile writes a pax header before every member whose mtime is a
     float, which doubles the headers every reader parses (tars.py reads 2x faster without them).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
     seconds = int(time.time() if mtime is None else mtime)
-    with explained_writes(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "wb") as f, wds.TarWriter(f, mtime=seconds) as sink:
-                for sample in samples:
-                    sink.write(dict(sample))
-                    n += 1
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, mtime=seconds) as sink:
+        for sample in samples:
+            sink.write(dict(sample))
+            n += 1
     return n
 
 
