@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import AugmentConfig, DataConfig, PretrainConfig, swav_augment
-from .readers import buffer_bytes
+from .loading import buffer_bytes
 from .shards import index_counts, shard_paths
 from .tars import TarSamples, image_bytes
 from .transforms import CorruptImage, ImageLimits, decode, full_transform, train_geometry

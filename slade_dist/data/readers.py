@@ -12,8 +12,10 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
 - `finite_batches`: ONE pass for embed/eval; each rank owns `shard_slice(shards, rank, world)`, each
   DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
   ranks x workers (idle readers yield nothing).
-plus `iter_shard` for one shard. Sharding is done here (not by webdataset's nodesplitter /
-split_by_node, which read the env and raise or double-read with few shards).
+`iter_shard` (one shard) and the plumbing the streams share (shard lists, the byte-capped shuffle,
+the DataLoader and its rank side BatchStream) are loading.py's, importable from here too.
+Sharding is done here (not by webdataset's nodesplitter / split_by_node, which read the env and
+raise or double-read with few shards).
 Tar members are parsed by tars.TarSamples (the one tar reader of every stage; webdataset's key rule).
 Images are decoded under the decoder contract of transforms.py (8-bit RGB, header limits
 data.max_image_pixels / data.max_aspect_ratio checked before decoding, alpha on white, EXIF
@@ -30,41 +32,53 @@ Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import dist
+from ..errors import UnusableInput
 from .batcher import PKBatcher
 from .device_decode import DeviceDecoder, prepare
+from .loading import (
+    DEFAULT_BUFFER_MB,
+    BatchStream,
+    Decoding,
+    _loader,
+    _seed_for,
+    _shuffle,
+    _worker,
+    batch_images,
+    buffer_bytes,
+    iter_shard,
+    lost_to_truncation,
+    rank_shards,
+    resolve_shards,
+    sample_nbytes,
+)
 from .pseudo_index import ClusterIndex, TarReader
-from .shards import index_counts, read_index, shard_paths
-from .tars import TarSamples, image_bytes, sample_cls, sample_meta
+from .shards import index_counts, read_index
+from .tars import TarSamples, image_bytes, sample_cls
 from .transforms import (
-    DEFAULT_LIMITS,
     CorruptImage,
     ImageLimits,
     eval_geometry,
     eval_max_size,
     eval_resize_for,
-    normalize_batch,
     train_geometry,
 )
 
 # a training stream that has decoded nothing after this many images stops with a clear error
 # instead of waiting forever for a batch (every labeled image corrupt)
 ALL_CORRUPT_AFTER = 256
-DEFAULT_BUFFER_MB = 128  # data.buffer_mb's default (config.py), for a data config without the key
 
-__all__ = [
+__all__ = [  # loading.py's stream parts stay importable from here
     "labeled_batches",
     "pseudo_labeled_batches",
     "finite_batches",
@@ -74,233 +88,9 @@ __all__ = [
     "resolve_shards",
     "buffer_bytes",
     "sample_nbytes",
+    "lost_to_truncation",
+    "DEFAULT_BUFFER_MB",
 ]
-
-
-class _ShardIter:
-    """Iterator of (key, image, cls, meta) over one shard; counts undecodable samples in `corrupt`
-    and, for a truncated tar, the samples it lost in `lost` (its index count minus those met, or 1
-    when the count is not known)."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        transform: Callable | None,
-        expected: int | None = None,
-        limits: ImageLimits = DEFAULT_LIMITS,
-        on_device: bool = False,
-    ) -> None:
-        self.tar = TarSamples(path)
-        self.transform = transform or _as_is
-        self.expected, self.limits, self.on_device = expected, limits, on_device
-        self.corrupt = 0
-        self.lost = 0
-        self.seen = 0
-        self._gen: Iterator[tuple[str, Any, int, dict[str, Any]]] | None = None
-
-    @property
-    def skipped(self) -> int:
-        return self.corrupt + self.lost
-
-    def __iter__(self) -> _ShardIter:
-        return self
-
-    def __next__(self) -> tuple[str, Any, int, dict[str, Any]]:
-        if self._gen is None:
-            self._gen = self._rows()
-        return next(self._gen)
-
-    def _rows(self) -> Iterator[tuple[str, Any, int, dict[str, Any]]]:
-        for s in self.tar:
-            self.seen += 1
-            try:
-                img = prepare(image_bytes(s), self.limits, self.transform, self.on_device)
-            except CorruptImage:
-                self.corrupt += 1
-                continue
-            yield s["__key__"], img, sample_cls(s), sample_meta(s)
-        self.corrupt += self.tar.duplicates  # a key met twice: left out by the tar reader, counted here
-        self.lost = lost_to_truncation(self.expected, self.seen, self.tar.truncated)
-
-
-def _as_is(img: torch.Tensor) -> torch.Tensor:
-    return img
-
-
-def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) -> int:
-    """Samples a tar lost: its index count minus those read (a tar that ends cleanly on a member
-    boundary is still short of its count), at least 1 for a tar that broke off."""
-    short = max((expected or 0) - seen, 0)
-    return max(short, 1) if truncated else short
-
-
-def iter_shard(
-    path: str | os.PathLike[str],
-    transform: Callable | None = None,
-    expected: int | None = None,
-    limits: ImageLimits = DEFAULT_LIMITS,
-    on_device: bool = False,
-) -> _ShardIter:
-    """(key, image, cls, meta) for one shard in order; image is a uint8 (3,H,W) tensor when transform
-    is None, else transform(that tensor) (on_device: a plain JPEG comes as device_decode.EncodedJpeg).
-    `.corrupt` counts images outside the decoder contract (`limits`), `.lost` the samples a
-    truncated tar lost (`expected` = its index count), `.skipped` both."""
-    return _ShardIter(path, transform, expected, limits, on_device)
-
-
-# ------------------------------------------------------------------------------------ helpers
-def resolve_shards(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """A shard dir (its index.json, rebuilt if missing) or an explicit list of tar paths."""
-    if isinstance(shard_dir_or_paths, (str, os.PathLike)):
-        p = Path(shard_dir_or_paths)
-        if p.is_file():
-            return [p]
-        return shard_paths(p)
-    return [Path(x) for x in shard_dir_or_paths]
-
-
-def rank_shards(paths: Sequence[Path], rank: int, world: int) -> list[Path]:
-    """The disjoint, deterministic shards a rank owns in a finite pass (round-robin)."""
-    return dist.shard_slice(list(paths), rank, world)
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def _shuffle(
-    stream: Iterable[Any],
-    bufsize: int,
-    rng: random.Random,
-    max_bytes: int | None = None,
-    size_of: Callable[[Any], int] | None = None,
-) -> Iterator[Any]:
-    """Reservoir-style shuffle with a buffer bounded by count (bufsize) and by bytes (max_bytes, by
-    size_of): an item leaves as soon as either is reached."""
-    if bufsize <= 1:
-        yield from stream
-        return
-    buf: list[Any] = []
-    held = 0
-    for item in stream:
-        buf.append(item)
-        held += size_of(item) if size_of else 0
-        if len(buf) >= bufsize or (max_bytes is not None and held > max_bytes):
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            out = buf.pop()
-            held -= size_of(out) if size_of else 0
-            yield out
-    rng.shuffle(buf)
-    yield from buf
-
-
-def batch_images(images: Sequence[Any]) -> torch.Tensor:
-    """Transformed uint8 images -> the normalised float batch. In a loader worker the batch is
-    written straight into shared memory, as torch's default_collate does: handing it to the main
-    process then copies nothing (otherwise the queue copies every batch into shared memory)."""
-    u8 = torch.stack([torch.as_tensor(x) for x in images])
-    out = None
-    if get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(u8.numel() * 4)
-        out = torch.empty(0, dtype=torch.float32).set_(storage).view(u8.shape)
-    return normalize_batch(u8, out)
-
-
-def sample_nbytes(sample: dict[str, Any]) -> int:
-    """Bytes a raw sample holds (its members' data)."""
-    return sum(len(v) for v in sample.values() if isinstance(v, bytes))
-
-
-def buffer_bytes(data_cfg: Any) -> int:
-    """data.buffer_mb in bytes: the cap of each encoded-sample buffer of a loader worker."""
-    return int(getattr(data_cfg, "buffer_mb", DEFAULT_BUFFER_MB)) << 20
-
-
-class BatchStream:
-    """Main-process side of a DataLoader: folds each worker's running counts into totals.
-
-    Workers send {"worker": id, "skipped": n, "counts": {"corrupt": .., "lost": ..}, ...} (running
-    totals of that worker); batches with images=None only carry counts. With data.decode: device,
-    a batch carries "pending" items that `finish` (device_decode.DeviceDecoder) decodes on the
-    rank; the JPEGs that fail there are counted as corrupt here.
-    """
-
-    def __init__(self, loader: Iterable[dict[str, Any]] | None, finish: DeviceDecoder | None = None) -> None:
-        self._it = iter(loader) if loader is not None else iter(())
-        self._skips: dict[int, int] = {}
-        self._counts: dict[int, dict[str, int]] = {}
-        self.finish = finish
-
-    @property
-    def _rank_corrupt(self) -> int:
-        return self.finish.corrupt if self.finish is not None else 0
-
-    @property
-    def skipped(self) -> int:
-        return sum(self._skips.values()) + self._rank_corrupt
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """What was left out so far, by cause: corrupt (outside the decoder contract) and lost
-        (truncated tars)."""
-        out = {"corrupt": self._rank_corrupt, "lost": 0}
-        for c in self._counts.values():
-            for k, v in c.items():
-                out[k] = out.get(k, 0) + int(v)
-        return out
-
-    def __iter__(self) -> BatchStream:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        while True:
-            b = next(self._it)
-            wid = b.pop("worker")
-            self._skips[wid] = b["skipped"]
-            if "counts" in b:
-                self._counts[wid] = b.pop("counts")
-            if "pending" in b:
-                b = self.finish(b) if self.finish is not None else None
-                if b is None:  # every image of a label group failed on the rank
-                    continue
-            b["skipped"] = self.skipped
-            if b.get("images") is not None:
-                return b
-
-
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    # fork explicitly: under a spawn-started rank (torch.multiprocessing, submitit) the inherited
-    # default would re-import torch in every worker (~10 s each). Workers never touch CUDA.
-    ctx = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        multiprocessing_context=ctx,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
-
-
-def _seed_for(*parts: Any) -> int:
-    return random.Random("/".join(map(str, parts))).randrange(1 << 62)
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How a stream decodes: the decoder contract's limits, where JPEGs are decoded (data.decode)
-    and the byte cap of each encoded-sample buffer (data.buffer_mb)."""
-
-    limits: ImageLimits = DEFAULT_LIMITS
-    on_device: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_MB << 20
-
-    @classmethod
-    def of(cls, data_cfg: Any) -> Decoding:
-        return cls(ImageLimits.of(data_cfg), getattr(data_cfg, "decode", "workers") == "device", buffer_bytes(data_cfg))
 
 
 # ------------------------------------------------------------------------------ training streams
@@ -332,6 +122,12 @@ class _ResampledPK(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, _ = _worker()
+        try:
+            yield from self._batches(wid)
+        except UnusableInput as e:  # sent as a message: torch would re-raise it with the worker's traceback
+            yield {"worker": wid, "skipped": self.skipped, "unusable": str(e)}  # in its text; the rank raises it
+
+    def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(_seed_for(self.seed, self.rank, wid))
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
         cap = self.decoding.buffer_bytes
@@ -356,7 +152,7 @@ class _ResampledPK(IterableDataset):
     def _count_progress(self) -> None:
         self._since_batch += 1
         if self._since_batch > self.max_without_batch:
-            raise RuntimeError(
+            raise UnusableInput(
                 f"read {self._since_batch} samples without completing one P x K batch (P={self.P}, K={self.K}) "
                 f"from {len(self.shards)} shards: fewer than P labels with >= 2 samples? Lower P"
             )
@@ -397,7 +193,7 @@ class _ResampledPK(IterableDataset):
                 self._undecodable += 1
                 items.append(None)
         if self._decoded == 0 and self._undecodable >= ALL_CORRUPT_AFTER:
-            raise RuntimeError(
+            raise UnusableInput(
                 f"none of the first {self._undecodable} images read from {len(self.shards)} shards "
                 f"(e.g. {self.shards[0]}) could be decoded: the data is corrupt or not images; "
                 f"check it with `python -m slade_dist.data index` / rewrite the shards"
@@ -468,7 +264,7 @@ def labeled_batches(
     rank = dist.rank() if rank is None else rank
     _check_pk(P, K, data_cfg)
     if Path(shard_dir).is_dir() and read_index(shard_dir).get("kind") == "unlabeled":
-        raise ValueError(
+        raise UnusableInput(
             f"{shard_dir} holds unlabeled shards (no cls): labeled_batches needs a labeled "
             f"shard dir; use pseudo_labeled_batches for unlabeled data"
         )
@@ -508,8 +304,7 @@ class _IndexedPK(_ResampledPK):
         super().__init__(tars, P, K, geometry, P * K, 0, seed, rank, decoding=decoding)
         self.index = index
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, _ = _worker()
+    def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(_seed_for(self.seed, self.rank, wid))
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
         draws = np.random.default_rng(rng.randrange(1 << 62))

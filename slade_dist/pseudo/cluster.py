@@ -47,6 +47,7 @@ from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_me
 from ..data.shards import shard_index, shard_paths
 from ..data.tars import TarSamples, image_bytes
 from ..data.transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
+from ..errors import UnusableInput
 from ..fileio import atomic_path, atomic_write_json
 from ..progress import steps
 from ..stages import RunLayout
@@ -79,7 +80,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     n_local = torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64)
     n_total = int(dist.staged_all_reduce_sum(n_local)[0])
     if n_total == 0:
-        raise ValueError(
+        raise UnusableInput(
             f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image corrupt or every shard empty?)"
         )
     k = cap_k(cfg.pseudo.k, n_total)
@@ -162,7 +163,7 @@ def _unlabeled_shards(cfg: Config) -> list[Path]:
         raise ValueError("data.unlabeled_shards must be set for the cluster stage")
     shards = shard_paths(cfg.data.unlabeled_shards)
     if not shards:
-        raise ValueError(f"no shards listed in {cfg.data.unlabeled_shards}/index.json")
+        raise UnusableInput(f"no shards listed in {cfg.data.unlabeled_shards}/index.json")
     return shards
 
 
@@ -254,7 +255,7 @@ def _shard_labels(
     if Path(pl_path).exists():
         done_keys, labels, dists = read_pseudo_labels(pl_path)
         if done_keys != keys:
-            raise RuntimeError(
+            raise UnusableInput(
                 f"{pl_path} does not match the keys of {shard.name}'s embeddings; delete it and rerun the cluster stage"
             )
         return keys, labels, dists

@@ -24,6 +24,7 @@ from slade_dist.data.batcher import PKBatcher
 from slade_dist.data.pseudo_index import build_index
 from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.shards import shard_paths, write_index, write_shard
+from slade_dist.errors import UnusableInput
 from tests import _hazards as H
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def test_labeled_stream_shapes_labels_and_seeding(labeled):
 def test_labeled_stream_refuses_unlabeled_dir(tmp_path):
     write_shard(tmp_path / "u-000000.tar", [{"__key__": "a", "jpg": jpeg(0)}])
     write_index(tmp_path, [{"name": "u-000000.tar", "count": 1}], "unlabeled")
-    with pytest.raises(ValueError, match="pseudo_labeled_batches"):
+    with pytest.raises(UnusableInput, match="pseudo_labeled_batches"):
         readers.labeled_batches(tmp_path, cfg(), 2, 2, seed=0)
 
 
@@ -212,16 +213,20 @@ def test_a_label_file_missing_readable_keys_is_refused(tmp_path, labeled):
         build_index(labeled, pdir)
 
 
-def test_every_image_corrupt_fails_fast(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_image_corrupt_fails_fast(tmp_path, workers):
+    """Nothing decodable is the user's data: errors.UnusableInput with one line in the rank, also
+    when a loader worker found it (torch re-raises a worker's error with its traceback as text)."""
     out = tmp_path / "bad"
     write_shard(
         out / "train-000000.tar",
         ({"__key__": f"{i:04d}", "jpg": b"not a jpeg", "cls": str(i % 4).encode()} for i in range(400)),
     )
     write_index(out, [{"name": "train-000000.tar", "count": 400}], "labeled")
-    stream = readers.labeled_batches(out, cfg(num_workers=0), 2, 2, seed=0, rank=0, world=1)
-    with pytest.raises(RuntimeError, match=r"none of the first \d+ images .* could be decoded"):
+    stream = readers.labeled_batches(out, cfg(num_workers=workers), 2, 2, seed=0, rank=0, world=1)
+    with pytest.raises(UnusableInput, match=r"none of the first \d+ images .* could be decoded") as e:
         next(stream)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_finite_pass_counts_corrupt_and_truncation_losses(damaged):
