@@ -27,7 +27,7 @@ from . import _train_workers as W
 
 REPO = Path(__file__).resolve().parents[2]
 CAP_GB = 6
-PEAK_RSS_MB = 2500  # the largest process (the chain) measured ~1.3 GB; a full decode of a bomb is 1-12 GB
+PEAK_RSS_MB = 2500  # the largest process (the chain) measured 0.93 GB (2026-12-07); a full decode of a bomb is 1-12 GB
 pytestmark = pytest.mark.slow
 
 
