@@ -285,7 +285,10 @@ def _squeue_count() -> int:
 
 BAD_ARGUMENTS = [
     # 6 classes split over 3 ranks: the batch is fine, the partition is what refuses
-    (["--stage", "teacher", "--nodes", "3", "train.classes_per_batch=6"], "asks for 3 nodes but partition 'debug' has 2"),
+    (
+        ["--stage", "teacher", "--nodes", "3", "train.classes_per_batch=6"],
+        "asks for 3 nodes but partition 'debug' has 2",
+    ),
     (["--stage", "teacher", "--partition", "nosuch"], "partition 'nosuch' does not exist"),
     (["--stage", "teacher", "--cpus-per-task", "8"], "nodes of partition 'debug' have 2 CPUs"),
     (["--stage", "teacher", "train.lrr=0.1"], "unknown config key 'train.lrr'"),
