@@ -1,4 +1,4 @@
-"""GPU check of our k-means (one short script for a lent GPU machine; k-means only).
+"""GPU check of our k-means and of decode on the device (one short script for a lent GPU machine).
 
 Default size: n = 10,000,000 points, d = 128, k = 65,536 centroids, 20 Lloyd iterations on one
 GPU (goal: <= 30 s on one H200). --quick: n = 1,000,000, k = 8,192, 10 iterations.
@@ -6,6 +6,12 @@ Backend: FAISS GPU when faiss-gpu is importable, else our torch matmul backend o
 unless --no-tf32). The data (Gaussian blobs) is generated on the GPU and is not timed. Also checks,
 in a few seconds, that the GPU path gives the CPU path's centroids at a small size (fp32), how many
 assignments TF32 changes against exact fp32, and the time of one full streaming assignment pass.
+Decode on the device (data.decode: device, slade_dist/data/device_decode.py): `device_decode_check`
+decodes 512 photo-like 500x375 JPEGs with one batched torchvision.io.decode_jpeg call on the GPU and
+with the loader workers' CPU decoder (transforms.decode, one thread), and reports images/s of each
+and the largest / mean pixel difference (nvJPEG's IDCT is not libjpeg-turbo's: a few grey levels
+are expected; the CPU equality is a unit test, tests/unit/test_device_decode.py). It runs first,
+in a few seconds; `--decode-only` runs it alone.
 Without a CUDA GPU it prints a clear message and exits 0. The last line is one JSON object.
 Whole script: estimated 1-3 min on an H200 (most of it the 20 timed iterations); not yet run on one.
 """
@@ -24,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from slade_dist.config import PseudoConfig  # noqa: E402
+from slade_dist.data import device_decode, transforms  # noqa: E402
 from slade_dist.pseudo.kmeans import TorchAssigner, assign_array, choose_backend, train_centroids  # noqa: E402
 
 
@@ -50,6 +57,62 @@ def gpu_matches_cpu(device: torch.device) -> dict:
     return {"max_abs_centroid_diff": diff, "ok": diff < 1e-3}
 
 
+def photo_jpegs(n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[bytes]:
+    """n photo-like JPEGs (smooth waves + noise, quality 90)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for i in range(n):
+        f = 0.005 + 0.045 * (i % 8) / 7
+        img = np.stack([60 * np.sin(xx * f * (k + 1) + yy * f * 0.7) for k in range(3)], -1) + rng.normal(
+            0, 12, (h, w, 3)
+        )
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img + 128, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def device_decode_check(device: torch.device, n: int = 512, batch: int = 128) -> dict:
+    """Batched decode_jpeg on `device` vs the workers' CPU decode: images/s and pixel differences."""
+    jpegs = photo_jpegs(n)
+    items = [
+        device_decode.prepare(j, transforms.DEFAULT_LIMITS, lambda x: x, on_device=True) for j in jpegs
+    ]  # what a loader worker hands the rank
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
+    device_decode.decode_jpegs(items[:8], device)  # warm-up: nvJPEG handles, CUDA context
+    sync(device)
+    t = time.perf_counter()
+    on_device = []
+    for s in range(0, n, batch):
+        on_device += device_decode.decode_jpegs(items[s : s + batch], device)
+    sync(device)
+    gpu_s = time.perf_counter() - t
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    on_cpu = [transforms.decode(j) for j in jpegs]
+    cpu_s = time.perf_counter() - t
+    torch.set_num_threads(threads)
+    failed = sum(x is None for x in on_device)
+    diffs = [(g.cpu().int() - c.int()).abs() for g, c in zip(on_device, on_cpu) if g is not None]
+    return {
+        "images": n,
+        "batch": batch,
+        "gpu_images_per_s": round(n / gpu_s, 1),
+        "cpu_one_thread_images_per_s": round(n / cpu_s, 1),
+        "failed_on_device": failed,
+        "max_abs_diff": int(max(int(d.max()) for d in diffs)) if diffs else None,
+        "mean_abs_diff": round(float(torch.cat([d.flatten().float() for d in diffs]).mean()), 4) if diffs else None,
+        "ok": failed == 0 and bool(diffs) and max(int(d.max()) for d in diffs) <= 16,
+    }
+
+
 def tf32_agreement(x: torch.Tensor, centroids: np.ndarray, m: int = 200_000) -> float:
     c = torch.from_numpy(centroids).to(x.device)
     exact, fast = TorchAssigner(x.device, gpu_tf32=False), TorchAssigner(x.device, gpu_tf32=True)
@@ -66,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--niter", type=int, default=None)
     ap.add_argument("--no-tf32", action="store_true", help="exact fp32 GEMMs in the torch backend")
+    ap.add_argument("--decode-only", action="store_true", help="run the decode-on-device check only")
     args = ap.parse_args(argv)
     n = args.n or (1_000_000 if args.quick else 10_000_000)
     k = args.k or (8192 if args.quick else 65_536)
@@ -79,6 +143,23 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda", 0)
     backend = choose_backend("auto")
     print(f"GPU: {torch.cuda.get_device_name(device)}; backend {backend}; torch {torch.__version__}", flush=True)
+    decode = device_decode_check(device)
+    print(
+        f"decode on the device: {decode['gpu_images_per_s']} images/s (batched decode_jpeg, 500x375) vs "
+        f"{decode['cpu_one_thread_images_per_s']} images/s on one CPU thread; max |diff| {decode['max_abs_diff']}, "
+        f"mean {decode['mean_abs_diff']} grey levels, {decode['failed_on_device']} failed "
+        f"{'OK' if decode['ok'] else 'MISMATCH'}",
+        flush=True,
+    )
+    if args.decode_only:
+        out = {
+            "bench": "decode_gpu",
+            "ours": decode["gpu_images_per_s"],
+            "baseline": decode["cpu_one_thread_images_per_s"],
+        }
+        out.update(unit="images/s", ratio=round(out["ours"] / out["baseline"], 3), device_decode=decode)
+        print(json.dumps(out))
+        return out
 
     check = gpu_matches_cpu(device)
     print(
@@ -143,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gib": round(peak_gb, 2),
         "timings": res.timings,
         "goal_met": (seconds <= goal) if goal else None,
+        "device_decode": decode,
     }
     print(json.dumps(out))
     return out

@@ -5,7 +5,13 @@ unchanged), apply the same transforms (slade_dist.data.transforms: RandomResized
 + flip + float + ImageNet normalisation), with the same worker count and batch size, in this one
 process, alternating rounds. Ours: labeled_batches (resampled shards, P x K batcher, decode +
 augment in workers, one normalisation per batch). Baseline: ImageFolder(PIL loader) + random
-sampler + default collate. Figure: images/s delivered to the main process.
+sampler + default collate. Figure: images/s delivered to the main process. A third row, ours with
+data.decode: device on this machine's device (the CPU here: workers hand over the JPEG bytes, the
+main process decodes each batch with torchvision.io.decode_jpeg and transforms it; on a GPU the
+decode is nvJPEG's), is reported beside them ("device_decode"). "where_time_goes_us": each step's
+microseconds per image on one thread (tar read, header check, decode, crop, normalisation; PIL
+open and the per-image transform for the baseline) beside the worker time each pipeline spent per
+delivered image (the rest is the queue to the main process, scheduling and the machine's load).
 Last output line: one JSON object {"bench", "ours", "baseline", "unit", "ratio", ...}.
 
   python bench/loader.py            # 2000 images of 500x375, 2 workers
@@ -18,6 +24,7 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,6 +65,10 @@ def make_images(root: Path, n: int, classes: int, size: tuple[int, int], seed: i
     return total
 
 
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def time_batches(it, n_batches: int, warmup: int) -> float:
     """images/s over n_batches after `warmup` batches (worker start-up excluded)."""
     for _ in range(warmup):
@@ -76,6 +87,11 @@ def run_ours(shards: Path, cfg: DataConfig, P: int, K: int, n_batches: int, warm
     return time_batches(stream, n_batches, warmup)
 
 
+def run_device(shards: Path, cfg: DataConfig, P: int, K: int, n_batches: int, warmup: int) -> float:
+    """Ours with data.decode: device (the rank decodes the JPEGs of each batch)."""
+    return run_ours(shards, dataclasses.replace(cfg, decode="device"), P, K, n_batches, warmup)
+
+
 def run_baseline(folder: Path, cfg: DataConfig, batch: int, n_batches: int, warmup: int) -> float:
     from torchvision.datasets import ImageFolder
 
@@ -91,6 +107,59 @@ def run_baseline(folder: Path, cfg: DataConfig, batch: int, n_batches: int, warm
         multiprocessing_context="fork",
     )
     return time_batches(iter(dl), n_batches, warmup)
+
+
+def _per_image_us(fn, items: list) -> float:
+    t0 = time.perf_counter()
+    for x in items:
+        fn(x)
+    return 1e6 * (time.perf_counter() - t0) / len(items)
+
+
+def where_time_goes(shards: Path, folder: Path, cfg: DataConfig, batch: int, n: int = 96) -> dict[str, dict]:
+    """Microseconds per image of each step, in this process on one thread (what a loader worker
+    spends on it), ours and the baseline, on the same n images. Ours: the tar read (tars.TarSamples),
+    the decoder contract's header check (PIL open + EXIF: part of the decode, shown alone), the decode,
+    crop + flip, the batch normalisation's share. ImageFolder: PIL open + RGB convert, then
+    crop + flip + float + normalise per image."""
+    from torchvision.datasets.folder import pil_loader
+
+    from slade_dist.data.tars import TarSamples, image_bytes
+
+    geometry = transforms.train_geometry(cfg.image_size, cfg.crop_scale_min)
+    samples: list[dict] = []
+    t0 = time.perf_counter()
+    for tar in sorted(shards.glob("*.tar")):
+        samples += list(TarSamples(tar))
+        if len(samples) >= n:
+            break
+    tar_us = 1e6 * (time.perf_counter() - t0) / len(samples)
+    data = [image_bytes(s) for s in samples[:n]]
+    limits = transforms.ImageLimits.of(cfg)
+    decoded = [transforms.decode(d, limits) for d in data]  # warm-up + the crops' input
+    crops = [geometry(x) for x in decoded]
+    stack = torch.stack(crops[:batch])
+    transforms.normalize_batch(stack)  # warm-up: the allocator's first 19 MB block costs 10x a later one
+    t0 = time.perf_counter()
+    for _ in range(10):
+        transforms.normalize_batch(stack)
+    ours = {
+        "tar_read": tar_us,
+        "header_check": _per_image_us(lambda d: transforms.read_header(d, limits), data),
+        "decode_incl_header": _per_image_us(lambda d: transforms.decode(d, limits), data),
+        "crop_flip": _per_image_us(geometry, decoded),
+        "normalise": 1e6 * (time.perf_counter() - t0) / (10 * len(stack)),
+    }
+    paths = sorted(folder.rglob("*.jpg"))[:n]
+    full = transforms.full_transform(geometry)
+    pils = [pil_loader(str(p)) for p in paths]
+    base = {
+        "open_rgb": _per_image_us(lambda p: pil_loader(str(p)), paths),
+        "crop_flip_normalise": _per_image_us(full, pils),
+    }
+    for d in (ours, base):
+        d["sum"] = sum(d.values()) - (d["header_check"] if d is ours else 0)  # the header is inside the decode
+    return {"ours": {k: round(v) for k, v in ours.items()}, "baseline": {k: round(v) for k, v in base.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,17 +192,35 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         writers.convert("imagefolder", folder, shards, shard_size=200, workers=args.workers, progress=False)
         write_s = time.perf_counter() - t0
-        ours, base = [], []
+        breakdown = where_time_goes(shards, folder, cfg, args.P * args.K)
+        ours, base, dev = [], [], []
         for r in range(args.rounds):
             ours.append(run_ours(shards, cfg, args.P, args.K, args.batches, warmup=3))
             base.append(run_baseline(folder, cfg, args.P * args.K, args.batches, warmup=3))
-            print(f"round {r}: ours {ours[-1]:.1f} img/s, baseline (ImageFolder) {base[-1]:.1f} img/s", flush=True)
-    o, b = float(np.mean(ours)), float(np.mean(base))
+            dev.append(run_device(shards, cfg, args.P, args.K, args.batches, warmup=3))
+            print(
+                f"round {r}: ours {ours[-1]:.1f} img/s, baseline (ImageFolder) {base[-1]:.1f} img/s, "
+                f"ours with data.decode=device ({device_name()}) {dev[-1]:.1f} img/s",
+                flush=True,
+            )
+    o, b, d = float(np.mean(ours)), float(np.mean(base)), float(np.mean(dev))
     print(
         f"{args.images} JPEGs {args.width}x{args.height} (mean {nbytes / args.images / 1024:.1f} KiB), "
         f"{args.workers} workers, batch {args.P}x{args.K}, crop {args.image_size}: "
         f"ours {o:.1f} img/s vs ImageFolder {b:.1f} img/s -> ratio {o / b:.2f} (goal >= 1.3); "
-        f"shard writing {args.images / write_s:.0f} img/s"
+        f"shard writing {args.images / write_s:.0f} img/s; data.decode=device on {device_name()}: {d:.1f} img/s "
+        f"(ratio {d / b:.2f})"
+    )
+    # worker time per delivered image: what the pipelines cost beyond the steps above is the queue
+    # to the main process, worker scheduling and the machine's other load
+    spent = {"ours": 1e6 * args.workers / o, "baseline": 1e6 * args.workers / b}
+    for who in ("ours", "baseline"):
+        breakdown[who]["worker_us_per_image_delivered"] = round(spent[who])
+    print(
+        "where the time goes (us per image, one thread): ours "
+        + ", ".join(f"{k} {v}" for k, v in breakdown["ours"].items())
+        + "; ImageFolder "
+        + ", ".join(f"{k} {v}" for k, v in breakdown["baseline"].items())
     )
     result = {
         "bench": "loader",
@@ -144,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
         "images": args.images,
         "workers": args.workers,
         "write_images_per_s": round(args.images / write_s, 1),
+        "device_decode": {"device": device_name(), "images_per_s": round(d, 1), "ratio": round(d / b, 3)},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "where_time_goes_us": breakdown,
     }
     print(json.dumps(result))
     return result

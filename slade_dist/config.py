@@ -134,6 +134,27 @@ class DataConfig:
     num_workers: int = _f(2, lo=0, result=False)
     shuffle_buffer: int = _f(1000, lo=0)
     max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
+    buffer_mb: int = _f(
+        128,
+        lo=1,
+        help="most MiB of encoded images each of a loader worker's buffers holds (the shuffle buffer, the P x K "
+        "batcher, the SwAV shuffle buffer), whatever shuffle_buffer / max_buffered allow",
+    )
+    max_image_pixels: int = _f(
+        64_000_000,
+        lo=1,
+        hi=178_956_970,
+        help="images of more pixels are skipped as corrupt, checked from the header before decoding (at most "
+        "Pillow's own limit, 178,956,970)",
+    )
+    max_aspect_ratio: float = _f(
+        20.0, lo=1.0, help="images whose longer / shorter side exceeds this are skipped as corrupt (header check)"
+    )
+    decode: Literal["workers", "device"] = _f(
+        "workers",
+        help="where JPEGs are decoded: workers (CPU loader workers) | device (workers hand over the bytes, the rank "
+        "decodes each batch with torchvision.io.decode_jpeg on its device; other formats stay on the workers)",
+    )
     pseudo_max_dist_percentile: float = _f(
         100.0,
         lo=0.0,

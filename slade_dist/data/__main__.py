@@ -30,7 +30,9 @@ PROG = "python -m slade_dist.data"
 FORMATS = sorted(["imagefolder", "cub", "cars196", "inshop", "nabirds", "compcars", "fashion200k", "img2dataset"])
 
 LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distributed):
-  imagefolder  ROOT/<class>/**/*.jpg (labeled, class = sub-directory) or ROOT/*.jpg (flat = unlabeled)
+  imagefolder  ROOT/<class>/**/*.jpg (labeled, class = sub-directory) or ROOT/*.jpg (flat = unlabeled);
+               loose images beside class folders are refused unless --split unlabeled (every image
+               under ROOT, sub-folders included, as one unlabeled set); symlinks back up not followed
   cub          ROOT/{images.txt,image_class_labels.txt,classes.txt,images/} (or ROOT/CUB_200_2011/...);
                classes 1-100 -> OUT/train, 101-200 -> OUT/test
   cars196      ROOT/cars_annos.mat + ROOT/car_ims/; classes 1-98 -> OUT/train, 99-196 -> OUT/test
@@ -41,7 +43,10 @@ LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distribu
   fashion200k  ROOT/labels/*.txt (path<TAB>score<TAB>description) + ROOT/women/... -> unlabeled
   img2dataset  ROOT/<digits>.tar written by img2dataset: validated and indexed in place (no copy);
                OUT/index.json points at ROOT's tars
-Single-split formats write OUT/<prefix>-%06d.tar; re-running skips finished shards."""
+Single-split formats write OUT/<prefix>-%06d.tar; re-running skips finished shards.
+Every file under ROOT is accounted for: written, or listed in OUT/rejects.txt (one JSON object a
+line: path, reason, action rejected | skipped), e.g. images outside the decoder contract
+(data.max_image_pixels, data.max_aspect_ratio at their defaults; GIF, AVIF, HEIC are not read)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "--split",
         default="all",
         choices=["all", "train", "test", "query", "gallery", "unlabeled"],
-        help="multi-split formats: which split to write (default all); single-split formats: the shard name prefix",
+        help="multi-split formats: which split to write (default all); single-split formats: the shard name "
+        "prefix (imagefolder: unlabeled reads every image under ROOT as one unlabeled set)",
     )
     w.add_argument("--workers", type=int, default=1, help="parallel writer processes (default 1)")
     w.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
@@ -145,7 +151,10 @@ def _write(args: argparse.Namespace) -> int:
     for split, idx in done.items():
         print(
             f"{split}: {idx['total']} images in {len(idx['shards'])} shards, {idx.get('rejected', 0)} "
-            f"rejected" + (f", {idx['num_classes']} classes" if "num_classes" in idx else "")
+            f"rejected"
+            + (f", {idx['skipped']} files skipped" if idx.get("skipped") else "")
+            + (f", {idx['num_classes']} classes" if "num_classes" in idx else "")
+            + (" (listed in rejects.txt)" if idx.get("rejected") or idx.get("skipped") else "")
         )
     return 0
 

@@ -12,12 +12,12 @@ files, never one per shard):
 - `members-%05d.npy`: ENTRY rows (tar position, byte offset and length of the whole sample, crc32
   of its key) of clusters [first, end), one file per rank of the cluster stage, memory-mapped by
   the student.
-And the pieces around them: `index_rows` (each labelled sample's byte range in its tar; Python's
-tarfile reads headers only, seeking over member data; key order and coverage are checked with
-pseudo_join.zip_pseudo_labels' rules and messages), `summarise_clusters` (sort, thresholds by
-pseudo_join.cluster_percentile, kept counts: for the clusters one process owns), `TarReader`
-(one sample read by its byte range and parsed by webdataset's tar iterator, the same key rule as
-tars.TarSamples), `ClusterIndex` (the read side; P distinct clusters x K distinct members per draw)
+And the pieces around them: `index_rows` (each labelled sample's byte range in its tar, read by
+tars.TarSamples without member data, so a truncated tar holds exactly the samples the embed stage
+saw; key order and coverage are checked with pseudo_join.zip_pseudo_labels' rules and messages),
+`summarise_clusters` (sort, thresholds by pseudo_join.cluster_percentile, kept counts: for the
+clusters one process owns), `TarReader` (one sample read by its byte range, parsed by
+tars.parse_sample), `ClusterIndex` (the read side; P distinct clusters x K distinct members per draw)
 and `build_index` (one process, from the label files: tools and tests; the cluster stage builds
 the same files distributed, slade_dist/pseudo/cluster.py).
 Tests: tests/unit/test_pseudo_index.py, tests/unit/test_cluster.py, tests/unit/test_readers.py,
@@ -26,10 +26,8 @@ tests/integration/test_pseudo_multirank.py.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -37,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from ..fileio import atomic_path, atomic_write_json
 from .pseudo_join import cluster_percentile, zip_pseudo_labels
 from .pseudo_labels import PseudoLabelMismatch, pseudo_label_path, read_meta, read_pseudo_labels
-from .shards import shard_paths
-from .tars import image_bytes
-from .transforms import CorruptImage, decode
+from .shards import read_index, shard_paths
+from .tars import TarSamples, image_bytes, parse_sample
+from .transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
 
 __all__ = [
     "ENTRY",
@@ -84,48 +81,36 @@ def key_crc(key: str) -> int:
 
 # ------------------------------------------------------------------------------- tar scanning
 def _scan_tar(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """Samples of one tar in order, as {"__key__", "offset", "end"} byte ranges, and whether it
-    ended early. Members are grouped by webdataset's key rule; a sample's range runs from its first
-    member's header (pax headers included) to its last member's padded data end."""
-    size = path.stat().st_size
-    out: list[dict[str, Any]] = []
-    truncated, last = False, 0
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for ti in tf:
-                prefix, _ = base_plus_ext(ti.name)
-                if not ti.isreg() or prefix is None:
-                    continue
-                end = -(-(ti.offset_data + ti.size) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if out and out[-1]["__key__"] == prefix:
-                    out[-1]["end"] = end
-                else:
-                    out.append({"__key__": prefix, "offset": ti.offset, "end": end})
-            last = tf.offset
-    except (tarfile.TarError, OSError, EOFError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        truncated = True
-    while out and out[-1]["end"] > size:  # its data runs past the end of the file: cut off
-        out.pop()
-        truncated = True
-    # tarfile ends quietly at a cut header: a tar without its two end-of-archive blocks was cut
-    return out, truncated or last + 2 * tarfile.BLOCKSIZE > size
+    """Samples of one tar in order, as {"__key__", "__span__"} (member data seeked over), and whether
+    it ended early: tars.TarSamples, the reader every stage uses, so a truncated tar holds the same
+    samples here as in the embed stage's pass."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image shard {path} is missing")
+    tar = TarSamples(path, read_data=False)
+    return list(tar), tar.truncated
 
 
 def index_rows(
-    tar: str | os.PathLike[str], shard_pos: int, keys: Sequence[str], cls: np.ndarray, dist: np.ndarray, pl_name: str
+    tar: str | os.PathLike[str],
+    shard_pos: int,
+    keys: Sequence[str],
+    cls: np.ndarray,
+    dist: np.ndarray,
+    pl_name: str,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, int]:
     """ROW of every label row whose sample is in the tar (label order), and how many rows a
-    truncated tar lost. A label key out of the tar's order or missing from an intact tar, or a
-    decodable image without a label row, raises PseudoLabelMismatch naming both files."""
+    truncated tar lost. A label key out of the tar's order or missing from an intact tar, or an
+    image inside the decoder contract (`limits`: the embed stage's data.max_image_pixels /
+    max_aspect_ratio) without a label row, raises PseudoLabelMismatch naming both files."""
     tar = Path(tar)
     scanned, truncated = _scan_tar(tar)
     reader = TarReader([tar])
 
-    def must_be_corrupt(s: dict[str, Any]) -> None:  # the embed stage leaves out undecodable images only
+    def must_be_corrupt(s: dict[str, Any]) -> None:  # the embed stage leaves out corrupt images only
+        offset, end = s["__span__"]
         try:
-            decode(image_bytes(reader.read_range(0, s["offset"], s["end"] - s["offset"])))
+            decode(image_bytes(reader.read_range(0, offset, end - offset)), limits)
         except CorruptImage:
             return
         raise PseudoLabelMismatch(
@@ -138,7 +123,8 @@ def index_rows(
         for s, c, d in zip_pseudo_labels(
             scanned, keys, cls, dist, str(tar), pl_name, ended_early=lambda: truncated, on_unlabeled=must_be_corrupt
         ):
-            rows.append((c, d, shard_pos, s["end"] - s["offset"], s["offset"], key_crc(s["__key__"])))
+            offset, end = s["__span__"]
+            rows.append((c, d, shard_pos, end - offset, offset, key_crc(s["__key__"])))
     finally:
         reader.close()
     return np.array(rows, dtype=ROW), len(keys) - len(rows)
@@ -241,22 +227,13 @@ class TarReader:
         return f
 
     def read_range(self, i: int, offset: int, length: int) -> dict[str, Any]:
-        """The sample at [offset, offset + length) of tar i; {} when those bytes are not one (a tar
-        cut or rewritten since it was indexed): no image, so the batch counts it as corrupt."""
+        """The sample at [offset, offset + length) of tar i, parsed by tars.parse_sample (the
+        rules of every tar read); {} when those bytes are not one whole sample (a tar cut or
+        rewritten since it was indexed): no image, so the batch counts it as corrupt."""
         f = self._file(i)
         self.reads += 1
         f.seek(offset)
-        buf = f.read(length)
-        sample: dict[str, Any] = {}
-        try:
-            for member in tar_file_iterator(io.BytesIO(buf)):
-                prefix, suffix = base_plus_ext(member["fname"])
-                if prefix is not None:
-                    sample["__key__"] = prefix
-                    sample[suffix.lower()] = member["data"]
-        except (tarfile.TarError, OSError, EOFError, ValueError):
-            return {}
-        return sample
+        return parse_sample(f.read(length), base=offset)
 
     def read(self, entry: np.void) -> dict[str, Any]:
         s = self.read_range(int(entry["shard"]), int(entry["offset"]), int(entry["length"]))
@@ -306,8 +283,16 @@ class ClusterIndex:
         return cls(d, summary, arrays)
 
     def shard_paths(self, unlabeled_dir: str | os.PathLike[str]) -> list[Path]:
-        """The indexed tars by name under unlabeled_dir (no stat: a missing one fails when read)."""
-        return [Path(unlabeled_dir) / name for name in self.summary["shards"]]
+        """The indexed tars under unlabeled_dir, where its index.json says they are (no stat: a
+        missing one fails when read)."""
+        # the index names each shard by its file name; index.json by its path from the shard dir
+        # (img2dataset output indexed in place: "../<root>/00001.tar"), so the tar is found through it
+        d = Path(unlabeled_dir)
+        try:
+            listed = {Path(s["name"]).name: s["name"] for s in read_index(d, rebuild=False)["shards"]}
+        except FileNotFoundError:
+            listed = {}
+        return [d / listed.get(name, name) for name in self.summary["shards"]]
 
     def _members(self, part: int) -> np.ndarray:
         if part not in self._maps:
@@ -380,6 +365,7 @@ def build_index(
     percentile: float = 100.0,
     min_cluster_size: int = 2,
     k: int | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """The cluster index of hand-written or already existing label files, in one process (the
     cluster stage builds the same files across its ranks). k: meta.json's, else max label + 1."""
@@ -390,7 +376,7 @@ def build_index(
     for pos, shard in enumerate(shards):
         pl = pseudo_label_path(pseudo_dir, shard)
         keys, cls, dist = read_pseudo_labels(pl)
-        rows, n_lost = index_rows(shard, pos, keys, cls, dist, str(pl))
+        rows, n_lost = index_rows(shard, pos, keys, cls, dist, str(pl), limits)
         parts.append(rows)
         lost += n_lost
     rows = np.concatenate(parts) if parts else np.zeros(0, dtype=ROW)

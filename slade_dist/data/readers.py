@@ -12,39 +12,73 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
 - `finite_batches`: ONE pass for embed/eval; each rank owns `shard_slice(shards, rank, world)`, each
   DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
   ranks x workers (idle readers yield nothing).
-plus `iter_shard` for one shard. Sharding is done here (not by webdataset's nodesplitter /
-split_by_node, which read the env and raise or double-read with few shards).
-Tar members are parsed in tars.py (webdataset's own tar iterator and key rule).
-A corrupt image, a sample without an image, or a truncated tar is skipped and counted ("skipped" in
-every batch: total so far over this rank's workers), never a crash.
+`iter_shard` (one shard) and the plumbing the streams share (shard lists, the byte-capped shuffle,
+the DataLoader and its rank side BatchStream) are loading.py's, importable from here too.
+Sharding is done here (not by webdataset's nodesplitter / split_by_node, which read the env and
+raise or double-read with few shards).
+Tar members are parsed by tars.TarSamples (the one tar reader of every stage; webdataset's key rule).
+Images are decoded under the decoder contract of transforms.py (8-bit RGB, header limits
+data.max_image_pixels / data.max_aspect_ratio checked before decoding, alpha on white, EXIF
+orientation applied), in the loader workers, or with data.decode: device on the rank
+(device_decode.py: workers hand over JPEG bytes).
+A corrupt image (anything outside the contract), a sample without an image, or a truncated tar is
+skipped and counted ("skipped" in every batch: total so far over this rank's workers and the
+rank's own decodes), never a crash.
+Memory per loader worker is bounded by the config, not by the images: buffers hold encoded
+samples only, each buffer at most data.buffer_mb MiB (and its sample count), one image is decoded
+at a time (at most data.max_image_pixels pixels), and batches hold transformed images.
 Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import dist
+from ..errors import UnusableInput
 from .batcher import PKBatcher
+from .device_decode import DeviceDecoder, prepare
+from .loading import (
+    DEFAULT_BUFFER_MB,
+    BatchStream,
+    Decoding,
+    _loader,
+    _seed_for,
+    _shuffle,
+    _worker,
+    batch_images,
+    buffer_bytes,
+    iter_shard,
+    lost_to_truncation,
+    rank_shards,
+    resolve_shards,
+    sample_nbytes,
+)
 from .pseudo_index import ClusterIndex, TarReader
-from .shards import index_counts, read_index, shard_paths
-from .tars import TarSamples, image_bytes, sample_cls, sample_meta
-from .transforms import CorruptImage, decode, eval_geometry, eval_resize_for, normalize_batch, train_geometry
+from .shards import index_counts, read_index
+from .tars import TarSamples, image_bytes, sample_cls
+from .transforms import (
+    CorruptImage,
+    ImageLimits,
+    eval_geometry,
+    eval_max_size,
+    eval_resize_for,
+    train_geometry,
+)
 
 # a training stream that has decoded nothing after this many images stops with a clear error
 # instead of waiting forever for a batch (every labeled image corrupt)
 ALL_CORRUPT_AFTER = 256
 
-__all__ = [
+__all__ = [  # loading.py's stream parts stay importable from here
     "labeled_batches",
     "pseudo_labeled_batches",
     "finite_batches",
@@ -52,157 +86,11 @@ __all__ = [
     "BatchStream",
     "rank_shards",
     "resolve_shards",
+    "buffer_bytes",
+    "sample_nbytes",
+    "lost_to_truncation",
+    "DEFAULT_BUFFER_MB",
 ]
-
-
-class _ShardIter:
-    """Iterator of (key, image, cls, meta) over one shard; counts undecodable samples in `corrupt`
-    and, for a truncated tar, the samples it lost in `lost` (its index count minus those met, or 1
-    when the count is not known)."""
-
-    def __init__(self, path: str | os.PathLike[str], transform: Callable | None, expected: int | None = None) -> None:
-        self.tar = TarSamples(path)
-        self.transform = transform
-        self.expected = expected
-        self.corrupt = 0
-        self.lost = 0
-        self.seen = 0
-        self._gen: Iterator[tuple[str, Any, int, dict[str, Any]]] | None = None
-
-    @property
-    def skipped(self) -> int:
-        return self.corrupt + self.lost
-
-    def __iter__(self) -> _ShardIter:
-        return self
-
-    def __next__(self) -> tuple[str, Any, int, dict[str, Any]]:
-        if self._gen is None:
-            self._gen = self._rows()
-        return next(self._gen)
-
-    def _rows(self) -> Iterator[tuple[str, Any, int, dict[str, Any]]]:
-        for s in self.tar:
-            self.seen += 1
-            try:
-                img = decode(image_bytes(s))
-            except CorruptImage:
-                self.corrupt += 1
-                continue
-            yield s["__key__"], (self.transform(img) if self.transform else img), sample_cls(s), sample_meta(s)
-        self.lost = lost_to_truncation(self.expected, self.seen, self.tar.truncated)
-
-
-def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) -> int:
-    """Samples a tar lost: its index count minus those read (a tar that ends cleanly on a member
-    boundary is still short of its count), at least 1 for a tar that broke off."""
-    short = max((expected or 0) - seen, 0)
-    return max(short, 1) if truncated else short
-
-
-def iter_shard(
-    path: str | os.PathLike[str], transform: Callable | None = None, expected: int | None = None
-) -> _ShardIter:
-    """(key, image, cls, meta) for one shard in order; image is a uint8 (3,H,W) tensor when transform
-    is None, else transform(that tensor). `.corrupt` counts undecodable samples, `.lost` the samples
-    a truncated tar lost (`expected` = its index count), `.skipped` both."""
-    return _ShardIter(path, transform, expected)
-
-
-# ------------------------------------------------------------------------------------ helpers
-def resolve_shards(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """A shard dir (its index.json, rebuilt if missing) or an explicit list of tar paths."""
-    if isinstance(shard_dir_or_paths, (str, os.PathLike)):
-        p = Path(shard_dir_or_paths)
-        if p.is_file():
-            return [p]
-        return shard_paths(p)
-    return [Path(x) for x in shard_dir_or_paths]
-
-
-def rank_shards(paths: Sequence[Path], rank: int, world: int) -> list[Path]:
-    """The disjoint, deterministic shards a rank owns in a finite pass (round-robin)."""
-    return dist.shard_slice(list(paths), rank, world)
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def _shuffle(stream: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
-    """Reservoir-style shuffle with a bounded buffer."""
-    if bufsize <= 1:
-        yield from stream
-        return
-    buf: list[Any] = []
-    for item in stream:
-        buf.append(item)
-        if len(buf) >= bufsize:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
-class BatchStream:
-    """Main-process side of a DataLoader: folds each worker's running counts into totals.
-
-    Workers send {"worker": id, "skipped": n, "counts": {"corrupt": .., "lost": ..}, ...} (running
-    totals of that worker); batches with images=None only carry counts.
-    """
-
-    def __init__(self, loader: Iterable[dict[str, Any]] | None) -> None:
-        self._it = iter(loader) if loader is not None else iter(())
-        self._skips: dict[int, int] = {}
-        self._counts: dict[int, dict[str, int]] = {}
-
-    @property
-    def skipped(self) -> int:
-        return sum(self._skips.values())
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """What was left out so far, by cause: corrupt (undecodable) and lost (truncated tars)."""
-        out = {"corrupt": 0, "lost": 0}
-        for c in self._counts.values():
-            for k, v in c.items():
-                out[k] = out.get(k, 0) + int(v)
-        return out
-
-    def __iter__(self) -> BatchStream:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        while True:
-            b = next(self._it)
-            wid = b.pop("worker")
-            self._skips[wid] = b["skipped"]
-            if "counts" in b:
-                self._counts[wid] = b.pop("counts")
-            b["skipped"] = self.skipped
-            if b.get("images") is not None:
-                return b
-
-
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    # fork explicitly: under a spawn-started rank (torch.multiprocessing, submitit) the inherited
-    # default would re-import torch in every worker (~10 s each). Workers never touch CUDA.
-    ctx = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        multiprocessing_context=ctx,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
-
-
-def _seed_for(*parts: Any) -> int:
-    return random.Random("/".join(map(str, parts))).randrange(1 << 62)
 
 
 # ------------------------------------------------------------------------------ training streams
@@ -221,6 +109,7 @@ class _ResampledPK(IterableDataset):
         rank: int,
         max_samples_without_batch: int = 0,
         expected: Sequence[int | None] | None = None,
+        decoding: Decoding = Decoding(),
     ) -> None:
         if not shards:
             raise ValueError("no shards to read")
@@ -228,17 +117,28 @@ class _ResampledPK(IterableDataset):
         self.expected = list(expected) if expected is not None else [None] * len(shards)
         self.max_buffered, self.shuffle_buffer, self.seed, self.rank = max_buffered, shuffle_buffer, seed, rank
         self.max_without_batch = max_samples_without_batch or max(50 * max_buffered, 100_000)
+        self.decoding = decoding
         self.skipped = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, _ = _worker()
+        try:
+            yield from self._batches(wid)
+        except UnusableInput as e:  # sent as a message: torch would re-raise it with the worker's traceback
+            yield {"worker": wid, "skipped": self.skipped, "unusable": str(e)}  # in its text; the rank raises it
+
+    def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
         rng = random.Random(_seed_for(self.seed, self.rank, wid))
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
-        batcher = PKBatcher(self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31))
+        cap = self.decoding.buffer_bytes
+        batcher = PKBatcher(
+            self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31), max_bytes=cap, size_of=sample_nbytes
+        )
         self.skipped = 0
         self._since_batch = 0
         self._decoded, self._undecodable = 0, 0
-        for batch in batcher(_shuffle(self._class_samples(rng), self.shuffle_buffer, rng)):
+        samples = _shuffle(self._class_samples(rng), self.shuffle_buffer, rng, cap, _pair_nbytes)
+        for batch in batcher(samples):
             self._since_batch = 0
             out = self._decode_batch(batch, rng)
             if out is not None:
@@ -252,7 +152,7 @@ class _ResampledPK(IterableDataset):
     def _count_progress(self) -> None:
         self._since_batch += 1
         if self._since_batch > self.max_without_batch:
-            raise RuntimeError(
+            raise UnusableInput(
                 f"read {self._since_batch} samples without completing one P x K batch (P={self.P}, K={self.K}) "
                 f"from {len(self.shards)} shards: fewer than P labels with >= 2 samples? Lower P"
             )
@@ -269,42 +169,62 @@ class _ResampledPK(IterableDataset):
                     self.skipped += 1  # no usable cls member: corrupt for a labeled stream
                     continue
                 yield s, label
-            self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated)
+            self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated) + tar.duplicates
             self._count_progress()
 
+    def _load(self, sample: dict[str, Any]) -> Any:
+        """The image transformed (one full-size decode at a time: never a batch of them), or with
+        data.decode: device what `prepare` hands the rank (a JPEG's bytes, or the transformed
+        image); CorruptImage outside the contract."""
+        d = self.decoding
+        return prepare(image_bytes(sample), d.limits, self.geometry, d.on_device)
+
     def _decode_batch(self, batch: list[tuple[dict[str, Any], int]], rng: random.Random) -> dict[str, Any] | None:
-        """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
-        decodable sample of the same label (all K corrupt: the batch is dropped)."""
-        decoded: list[torch.Tensor | None] = []
+        """Decode + augment a P x K batch, image by image; a corrupt entry is replaced by a fresh
+        augmentation of a decodable sample of the same label, decoded again (all K corrupt: the
+        batch is dropped)."""
+        items: list[Any] = []
         for s, _ in batch:
             try:
-                decoded.append(decode(image_bytes(s)))
+                items.append(self._load(s))
                 self._decoded += 1
             except CorruptImage:
                 self.skipped += 1
                 self._undecodable += 1
-                decoded.append(None)
+                items.append(None)
         if self._decoded == 0 and self._undecodable >= ALL_CORRUPT_AFTER:
-            raise RuntimeError(
+            raise UnusableInput(
                 f"none of the first {self._undecodable} images read from {len(self.shards)} shards "
                 f"(e.g. {self.shards[0]}) could be decoded: the data is corrupt or not images; "
                 f"check it with `python -m slade_dist.data index` / rewrite the shards"
             )
-        images, labels = [], []
         for g in range(0, len(batch), self.K):
-            group = decoded[g : g + self.K]
-            good = [d for d in group if d is not None]
+            good = [i for i in range(g, min(g + self.K, len(batch))) if items[i] is not None]
             if not good:
                 return None
-            for d in group:
-                images.append(self.geometry(d if d is not None else rng.choice(good)))
-            labels.extend([batch[g][1]] * self.K)
-        return {
-            "images": normalize_batch(torch.stack([torch.as_tensor(x) for x in images])),
-            "labels": torch.tensor(labels, dtype=torch.long),
+            for i in range(g, min(g + self.K, len(batch))):
+                if items[i] is None:
+                    items[i] = self._load(batch[rng.choice(good)][0])
+        out: dict[str, Any] = {
+            "labels": torch.tensor([label for _, label in batch], dtype=torch.long),
             "keys": [s["__key__"] for s, _ in batch],
             "skipped": self.skipped,
         }
+        if self.decoding.on_device:  # the rank decodes the JPEGs (device_decode.DeviceDecoder)
+            out["pending"] = items
+        else:
+            out["images"] = batch_images(items)
+        return out
+
+
+def _pair_nbytes(pair: tuple[dict[str, Any], int]) -> int:
+    return sample_nbytes(pair[0])
+
+
+def _stream(loader: DataLoader, data_cfg: Any, geometry: Callable, group: int | None) -> BatchStream:
+    """The rank's side of a loader; with data.decode: device, the decoder of the pending JPEGs."""
+    on_device = getattr(data_cfg, "decode", "workers") == "device"
+    return BatchStream(loader, DeviceDecoder(geometry, group=group) if on_device else None)
 
 
 def _check_pk(P: int, K: int, data_cfg: Any) -> None:
@@ -319,7 +239,8 @@ def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Calla
     size = image_size or data_cfg.image_size
     if train:  # data.augment: flip, rotation, colour, blur and crop ranges from the config
         return train_geometry(size, data_cfg.crop_scale_min, data_cfg.augment)
-    return eval_geometry(size, eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size))
+    resize = eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size)
+    return eval_geometry(size, resize, eval_max_size(resize, ImageLimits.of(data_cfg).max_aspect_ratio))
 
 
 def labeled_batches(
@@ -343,23 +264,25 @@ def labeled_batches(
     rank = dist.rank() if rank is None else rank
     _check_pk(P, K, data_cfg)
     if Path(shard_dir).is_dir() and read_index(shard_dir).get("kind") == "unlabeled":
-        raise ValueError(
+        raise UnusableInput(
             f"{shard_dir} holds unlabeled shards (no cls): labeled_batches needs a labeled "
             f"shard dir; use pseudo_labeled_batches for unlabeled data"
         )
     shards = resolve_shards(shard_dir)
+    geometry = _train_geometry(data_cfg, image_size, train)
     ds = _ResampledPK(
         shards,
         P,
         K,
-        _train_geometry(data_cfg, image_size, train),
+        geometry,
         data_cfg.max_buffered,
         data_cfg.shuffle_buffer,
         seed,
         rank,
         expected=index_counts(shards),
+        decoding=Decoding.of(data_cfg),
     )
-    return BatchStream(_loader(ds, data_cfg.num_workers))
+    return _stream(_loader(ds, data_cfg.num_workers), data_cfg, geometry, K)
 
 
 class _IndexedPK(_ResampledPK):
@@ -381,12 +304,13 @@ class _IndexedPK(_ResampledPK):
         rank: int,
         world: int,
         accum: int,
+        decoding: Decoding = Decoding(),
     ):
-        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank)
+        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank, decoding=decoding)
         self.index, self.world, self.accum = index, world, accum
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        wid, workers = _worker()
+    def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
+        workers = _worker()[1]
         rng = random.Random(_seed_for(self.seed, self.rank, wid))  # augmentation and corrupt-image refills
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
         parts = self.world * self.accum
@@ -440,37 +364,52 @@ def pseudo_labeled_batches(
     world = dist.world_size() if world is None else world
     index.check_drawable(P * world * accum, K)
     geometry = _train_geometry(data_cfg, image_size, train)
-    ds = _IndexedPK(index, index.shard_paths(unlabeled_dir), P, K, geometry, seed, rank, world, accum)
-    return BatchStream(_loader(ds, data_cfg.num_workers))
+    tars = index.shard_paths(unlabeled_dir)
+    ds = _IndexedPK(index, tars, P, K, geometry, seed, rank, world, accum, Decoding.of(data_cfg))
+    return _stream(_loader(ds, data_cfg.num_workers), data_cfg, geometry, K)
 
 
 # ---------------------------------------------------------------------------------- finite pass
 class _FinitePass(IterableDataset):
-    def __init__(self, shards: list[Path], batch_size: int, geometry: Callable, expected: Sequence[int | None]) -> None:
+    def __init__(
+        self,
+        shards: list[Path],
+        batch_size: int,
+        geometry: Callable,
+        expected: Sequence[int | None],
+        decoding: Decoding = Decoding(),
+    ) -> None:
         self.shards, self.batch_size, self.geometry = shards, batch_size, geometry
         self.expected = list(expected)
+        self.decoding = decoding
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         wid, nw = _worker()
         done = {"corrupt": 0, "lost": 0}  # finished shards of this worker
         rows: list[tuple[str, str, int, dict[str, Any], torch.Tensor]] = []
         for path, expected in list(zip(self.shards, self.expected))[wid::nw]:
-            it = iter_shard(path, self.geometry, expected)
+            it = iter_shard(path, self.geometry, expected, self.decoding.limits, self.decoding.on_device)
             for key, img, cls, meta in it:
                 rows.append((key, path.name, cls, meta, img))
                 if len(rows) == self.batch_size:
-                    yield self._collate(rows, {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"]}, wid)
+                    counts = {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"]}
+                    yield self._collate(rows, counts, wid, self.decoding.on_device)
                     rows = []
             done = {"corrupt": done["corrupt"] + it.corrupt, "lost": done["lost"] + it.lost}
         if rows:
-            yield self._collate(rows, done, wid)
+            yield self._collate(rows, done, wid, self.decoding.on_device)
         # final counts, absorbed by BatchStream
         yield {"images": None, "skipped": sum(done.values()), "counts": done, "worker": wid}
 
     @staticmethod
-    def _collate(rows: list, counts: dict[str, int], wid: int) -> dict[str, Any]:
+    def _collate(rows: list, counts: dict[str, int], wid: int, pending: bool) -> dict[str, Any]:
+        images = (
+            {"pending": [r[4] for r in rows]}
+            if pending  # the rank decodes the JPEGs (device_decode.DeviceDecoder)
+            else {"images": batch_images([r[4] for r in rows])}
+        )
         return {
-            "images": normalize_batch(torch.stack([torch.as_tensor(r[4]) for r in rows])),
+            **images,
             "keys": [r[0] for r in rows],
             "shards": [r[1] for r in rows],
             "labels": torch.tensor([r[2] for r in rows], dtype=torch.long),
@@ -500,5 +439,6 @@ def finite_batches(
     mine = rank_shards(resolve_shards(shard_dir_or_paths), rank, world)
     if not mine:
         return BatchStream(None)
-    ds = _FinitePass(mine, batch_size, _train_geometry(data_cfg, image_size, train=False), index_counts(mine))
-    return BatchStream(_loader(ds, min(data_cfg.num_workers, len(mine))))
+    geometry = _train_geometry(data_cfg, image_size, train=False)
+    ds = _FinitePass(mine, batch_size, geometry, index_counts(mine), Decoding.of(data_cfg))
+    return _stream(_loader(ds, min(data_cfg.num_workers, len(mine))), data_cfg, geometry, None)

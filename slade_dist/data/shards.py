@@ -14,7 +14,7 @@ import io
 import json
 import os
 import re
-import tarfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,12 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
     """Write samples (dicts with `__key__` and members) to one tar, atomically. Returns the count.
 
     A fixed `mtime` (e.g. 0) makes the tar bytes reproducible (member times are the only varying bytes).
+    Member times are whole seconds: tarfile writes a pax header before every member whose mtime is a
+    float, which doubles the headers every reader parses (tars.py reads 2x faster without them).
     """
     n = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, mtime=mtime) as sink:
+    seconds = int(time.time() if mtime is None else mtime)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, mtime=seconds) as sink:
         for sample in samples:
             sink.write(dict(sample))
             n += 1
@@ -79,14 +82,11 @@ def read_classes(shard_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def count_tar_samples(path: str | os.PathLike[str]) -> int:
-    """Samples in a tar = distinct keys (member name up to the first dot of its basename)."""
-    keys = set()
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if m.isfile():
-                d, base = os.path.split(m.name)
-                keys.add(os.path.join(d, base.split(".", 1)[0]))
-    return len(keys)
+    """Samples in a tar as every stage reads them (tars.TarSamples: a truncated tar counts the
+    complete samples before its cut)."""
+    from .tars import TarSamples  # here: tars imports torch (via transforms), the launcher imports this module
+
+    return sum(1 for _ in TarSamples(path, read_data=False))
 
 
 def read_index(shard_dir: str | os.PathLike[str], rebuild: bool = True) -> dict[str, Any]:

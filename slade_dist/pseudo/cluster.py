@@ -46,7 +46,8 @@ from ..data.pseudo_index import (
 from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_meta, write_pseudo_labels
 from ..data.shards import shard_index, shard_paths
 from ..data.tars import TarSamples, image_bytes
-from ..data.transforms import CorruptImage, decode
+from ..data.transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
+from ..errors import UnusableInput
 from ..fileio import atomic_path, atomic_write_json
 from ..progress import steps
 from ..stages import RunLayout
@@ -79,7 +80,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     n_local = torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64)
     n_total = int(dist.staged_all_reduce_sum(n_local)[0])
     if n_total == 0:
-        raise ValueError(
+        raise UnusableInput(
             f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image corrupt or every shard empty?)"
         )
     k = cap_k(cfg.pseudo.k, n_total)
@@ -122,7 +123,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     dist.barrier()
     t_assign = time.time()
     positions = {p.name: i for i, p in enumerate(shards)}
-    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers)
+    limits = ImageLimits.of(cfg.data)  # embed's decoder contract: the index's coverage check decodes alike
+    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers, limits)
     t_assign = time.time() - t_assign
     stats = _global_stats(local, k, n_total, train_info)
     t_index = time.time()
@@ -161,7 +163,7 @@ def _unlabeled_shards(cfg: Config) -> list[Path]:
         raise ValueError("data.unlabeled_shards must be set for the cluster stage")
     shards = shard_paths(cfg.data.unlabeled_shards)
     if not shards:
-        raise ValueError(f"no shards listed in {cfg.data.unlabeled_shards}/index.json")
+        raise UnusableInput(f"no shards listed in {cfg.data.unlabeled_shards}/index.json")
     return shards
 
 
@@ -220,6 +222,7 @@ def _assign_my_shards(
     params: PseudoConfig,
     positions: dict[str, int],
     scan_workers: int = 0,
+    limits: ImageLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     k = centroids.shape[0]
     coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
@@ -232,7 +235,7 @@ def _assign_my_shards(
         for shard in steps(mine, "assign shards"):
             pl_path = pseudo_label_path(out_dir, shard)
             keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
-            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path))
+            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path), limits)
             sizes += np.bincount(labels, minlength=k)
             sq_sum += float(np.square(dists.astype(np.float64)).sum())
             n += len(labels)
@@ -252,7 +255,7 @@ def _shard_labels(
     if Path(pl_path).exists():
         done_keys, labels, dists = read_pseudo_labels(pl_path)
         if done_keys != keys:
-            raise RuntimeError(
+            raise UnusableInput(
                 f"{pl_path} does not match the keys of {shard.name}'s embeddings; delete it and rerun the cluster stage"
             )
         return keys, labels, dists

@@ -30,6 +30,7 @@ from .. import dist
 from ..config import Config
 from ..data.readers import finite_batches
 from ..data.shards import read_index, shard_index, shard_paths
+from ..errors import UnusableInput
 from ..fileio import atomic_path, atomic_write_json, atomic_write_text
 from ..models import embed_batches, load_embedder, output_dim, read_checkpoint
 from ..progress import progress
@@ -176,7 +177,7 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
         f"tars; {result['already_done']} shards already done"
     )
     if result["written"] and not result["images"]:
-        raise RuntimeError(
+        raise UnusableInput(
             f"embed round {r}: not one of the {result['skipped_corrupt'] + result['lost_to_truncation']} "
             f"images of {result['written']} shards in {cfg.data.unlabeled_shards} could be read "
             f"(corrupt or truncated data); nothing to cluster"

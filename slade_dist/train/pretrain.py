@@ -1,7 +1,7 @@
 """Pretrain stage: SwAV (Caron et al., NeurIPS 2020) continued on labeled + unlabeled shards.
 
-Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV's objective
-(train/swav.py: `SwAVNet`, `sinkhorn`, `FeatureQueue`, `swav_loss`):
+Owns `run(cfg, run_dir)` and the stage around SwAV's objective (train/swav.py: `SwAVNet`,
+`sinkhorn`, `FeatureQueue`, `swav_loss`); the multi-crop image stream is data/multicrop.py:
 - The net: the Embedder built from cfg.model, a projection MLP to pretrain.proj_dim and
   K = pretrain.prototypes prototypes. When model.pretrained_path is a SwAV checkpoint
   (`projection_head.*`, `prototypes.weight`, possibly under `module.`), its projection head and
@@ -39,22 +39,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
-import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from .. import dist
-from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment, swav_backbone_lr_mult
+from ..config import Config, PretrainConfig, TrainConfig, swav_backbone_lr_mult
+from ..data.multicrop import (  # noqa: F401 (the stream moved to data/; also importable from here)
+    local_crop_size,
+    local_view_transform,
+    swav_batches,
+    two_view_transform,
+)
 from ..data.readers import finite_batches
-from ..data.shards import shard_paths
-from ..data.tars import TarSamples, image_bytes
-from ..data.transforms import full_transform, train_geometry
 from ..models import build_embedder, embed_batches, load_state_dict_checked, read_checkpoint, save_weights
 from ..models.retrieval import knn_map_at_r
 from ..stages import RunLayout, stage_id
@@ -63,146 +63,6 @@ from .common import check_trunk_bn, fit_summary, open_tb, stream_seed
 from .engine import ParamGroup, Trainer
 from .loop import Micro, StepObjective, fit, timed_next
 from .swav import FeatureQueue, SwAVNet, queue_length, swav_loss
-
-
-# ------------------------------------------------------------------------------ data stream
-def two_view_transform(data_cfg: DataConfig, augment: AugmentConfig) -> Any:
-    """One global SwAV view: pretrain.augment (by default random resized crop, flip, colour jitter,
-    grayscale: SwAV's), normalised; the vocabulary and code of data.augment (data/transforms.py)."""
-    return full_transform(train_geometry(data_cfg.image_size, data_cfg.crop_scale_min, augment))
-
-
-def local_crop_size(pc: PretrainConfig, data_cfg: DataConfig) -> int:
-    """pretrain.local_crop_size, or SwAV's 96 / 224 of the global crop, at least 16 px (tiny_cnn's
-    16x downsampling needs 16) and at most the global crop."""
-    return pc.local_crop_size or min(data_cfg.image_size, max(16, round(data_cfg.image_size * 96 / 224)))
-
-
-def local_view_transform(pc: PretrainConfig, data_cfg: DataConfig, augment: AugmentConfig) -> Any:
-    """One local SwAV view: the global view's augmentation on a small crop of a small area."""
-    small = dataclasses.replace(augment, crop_scale_min=pc.local_crop_scale_min, crop_scale_max=pc.local_crop_scale_max)
-    return full_transform(train_geometry(local_crop_size(pc, data_cfg), pc.local_crop_scale_min, small))
-
-
-def _multicrop_batches(
-    samples: Iterable[dict[str, Any]],
-    *,
-    data_cfg: DataConfig,
-    augment: AugmentConfig,
-    batch_size: int,
-    seed: int,
-    local: tuple[int, Any] = (0, None),
-) -> Iterator[dict[str, Any]]:
-    """Decode, shuffle (buffer), make two global views (+ `local` = (V, transform) local ones),
-    batch. Undecodable samples are counted, not fatal."""
-    rng = random.Random(seed)
-    torch.manual_seed(seed)  # this process' augmentation randomness (worker-local under a loader)
-    tf = two_view_transform(data_cfg, augment)
-    n_local, local_tf = local
-    buf: list[Any] = []
-    crops: list[list[torch.Tensor]] = []
-    skipped = 0
-    cap = max(data_cfg.shuffle_buffer, 1)
-    for sample in samples:
-        try:
-            img = Image.open(io.BytesIO(image_bytes(sample))).convert("RGB")
-        except Exception:  # no image member, corrupt, truncated, unknown format: skip and count
-            skipped += 1
-            continue
-        buf.append(img)
-        if len(buf) < cap:
-            continue
-        img = buf.pop(rng.randrange(len(buf)))
-        crops.append([tf(img), tf(img), *(local_tf(img) for _ in range(n_local))])
-        if len(crops) == batch_size:
-            views = [torch.stack(v) for v in zip(*crops, strict=True)]
-            batch = {"view1": views[0], "view2": views[1], "skipped": skipped}
-            if n_local:
-                batch["local"] = torch.stack(views[2:])  # (V, B, 3, s, s)
-            yield batch
-            crops, skipped = [], 0
-
-
-class _ResampledTars(torch.utils.data.IterableDataset):
-    """Samples of shards drawn at random (with replacement) forever, read with data.tars.
-
-    Paths are opened as local files by our own tar reader, never handed to webdataset's URL
-    opener: a directory named like `pipe:cmd` is a directory, not a shell command.
-    """
-
-    def __init__(self, paths: list[Path], seed: int) -> None:
-        self.paths, self.seed = paths, seed
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{self.seed}/{info.id if info else 0}")
-        while True:
-            yield from TarSamples(self.paths[rng.randrange(len(self.paths))])
-
-
-class _MultiCropStream(torch.utils.data.IterableDataset):
-    def __init__(
-        self,
-        paths: list[Path],
-        data_cfg: DataConfig,
-        augment: AugmentConfig,
-        batch_size: int,
-        seed: int,
-        pretrain_cfg: PretrainConfig | None = None,
-    ) -> None:
-        self.tars, self.data_cfg, self.batch_size, self.seed = _ResampledTars(paths, seed), data_cfg, batch_size, seed
-        self.augment, self.pretrain_cfg = augment, pretrain_cfg
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        seed = self.seed * 31 + (info.id if info else 0)
-        pc = self.pretrain_cfg
-        local = (
-            (pc.local_crops, local_view_transform(pc, self.data_cfg, self.augment))
-            if pc and pc.local_crops
-            else (0, None)
-        )
-        return _multicrop_batches(
-            iter(self.tars),
-            data_cfg=self.data_cfg,
-            augment=self.augment,
-            batch_size=self.batch_size,
-            seed=seed,
-            local=local,
-        )
-
-
-def swav_batches(
-    shard_dirs: list[str],
-    data_cfg: DataConfig,
-    batch_size: int,
-    *,
-    seed: int,
-    rank: int,
-    world: int,
-    augment: AugmentConfig | None = None,
-    pretrain_cfg: PretrainConfig | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Infinite stream of {"view1", "view2", "skipped"} (+ "local" (V, B, 3, s, s) when
-    pretrain_cfg.local_crops) over the shards of every dir (labels ignored)."""
-    paths = [p for d in shard_dirs if d for p in shard_paths(d)]
-    if not paths:
-        raise FileNotFoundError(f"no shards for SwAV pretraining in {shard_dirs}")
-    # resampled per rank: no per-rank split, so no uneven shard counts (a split with fewer shards than
-    # ranks x workers raises or leaves ranks uneven, and an uneven rank hangs a collective)
-    augment = swav_augment() if augment is None else augment
-    stream = _MultiCropStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank, pretrain_cfg)
-    if data_cfg.num_workers > 0:
-        loader = torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=data_cfg.num_workers,
-            persistent_workers=True,
-            prefetch_factor=2,
-            pin_memory=torch.cuda.is_available(),
-        )
-        return iter(loader)
-    return iter(stream)
 
 
 # ------------------------------------------------------------------------------------ stage

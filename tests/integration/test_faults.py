@@ -189,7 +189,8 @@ def test_5_all_labeled_images_corrupt_fails_fast(tmp_path, data):
     write_classes(bad, [f"c{i}" for i in range(6)])
     t0 = time.time()
     r = cli("teacher", *ovr({**data, "train": bad}, tmp_path / "run"), timeout=120)
-    assert r.returncode != 0 and "could be decoded" in r.stderr, r.stderr
+    assert r.returncode == 2 and "could be decoded" in r.stderr, r.stderr  # errors.UnusableInput: exit 2
+    assert "Traceback" not in r.stderr, r.stderr
     assert time.time() - t0 < 120
 
 

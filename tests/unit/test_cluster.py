@@ -12,6 +12,7 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from slade_dist.data.pseudo_labels import pseudo_label_path, read_meta, read_pseudo_labels
+from slade_dist.errors import UnusableInput
 from slade_dist.pseudo import cluster
 from slade_dist.stages import RunLayout
 from tests.integration._pseudo_workers import make_cfg, write_embeddings, write_index_only
@@ -91,7 +92,7 @@ def test_no_points_fail_clearly(tmp_path):
     shards = write_index_only(tmp_path / "unl", NAMES[:2], [0, 0])
     run = tmp_path / "run"
     write_embeddings(RunLayout(run).stage_dir("embed", 1), NAMES[:2], [0, 0], shard_dir=shards)
-    with pytest.raises(ValueError, match="hold no points"):
+    with pytest.raises(UnusableInput, match="hold no points"):
         cluster.run(make_cfg(run, shards), run)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from slade_dist.data.readers import finite_batches, iter_shard
 from slade_dist.data.shards import encode_jpeg, shard_paths, write_index, write_shard
+from slade_dist.errors import UnusableInput
 from slade_dist.models import load_embedder
 from slade_dist.pseudo import embed
 from slade_dist.stages import RunLayout
@@ -99,6 +100,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert embed.read_keys(out, 1) == ["img004"]
     assert embed.load_embeddings(out, 0).shape == (2, 16)
     assert embed.read_hidden_labels(out, 1).tolist() == ["0"]
+
+
+def test_nothing_readable_is_unusable_input(tmp_path):
+    """A crawl whose every image is outside the contract: one UnusableInput line (exit 2 at the
+    CLI), not a RuntimeError traceback."""
+    unl = tmp_path / "unl"
+    n = write_shard(unl / "unl-000000.tar", [{"__key__": f"x{i}", "jpg": b"not a jpeg"} for i in range(3)])
+    write_index(unl, [{"name": "unl-000000.tar", "count": n}], "unlabeled")
+    run = tmp_path / "run"
+    make_teacher(run)
+    with pytest.raises(UnusableInput, match="not one of the 3 images of 1 shards .* could be read"):
+        embed.run(make_cfg(run, unl), run)
 
 
 def test_missing_teacher_is_a_clear_error(demo, tmp_path):

@@ -16,6 +16,7 @@ from slade_dist.data.pseudo_join import cluster_thresholds
 from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.shards import write_index, write_shard
 from slade_dist.data.tars import TarSamples
+from slade_dist.stages import RunLayout
 from tests.integration._pseudo_workers import tiny_jpeg
 
 
@@ -161,4 +162,73 @@ def test_missing_or_stale_index_fails_clearly(shards):
     with pytest.raises(PseudoLabelMismatch, match="re-run the cluster stage"):
         for e in entries:
             reader.read(e)
+    reader.close()
+
+
+# --------------------------------------------------------- the real embed -> cluster path on cut tars
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    from tests.integration._pseudo_workers import make_teacher
+
+    run = tmp_path_factory.mktemp("cut_run") / "run"
+    make_teacher(run)
+    return run
+
+
+@pytest.mark.parametrize("cut", ["inside_image", "inside_header", "member_boundary", "between_samples"])
+def test_cluster_stage_survives_a_tar_cut_anywhere(tmp_path, teacher_run, cut):
+    """Case 2: a truncated unlabeled tar cut inside an image made the cluster stage die with
+    "sample ... decodes but has no label row" (embed's reader dropped the last complete sample, the
+    member index's scan kept it). The real embed and cluster stages, one process, several cuts."""
+    import shutil
+
+    from slade_dist.pseudo import cluster, embed
+    from tests import _hazards as H
+    from tests.integration._pseudo_workers import make_cfg
+
+    unl = tmp_path / "unl"
+    counts = []
+    for i in range(2):
+        rows = [
+            {"__key__": f"u{i}_{j:03d}", "jpg": H.photo_jpeg(100 * i + j, j % 3), "json": b'{"label": 0}'}
+            for j in range(12)
+        ]
+        counts.append(write_shard(unl / f"unl-{i:06d}.tar", rows))
+    write_index(unl, [{"name": f"unl-{i:06d}.tar", "count": n} for i, n in enumerate(counts)], "unlabeled")
+    tar = unl / "unl-000000.tar"
+    tar.write_bytes(tar.read_bytes()[: H.cut_points(tar)[cut]])
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run)
+    cfg = make_cfg(run, unl, ["pseudo.k=3"])
+    res = embed.run(cfg, run)
+    assert res["images"] + res["lost_to_truncation"] == 24 and res["lost_to_truncation"] >= 1
+    cluster.run(cfg, run)  # used to raise PseudoLabelMismatch
+    index = pi.ClusterIndex.open(RunLayout(run).stage_dir("cluster", 1), 100.0, 2)
+    assert index.summary["n"] == res["images"] and index.summary["lost_to_truncation"] == 0
+    reader = pi.TarReader(index.shard_paths(unl))
+    members = [index.entries(c, np.arange(index.sizes[c])) for c in range(len(index.sizes))]
+    read = {reader.read(e)["__key__"] for m in members for e in m}  # every entry is its sample
+    assert read == {k for shard in sorted(unl.glob("*.tar")) for k in embed.read_keys(run / "round1" / "embed", shard)}
+    reader.close()
+
+
+def test_img2dataset_shards_indexed_in_place_are_found(tmp_path):
+    """img2dataset output is indexed where it lies (index.json names "../i2d/00000.tar"): the student
+    reads its members from there, not from <unlabeled dir>/00000.tar (which does not exist)."""
+    from slade_dist.data import writers
+
+    src = tmp_path / "i2d"
+    for i in range(2):
+        write_shard(src / f"{i:05d}.tar", samples(f"s{i}_", 6))
+    out = tmp_path / "unl"
+    writers.convert("img2dataset", src, out, progress=False)
+    for i in range(2):
+        keys = [s["__key__"] for s in TarSamples(src / f"{i:05d}.tar")]
+        write_pseudo_labels(pseudo_label_path(tmp_path / "pl", f"{i:05d}.tar"), keys, np.arange(6) % 2, np.zeros(6))
+    pi.build_index(out, tmp_path / "pl", k=2)
+    index = pi.ClusterIndex.open(tmp_path / "pl", 100.0, 2)
+    paths = index.shard_paths(out)
+    assert [p.resolve() for p in paths] == [(src / f"{i:05d}.tar").resolve() for i in range(2)]
+    reader = pi.TarReader(paths)
+    assert reader.read(index.entries(0, np.arange(1))[0])["__key__"].startswith("s")
     reader.close()

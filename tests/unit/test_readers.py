@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +20,14 @@ from torchvision.transforms import v2
 
 from slade_dist.config import AugmentConfig, DataConfig
 from slade_dist.data import readers, transforms, writers
+from slade_dist.data.batcher import PKBatcher
 from slade_dist.data.pseudo_index import build_index
 from slade_dist.data.pseudo_labels import PseudoLabelMismatch, pseudo_label_path, write_pseudo_labels
 from slade_dist.data.shards import shard_paths, write_index, write_shard
+from slade_dist.errors import UnusableInput
+from tests import _hazards as H
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def jpeg(seed: int, size: int = 24) -> bytes:
@@ -98,7 +104,7 @@ def test_labeled_stream_shapes_labels_and_seeding(labeled):
 def test_labeled_stream_refuses_unlabeled_dir(tmp_path):
     write_shard(tmp_path / "u-000000.tar", [{"__key__": "a", "jpg": jpeg(0)}])
     write_index(tmp_path, [{"name": "u-000000.tar", "count": 1}], "unlabeled")
-    with pytest.raises(ValueError, match="pseudo_labeled_batches"):
+    with pytest.raises(UnusableInput, match="pseudo_labeled_batches"):
         readers.labeled_batches(tmp_path, cfg(), 2, 2, seed=0)
 
 
@@ -254,16 +260,20 @@ def test_a_label_file_missing_readable_keys_is_refused(tmp_path, labeled):
         build_index(labeled, pdir)
 
 
-def test_every_image_corrupt_fails_fast(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_image_corrupt_fails_fast(tmp_path, workers):
+    """Nothing decodable is the user's data: errors.UnusableInput with one line in the rank, also
+    when a loader worker found it (torch re-raises a worker's error with its traceback as text)."""
     out = tmp_path / "bad"
     write_shard(
         out / "train-000000.tar",
         ({"__key__": f"{i:04d}", "jpg": b"not a jpeg", "cls": str(i % 4).encode()} for i in range(400)),
     )
     write_index(out, [{"name": "train-000000.tar", "count": 400}], "labeled")
-    stream = readers.labeled_batches(out, cfg(num_workers=0), 2, 2, seed=0, rank=0, world=1)
-    with pytest.raises(RuntimeError, match=r"none of the first \d+ images .* could be decoded"):
+    stream = readers.labeled_batches(out, cfg(num_workers=workers), 2, 2, seed=0, rank=0, world=1)
+    with pytest.raises(UnusableInput, match=r"none of the first \d+ images .* could be decoded") as e:
         next(stream)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_finite_pass_counts_corrupt_and_truncation_losses(damaged):
@@ -396,3 +406,76 @@ def _order_kept(img: torch.Tensor, out: torch.Tensor) -> bool:
     x, y = img.float().flatten(), out.float().flatten()
     order = torch.argsort(x, stable=True)
     return bool((y[order].diff() >= 0).all())
+
+
+# ------------------------------------------------------------------------ a crawl's hazards
+@pytest.fixture(scope="module")
+def hazard_shards(tmp_path_factory) -> Path:
+    """One labeled shard: 2 classes x 4 photos, plus every hazard of tests/_hazards.py (class 0)."""
+    d = tmp_path_factory.mktemp("hz")
+    rows = [
+        {"__key__": f"p{c}{j}", "jpg": H.photo_jpeg(10 * c + j, c), "cls": str(c)} for c in (0, 1) for j in range(4)
+    ]
+    for i, (name, (make, _)) in enumerate(H.HAZARDS.items()):
+        ext = "png" if name.endswith(".png") else "jpg"
+        rows.append({"__key__": f"h{i:02d}", ext: make(), "cls": "0"})
+    n = write_shard(d / "x-000000.tar", rows)
+    write_index(d, [{"name": "x-000000.tar", "count": n}], "labeled")
+    return d
+
+
+def test_hazards_in_a_shard_are_decoded_by_the_contract_or_counted(hazard_shards):
+    """Cases 1, 4, 5 in the finite pass (embed, eval): a 16-bit PNG batched with JPEGs used to kill the
+    stage; an aspect-ratio bomb made eval's Resize allocate gigabytes; a pixel bomb was embedded."""
+    stream = readers.finite_batches(hazard_shards, cfg(), 64, rank=0, world=1)
+    batches = list(stream)
+    keys = [k for b in batches for k in b["keys"]]
+    accepted = sum(ok for _, ok in H.HAZARDS.values())
+    assert len(keys) == 8 + accepted and stream.counts == {"corrupt": len(H.HAZARDS) - accepted, "lost": 0}
+    assert all(b["images"].dtype == torch.float32 and b["images"].shape[1:] == (3, 16, 16) for b in batches)
+    assert torch.isfinite(torch.cat([b["images"] for b in batches])).all()
+    assert float(torch.cat([b["images"] for b in batches]).abs().max()) < 3.0  # no x257 pixels
+
+
+def test_hazards_in_a_labeled_stream_are_skipped_and_counted(hazard_shards):
+    stream = readers.labeled_batches(hazard_shards, cfg(shuffle_buffer=4), 2, 2, seed=0, rank=0, world=1)
+    batches = [next(stream) for _ in range(12)]
+    assert all(b["images"].shape == (4, 3, 16, 16) for b in batches)
+    assert batches[-1]["skipped"] > 0
+
+
+def test_buffers_are_capped_in_bytes(tmp_path):
+    """Memory per worker is bounded by data.buffer_mb, not by the images: with a cap below two
+    samples, the shuffle buffer lets every sample through at once and the P x K batcher never holds
+    more than the cap (plus the sample that overflows it)."""
+    big = [{"__key__": f"{i}", "jpg": bytes(300_000)} for i in range(20)]
+    rng = random.Random(0)
+    out = list(readers._shuffle(iter(big), 1000, rng, max_bytes=500_000, size_of=readers.sample_nbytes))
+    assert len(out) == 20  # nothing waits for 1000 samples
+    assert readers.buffer_bytes(DataConfig()) == readers.DEFAULT_BUFFER_MB << 20  # the config's default
+    b = PKBatcher(2, 2, 10_000, max_bytes=1 << 20, size_of=readers.sample_nbytes)
+    for i, s in enumerate(big):
+        b.add(s, i % 7)
+    assert b.peak_bytes <= (1 << 20) + 300_000 and b.n_bytes <= 1 << 20
+
+
+def test_a_labeled_worker_decodes_one_image_at_a_time():
+    """A P x K batch was decoded whole before its crops were taken: 16 photos of 3000x2000 held
+    16 x 18 MB at once. Now each image is cropped as it is decoded (and the buffers hold bytes)."""
+    setup = """
+        import dataclasses
+        from tests._hazards import big_photo_jpeg
+        from slade_dist.config import DataConfig
+        from slade_dist.data.readers import labeled_batches
+        from slade_dist.data.shards import write_index, write_shard
+        import tempfile
+        d = Path(tempfile.mkdtemp())
+        data = big_photo_jpeg()
+        rows = [{"__key__": f"{i:03d}", "jpg": data, "cls": str(i % 4)} for i in range(24)]
+        n = write_shard(d / "x-000000.tar", rows)
+        write_index(d, [{"name": "x-000000.tar", "count": n}], "labeled")
+        cfg = dataclasses.replace(DataConfig(), image_size=32, num_workers=0, shuffle_buffer=4, max_buffered=64)
+        stream = labeled_batches(d, cfg, 4, 4, seed=0, rank=0, world=1)
+    """
+    growth = H.rss_growth_mb(REPO, setup, "for _ in range(3): next(stream)")
+    assert growth < 150, growth  # one decode at a time (18 MB), not 16 (288 MB)

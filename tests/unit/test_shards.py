@@ -56,3 +56,19 @@ def test_classes_round_trip_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no index.json and no .tar"):
         shards.read_index(tmp_path / "empty")
+
+
+def test_members_carry_whole_second_times_without_pax_headers(tmp_path):
+    """A float mtime made tarfile write a pax header before every member: twice the headers to parse."""
+    import tarfile
+
+    from slade_dist.data.shards import write_shard
+
+    write_shard(tmp_path / "a-000000.tar", [{"__key__": "k", "jpg": b"x", "cls": b"1"}], mtime=0.0)
+    write_shard(tmp_path / "b-000000.tar", [{"__key__": "k", "jpg": b"x"}])
+    for name in ("a-000000.tar", "b-000000.tar"):
+        with tarfile.open(tmp_path / name) as tf:
+            members = tf.getmembers()
+            assert all(not m.pax_headers and isinstance(m.mtime, int) for m in members), name
+    with tarfile.open(tmp_path / "a-000000.tar") as tf:
+        assert [m.mtime for m in tf.getmembers()] == [0, 0]

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 
 from slade_dist.data import writers
 from slade_dist.data.readers import iter_shard
-from slade_dist.data.shards import read_classes, read_index, shard_paths
+from slade_dist.data.shards import read_classes, read_index, shard_paths, write_shard
+from tests import _hazards as H
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -352,3 +354,129 @@ def test_cli_write_prints_and_records_the_split_it_wrote(tmp_path, capsys):
     cub_out = tmp_path / "cub"
     writers.convert("cub", make_cub(tmp_path / "cub_src"), cub_out, split="test", progress=False)
     assert read_index(cub_out / "test")["split"] == "test"  # multi-split formats: OUT/<split>/
+
+
+# ------------------------------------------------------------------------ a crawl's hazards
+def accounted(out: Path) -> dict[str, set[str]]:
+    """What the converter did with each file: written (json "source"), rejected, skipped."""
+    recs = writers.read_rejects(out)
+    return {
+        "written": {m["source"] for _, _, m in read_split(out)},
+        "rejected": {r["path"] for r in recs if r["action"] == "rejected"},
+        "skipped": {r["path"] for r in recs if r["action"] == "skipped"},
+    }
+
+
+def test_flat_root_with_a_sub_folder_is_refused_not_relabeled(tmp_path):
+    """Case 7: 119 flat images + thumbs/ with 2 became "2 images, 1 class", labeled."""
+    H.flat_root(tmp_path / "flat")
+    with pytest.raises(writers.DatasetLayoutError, match="--split unlabeled"):
+        writers.convert("imagefolder", tmp_path / "flat", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_flat_root_every_file_written_rejected_or_skipped(tmp_path):
+    """Cases 3, 7, 8, 10: with --split unlabeled the whole tree is one unlabeled set; the `loop -> .`
+    symlink is not followed; gif/avif/heic/txt are listed as skipped; a name that is not UTF-8 and
+    one holding a newline and a tab are rejected and listed on one JSON line each."""
+    want = H.flat_root(tmp_path / "flat")
+    out = tmp_path / "out"
+    idx = writers.convert("imagefolder", tmp_path / "flat", out, split="unlabeled", progress=False)["unlabeled"]
+    got = accounted(out)
+    assert got["written"] == set(want["written"]) and idx["kind"] == "unlabeled"
+    assert got["rejected"] == set(want["rejected"])
+    assert got["skipped"] == set(want["skipped"]) | {"loop"}
+    assert idx["total"] == len(want["written"]) and idx["rejected"] == len(want["rejected"])
+    assert idx["skipped"] == len(want["skipped"]) + 1
+    lines = (out / "rejects.txt").read_bytes().splitlines()
+    assert len(lines) == idx["rejected"] + idx["skipped"] and all(line.isascii() for line in lines)
+    latin1 = next(r for r in writers.read_rejects(out) if r["path"].startswith("caf"))
+    assert os.fsencode(latin1["path"]) == b"caf\xe9.jpg"  # the bytes of the name come back
+    reasons = " ".join(r["reason"] for r in writers.read_rejects(out))
+    assert " at 0x" not in reasons and "aspect ratio" in reasons and "max_image_pixels" in reasons
+    first = (out / "rejects.txt").read_bytes()
+    writers.convert("imagefolder", tmp_path / "flat", tmp_path / "again", split="unlabeled", progress=False)
+    assert (tmp_path / "again" / "rejects.txt").read_bytes() == first  # the same file on every run
+
+
+def test_labeled_root_loop_symlink_adds_no_class(tmp_path):
+    """Case 7: `loop -> .` at a labeled root added a class holding a copy of every image."""
+    want = H.class_root(tmp_path / "lab", classes=3, per_class=4)
+    out = tmp_path / "out"
+    idx = writers.convert("imagefolder", tmp_path / "lab", out, progress=False)["train"]
+    assert read_classes(out) == ["class00", "class01", "class02"] and idx["num_classes"] == 3
+    got = accounted(out)
+    assert got["written"] == set(want["written"]) and got["rejected"] == set(want["rejected"])
+    assert got["skipped"] == set(want["skipped"]) | {"loop"}
+
+
+def test_stored_pixels_follow_the_contract(tmp_path):
+    """Case 9: 16-bit gray was clipped, RGBA flattened without compositing, EXIF ignored. Sources the
+    stages read are stored as they are, and the stages decode them by the contract; a BMP is
+    re-encoded from the contract's pixels."""
+    src = tmp_path / "flat"
+    for name in ("gray16.png", "rgba.png", "exif6.jpg", "rgb16.png"):
+        put(src / name, H.HAZARDS[name][0]())
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(src / "plain.bmp")
+    out = tmp_path / "out"
+    writers.convert("imagefolder", src, out, progress=False)
+    got = {meta["source"]: img for _, img, _, meta in iter_shard(shard_paths(out)[0])}
+    assert (got["gray16.png"] == 255).float().mean() < 0.05
+    assert got["rgba.png"][:, 0, 0].tolist() == [255, 255, 255] and got["rgba.png"][:, 0, 47].tolist() == [200, 0, 0]
+    assert got["exif6.jpg"].shape == (3, 48, 24)
+    assert got["rgb16.png"].dtype == torch.uint8
+    assert got["plain.bmp"].shape == (3, 20, 30) and abs(int(got["plain.bmp"][1].float().mean()) - 200) < 4
+
+
+def test_img2dataset_validator_and_stages_agree(tmp_path):
+    """Case 10 (and 5): the validator passed an animated GIF the stages skipped and rejected a bomb
+    they embedded. Both now use one contract and one tar reader: what it lists is what they skip."""
+    root = tmp_path / "i2d"
+    root.mkdir()
+    hazards = {name: make() for name, (make, _) in H.HAZARDS.items()}
+    rows = [{"__key__": f"{j:09d}", "jpg": H.photo_jpeg(j)} for j in range(4)]
+    rows += [{"__key__": f"{100 + j:09d}", "jpg": data} for j, data in enumerate(hazards.values())]
+    write_shard(root / "00000.tar", rows)
+    out = tmp_path / "index"
+    idx = writers.convert("img2dataset", root, out, progress=False)["unlabeled"]
+    listed = {r["path"].split(":")[1] for r in writers.read_rejects(out)}
+    bad = {f"{100 + j:09d}" for j, (_, ok) in enumerate(H.HAZARDS.values()) if not ok}
+    assert listed == bad and idx["corrupt"] == len(bad)
+    it = iter_shard(shard_paths(out)[0])
+    read = {k for k, *_ in it}
+    assert read == {r["__key__"] for r in rows} - bad and it.corrupt == len(bad)
+
+
+def test_rejected_names_in_any_encoding_one_json_line_each(tmp_path):
+    """Cases 3 and 10: a rejected file whose name is not UTF-8 crashed the converter while writing
+    rejects.txt (no index.json); a newline or tab in a name forged lines; reasons carried a memory
+    address, so the file differed on every run."""
+    src = tmp_path / "flat"
+    for j in range(3):
+        put(src / f"{j}.jpg", jpeg(j))
+    put(src / os.fsdecode(b"caf\xe9.jpg"), CORRUPT)
+    put(src / "two\nlines\tname.jpg", b"not an image at all")
+    out = tmp_path / "out"
+    idx = writers.convert("imagefolder", src, out, progress=False)["unlabeled"]
+    assert idx["total"] == 3 and idx["rejected"] == 2 and (out / "index.json").exists()
+    lines = (out / "rejects.txt").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["action"] == "rejected" for line in lines)
+    paths = {os.fsencode(json.loads(line)["path"]) for line in lines}
+    assert paths == {b"caf\xe9.jpg", b"two\nlines\tname.jpg"}
+    assert " at 0x" not in (out / "rejects.txt").read_text()
+    writers.convert("imagefolder", src, tmp_path / "again", progress=False)
+    assert (tmp_path / "again" / "rejects.txt").read_bytes() == (out / "rejects.txt").read_bytes()
+
+
+def test_unknown_extensions_are_listed_as_skipped(tmp_path):
+    """Case 8: .gif, .avif, .heic files were in no count and not in rejects.txt; .jfif is a JPEG."""
+    src = tmp_path / "flat"
+    put(src / "a.jpg", jpeg(1))
+    put(src / "b.jfif", jpeg(2))
+    for name in ("c.gif", "d.avif", "e.heic"):
+        put(src / name, b"\0" * 32)
+    out = tmp_path / "out"
+    idx = writers.convert("imagefolder", src, out, progress=False)["unlabeled"]
+    assert idx["total"] == 2 and idx["skipped"] == 3
+    skipped = {r["path"]: r["reason"] for r in writers.read_rejects(out) if r["action"] == "skipped"}
+    assert set(skipped) == {"c.gif", "d.avif", "e.heic"} and all("unknown extension" in r for r in skipped.values())
