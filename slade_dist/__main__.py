@@ -15,11 +15,11 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import dist
-from .config import Config, ConfigError, describe_sections, load_config
+from .config import SECTIONS, Config, ConfigError, describe_sections, load_config
 from .data.__main__ import describe_unvalidated, unvalidated_img2dataset
 from .data.demo import generate
 from .errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
@@ -80,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ <command> --help
 def command_sections(command: str) -> list[str]:
-    """The config sections a command reads: run and data, then those its stage's result depends on."""
+    """The config sections a command reads (a stage's: those holding a key it declares)."""
     if command == "demo-data":
         return ["demo"]
-    named = ["run", "data", *STAGES[command].sections]
-    return list(dict.fromkeys("run" if s == "run_seed" else s for s in named))
+    stage = STAGES[command]
+    return [s for s in SECTIONS if any(k.split(".")[0] == s for k in (*stage.reads, *stage.reports))]
 
 
 def _shown(value: object) -> str:
@@ -97,15 +97,19 @@ def _doc(obj: object) -> str:
     return "" if doc.startswith(type(obj).__name__ + "(") else doc.split(". ")[0].rstrip(".")
 
 
-def describe_keys(obj: object, base: object, prefix: str) -> list[str]:
-    """One entry per key under `prefix`: name, resolved value (the default too where it differs),
-    help text; nested sections (e.g. a section's own sub-section) recursively."""
+def describe_keys(obj: object, base: object, prefix: str, keep: Callable[[str], bool]) -> list[str]:
+    """One entry per key under `prefix` that `keep` keeps: name, resolved value (the default too
+    where it differs), help text; nested sections (e.g. a section's own sub-section) recursively."""
     lines = []
     for f in dataclasses.fields(obj):
         value, default, key = getattr(obj, f.name), getattr(base, f.name), f"{prefix}.{f.name}"
         if dataclasses.is_dataclass(value):
-            lines.append(f"    {key}:" + (f"  {_doc(value)}" if _doc(value) else ""))
-            lines.extend(describe_keys(value, default, key))
+            inner = describe_keys(value, default, key, keep)
+            if inner:
+                lines.append(f"    {key}:" + (f"  {_doc(value)}" if _doc(value) else ""))
+            lines.extend(inner)
+            continue
+        if not keep(key):
             continue
         shown = _shown(value) + (f" (default {_shown(default)})" if value != default else "")
         text = f.metadata.get("help", "")
@@ -113,12 +117,13 @@ def describe_keys(obj: object, base: object, prefix: str) -> list[str]:
     return lines
 
 
-def describe_sections_of(sections: Sequence[str], cfg: Config, defaults: Config) -> str:
+def describe_sections_of(command: str, cfg: Config, defaults: Config) -> str:
+    keep = STAGES[command].declares if command in STAGES else lambda key: True
     lines = []
-    for section in sections:
+    for section in command_sections(command):
         doc = _doc(getattr(cfg, section))
         lines.append(f"\n  {section}:" + (f"  {doc}" if doc else ""))
-        lines.extend(describe_keys(getattr(cfg, section), getattr(defaults, section), section))
+        lines.extend(describe_keys(getattr(cfg, section), getattr(defaults, section), section, keep))
     return "\n".join(lines)
 
 
@@ -128,12 +133,13 @@ def command_help(command: str, cfg: Config, defaults: Config, source: str) -> st
     else:
         stage = STAGES[command]
         what = stage.help + (" (per round: run.round picks the round)" if stage.per_round else "")
-        inputs = f"\ninputs (must exist): {', '.join(stage.requires)}" if stage.requires else ""
+        shards = stage.shard_keys(cfg)
+        inputs = f"\ninputs (must exist): {', '.join(shards)}" if shards else ""
     return (
         f"usage: python -m slade_dist {command} [--config FILE] [--force] [section.key=value ...]\n\n"
         f"{command}: {what}{inputs}\n\n"
         f"config keys {command} reads (values: {source}; set them in the run file or as section.key=value):"
-        + describe_sections_of(command_sections(command), cfg, defaults)
+        + describe_sections_of(command, cfg, defaults)
         + "\n\nevery command and section: python -m slade_dist --help; as Slurm jobs: python launch/submit.py --help"
     )
 
@@ -161,7 +167,7 @@ def print_command_help(command: str, config: str | None, overrides: Sequence[str
 def unvalidated_inputs(cfg: Config, command: str) -> str | None:
     """The refusal when a shard dir the command reads is raw img2dataset output nobody validated."""
     names = list(STAGES) if command == "pipeline" else [command] if command in STAGES else []
-    for key in dict.fromkeys(k for n in names for k in STAGES[n].requires):
+    for key in dict.fromkeys(k for n in names for k in STAGES[n].shard_keys(cfg)):
         value = cfg.get(key)
         command_line = unvalidated_img2dataset(value) if value else None
         if command_line:

@@ -63,7 +63,9 @@ BACKBONE_NAMES = ("resnet50", "resnet18", "tiny_cnn")
 # ----------------------------------------------------------------------------------------- schema
 @dataclass
 class RunConfig:
-    dir: str = _f("runs/demo", nonempty=True, help="run directory: every stage writes under it")
+    dir: str = _f(
+        "runs/demo", nonempty=True, result=False, help="run directory: every stage writes under it (where, not what)"
+    )
     rounds: int = _f(2, lo=1, help="self-training rounds (embed -> cluster -> student)")
     round: int = _f(1, lo=1, help="round a per-round stage (embed/cluster/student) works on")
     seed: int = _f(0, lo=0)
@@ -475,15 +477,20 @@ class Config:
             f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.name.startswith("_")
         }
 
-    def section_hash(self, sections: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
-        """Short stable hash of the named sections (+ extra facts): identifies a stage's work.
-        Knobs marked result=False (logging, checkpoint cadence, workers) are left out."""
-        d = self.to_dict()
-        payload = {s: _results_only(d[s], getattr(self, s)) for s in sections}
+    def section_hash(self, keys: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
+        """Short stable hash of the named sections / sub-sections / keys (+ extra facts): identifies
+        a stage's work. Knobs marked result=False (logging, checkpoint cadence, workers) are left out."""
+        payload = {k: _results_only(_to_plain(self.get(k)), self.get(k)) for k in keys if self._result(k)}
         if extra:
             payload["_extra"] = dict(extra)
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def _result(self, key: str) -> bool:
+        """Whether a dotted key may change a result (False for a field marked result=False)."""
+        parent, _, leaf = key.rpartition(".")
+        owner = self.get(parent) if parent else self
+        return next(f for f in dataclasses.fields(owner) if f.name == leaf).metadata.get("result", True)
 
     def hash(self) -> str:
         return self.section_hash(

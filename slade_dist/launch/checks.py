@@ -83,7 +83,7 @@ def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = Fa
 
     problems = []
     for stage in dict.fromkeys(spec.stage for spec in plan):
-        for key in stages.STAGES[stage].requires:
+        for key in stages.STAGES[stage].shard_keys(cfg):
             value = cfg.get(key)
             try:
                 cfg.require_inputs(key)
