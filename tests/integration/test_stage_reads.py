@@ -9,8 +9,8 @@ import pytest
 
 from slade_dist import runner, stages, tb
 from slade_dist.config import Config, load_config
-from tests.config_reads import ConfigReads
 
+from ._config_reads import ConfigReads
 from .conftest import tiny_config
 
 

@@ -1,6 +1,6 @@
 """Which config keys code reads: `ConfigReads(cfg)` records every leaf read of the config's
 sections (and of copies of them, e.g. a `dataclasses.replace` of cfg.train) while it is entered.
-Used by tests/integration/test_stage_reads.py to hold each stage to its declaration."""
+Used by test_stage_reads.py to hold each stage to its declaration."""
 
 from __future__ import annotations
 
