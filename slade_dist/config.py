@@ -17,7 +17,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -412,7 +412,7 @@ class EvalConfig:
 
 @dataclass
 class JobShape:
-    """The shape of one stage's jobs (launch/submit.py; launch/README.md)."""
+    """The shape of one stage's jobs: launch.shapes.<stage> (launch/README.md)."""
 
     nodes: int = _f(1, lo=1, help="nodes per job")
     gpus_per_node: int = _f(0, lo=0, help="GPUs per node (0: a CPU job)")
@@ -445,12 +445,11 @@ class LaunchConfig:
     setup: list[str] = _f(
         factory=list, help="shell lines run in the job script before srun, e.g. ['module load cuda/12.1']"
     )
-    pretrain: JobShape = _f(factory=JobShape)
-    teacher: JobShape = _f(factory=JobShape)
-    embed: JobShape = _f(factory=JobShape)
-    cluster_job: JobShape = _f(factory=JobShape)
-    student: JobShape = _f(factory=JobShape)
-    eval: JobShape = _f(factory=JobShape)
+    shapes: dict[str, JobShape] = _f(
+        factory=dict,
+        help="each stage's job shape, by stage name, e.g. {student: {nodes: 4, gpus_per_node: 8}}; a stage "
+        "not named here runs with the defaults",
+    )
 
 
 @dataclass
@@ -540,6 +539,8 @@ def _results_only(plain: Any, obj: Any) -> Any:
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_to_plain(x) for x in obj]
     return obj
@@ -556,13 +557,21 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             keys.extend(valid_keys(t, f"{prefix}{f.name}."))
+        elif _dict_of_sections(t):  # launch.shapes.<stage>.nodes
+            keys.extend(valid_keys(typing.get_args(t)[1], f"{prefix}{f.name}.<stage>."))
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
 
 
+def _dict_of_sections(tp: Any) -> bool:
+    return typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1])
+
+
 def _suggest(key: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    # a <stage> placeholder (launch.shapes.<stage>.nodes) stands for each word of the key in turn
+    named = list(dict.fromkeys(c.replace("<stage>", w) for c in candidates for w in key.split(".")))
+    close = difflib.get_close_matches(key, named, n=3, cutoff=0.5)
     if not close:  # a right leaf in the wrong section ("lr" -> "train.lr")
         leaf = key.rsplit(".", 1)[-1]
         close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:3]
@@ -661,6 +670,8 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
+    if tp is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -690,11 +701,12 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
             )
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            if not isinstance(v, Mapping):
-                raise ConfigError(
-                    f"{key} (from {sources.get(key, '?')}) must be a mapping of {', '.join(valid_keys(tp))}, got {v!r}"
-                )
-            kwargs[k] = _build(tp, v, sources, key + ".", all_keys)
+            kwargs[k] = _build_section(tp, v, sources, key, all_keys)
+            continue
+        if _dict_of_sections(tp):  # {name: section}, e.g. launch.shapes
+            _check_type(v, dict, key, sources.get(key, "?"))
+            item = typing.get_args(tp)[1]
+            kwargs[k] = {n: _build_section(item, sub, sources, f"{key}.{n}", all_keys) for n, sub in v.items()}
             continue
         src = sources.get(key, "defaults")
         val = _check_type(v, tp, key, src)
@@ -712,6 +724,14 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
                     raise ConfigError(f"{key} (from {src}): {item!r} is above the maximum {hi}")
         kwargs[k] = val
     return cls(**kwargs)
+
+
+def _build_section(cls: type, v: Any, sources: dict[str, str], key: str, all_keys: Sequence[str]) -> Any:
+    if not isinstance(v, Mapping):
+        raise ConfigError(
+            f"{key} (from {sources.get(key, '?')}) must be a mapping of {', '.join(valid_keys(cls))}, got {v!r}"
+        )
+    return _build(cls, v, sources, key + ".", all_keys)
 
 
 def _check_values(cfg: Config) -> None:
@@ -852,19 +872,51 @@ def load_config(
     return cfg
 
 
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def section_doc(obj: object) -> str:
+    """A section's docstring, first sentence (dataclasses without one get a generated signature: none)."""
+    doc = " ".join((type(obj).__doc__ or "").split())
+    return "" if doc.startswith(type(obj).__name__ + "(") else doc.split(". ")[0].rstrip(".")
+
+
+def describe_keys(obj: object, base: object, prefix: str, keep: Callable[[str], bool]) -> list[str]:
+    """One entry per key under `prefix` that `keep` keeps: name, resolved value (the default too
+    where it differs), help text; nested sections (e.g. a section's own sub-section) recursively."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        value, default, key = getattr(obj, f.name), getattr(base, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            inner = describe_keys(value, default, key, keep)
+            if inner:
+                lines.append(f"    {key}:" + (f"  {section_doc(value)}" if section_doc(value) else ""))
+            lines.extend(inner)
+            continue
+        if not keep(key):
+            continue
+        shown = _shown(value) + (f" (default {_shown(default)})" if value != default else "")
+        text = f.metadata.get("help", "")
+        lines.append(f"    {key:32s} {shown}" + (f"\n        {text}" if text else ""))
+    return lines
+
+
 def describe_sections() -> str:
-    """One line per section with its keys (for --help)."""
+    """One line per section with its keys (for --help); a sub-section's keys named once."""
     hints = typing.get_type_hints(Config)
     lines = []
     for name in SECTIONS:
         sub = typing.get_type_hints(hints[name])
-        flat = [f.name for f in dataclasses.fields(hints[name]) if not dataclasses.is_dataclass(sub[f.name])]
-        nested = [f.name for f in dataclasses.fields(hints[name]) if dataclasses.is_dataclass(sub[f.name])]
-        keys = ", ".join(flat)
-        if nested:  # e.g. launch.<stage>.nodes: name the sub-sections once instead of every leaf
-            leaf = ", ".join(f.name for f in dataclasses.fields(sub[nested[0]]))
-            keys += f"; {{{','.join(nested)}}}.{{{leaf}}}"
-        lines.append(f"  {name:9s} {keys}")
+        keys = []
+        for f in dataclasses.fields(hints[name]):
+            inner = sub[f.name] if dataclasses.is_dataclass(sub[f.name]) else None
+            if _dict_of_sections(sub[f.name]):
+                inner, f_name = typing.get_args(sub[f.name])[1], f"{f.name}.<stage>"
+            else:
+                f_name = f.name
+            keys.append(f"{f_name}.{{{','.join(g.name for g in dataclasses.fields(inner))}}}" if inner else f_name)
+        lines.append(f"  {name:9s} {', '.join(keys)}")
     return "\n".join(lines)
 
 

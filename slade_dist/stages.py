@@ -20,14 +20,14 @@ import importlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .fileio import atomic_write_json
-from .provenance import MISSING, combine, file_id, shard_dir_id
+from .provenance import MISSING, combine, describe_unvalidated, file_id, shard_dir_id, unvalidated_img2dataset
 
 Resolve = Callable[[Config, "RunLayout"], dict[str, str]]  # an input artefact -> {name: content id}
 
@@ -269,6 +269,16 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
     for resolve in STAGES[stage].inputs:
         ids.update(resolve(cfg, layout))
     return ids
+
+
+def unvalidated_shards(cfg: Config, names: Sequence[str]) -> str | None:
+    """The refusal when a shard dir the named stages read is raw img2dataset output nobody validated."""
+    for key in dict.fromkeys(k for n in names if n in STAGES for k in STAGES[n].shard_keys(cfg)):
+        value = cfg.get(key)
+        command_line = unvalidated_img2dataset(value) if value else None
+        if command_line:
+            return describe_unvalidated(key, value, command_line)
+    return None
 
 
 def stage_id(cfg: Config, stage: str, inputs: dict[str, str] | None = None) -> str:

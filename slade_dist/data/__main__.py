@@ -4,28 +4,19 @@
   index  (re)build index.json of a shard directory by scanning its tars
   check-pseudo  verify that pseudo-label files zip with their image shards (keys, order)
 
-Also owns `unvalidated_img2dataset`: whether a directory named as a shard dir is raw img2dataset
-output that `write --format img2dataset` never validated (the stage commands and the launcher
-refuse it with that command, instead of indexing it unchecked).
-Tests: tests/unit/test_writers.py (runs the CLI in a subprocess), tests/unit/test_cli.py and
-tests/unit/test_launch.py (the img2dataset refusal).
+Also `python -m slade_dist data ...`. Tests: tests/unit/test_writers.py (runs the CLI in a subprocess).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 from pathlib import Path
 
 from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 
-# img2dataset names its shards 00000.tar, 00001.tar...; slade_dist's writers never do (<prefix>-%06d.tar)
-IMG2DATASET_TAR = re.compile(r"\d+\.tar")
-# kept in step with writers.FORMATS (not imported: the launcher calls unvalidated_img2dataset, and
-# writers / readers import numpy, PIL and torch, which the launcher never needs)
+# kept in step with writers.FORMATS (not imported: writers imports torch, which --help never needs)
 PROG = "python -m slade_dist.data"
 FORMATS = sorted(["imagefolder", "cub", "cars196", "inshop", "nabirds", "compcars", "fashion200k", "img2dataset"])
 
@@ -82,32 +73,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def unvalidated_img2dataset(shard_dir: str | os.PathLike[str]) -> str | None:
-    """When `shard_dir` holds img2dataset shards (<digits>.tar) without the index.json that
-    `write --format img2dataset` writes after decoding every image once: the command that does it.
-    None for any other directory (slade_dist's own shards, an index from that command, no tars)."""
-    d = Path(shard_dir)
-    if not d.is_dir() or not any(IMG2DATASET_TAR.fullmatch(p.name) for p in d.glob("*.tar")):
-        return None
-    try:
-        index = json.loads((d / "index.json").read_text())
-    except (OSError, ValueError):  # missing or unreadable: a scan would write one, unvalidated
-        index = {}
-    if isinstance(index, dict) and index.get("format") == "img2dataset":
-        return None
-    return f"python -m slade_dist.data write --format img2dataset --root {d} --out {d}"
-
-
-def describe_unvalidated(key: str, shard_dir: str, command: str) -> str:
-    """The refusal the stage commands and the launcher print for unvalidated img2dataset output."""
-    return (
-        f"{key}: {shard_dir} holds img2dataset output that was never validated (corrupt images and "
-        f"truncated tars would go unnoticed): run `{command}` once (decodes every image, writes "
-        f"index.json beside the tars, copies nothing), or point {key} at the --out directory of an "
-        "earlier `write --format img2dataset`"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     """The shard tools; a user error ends them with one line and exit code 2 (errors.py). Every
     ValueError of the converters is about the dataset or the arguments, so it counts as one here."""
@@ -126,7 +91,7 @@ def _main(argv: list[str]) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    # imported here: the launcher imports this module for unvalidated_img2dataset, without torch
+    # imported here: --help needs no torch
     from .writers import convert
 
     if args.workers < 1 or args.shard_size < 1 or args.resize < 0:

@@ -36,6 +36,13 @@ def test_help_lists_stages_and_sections():
         assert word in out
 
 
+def test_one_command_line_runs_the_shard_tools_and_the_launcher(tmp_path, capsys):
+    assert main(["data", "index", str(tmp_path / "none")]) == 2  # the shard tools' own error line
+    assert capsys.readouterr().err.startswith("python -m slade_dist.data: error: ")
+    assert main(["launch", "--stage", "teacher", "--nodes", "0"]) == 2
+    assert capsys.readouterr().err == "python -m slade_dist launch: error: --nodes must be >= 1, got 0\n"
+
+
 def test_config_error_exit_code(capsys):
     assert main(["show-config", "trian.lr=1"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err

@@ -39,10 +39,12 @@ def test_layering_defaults_runfile_overrides(tmp_path):
 
 
 def test_int_accepted_for_float_and_nested_launch_shape(tmp_path):
-    run = write(tmp_path, "r.yaml", {"train": {"lr": 1}, "launch": {"student": {"nodes": 8, "gpus_per_node": 8}}})
+    run = write(
+        tmp_path, "r.yaml", {"train": {"lr": 1}, "launch": {"shapes": {"student": {"nodes": 8, "gpus_per_node": 8}}}}
+    )
     cfg = load_config(run)
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
-    assert cfg.launch.student.nodes == 8 and cfg.launch.teacher.nodes == 1
+    assert cfg.launch.shapes["student"].nodes == 8 and "teacher" not in cfg.launch.shapes
 
 
 def test_unknown_key_suggests_closest(tmp_path):
@@ -132,7 +134,7 @@ def test_override_syntax():
 
 def test_hash_and_saved_config_round_trip(tmp_path):
     a = load_config(None, ["train.lr=0.5"])
-    b = load_config(None, ["train.lr=0.5", "launch.teacher.nodes=4"])
+    b = load_config(None, ["train.lr=0.5", "launch.shapes.teacher.nodes=4"])
     c = load_config(None, ["train.lr=0.25"])
     assert a.hash() == b.hash() != c.hash()  # the job shape is not part of the work's identity
     assert len(a.hash()) == 12
