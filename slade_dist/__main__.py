@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import dist
-from .config import SECTIONS, Config, ConfigError, describe_keys, describe_sections, load_config, section_doc
+from .config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    defaults_yaml,
+    describe_keys,
+    describe_sections,
+    load_config,
+    section_doc,
+)
 from .data.demo import generate
 from .errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 from .eval.report import format_table
@@ -76,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", "-c", default=None, help="run file layered over configs/defaults.yaml")
     p.add_argument("--force", action="store_true", help="rerun even if DONE.json matches the config hash")
+    p.add_argument("--defaults", action="store_true", help="show-config: configs/defaults.yaml as the schema writes it")
     p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
@@ -162,7 +172,7 @@ def _main(argv: list[str]) -> int:
     if refusal:
         raise ConfigError(refusal)
     if args.command == "show-config":
-        print(f"# hash {cfg.hash()}\n{cfg.dump_yaml()}", end="")
+        print(defaults_yaml() if args.defaults else f"# hash {cfg.hash()}\n{cfg.dump_yaml()}", end="")
         return 0
     if args.command == "demo-data":
         return _demo_data(cfg, args.force)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -132,7 +133,10 @@ class DataConfig:
     crop_scale_min: float = _f(
         0.16, lo=0.01, hi=1.0, help="train crop area scale minimum (unless data.augment sets one)"
     )
-    augment: AugmentConfig = _f(factory=AugmentConfig, help="train-time augmentation of the labeled / pseudo streams")
+    augment: AugmentConfig = _f(
+        factory=AugmentConfig,
+        help="train-time augmentation of the labeled / pseudo streams (same keys as pretrain.augment)",
+    )
     num_workers: int = _f(2, lo=0, result=False)
     shuffle_buffer: int = _f(1000, lo=0)
     max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
@@ -143,7 +147,12 @@ class DataConfig:
         help="the cluster stage's member index keeps a cluster's samples up to this percentile of its distances "
         "to the centroid; the student draws only those",
     )
-    pseudo_min_cluster_size: int = _f(2, lo=1, help="the cluster stage's member index drops smaller clusters")
+    pseudo_min_cluster_size: int = _f(
+        2,
+        lo=1,
+        help="the cluster stage's member index drops smaller clusters (and the student draws only clusters with >= K "
+        "kept members)",
+    )
 
 
 @dataclass
@@ -439,7 +448,7 @@ class LaunchConfig:
     requeue: bool = _f(True, help="requeue at preemption / time limit; the stage resumes from its checkpoint")
     sbatch_extra: dict[str, Any] = _f(
         factory=dict,
-        help="sbatch options passed through to every job, e.g. {exclusive: true, reservation: r1, "
+        help="sbatch options passed through to every job (Slurm only), e.g. {exclusive: true, reservation: r1, "
         "gres: 'gpu:8', mem-per-gpu: 80G, comment: text}",
     )
     setup: list[str] = _f(
@@ -876,10 +885,13 @@ def _shown(value: object) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def section_doc(obj: object) -> str:
-    """A section's docstring, first sentence (dataclasses without one get a generated signature: none)."""
+def section_doc(obj: object, full: bool = False) -> str:
+    """A section's docstring, its first sentence unless `full` (dataclasses without one get a
+    generated signature: none)."""
     doc = " ".join((type(obj).__doc__ or "").split())
-    return "" if doc.startswith(type(obj).__name__ + "(") else doc.split(". ")[0].rstrip(".")
+    if doc.startswith(type(obj).__name__ + "("):
+        return ""
+    return doc if full else doc.split(". ")[0].rstrip(".")
 
 
 def describe_keys(obj: object, base: object, prefix: str, keep: Callable[[str], bool]) -> list[str]:
@@ -900,6 +912,48 @@ def describe_keys(obj: object, base: object, prefix: str, keep: Callable[[str], 
         text = f.metadata.get("help", "")
         lines.append(f"    {key:32s} {shown}" + (f"\n        {text}" if text else ""))
     return lines
+
+
+DEFAULTS_HEADER = """\
+# slade_dist defaults: every knob with its default. Run files (configs/*.yaml) override a few;
+# the command line overrides those (section.key=value). Unknown keys fail at load.
+# Generated from slade_dist/config.py (the help text is there): python -m slade_dist show-config --defaults
+"""
+
+
+def defaults_yaml() -> str:
+    """configs/defaults.yaml, written from the schema: every key with its default and help text."""
+    lines = [DEFAULTS_HEADER]
+    for f in dataclasses.fields(Config):
+        if not f.name.startswith("_"):
+            section = getattr(Config(), f.name)
+            lines += [*_yaml_key(f.name, section_doc(section, full=True), "", ""), *_yaml_fields(section, "  "), ""]
+    return "\n".join(lines)
+
+
+def _yaml_fields(obj: Any, indent: str) -> list[str]:
+    lines: list[str] = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, text = getattr(obj, f.name), f.metadata.get("help", "")
+        if dataclasses.is_dataclass(value):
+            lines += [*_yaml_key(f.name, text or section_doc(value), "", indent), *_yaml_fields(value, indent + "  ")]
+        elif _dict_of_sections(hints[f.name]):  # an example entry, commented out: the dict is empty
+            example = _yaml_fields(typing.get_args(hints[f.name])[1](), indent + "    ")
+            lines += _yaml_key(f.name, text, "{}", indent, [f"{indent}  <name>:", *example])
+        else:
+            plain = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).removesuffix("\n...\n").strip()
+            lines += _yaml_key(f.name, text, plain, indent)
+    return lines
+
+
+def _yaml_key(name: str, text: str, value: str, indent: str, example: Sequence[str] = ()) -> list[str]:
+    """`name: value  # text`, the text above the key when the line would pass 120 characters."""
+    line = f"{indent}{name}:{' ' + value if value else ''}"
+    if text and len(line) + len(text) + 4 <= 120 and not example:
+        return [f"{line}  # {text}"]
+    above = [f"{indent}# {t}" for t in textwrap.wrap(text, 116 - len(indent))]
+    return [*above, *(f"{indent}#{ln[len(indent) - 1 :]}" for ln in example), line]
 
 
 def describe_sections() -> str:

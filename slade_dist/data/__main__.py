@@ -65,11 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--seed", type=int, default=0, help="seed of the fixed write order (default 0)")
     w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(run=_write)
     ix = sub.add_parser("index", help="rebuild index.json of a shard directory from its tars")
     ix.add_argument("shard_dir")
+    ix.set_defaults(run=_index)
     cp = sub.add_parser("check-pseudo", help="verify pl-%%06d.npz files against their image shards")
     cp.add_argument("unlabeled_dir")
     cp.add_argument("pseudo_dir")
+    cp.set_defaults(run=_check_pseudo)
     return p
 
 
@@ -81,13 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.cmd == "write":
-        return _write(args)
-    if args.cmd == "index":
-        return _index(args.shard_dir)
-    if args.cmd == "check-pseudo":
-        return _check_pseudo(args.unlabeled_dir, args.pseudo_dir)
-    return 1
+    return args.run(args)
 
 
 def _write(args: argparse.Namespace) -> int:
@@ -115,20 +112,20 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index(shard_dir: str) -> int:
+def _index(args: argparse.Namespace) -> int:
     from .shards import INDEX_FILE, read_index
 
-    (Path(shard_dir) / INDEX_FILE).unlink(missing_ok=True)
-    idx = read_index(shard_dir)
+    (Path(args.shard_dir) / INDEX_FILE).unlink(missing_ok=True)
+    idx = read_index(args.shard_dir)
     print(json.dumps({"shards": len(idx["shards"]), "total": idx["total"], "kind": idx["kind"]}))
     return 0
 
 
-def _check_pseudo(unlabeled_dir: str, pseudo_dir: str) -> int:
+def _check_pseudo(args: argparse.Namespace) -> int:
     from .pseudo_join import check_zip
     from .readers import resolve_shards
 
-    n = sum(check_zip(s, pseudo_dir) for s in resolve_shards(unlabeled_dir))
+    n = sum(check_zip(s, args.pseudo_dir) for s in resolve_shards(args.unlabeled_dir))
     print(f"ok: {n} pseudo-labeled samples zip with their image shards")
     return 0
 

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slade_dist.config import Config, ConfigError, load_config, parse_override, valid_keys
+from slade_dist.config import (
+    DEFAULTS_FILE,
+    Config,
+    ConfigError,
+    defaults_yaml,
+    load_config,
+    parse_override,
+    valid_keys,
+)
 
 
 def write(tmp_path: Path, name: str, body: dict) -> Path:
@@ -16,13 +24,18 @@ def write(tmp_path: Path, name: str, body: dict) -> Path:
     return p
 
 
-def test_defaults_file_matches_schema():
-    """configs/defaults.yaml sets every key of the schema to its dataclass default."""
-    cfg = load_config()
-    assert cfg.to_dict() == Config().to_dict()
-    text = Path("configs/defaults.yaml").read_text()
-    for key in valid_keys():
+def test_defaults_file_is_the_one_the_schema_writes():
+    """configs/defaults.yaml is generated from the dataclasses (defaults and help text live once, in
+    slade_dist/config.py): it must be exactly what `show-config --defaults` writes."""
+    assert DEFAULTS_FILE.read_text() == defaults_yaml(), (
+        "configs/defaults.yaml differs from the schema; regenerate it: "
+        "python -m slade_dist show-config --defaults > configs/defaults.yaml"
+    )
+    assert load_config().to_dict() == Config().to_dict()
+    text = DEFAULTS_FILE.read_text()
+    for key in valid_keys():  # every leaf with its help text, the job shape's keys in a commented example
         assert key.split(".")[-1] + ":" in text, f"{key} missing from configs/defaults.yaml"
+    assert "  samples_per_class: 4  # K of the labeled P x K batch\n" in text  # the help, beside its key
 
 
 def test_layering_defaults_runfile_overrides(tmp_path):
