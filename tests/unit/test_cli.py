@@ -43,6 +43,13 @@ def test_one_command_line_runs_the_shard_tools_and_the_launcher(tmp_path, capsys
     assert capsys.readouterr().err == "python -m slade_dist launch: error: --nodes must be >= 1, got 0\n"
 
 
+def test_the_stage_commands_never_load_the_launcher():
+    """`launch ...` imports slade_dist.launch (and submitit) in its own branch only."""
+    code = "import sys, slade_dist.__main__; print(sorted(m for m in sys.modules if 'submitit' in m or '.launch' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT).stdout
+    assert out.strip() == "[]", out
+
+
 def test_config_error_exit_code(capsys):
     assert main(["show-config", "trian.lr=1"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
