@@ -834,16 +834,18 @@ def _check_data_fits(cfg: Config) -> None:
         )
 
 
-def _check_paths(cfg: Config, obj: Any, prefix: str) -> None:
-    for f in dataclasses.fields(obj):
+def missing_input_paths(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
+    """Every input-path key that is set but names nothing on disk, as "key (from source): ..."."""
+    missing: list[str] = []
+    for f in dataclasses.fields(cfg if obj is None else obj):
         if f.name.startswith("_"):
             continue
-        v = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
+        v, key = getattr(cfg if obj is None else obj, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(v):
-            _check_paths(cfg, v, key + ".")
+            missing += missing_input_paths(cfg, v, key + ".")
         elif f.metadata.get("input_path") and v and not Path(v).exists():
-            raise ConfigError(f"{key} (from {cfg.source_of(key)}): input path {v!r} does not exist")
+            missing.append(f"{key} (from {cfg.source_of(key)}): input path {v!r} does not exist")
+    return missing
 
 
 def load_config(
@@ -876,7 +878,8 @@ def load_config(
     cfg._sources = sources
     _check_values(cfg)
     if check_paths:
-        _check_paths(cfg, cfg, "")
+        for missing in missing_input_paths(cfg)[:1]:
+            raise ConfigError(missing)
         _check_data_fits(cfg)
     return cfg
 

@@ -6,8 +6,7 @@ are set and exist (and are not raw img2dataset output nobody validated), that --
 shards of the unlabeled index, and that launch.sbatch_extra is a mapping of options the launcher
 does not set itself, and that every trainer job's world size divides the batch of an optimizer step
 (`check_step_batches`; `step_picture` is the per-GPU figure the dry run prints). Each failure is one
-LaunchError line; `missing_input_paths` lists every
-missing input at once (what a dry run warns about). The cluster's own checks live with it (slurm.check_shape_fits,
+LaunchError line. The cluster's own checks live with it (slurm.check_shape_fits,
 local.check_local_shape).
 Tests: tests/unit/test_launch.py (errors before anything runs), tests/integration/test_slurm.py.
 """
@@ -15,11 +14,8 @@ Tests: tests/unit/test_launch.py (errors before anything runs), tests/integratio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from .. import stages
 from ..config import Config, ConfigError, step_share
@@ -82,21 +78,6 @@ def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = Fa
             if command:
                 problems.append(describe_unvalidated(key, value, command))
     return list(dict.fromkeys(problems))
-
-
-def missing_input_paths(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
-    """Every input-path key that is set but names nothing on disk, as "key: path (from source)"."""
-    obj = cfg if obj is None else obj
-    missing: list[str] = []
-    for f in dataclasses.fields(obj):
-        if f.name.startswith("_"):
-            continue
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            missing.extend(missing_input_paths(cfg, value, key + "."))
-        elif f.metadata.get("input_path") and value and not Path(value).exists():
-            missing.append(f"{key}: input path {value!r} does not exist (from {cfg.source_of(key)})")
-    return missing
 
 
 # sbatch options the launcher sets from its own keys and flags: through sbatch_extra they would fight

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import stages
-from ..config import REPO_ROOT, Config, ConfigError, load_config
+from ..config import REPO_ROOT, Config, ConfigError, load_config, missing_input_paths
 from .checks import (
     check_flag_ranges,
     check_flags_fit_stage,
@@ -27,7 +27,6 @@ from .checks import (
     check_stages_exist,
     check_step_batches,
     input_problems,
-    missing_input_paths,
     step_picture,
 )
 from .local import check_local_shape, run_here

@@ -501,7 +501,7 @@ def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatc
     assert rc == 0, out
     assert "# 1 job(s) on cluster=slurm" in out  # more than one node: Slurm, sbatch or not
     for missing in ("data.train_shards", "data.unlabeled_shards", "model.pretrained_path"):
-        assert f"# WARNING: a real submission would stop here: {missing}: input path" in out, missing
+        assert f"# WARNING: a real submission would stop here: {missing} (from " in out, missing
     assert "sbatch is not on PATH here" in out
     (script,) = jobs_of(out).values()
     options = sbatch_options(script)
