@@ -198,20 +198,8 @@ def test_afterok_chains_done_markers_and_kill_on_invalid_dep(slurm_cluster, prob
 def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, tmp_path, at_repo_root):
     probe_config(tmp_path, steps=30, ckpt_every=5)
     # 2 CPUs: the job fills node1, so a job on all nodes of the `high` partition must preempt it
-    rc = cli.main(
-        [
-            "--stage",
-            "probe",
-            "--config",
-            str(tmp_path / "probe.yaml"),
-            "--cluster",
-            "slurm",
-            "launch.shapes.probe.cpus_per_task=2",
-        ],
-        job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.2"}),
-    )
-    assert rc == 0
-    job_id = submitted(tmp_path)["probe"]["job_id"]
+    jobs = run_probe(tmp_path, "launch.shapes.probe.cpus_per_task=2", env={"PROBE_SLEEP_S": "0.2"})  # the last wins
+    job_id = jobs["probe"]["job_id"]
     ckpt = probe_dir(tmp_path / "run") / "ckpt.json"
     wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 10, "a checkpoint at step >= 10")
     high_id = submit_preempting_job(slurm_cluster, tmp_path)
