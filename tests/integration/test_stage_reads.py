@@ -6,6 +6,7 @@ text and hparams) or hash the declaration itself are not reads of a stage's inpu
 from __future__ import annotations
 
 import pytest
+import torch.distributed as tdist
 
 from slade_dist import runner, stages, tb
 from slade_dist.config import Config, load_config
@@ -49,7 +50,11 @@ def recorded(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.setattr(stages.Stage, "load", recording_load)
     for owner, name in [(Config, "to_dict"), (Config, "section_hash"), (tb, "config_hparams")]:
         monkeypatch.setattr(owner, name, paused(getattr(owner, name)))
-    runner.run_pipeline(cfg)
+    try:
+        runner.run_pipeline(cfg)
+    finally:  # the trainers gave this process a world-1 group: later tests must not inherit it
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
     return reads
 
 
