@@ -1,17 +1,17 @@
-"""Command line: `python -m slade_dist <command> --config FILE [section.key=value ...]`.
+"""The command line: `python -m slade_dist <stage|pipeline|demo-data|show-config|data ...|launch ...>`.
 
 Owns: argument parsing and the human-facing output of one-process runs (stage commands, the
-demo-data generator, the in-process pipeline, show-config): `<command> --help` (the config keys
-that command reads, with their help text, default and resolved value), refusing raw img2dataset
+demo-data generator, the in-process pipeline, show-config), and handing `data ...` (the shard
+tools, data/__main__.py) and `launch ...` (jobs on Slurm or this machine, launch/cli.py) their
+arguments; `<command> --help` (the config keys that command declares it reads, with their help
+text, default and resolved value), refusing raw img2dataset
 output as a shard dir (with the command that validates it), and the result line, printed once (by
-rank 0) however many processes run the command. Multi-node runs go through `launch/submit.py`,
-which calls the same stage functions. Tests: tests/unit/test_cli.py.
+rank 0) however many processes run the command. Tests: tests/unit/test_cli.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -19,13 +19,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import dist
-from .config import Config, ConfigError, describe_sections, load_config
-from .data.__main__ import describe_unvalidated, unvalidated_img2dataset
+from .config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    defaults_yaml,
+    describe_keys,
+    describe_sections,
+    load_config,
+    section_doc,
+)
 from .data.demo import generate
 from .errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 from .eval.report import format_table
 from .runner import run_pipeline, run_stage
-from .stages import STAGES, RunLayout, read_done
+from .stages import STAGES, RunLayout, read_done, unvalidated_shards
 
 PROG = "python -m slade_dist"
 
@@ -34,6 +42,9 @@ stages (each is also a command):
 {stages}
 
 other commands:
+  data         shard tools: write (convert a dataset), index, check-pseudo (`data --help`)
+  launch       stages as Slurm jobs or local runs, one job shape per stage (`launch --help`;
+               `python launch/submit.py` is the same command)
   demo-data    write the procedural demo dataset (demo.* keys) as WebDataset shards
   pipeline     run the whole chain in this process: pretrain -> teacher -> R x (embed ->
                cluster -> student) -> eval; finished stages (DONE.json matching the config hash)
@@ -51,7 +62,7 @@ examples:
   python -m slade_dist teacher --config configs/demo.yaml train.teacher_steps=50
   python -m slade_dist embed --config configs/demo.yaml run.round=2
   torchrun --nproc_per_node 2 -m slade_dist teacher --config configs/demo.yaml
-  python launch/submit.py --stage all --config configs/cub.yaml --nodes 8   (Slurm)
+  python -m slade_dist launch --stage all --config configs/cub.yaml --nodes 8   (Slurm)
 """
 
 
@@ -65,60 +76,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "command",
-        choices=[*STAGES, "demo-data", "pipeline", "show-config"],
+        choices=[*STAGES, "demo-data", "pipeline", "show-config", "data", "launch"],
         metavar="command",
-        help="a stage (" + ", ".join(STAGES) + ") or demo-data / pipeline / show-config",
+        help="a stage (" + ", ".join(STAGES) + ") or demo-data / pipeline / show-config / data / launch",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="config overrides, applied after the --config file"
     )
     p.add_argument("--config", "-c", default=None, help="run file layered over configs/defaults.yaml")
     p.add_argument("--force", action="store_true", help="rerun even if DONE.json matches the config hash")
+    p.add_argument("--defaults", action="store_true", help="show-config: configs/defaults.yaml as the schema writes it")
     p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
 # ------------------------------------------------------------------------------ <command> --help
 def command_sections(command: str) -> list[str]:
-    """The config sections a command reads: run and data, then those its stage's result depends on."""
+    """The config sections a command reads (a stage's: those holding a key it declares)."""
     if command == "demo-data":
         return ["demo"]
-    named = ["run", "data", *STAGES[command].sections]
-    return list(dict.fromkeys("run" if s == "run_seed" else s for s in named))
+    stage = STAGES[command]
+    return [s for s in SECTIONS if any(k.split(".")[0] == s for k in (*stage.reads, *stage.reports))]
 
 
-def _shown(value: object) -> str:
-    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
-
-
-def _doc(obj: object) -> str:
-    """A section's docstring, first sentence (dataclasses without one get a generated signature: none)."""
-    doc = " ".join((type(obj).__doc__ or "").split())
-    return "" if doc.startswith(type(obj).__name__ + "(") else doc.split(". ")[0].rstrip(".")
-
-
-def describe_keys(obj: object, base: object, prefix: str) -> list[str]:
-    """One entry per key under `prefix`: name, resolved value (the default too where it differs),
-    help text; nested sections (e.g. a section's own sub-section) recursively."""
+def describe_sections_of(command: str, cfg: Config, defaults: Config) -> str:
+    keep = STAGES[command].declares if command in STAGES else lambda key: True
     lines = []
-    for f in dataclasses.fields(obj):
-        value, default, key = getattr(obj, f.name), getattr(base, f.name), f"{prefix}.{f.name}"
-        if dataclasses.is_dataclass(value):
-            lines.append(f"    {key}:" + (f"  {_doc(value)}" if _doc(value) else ""))
-            lines.extend(describe_keys(value, default, key))
-            continue
-        shown = _shown(value) + (f" (default {_shown(default)})" if value != default else "")
-        text = f.metadata.get("help", "")
-        lines.append(f"    {key:32s} {shown}" + (f"\n        {text}" if text else ""))
-    return lines
-
-
-def describe_sections_of(sections: Sequence[str], cfg: Config, defaults: Config) -> str:
-    lines = []
-    for section in sections:
-        doc = _doc(getattr(cfg, section))
+    for section in command_sections(command):
+        doc = section_doc(getattr(cfg, section))
         lines.append(f"\n  {section}:" + (f"  {doc}" if doc else ""))
-        lines.extend(describe_keys(getattr(cfg, section), getattr(defaults, section), section))
+        lines.extend(describe_keys(getattr(cfg, section), getattr(defaults, section), section, keep))
     return "\n".join(lines)
 
 
@@ -128,12 +115,13 @@ def command_help(command: str, cfg: Config, defaults: Config, source: str) -> st
     else:
         stage = STAGES[command]
         what = stage.help + (" (per round: run.round picks the round)" if stage.per_round else "")
-        inputs = f"\ninputs (must exist): {', '.join(stage.requires)}" if stage.requires else ""
+        shards = stage.shard_keys(cfg)
+        inputs = f"\ninputs (must exist): {', '.join(shards)}" if shards else ""
     return (
         f"usage: python -m slade_dist {command} [--config FILE] [--force] [section.key=value ...]\n\n"
         f"{command}: {what}{inputs}\n\n"
         f"config keys {command} reads (values: {source}; set them in the run file or as section.key=value):"
-        + describe_sections_of(command_sections(command), cfg, defaults)
+        + describe_sections_of(command, cfg, defaults)
         + "\n\nevery command and section: python -m slade_dist --help; as Slurm jobs: python launch/submit.py --help"
     )
 
@@ -158,20 +146,18 @@ def print_command_help(command: str, config: str | None, overrides: Sequence[str
 
 
 # ------------------------------------------------------------------------------------------ main
-def unvalidated_inputs(cfg: Config, command: str) -> str | None:
-    """The refusal when a shard dir the command reads is raw img2dataset output nobody validated."""
-    names = list(STAGES) if command == "pipeline" else [command] if command in STAGES else []
-    for key in dict.fromkeys(k for n in names for k in STAGES[n].requires):
-        value = cfg.get(key)
-        command_line = unvalidated_img2dataset(value) if value else None
-        if command_line:
-            return describe_unvalidated(key, value, command_line)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; a user error ends it with one line on stderr and exit code 2 (errors.py)."""
-    return exit_on_user_error(_main, argv, PROG)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["data"]:  # imported here: the shard tools and the launcher need neither the other
+        from .data.__main__ import main as data_main
+
+        return data_main(args[1:])
+    if args[:1] == ["launch"]:
+        from .launch.cli import main as launch_main
+
+        return launch_main(args[1:], prog=f"{PROG} launch")
+    return exit_on_user_error(_main, args, PROG)
 
 
 def _main(argv: list[str]) -> int:
@@ -182,23 +168,26 @@ def _main(argv: list[str]) -> int:
     dist.set_default_accelerator()
     # demo-data creates the inputs the path check would look for
     cfg = load_config(args.config, args.overrides, check_paths=args.command not in ("demo-data", "show-config"))
-    refusal = unvalidated_inputs(cfg, args.command)
+    refusal = unvalidated_shards(cfg, list(STAGES) if args.command == "pipeline" else [args.command])
     if refusal:
         raise ConfigError(refusal)
     if args.command == "show-config":
-        print(f"# hash {cfg.hash()}\n{cfg.dump_yaml()}", end="")
+        print(defaults_yaml() if args.defaults else f"# hash {cfg.hash()}\n{cfg.dump_yaml()}", end="")
         return 0
     if args.command == "demo-data":
         return _demo_data(cfg, args.force)
-    if args.command == "pipeline":
-        return _pipeline(cfg, force=args.force)
     dist.init_distributed()
     try:
-        result = run_stage(cfg, args.command, force=args.force)
-        # printed before shutdown: afterwards every rank would think it is rank 0
-        if result is not None:
-            dist.print0(json.dumps({"stage": args.command, "result": result}, default=str))
-        if args.command == "eval":
+        t0 = time.time()
+        if args.command == "pipeline":  # every stage in order, in this process
+            run_pipeline(cfg, force=args.force)
+            dist.print0(f"[pipeline] finished in {time.time() - t0:.0f} s")
+        else:
+            result = run_stage(cfg, args.command, force=args.force)
+            # printed before shutdown: afterwards every rank would think it is rank 0
+            if result is not None:
+                dist.print0(json.dumps({"stage": args.command, "result": result}, default=str))
+        if args.command in ("pipeline", "eval"):
             print_summary(cfg)
     finally:
         dist.shutdown()
@@ -217,19 +206,6 @@ def _demo_data(cfg: Config, force: bool) -> int:
     return 0
 
 
-def _pipeline(cfg: Config, force: bool = False) -> int:
-    """Every stage in order, in this process (runner.run_pipeline), then the metrics table."""
-    t0 = time.time()
-    dist.init_distributed()
-    try:
-        run_pipeline(cfg, force=force)
-        dist.print0(f"[pipeline] finished in {time.time() - t0:.0f} s")
-        print_summary(cfg)
-    finally:
-        dist.shutdown()
-    return 0
-
-
 def print_summary(cfg: Config) -> None:
     """The metrics table (when eval ran), a pretrain stage that handed on its input weights (its
     SwAV steps spent for nothing), the retrieval grids and where to look at the run."""
@@ -237,20 +213,13 @@ def print_summary(cfg: Config) -> None:
     metrics = layout.stage_dir("eval") / "metrics.json"
     if metrics.exists() and dist.is_main():
         print(format_table(json.loads(metrics.read_text())))
-    warning = pretrain_warning(layout)
-    if warning:
-        dist.print0(f"WARNING: {warning}")
+    result = (read_done(layout.done_file("pretrain")) or {}).get("result")  # did it hand on its input weights?
+    if isinstance(result, dict) and result.get("warning"):
+        dist.print0(f"WARNING: {result['warning']}")
     grids = sorted(layout.stage_dir("eval").glob("retrieval_*.png"))
     if grids:
         dist.print0("retrieval grids: " + ", ".join(str(p) for p in grids))
     dist.print0(f"\nTensorBoard:  tensorboard --logdir {Path(cfg.run.dir) / 'tb'}")
-
-
-def pretrain_warning(layout: RunLayout) -> str | None:
-    """The warning the pretrain stage recorded in its DONE.json, if it handed on its input weights."""
-    marker = read_done(layout.done_file("pretrain")) or {}
-    result = marker.get("result")
-    return result.get("warning") if isinstance(result, dict) else None
 
 
 if __name__ == "__main__":

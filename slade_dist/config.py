@@ -15,9 +15,10 @@ import hashlib
 import json
 import math
 import os
+import textwrap
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +64,9 @@ BACKBONE_NAMES = ("resnet50", "resnet18", "tiny_cnn")
 # ----------------------------------------------------------------------------------------- schema
 @dataclass
 class RunConfig:
-    dir: str = _f("runs/demo", nonempty=True, help="run directory: every stage writes under it")
+    dir: str = _f(
+        "runs/demo", nonempty=True, result=False, help="run directory: every stage writes under it (where, not what)"
+    )
     rounds: int = _f(2, lo=1, help="self-training rounds (embed -> cluster -> student)")
     round: int = _f(1, lo=1, help="round a per-round stage (embed/cluster/student) works on")
     seed: int = _f(0, lo=0)
@@ -130,7 +133,10 @@ class DataConfig:
     crop_scale_min: float = _f(
         0.16, lo=0.01, hi=1.0, help="train crop area scale minimum (unless data.augment sets one)"
     )
-    augment: AugmentConfig = _f(factory=AugmentConfig, help="train-time augmentation of the labeled / pseudo streams")
+    augment: AugmentConfig = _f(
+        factory=AugmentConfig,
+        help="train-time augmentation of the labeled / pseudo streams (same keys as pretrain.augment)",
+    )
     num_workers: int = _f(2, lo=0, result=False)
     shuffle_buffer: int = _f(1000, lo=0)
     max_buffered: int = _f(10000, lo=1, help="P x K batcher: most samples held while waiting for K of a label")
@@ -162,7 +168,12 @@ class DataConfig:
         help="the cluster stage's member index keeps a cluster's samples up to this percentile of its distances "
         "to the centroid; the student draws only those",
     )
-    pseudo_min_cluster_size: int = _f(2, lo=1, help="the cluster stage's member index drops smaller clusters")
+    pseudo_min_cluster_size: int = _f(
+        2,
+        lo=1,
+        help="the cluster stage's member index drops smaller clusters (and the student draws only clusters with >= K "
+        "kept members)",
+    )
 
 
 @dataclass
@@ -431,7 +442,7 @@ class EvalConfig:
 
 @dataclass
 class JobShape:
-    """The shape of one stage's jobs (launch/submit.py; launch/README.md)."""
+    """The shape of one stage's jobs: launch.shapes.<stage> (launch/README.md)."""
 
     nodes: int = _f(1, lo=1, help="nodes per job")
     gpus_per_node: int = _f(0, lo=0, help="GPUs per node (0: a CPU job)")
@@ -458,18 +469,17 @@ class LaunchConfig:
     requeue: bool = _f(True, help="requeue at preemption / time limit; the stage resumes from its checkpoint")
     sbatch_extra: dict[str, Any] = _f(
         factory=dict,
-        help="sbatch options passed through to every job, e.g. {exclusive: true, reservation: r1, "
+        help="sbatch options passed through to every job (Slurm only), e.g. {exclusive: true, reservation: r1, "
         "gres: 'gpu:8', mem-per-gpu: 80G, comment: text}",
     )
     setup: list[str] = _f(
         factory=list, help="shell lines run in the job script before srun, e.g. ['module load cuda/12.1']"
     )
-    pretrain: JobShape = _f(factory=JobShape)
-    teacher: JobShape = _f(factory=JobShape)
-    embed: JobShape = _f(factory=JobShape)
-    cluster_job: JobShape = _f(factory=JobShape)
-    student: JobShape = _f(factory=JobShape)
-    eval: JobShape = _f(factory=JobShape)
+    shapes: dict[str, JobShape] = _f(
+        factory=dict,
+        help="each stage's job shape, by stage name, e.g. {student: {nodes: 4, gpus_per_node: 8}}; a stage "
+        "not named here runs with the defaults",
+    )
 
 
 @dataclass
@@ -496,15 +506,20 @@ class Config:
             f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.name.startswith("_")
         }
 
-    def section_hash(self, sections: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
-        """Short stable hash of the named sections (+ extra facts): identifies a stage's work.
-        Knobs marked result=False (logging, checkpoint cadence, workers) are left out."""
-        d = self.to_dict()
-        payload = {s: _results_only(d[s], getattr(self, s)) for s in sections}
+    def section_hash(self, keys: Sequence[str], extra: Mapping[str, Any] | None = None) -> str:
+        """Short stable hash of the named sections / sub-sections / keys (+ extra facts): identifies
+        a stage's work. Knobs marked result=False (logging, checkpoint cadence, workers) are left out."""
+        payload = {k: _results_only(_to_plain(self.get(k)), self.get(k)) for k in keys if self._result(k)}
         if extra:
             payload["_extra"] = dict(extra)
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    def _result(self, key: str) -> bool:
+        """Whether a dotted key may change a result (False for a field marked result=False)."""
+        parent, _, leaf = key.rpartition(".")
+        owner = self.get(parent) if parent else self
+        return next(f for f in dataclasses.fields(owner) if f.name == leaf).metadata.get("result", True)
 
     def hash(self) -> str:
         return self.section_hash(
@@ -554,6 +569,8 @@ def _results_only(plain: Any, obj: Any) -> Any:
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_to_plain(x) for x in obj]
     return obj
@@ -570,13 +587,21 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             keys.extend(valid_keys(t, f"{prefix}{f.name}."))
+        elif _dict_of_sections(t):  # launch.shapes.<stage>.nodes
+            keys.extend(valid_keys(typing.get_args(t)[1], f"{prefix}{f.name}.<stage>."))
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
 
 
+def _dict_of_sections(tp: Any) -> bool:
+    return typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1])
+
+
 def _suggest(key: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    # a <stage> placeholder (launch.shapes.<stage>.nodes) stands for each word of the key in turn
+    named = list(dict.fromkeys(c.replace("<stage>", w) for c in candidates for w in key.split(".")))
+    close = difflib.get_close_matches(key, named, n=3, cutoff=0.5)
     if not close:  # a right leaf in the wrong section ("lr" -> "train.lr")
         leaf = key.rsplit(".", 1)[-1]
         close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:3]
@@ -675,6 +700,8 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
+    if tp is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -704,11 +731,12 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
             )
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
-            if not isinstance(v, Mapping):
-                raise ConfigError(
-                    f"{key} (from {sources.get(key, '?')}) must be a mapping of {', '.join(valid_keys(tp))}, got {v!r}"
-                )
-            kwargs[k] = _build(tp, v, sources, key + ".", all_keys)
+            kwargs[k] = _build_section(tp, v, sources, key, all_keys)
+            continue
+        if _dict_of_sections(tp):  # {name: section}, e.g. launch.shapes
+            _check_type(v, dict, key, sources.get(key, "?"))
+            item = typing.get_args(tp)[1]
+            kwargs[k] = {n: _build_section(item, sub, sources, f"{key}.{n}", all_keys) for n, sub in v.items()}
             continue
         src = sources.get(key, "defaults")
         val = _check_type(v, tp, key, src)
@@ -726,6 +754,14 @@ def _build(cls: type, data: Mapping[str, Any], sources: dict[str, str], prefix: 
                     raise ConfigError(f"{key} (from {src}): {item!r} is above the maximum {hi}")
         kwargs[k] = val
     return cls(**kwargs)
+
+
+def _build_section(cls: type, v: Any, sources: dict[str, str], key: str, all_keys: Sequence[str]) -> Any:
+    if not isinstance(v, Mapping):
+        raise ConfigError(
+            f"{key} (from {sources.get(key, '?')}) must be a mapping of {', '.join(valid_keys(cls))}, got {v!r}"
+        )
+    return _build(cls, v, sources, key + ".", all_keys)
 
 
 def _check_values(cfg: Config) -> None:
@@ -819,16 +855,18 @@ def _check_data_fits(cfg: Config) -> None:
         )
 
 
-def _check_paths(cfg: Config, obj: Any, prefix: str) -> None:
-    for f in dataclasses.fields(obj):
+def missing_input_paths(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
+    """Every input-path key that is set but names nothing on disk, as "key (from source): ..."."""
+    missing: list[str] = []
+    for f in dataclasses.fields(cfg if obj is None else obj):
         if f.name.startswith("_"):
             continue
-        v = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
+        v, key = getattr(cfg if obj is None else obj, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(v):
-            _check_paths(cfg, v, key + ".")
+            missing += missing_input_paths(cfg, v, key + ".")
         elif f.metadata.get("input_path") and v and not Path(v).exists():
-            raise ConfigError(f"{key} (from {cfg.source_of(key)}): input path {v!r} does not exist")
+            missing.append(f"{key} (from {cfg.source_of(key)}): input path {v!r} does not exist")
+    return missing
 
 
 def load_config(
@@ -861,24 +899,102 @@ def load_config(
     cfg._sources = sources
     _check_values(cfg)
     if check_paths:
-        _check_paths(cfg, cfg, "")
+        for missing in missing_input_paths(cfg)[:1]:
+            raise ConfigError(missing)
         _check_data_fits(cfg)
     return cfg
 
 
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def section_doc(obj: object, full: bool = False) -> str:
+    """A section's docstring, its first sentence unless `full` (dataclasses without one get a
+    generated signature: none)."""
+    doc = " ".join((type(obj).__doc__ or "").split())
+    if doc.startswith(type(obj).__name__ + "("):
+        return ""
+    return doc if full else doc.split(". ")[0].rstrip(".")
+
+
+def describe_keys(obj: object, base: object, prefix: str, keep: Callable[[str], bool]) -> list[str]:
+    """One entry per key under `prefix` that `keep` keeps: name, resolved value (the default too
+    where it differs), help text; nested sections (e.g. a section's own sub-section) recursively."""
+    lines = []
+    for f in dataclasses.fields(obj):
+        value, default, key = getattr(obj, f.name), getattr(base, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            inner = describe_keys(value, default, key, keep)
+            if inner:
+                lines.append(f"    {key}:" + (f"  {section_doc(value)}" if section_doc(value) else ""))
+            lines.extend(inner)
+            continue
+        if not keep(key):
+            continue
+        shown = _shown(value) + (f" (default {_shown(default)})" if value != default else "")
+        text = f.metadata.get("help", "")
+        lines.append(f"    {key:32s} {shown}" + (f"\n        {text}" if text else ""))
+    return lines
+
+
+DEFAULTS_HEADER = """\
+# slade_dist defaults: every knob with its default. Run files (configs/*.yaml) override a few;
+# the command line overrides those (section.key=value). Unknown keys fail at load.
+# Generated from slade_dist/config.py (the help text is there): python -m slade_dist show-config --defaults
+"""
+
+
+def defaults_yaml() -> str:
+    """configs/defaults.yaml, written from the schema: every key with its default and help text."""
+    lines = [DEFAULTS_HEADER]
+    for f in dataclasses.fields(Config):
+        if not f.name.startswith("_"):
+            section = getattr(Config(), f.name)
+            lines += [*_yaml_key(f.name, section_doc(section, full=True), "", ""), *_yaml_fields(section, "  "), ""]
+    return "\n".join(lines)
+
+
+def _yaml_fields(obj: Any, indent: str) -> list[str]:
+    lines: list[str] = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, text = getattr(obj, f.name), f.metadata.get("help", "")
+        if dataclasses.is_dataclass(value):
+            lines += [*_yaml_key(f.name, text or section_doc(value), "", indent), *_yaml_fields(value, indent + "  ")]
+        elif _dict_of_sections(hints[f.name]):  # an example entry, commented out: the dict is empty
+            example = _yaml_fields(typing.get_args(hints[f.name])[1](), indent + "    ")
+            lines += _yaml_key(f.name, text, "{}", indent, [f"{indent}  <name>:", *example])
+        else:
+            plain = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).removesuffix("\n...\n").strip()
+            lines += _yaml_key(f.name, text, plain, indent)
+    return lines
+
+
+def _yaml_key(name: str, text: str, value: str, indent: str, example: Sequence[str] = ()) -> list[str]:
+    """`name: value  # text`, the text above the key when the line would pass 120 characters."""
+    line = f"{indent}{name}:{' ' + value if value else ''}"
+    if text and len(line) + len(text) + 4 <= 120 and not example:
+        return [f"{line}  # {text}"]
+    above = [f"{indent}# {t}" for t in textwrap.wrap(text, 116 - len(indent))]
+    return [*above, *(f"{indent}#{ln[len(indent) - 1 :]}" for ln in example), line]
+
+
 def describe_sections() -> str:
-    """One line per section with its keys (for --help)."""
+    """One line per section with its keys (for --help); a sub-section's keys named once."""
     hints = typing.get_type_hints(Config)
     lines = []
     for name in SECTIONS:
         sub = typing.get_type_hints(hints[name])
-        flat = [f.name for f in dataclasses.fields(hints[name]) if not dataclasses.is_dataclass(sub[f.name])]
-        nested = [f.name for f in dataclasses.fields(hints[name]) if dataclasses.is_dataclass(sub[f.name])]
-        keys = ", ".join(flat)
-        if nested:  # e.g. launch.<stage>.nodes: name the sub-sections once instead of every leaf
-            leaf = ", ".join(f.name for f in dataclasses.fields(sub[nested[0]]))
-            keys += f"; {{{','.join(nested)}}}.{{{leaf}}}"
-        lines.append(f"  {name:9s} {keys}")
+        keys = []
+        for f in dataclasses.fields(hints[name]):
+            inner = sub[f.name] if dataclasses.is_dataclass(sub[f.name]) else None
+            if _dict_of_sections(sub[f.name]):
+                inner, f_name = typing.get_args(sub[f.name])[1], f"{f.name}.<stage>"
+            else:
+                f_name = f.name
+            keys.append(f"{f_name}.{{{','.join(g.name for g in dataclasses.fields(inner))}}}" if inner else f_name)
+        lines.append(f"  {name:9s} {', '.join(keys)}")
     return "\n".join(lines)
 
 

@@ -1,14 +1,16 @@
 """Stage registry, run-directory layout, the identity of a stage's work and its DONE markers.
 
-Owns: which stages exist and where each reads/writes (`RunLayout`), the identity of a stage's
-work (`stage_id`: the hash of the config sections it depends on and the content ids of what it
-reads: shard dirs, model files, upstream stages' ids), `DONE.json` (a stage whose marker matches
+Owns: which stages exist, what each declares it reads (`Stage`) and where each reads/writes
+(`RunLayout`), the identity of a stage's work (`stage_id`: the hash of the config keys it declares
+and the content ids of the artefacts it declares: shard dirs, model files, upstream stages' ids),
+`DONE.json` (a stage whose marker matches
 both is done; a changed config or input makes it, and so everything downstream, run again) and
 the chain plan. A stage is a plain function `run(cfg, run_dir) -> dict` (counts/timings for
 DONE.json) in its own module, named here by "module:function" and imported only when it runs, so
 the launcher plans and checks a chain without importing torch. Trainer stages also take
 `evaluate`, the periodic evaluator their entry names (handed in, so train/ never imports eval/).
-Running stages is runner.py. Tests: tests/unit/test_stages.py.
+Running stages is runner.py. Tests: tests/unit/test_stages.py, tests/integration/test_stage_reads.py
+(every key a stage reads is declared).
 """
 
 from __future__ import annotations
@@ -18,41 +20,40 @@ import importlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .fileio import atomic_write_json
-from .provenance import MISSING, combine, file_id, shard_dir_id
+from .provenance import MISSING, combine, describe_unvalidated, file_id, shard_dir_id, unvalidated_img2dataset
 
-# The sections a stage's result depends on are cumulative along the chain: changing the teacher's
-# loss invalidates everything downstream, changing eval.* reruns only eval.
-_CHAIN_SECTIONS = [
-    "run_seed",
-    "data",
-    "model",
-    "pretrain",
-    "train",
-    "loss",
-    "pseudo",
-    "student",
-    "basis",
-    "mining",
-    "eval",
-]
+Resolve = Callable[[Config, "RunLayout"], dict[str, str]]  # an input artefact -> {name: content id}
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage and its declaration: what it reads (config keys, shard dirs, artefacts) is its identity.
+
+    `reads` lists every config key its code reads, as "section" (all of it), "section.sub" or
+    "section.key"; their values (less the result=False knobs) are its config hash, so a changed key
+    reruns exactly the stages that read it. tests/integration/test_stage_reads.py records the keys
+    each stage reads in a real run and fails on one that is not declared. `reports`: keys read only
+    to report (the trainers' periodic eval), never hashed. `requires`: config keys naming the shard
+    dirs it reads (they must exist; their content ids are inputs), or a function of the config for a
+    stage whose shard dirs depend on it. `inputs`: the other artefacts it reads, each resolved to
+    content ids (model files, the DONE.json ids of the stages whose outputs it reads)."""
+
     name: str
     target: str  # "module:function"
-    sections: tuple[str, ...]  # config sections its result depends on
-    per_round: bool  # lives under round<r>/ and depends on run.round
-    requires: tuple[str, ...]  # config keys that must name existing inputs
+    reads: tuple[str, ...]
+    per_round: bool  # lives under round<r>/ (and so reads run.round)
+    requires: tuple[str, ...] | Callable[[Config], tuple[str, ...]]
     help: str
     evaluator: str = ""  # "module:function" building the periodic evaluator (trainers)
+    inputs: tuple[Resolve, ...] = ()
+    reports: tuple[str, ...] = ()
 
     def load(self) -> Callable[..., dict[str, Any]]:
         return _load_target(self.target)
@@ -68,17 +69,70 @@ class Stage:
         except (ImportError, AttributeError):
             return False
 
+    def shard_keys(self, cfg: Config) -> tuple[str, ...]:
+        """The config keys naming the shard dirs this stage reads."""
+        return self.requires(cfg) if callable(self.requires) else self.requires
+
+    def declares(self, key: str) -> bool:
+        """Whether `key` (a leaf "section.key") is in reads or reports (itself or a section above it)."""
+        return any(key == d or key.startswith(d + ".") for d in (*self.reads, *self.reports))
+
 
 def _load_target(target: str) -> Callable[..., Any]:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
 
 
-def _upto(last: str) -> tuple[str, ...]:
-    return tuple(_CHAIN_SECTIONS[: _CHAIN_SECTIONS.index(last) + 1])
+def _weights(name: str, path: Callable[[Config, RunLayout], Any]) -> Resolve:
+    return lambda cfg, layout: {name: file_id(path(cfg, layout))}
+
+
+def _upstream(stage: str) -> Resolve:
+    """The id in the DONE.json of the stage (same round) whose outputs are read."""
+
+    def resolve(cfg: Config, layout: RunLayout) -> dict[str, str]:
+        marker = read_done(layout.done_file(stage, cfg.run.round))
+        return {stage: str(marker.get("stage_id", MISSING)) if marker else MISSING}
+
+    return resolve
+
+
+def _teacher_init(cfg: Config, layout: RunLayout) -> Path | str:
+    pretrained = layout.stage_dir("pretrain") / "final.pt"
+    return pretrained if pretrained.exists() else cfg.model.pretrained_path
+
+
+def _student_init(cfg: Config, layout: RunLayout) -> Path:
+    if cfg.student.init == "teacher":
+        return layout.teacher_weights(cfg.run.round)
+    return layout.stage_dir("pretrain") / "final.pt"
+
+
+def _eval_models(cfg: Config, layout: RunLayout) -> dict[str, str]:
+    models = [layout.stage_dir("teacher") / "final.pt"]
+    models += [layout.stage_dir("student", i) / "final.pt" for i in range(1, cfg.run.rounds + 1)]
+    return {f"model:{p.relative_to(layout.root)}": file_id(p) for p in models}
+
+
+def _eval_shards(cfg: Config) -> tuple[str, ...]:
+    if cfg.eval.protocol == "query_gallery":
+        return ("data.query_shards", "data.gallery_shards")
+    return ("data.test_shards",)
 
 
 _PERIODIC_EVAL = "slade_dist.eval.stage:periodic_evaluator"
+# what eval.stage.periodic_evaluator reads: it only reports (TensorBoard), the weights never see it
+_PERIODIC_EVAL_READS = ("data.test_shards", "data.resize_size", "eval")
+# the optimisation knobs every trainer reads (train/engine.py, train/loop.py)
+_OPTIM = tuple(
+    f"train.{k}"
+    for k in "optimizer momentum weight_decay warmup_steps grad_clip grad_accum precision zero_stage "
+    "ckpt_every log_every".split()
+)
+# the labeled P x K stream of the teacher and the student (data/readers.py)
+_PK_DATA = ("data.train_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.max_buffered")
+_PK_DATA += ("data.num_workers", "data.shuffle_buffer", "train.classes_per_batch", "train.samples_per_class")
+_RANKING = ("run.dir", "run.seed", "model", "loss", "train.lr", "train.backbone_lr_mult", "train.eval_every")
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -86,52 +140,67 @@ STAGES: dict[str, Stage] = {
         Stage(
             "pretrain",
             "slade_dist.train.pretrain:run",
-            _upto("pretrain"),
+            ("run.dir", "run.seed", "model", "pretrain", *_OPTIM, "eval.batch_size", "data.train_shards")
+            + ("data.unlabeled_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.resize_size")
+            + ("data.num_workers", "data.shuffle_buffer"),
             False,
             ("data.train_shards", "data.unlabeled_shards"),
             "SwAV self-supervised training on labeled + unlabeled images (labels ignored)",
+            inputs=(_weights("model.pretrained_path", lambda cfg, _: cfg.model.pretrained_path),),
         ),
         Stage(
             "teacher",
             "slade_dist.train.teacher:run",
-            _upto("loss"),
+            (*_RANKING, *_OPTIM, *_PK_DATA, "train.teacher_steps"),
             False,
             ("data.train_shards",),
             "ranking loss (MS / contrastive) on labeled P x K batches",
             _PERIODIC_EVAL,
+            inputs=(_weights("init", _teacher_init),),
+            reports=_PERIODIC_EVAL_READS,
         ),
         Stage(
             "embed",
             "slade_dist.pseudo.embed:run",
-            _upto("pseudo"),
+            ("run.dir", "run.seed", "run.round", "data.image_size", "data.resize_size", "data.num_workers")
+            + ("data.unlabeled_shards", "model", "pseudo.embed_batch_size"),
             True,
             ("data.unlabeled_shards",),
             "teacher embeddings of every unlabeled image, one file pair per shard",
+            inputs=(_weights("teacher", lambda cfg, layout: layout.teacher_weights(cfg.run.round)),),
         ),
         Stage(
             "cluster",
             "slade_dist.pseudo.cluster:run",
-            _upto("pseudo"),
+            ("run.dir", "run.seed", "run.round", "data.num_workers", "data.unlabeled_shards", "pseudo")
+            + ("data.pseudo_max_dist_percentile", "data.pseudo_min_cluster_size"),
             True,
             ("data.unlabeled_shards",),
             "distributed k-means on the embeddings -> pseudo-label shards",
+            inputs=(_upstream("embed"),),
         ),
         Stage(
             "student",
             "slade_dist.train.student:run",
-            _upto("mining"),
+            (*_RANKING, *_OPTIM, *_PK_DATA, "run.round", "data.unlabeled_shards", "data.pseudo_max_dist_percentile")
+            + ("data.pseudo_min_cluster_size", "train.student_steps", "train.basis_lr_mult", "student", "basis")
+            + ("mining",),
             True,
             ("data.train_shards", "data.unlabeled_shards"),
             "labels + pseudo labels, feature basis, high-confidence pair mining",
             _PERIODIC_EVAL,
+            inputs=(_upstream("cluster"), _weights("init", _student_init)),
+            reports=_PERIODIC_EVAL_READS,
         ),
         Stage(
             "eval",
             "slade_dist.eval.stage:run",
-            _upto("eval"),
+            ("run.dir", "run.seed", "run.rounds", "data.image_size", "data.resize_size", "data.num_workers")
+            + ("data.test_shards", "data.query_shards", "data.gallery_shards", "model", "eval"),
             False,
-            (),
+            _eval_shards,
             "Recall@K, P@1, R-Precision, MAP@R, NMI of the final model on the test split",
+            inputs=(_eval_models,),
         ),
     ]
 }
@@ -182,57 +251,34 @@ class RunLayout:
 
 
 def stage_hash(cfg: Config, stage: str) -> str:
-    st = STAGES[stage]
-    sections = [s for s in st.sections if s != "run_seed"]
-    extra: dict[str, Any] = {"stage": stage, "seed": cfg.run.seed}
-    if st.per_round:
-        extra["round"] = cfg.run.round
-    if stage == "eval":
-        extra["rounds"] = cfg.run.rounds
-    return cfg.section_hash(sections, extra)
+    """The hash of the config keys the stage declares it reads (result=False knobs left out)."""
+    return cfg.section_hash(STAGES[stage].reads, {"stage": stage})
 
 
 def data_keys(cfg: Config, stage: str) -> tuple[str, ...]:
     """The config keys naming the shard dirs `stage` reads."""
-    if stage == "eval":
-        return (
-            ("data.query_shards", "data.gallery_shards")
-            if cfg.eval.protocol == "query_gallery"
-            else ("data.test_shards",)
-        )
-    return STAGES[stage].requires
-
-
-def _upstream_id(layout: RunLayout, stage: str, round_: int) -> str:
-    marker = read_done(layout.done_file(stage, round_))
-    return str(marker.get("stage_id", MISSING)) if marker else MISSING
+    return STAGES[stage].shard_keys(cfg)
 
 
 def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
-    """Content ids of everything `stage` reads: shard dirs, model files, upstream stage outputs.
-
-    A stage reruns when one changes (and so does everything downstream, whose inputs then change).
-    """
+    """Content ids of everything `stage` declares it reads: shard dirs, model files, upstream
+    stage outputs. A stage reruns when one changes (and so does everything downstream, whose
+    inputs then change)."""
     layout = RunLayout(cfg.run.dir)
-    r = cfg.run.round
     ids = {key: shard_dir_id(cfg.get(key)) for key in data_keys(cfg, stage)}
-    pretrained = layout.stage_dir("pretrain") / "final.pt"
-    if stage == "pretrain":
-        ids["model.pretrained_path"] = file_id(cfg.model.pretrained_path)
-    elif stage == "teacher":
-        ids["init"] = file_id(pretrained) if pretrained.exists() else file_id(cfg.model.pretrained_path)
-    elif stage == "embed":
-        ids["teacher"] = file_id(layout.teacher_weights(r))
-    elif stage == "cluster":
-        ids["embed"] = _upstream_id(layout, "embed", r)
-    elif stage == "student":
-        ids["cluster"] = _upstream_id(layout, "cluster", r)
-        ids["init"] = file_id(layout.teacher_weights(r) if cfg.student.init == "teacher" else pretrained)
-    elif stage == "eval":
-        models = [layout.stage_dir("teacher") / "final.pt"]
-        models += [layout.stage_dir("student", i) / "final.pt" for i in range(1, cfg.run.rounds + 1)]
-        ids.update({f"model:{p.relative_to(layout.root)}": file_id(p) for p in models})
+    for resolve in STAGES[stage].inputs:
+        ids.update(resolve(cfg, layout))
     return ids
+
+
+def unvalidated_shards(cfg: Config, names: Sequence[str]) -> str | None:
+    """The refusal when a shard dir the named stages read is raw img2dataset output nobody validated."""
+    for key in dict.fromkeys(k for n in names if n in STAGES for k in STAGES[n].shard_keys(cfg)):
+        value = cfg.get(key)
+        command_line = unvalidated_img2dataset(value) if value else None
+        if command_line:
+            return describe_unvalidated(key, value, command_line)
+    return None
 
 
 def stage_id(cfg: Config, stage: str, inputs: dict[str, str] | None = None) -> str:
@@ -295,9 +341,10 @@ def with_round(cfg: Config, round_: int) -> Config:
 
 
 def pipeline_plan(rounds: int) -> list[tuple[str, int]]:
-    """The whole chain: pretrain -> teacher -> R x (embed -> cluster -> student) -> eval."""
-    plan = [("pretrain", 1), ("teacher", 1)]
-    for r in range(1, rounds + 1):
-        plan += [("embed", r), ("cluster", r), ("student", r)]
-    plan.append(("eval", 1))
-    return plan
+    """The whole chain in registry order, every per-round stage once per round, where the first of
+    them stands: pretrain -> teacher -> R x (embed -> cluster -> student) -> eval."""
+    names = list(STAGES)
+    first = next((i for i, n in enumerate(names) if STAGES[n].per_round), len(names))
+    per_round = [n for n in names if STAGES[n].per_round]
+    plan = [(n, 1) for n in names[:first]] + [(n, r) for r in range(1, rounds + 1) for n in per_round]
+    return plan + [(n, 1) for n in names[first:] if not STAGES[n].per_round]

@@ -4,28 +4,19 @@
   index  (re)build index.json of a shard directory by scanning its tars
   check-pseudo  verify that pseudo-label files zip with their image shards (keys, order)
 
-Also owns `unvalidated_img2dataset`: whether a directory named as a shard dir is raw img2dataset
-output that `write --format img2dataset` never validated (the stage commands and the launcher
-refuse it with that command, instead of indexing it unchecked).
-Tests: tests/unit/test_writers.py (runs the CLI in a subprocess), tests/unit/test_cli.py and
-tests/unit/test_launch.py (the img2dataset refusal).
+Also `python -m slade_dist data ...`. Tests: tests/unit/test_writers.py (runs the CLI in a subprocess).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 from pathlib import Path
 
 from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 
-# img2dataset names its shards 00000.tar, 00001.tar...; slade_dist's writers never do (<prefix>-%06d.tar)
-IMG2DATASET_TAR = re.compile(r"\d+\.tar")
-# kept in step with writers.FORMATS (not imported: the launcher calls unvalidated_img2dataset, and
-# writers / readers import numpy, PIL and torch, which the launcher never needs)
+# kept in step with writers.FORMATS (not imported: writers imports torch, which --help never needs)
 PROG = "python -m slade_dist.data"
 FORMATS = sorted(["imagefolder", "cub", "cars196", "inshop", "nabirds", "compcars", "fashion200k", "img2dataset"])
 
@@ -80,38 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--seed", type=int, default=0, help="seed of the fixed write order (default 0)")
     w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(run=_write)
     ix = sub.add_parser("index", help="rebuild index.json of a shard directory from its tars")
     ix.add_argument("shard_dir")
+    ix.set_defaults(run=_index)
     cp = sub.add_parser("check-pseudo", help="verify pl-%%06d.npz files against their image shards")
     cp.add_argument("unlabeled_dir")
     cp.add_argument("pseudo_dir")
+    cp.set_defaults(run=_check_pseudo)
     return p
-
-
-def unvalidated_img2dataset(shard_dir: str | os.PathLike[str]) -> str | None:
-    """When `shard_dir` holds img2dataset shards (<digits>.tar) without the index.json that
-    `write --format img2dataset` writes after decoding every image once: the command that does it.
-    None for any other directory (slade_dist's own shards, an index from that command, no tars)."""
-    d = Path(shard_dir)
-    if not d.is_dir() or not any(IMG2DATASET_TAR.fullmatch(p.name) for p in d.glob("*.tar")):
-        return None
-    try:
-        index = json.loads((d / "index.json").read_text())
-    except (OSError, ValueError):  # missing or unreadable: a scan would write one, unvalidated
-        index = {}
-    if isinstance(index, dict) and index.get("format") == "img2dataset":
-        return None
-    return f"python -m slade_dist.data write --format img2dataset --root {d} --out {d}"
-
-
-def describe_unvalidated(key: str, shard_dir: str, command: str) -> str:
-    """The refusal the stage commands and the launcher print for unvalidated img2dataset output."""
-    return (
-        f"{key}: {shard_dir} holds img2dataset output that was never validated (corrupt images and "
-        f"truncated tars would go unnoticed): run `{command}` once (decodes every image, writes "
-        f"index.json beside the tars, copies nothing), or point {key} at the --out directory of an "
-        "earlier `write --format img2dataset`"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,17 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if args.cmd == "write":
-        return _write(args)
-    if args.cmd == "index":
-        return _index(args.shard_dir)
-    if args.cmd == "check-pseudo":
-        return _check_pseudo(args.unlabeled_dir, args.pseudo_dir)
-    return 1
+    return args.run(args)
 
 
 def _write(args: argparse.Namespace) -> int:
-    # imported here: the launcher imports this module for unvalidated_img2dataset, without torch
+    # imported here: --help needs no torch
     from .writers import convert
 
     if args.workers < 1 or args.shard_size < 1 or args.resize < 0:
@@ -159,20 +121,20 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index(shard_dir: str) -> int:
+def _index(args: argparse.Namespace) -> int:
     from .shards import INDEX_FILE, read_index
 
-    (Path(shard_dir) / INDEX_FILE).unlink(missing_ok=True)
-    idx = read_index(shard_dir)
+    (Path(args.shard_dir) / INDEX_FILE).unlink(missing_ok=True)
+    idx = read_index(args.shard_dir)
     print(json.dumps({"shards": len(idx["shards"]), "total": idx["total"], "kind": idx["kind"]}))
     return 0
 
 
-def _check_pseudo(unlabeled_dir: str, pseudo_dir: str) -> int:
+def _check_pseudo(args: argparse.Namespace) -> int:
     from .pseudo_join import check_zip
     from .readers import resolve_shards
 
-    n = sum(check_zip(s, pseudo_dir) for s in resolve_shards(unlabeled_dir))
+    n = sum(check_zip(s, args.pseudo_dir) for s in resolve_shards(args.unlabeled_dir))
     print(f"ok: {n} pseudo-labeled samples zip with their image shards")
     return 0
 

@@ -1,7 +1,7 @@
 """The launcher: slade_dist stages as Slurm jobs through submitit, or as local / in-process runs.
 
 Owns everything between the command line users run (`python launch/submit.py --stage STAGE --config
-FILE [k=v ...]`, or `python -m slade_dist.launch ...`) and the stage functions: turning a stage (or
+FILE [k=v ...]`, or `python -m slade_dist launch ...`) and the stage functions: turning a stage (or
 `all`: pretrain -> teacher -> R x (embed -> cluster -> student) -> eval) into jobs, each with its
 own node/GPU shape, linked by `afterok` dependencies; every check that can be done before
 submitting anything; `--dry-run`; `--cluster local|debug`; `--status` / `--cancel`; and what runs
@@ -16,7 +16,8 @@ model.
   local.py   --cluster local / debug: the jobs one after the other on this machine, logs streamed
   status.py  <run>/logs/submitted.json (every launch), --status, --cancel (submitit's job objects)
   job.py     StageJob, the callable each task runs (the only launch module that imports torch)
-  cli.py     argparse, which config file, resolving, dry run, main()
+  resolve.py which config file, resolving config + cluster + plan, dry run, submitting, status/cancel
+  cli.py     the arguments (flags that are not config keys), main()
 
 Nothing is imported here, so a task unpickling StageJob loads only what it needs.
 Tests: tests/unit/test_launch.py, tests/integration/test_launch_local.py,

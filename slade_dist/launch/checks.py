@@ -1,13 +1,12 @@
 """What the launcher checks before submitting anything, whatever the cluster.
 
-Owns: the ranges of the numeric flags, which flags apply to which stage (--array, --shards), that
+Owns: the ranges of --nodes and --array, which flags apply to which stage (--array, --shards), that
 every planned stage's module exists (found without importing it: no torch), that its input paths
 are set and exist (and are not raw img2dataset output nobody validated), that --shards names
 shards of the unlabeled index, and that launch.sbatch_extra is a mapping of options the launcher
 does not set itself, and that every trainer job's world size divides the batch of an optimizer step
 (`check_step_batches`; `step_picture` is the per-GPU figure the dry run prints). Each failure is one
-LaunchError line; `missing_input_paths` lists every
-missing input at once (what a dry run warns about). The cluster's own checks live with it (slurm.check_shape_fits,
+LaunchError line. The cluster's own checks live with it (slurm.check_shape_fits,
 local.check_local_shape).
 Tests: tests/unit/test_launch.py (errors before anything runs), tests/integration/test_slurm.py.
 """
@@ -15,34 +14,20 @@ Tests: tests/unit/test_launch.py (errors before anything runs), tests/integratio
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from .. import stages
 from ..config import Config, ConfigError, step_share
-from .plan import JobSpec, LaunchError, format_shard_ids, shape_key
-
-# flag -> smallest value it takes (0 where 0 means "none" or "the default")
-FLAG_MINIMUM = {
-    "nodes": 1,
-    "gpus_per_node": 0,
-    "tasks_per_node": 0,
-    "cpus_per_task": 1,
-    "mem": 0,
-    "time": 1,
-    "rounds": 1,
-    "array": 0,
-}
+from ..provenance import describe_unvalidated, unvalidated_img2dataset
+from .plan import JobSpec, LaunchError, format_shard_ids
 
 
 def check_flag_ranges(args: argparse.Namespace) -> None:
-    for flag, minimum in FLAG_MINIMUM.items():
+    for flag, minimum in (("nodes", 1), ("array", 0)):  # 0 parts: no array
         value = getattr(args, flag)
         if value is not None and value < minimum:
-            raise LaunchError(f"--{flag.replace('_', '-')} must be >= {minimum}, got {value}")
+            raise LaunchError(f"--{flag} must be >= {minimum}, got {value}")
 
 
 def check_flags_fit_stage(args: argparse.Namespace) -> None:
@@ -78,12 +63,9 @@ def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = Fa
     """Each planned stage's input keys that are unset, missing on disk (unless skip_missing: a dry
     run lists those through missing_input_paths already) or raw img2dataset output nobody validated
     (read as it is, the reader would index its tars unchecked, into that very directory)."""
-    # imported here: the data CLI module keeps its heavy imports inside its commands (no torch)
-    from ..data.__main__ import describe_unvalidated, unvalidated_img2dataset
-
     problems = []
     for stage in dict.fromkeys(spec.stage for spec in plan):
-        for key in stages.STAGES[stage].requires:
+        for key in stages.STAGES[stage].shard_keys(cfg):
             value = cfg.get(key)
             try:
                 cfg.require_inputs(key)
@@ -98,21 +80,6 @@ def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = Fa
     return list(dict.fromkeys(problems))
 
 
-def missing_input_paths(cfg: Config, obj: Any = None, prefix: str = "") -> list[str]:
-    """Every input-path key that is set but names nothing on disk, as "key: path (from source)"."""
-    obj = cfg if obj is None else obj
-    missing: list[str] = []
-    for f in dataclasses.fields(obj):
-        if f.name.startswith("_"):
-            continue
-        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            missing.extend(missing_input_paths(cfg, value, key + "."))
-        elif f.metadata.get("input_path") and value and not Path(value).exists():
-            missing.append(f"{key}: input path {value!r} does not exist (from {cfg.source_of(key)})")
-    return missing
-
-
 # sbatch options the launcher sets from its own keys and flags: through sbatch_extra they would fight
 # them (and output / error / open-mode / signal / array are how submitit finds a job's logs and result)
 MANAGED_SBATCH = {
@@ -125,24 +92,24 @@ MANAGED_SBATCH = {
     "dependency": "the chain's afterok dependencies",
     "kill-on-invalid-dep": "set on every job that waits for another",
     "requeue": "use launch.requeue",
-    "nodes": "use launch.<stage>.nodes or --nodes",
-    "ntasks-per-node": "use launch.<stage>.tasks_per_node or --tasks-per-node",
-    "cpus-per-task": "use launch.<stage>.cpus_per_task or --cpus-per-task",
-    "gpus-per-node": "use launch.<stage>.gpus_per_node or --gpus-per-node",
-    "mem": "use launch.<stage>.mem_gb or --mem",
-    "time": "use launch.<stage>.time_min or --time",
-    "partition": "use launch.partition or --partition",
-    "account": "use launch.account or --account",
-    "qos": "use launch.qos or --qos",
-    "constraint": "use launch.constraint or --constraint",
+    "nodes": "use launch.shapes.<stage>.nodes or --nodes",
+    "ntasks-per-node": "use launch.shapes.<stage>.tasks_per_node",
+    "cpus-per-task": "use launch.shapes.<stage>.cpus_per_task",
+    "gpus-per-node": "use launch.shapes.<stage>.gpus_per_node",
+    "mem": "use launch.shapes.<stage>.mem_gb",
+    "time": "use launch.shapes.<stage>.time_min",
+    "partition": "use launch.partition",
+    "account": "use launch.account",
+    "qos": "use launch.qos",
+    "constraint": "use launch.constraint",
 }
 
 
 def check_sbatch_extra(cfg: Config, plan: Sequence[JobSpec]) -> None:
-    """launch.sbatch_extra and launch.<stage>.sbatch_extra: option -> scalar, none the launcher sets."""
+    """launch.sbatch_extra and launch.shapes.<stage>.sbatch_extra: option -> scalar, none the launcher sets."""
     places = {"launch.sbatch_extra": cfg.launch.sbatch_extra}
     for spec in plan:
-        places[f"launch.{shape_key(spec.stage)}.sbatch_extra"] = spec.shape.sbatch_extra
+        places[f"launch.shapes.{spec.stage}.sbatch_extra"] = spec.shape.sbatch_extra
     for key, extra in places.items():
         if not isinstance(extra, dict):
             raise LaunchError(

@@ -1,7 +1,7 @@
 """The jobs of one launch: which stage runs in which job, with which shape, after which job.
 
 Owns: `JobSpec` (one job of the plan) and `Submitted` (a job once submitted or run), each stage's
-job shape (cfg.launch.<stage>, command-line flags on top), job names ("teacher", "round1-embed",
+job shape (cfg.launch.shapes.<stage>, --nodes on top), job names ("teacher", "round1-embed",
 "round1-embed-array", "round1-embed-shards"; on Slurm `slade-<run name>-<job name>`), turning a
 stage or `all` into a chain of jobs, dropping the jobs whose stage's DONE.json already matches,
 shard-id lists ("0-9,12"), the job that builds a job's callable (StageJob) and where each job's
@@ -81,26 +81,11 @@ def format_shard_ids(ids: Sequence[int]) -> str:
 
 
 # ---------------------------------------------------------------------------------- shapes
-def shape_key(stage: str) -> str:
-    """cfg.launch field of a stage's job shape (`cluster` already names the executor kind)."""
-    return "cluster_job" if stage == "cluster" else stage
-
-
 def resolve_shape(cfg: Config, stage: str, args: argparse.Namespace) -> JobShape:
-    """cfg.launch.<stage> with the command-line flags on top; tasks_per_node 0 -> one per GPU (or 1)."""
-    # a stage registered without a launch.<stage> section gets the default shape
-    shape = copy.deepcopy(getattr(cfg.launch, shape_key(stage), None) or JobShape())
-    for flag, field in [
-        ("nodes", "nodes"),
-        ("gpus_per_node", "gpus_per_node"),
-        ("tasks_per_node", "tasks_per_node"),
-        ("cpus_per_task", "cpus_per_task"),
-        ("mem", "mem_gb"),
-        ("time", "time_min"),
-    ]:
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(shape, field, value)
+    """cfg.launch.shapes.<stage> with --nodes on top; tasks_per_node 0 -> one per GPU (or 1)."""
+    shape = copy.deepcopy(cfg.launch.shapes.get(stage) or JobShape())  # a stage not named: the defaults
+    if getattr(args, "nodes", None) is not None:
+        shape.nodes = args.nodes
     if shape.tasks_per_node == 0:
         shape.tasks_per_node = shape.gpus_per_node or 1
     return shape

@@ -25,7 +25,7 @@ from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 from ..config import Config
-from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, make_job, shape_key, slurm_job_name
+from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, make_job, slurm_job_name
 
 # a long training under a short time limit is requeued at every limit (preemptions do not count);
 # submitit's default of 3 would end a 24 h run under a 4 h limit
@@ -64,7 +64,7 @@ def query_partition(partition: str) -> PartitionInfo:
     if not partition:
         default = [p.rstrip("*") for _, p, _, _ in rows if p.endswith("*")]
         if not default:
-            raise LaunchError(f"Slurm has no default partition: pass --partition (one of {', '.join(names)})")
+            raise LaunchError(f"Slurm has no default partition: set launch.partition (one of {', '.join(names)})")
         partition = default[0]
     mine = {node: (int(c), _gres_gpus(g)) for node, p, c, g in rows if p.rstrip("*") == partition}
     if not mine:
@@ -78,7 +78,7 @@ def check_shape_fits(spec: JobSpec, part: PartitionInfo) -> None:
     if s.nodes > part.nodes:
         raise LaunchError(
             f"job {spec.name} asks for {s.nodes} nodes but partition {part.name!r} has "
-            f"{part.nodes}: lower --nodes (or launch.{shape_key(spec.stage)}.nodes)"
+            f"{part.nodes}: lower --nodes (or launch.shapes.{spec.stage}.nodes)"
         )
     if s.tasks_per_node * s.cpus_per_task > part.cpus_per_node:
         raise LaunchError(
@@ -94,7 +94,7 @@ def check_shape_fits(spec: JobSpec, part: PartitionInfo) -> None:
 
 # -------------------------------------------------------------------------------- parameters
 def sbatch_extra(cfg: Config, spec: JobSpec) -> dict[str, Any]:
-    """launch.sbatch_extra with launch.<stage>.sbatch_extra on top, as sbatch option names; a value
+    """launch.sbatch_extra with launch.shapes.<stage>.sbatch_extra on top, as sbatch option names; a value
     of false drops the option (a stage opting out of a global `exclusive: true`)."""
     merged = {**cfg.launch.sbatch_extra, **spec.shape.sbatch_extra}
     return {str(k).replace("_", "-"): v for k, v in merged.items() if v is not False}

@@ -121,7 +121,9 @@ def tiny_config(path: Path, demo_dir: Path, run_dir: Path, **sections: dict) -> 
         "pseudo": {"k": 8, "niter": 4, "embed_batch_size": 32},
         "eval": {"batch_size": 64},
         # 1 CPU per task: the test cluster's virtual nodes have 2 CPUs each
-        "launch": {k: {"cpus_per_task": 1} for k in ("pretrain", "teacher", "embed", "cluster_job", "student", "eval")},
+        "launch": {
+            "shapes": {k: {"cpus_per_task": 1} for k in ("pretrain", "teacher", "embed", "cluster", "student", "eval")}
+        },
     }
     for name, keys in sections.items():
         body.setdefault(name, {}).update(keys)

@@ -35,7 +35,8 @@ def test_local_job_runs_one_process_per_task(probe_stage, tmp_path, monkeypatch,
     monkeypatch.chdir(REPO_ROOT)  # the task processes import the probe module from here
     cfg = probe_config(tmp_path)
     rc = cli.main(
-        ["--stage", "probe", "--config", str(cfg), "--cluster", "local", "--tasks-per-node", "2"], job_cls=ProbeJob
+        ["--stage", "probe", "--config", str(cfg), "--cluster", "local", "launch.shapes.probe.tasks_per_node=2"],
+        job_cls=ProbeJob,
     )
     out = capsys.readouterr().out
     assert rc == 0, out

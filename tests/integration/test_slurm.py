@@ -122,8 +122,7 @@ def run_probe(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) ->
             str(tmp_path / "probe.yaml"),
             "--cluster",
             "slurm",
-            "--cpus-per-task",
-            "1",
+            "launch.shapes.probe.cpus_per_task=1",
             *flags,
         ],
         job_cls=functools.partial(ProbeJob, env=env or {}),
@@ -140,7 +139,7 @@ def at_repo_root(monkeypatch):
 
 def test_two_node_job_runs_one_gloo_group(slurm_cluster, probe_stage, tmp_path, at_repo_root):
     probe_config(tmp_path)
-    jobs = run_probe(tmp_path, "--nodes", "2", "--mem", "1", "--time", "5")
+    jobs = run_probe(tmp_path, "--nodes", "2", "launch.shapes.probe.mem_gb=1", "launch.shapes.probe.time_min=5")
     assert wait_states([jobs["probe"]["job_id"]]) == {jobs["probe"]["job_id"]: "COMPLETED"}
     done = json.loads((probe_dir(tmp_path / "run") / "DONE.json").read_text())
     assert done["world_size"] == 2
@@ -158,7 +157,9 @@ def test_a_failing_rank_ends_its_two_node_job(slurm_cluster, probe_stage, tmp_pa
         taken.listen()
         port = taken.getsockname()[1]
         t0 = time.time()
-        jobs = run_probe(tmp_path, "--nodes", "2", "--time", "5", env={dist.MASTER_PORT_ENV: str(port)})
+        jobs = run_probe(
+            tmp_path, "--nodes", "2", "launch.shapes.probe.time_min=5", env={dist.MASTER_PORT_ENV: str(port)}
+        )
         job_id = jobs["probe"]["job_id"]
         assert wait_states([job_id], timeout_s=120) == {job_id: "FAILED"}
     print(f"2-node job with a taken port failed after {time.time() - t0:.1f}s")
@@ -197,12 +198,8 @@ def test_afterok_chains_done_markers_and_kill_on_invalid_dep(slurm_cluster, prob
 def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, tmp_path, at_repo_root):
     probe_config(tmp_path, steps=30, ckpt_every=5)
     # 2 CPUs: the job fills node1, so a job on all nodes of the `high` partition must preempt it
-    rc = cli.main(
-        ["--stage", "probe", "--config", str(tmp_path / "probe.yaml"), "--cluster", "slurm", "--cpus-per-task", "2"],
-        job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.2"}),
-    )
-    assert rc == 0
-    job_id = submitted(tmp_path)["probe"]["job_id"]
+    jobs = run_probe(tmp_path, "launch.shapes.probe.cpus_per_task=2", env={"PROBE_SLEEP_S": "0.2"})  # the last wins
+    job_id = jobs["probe"]["job_id"]
     ckpt = probe_dir(tmp_path / "run") / "ckpt.json"
     wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 10, "a checkpoint at step >= 10")
     high_id = submit_preempting_job(slurm_cluster, tmp_path)
@@ -285,12 +282,9 @@ def _squeue_count() -> int:
 
 BAD_ARGUMENTS = [
     # 6 classes split over 3 ranks: the batch is fine, the partition is what refuses
-    (
-        ["--stage", "teacher", "--nodes", "3", "train.classes_per_batch=6"],
-        "asks for 3 nodes but partition 'debug' has 2",
-    ),
-    (["--stage", "teacher", "--partition", "nosuch"], "partition 'nosuch' does not exist"),
-    (["--stage", "teacher", "--cpus-per-task", "8"], "nodes of partition 'debug' have 2 CPUs"),
+    (["--stage", "teacher", "--nodes", "3", "train.classes_per_batch=6"], "asks for 3 nodes but partition 'debug'"),
+    (["--stage", "teacher", "launch.partition=nosuch"], "partition 'nosuch' does not exist"),
+    (["--stage", "teacher", "launch.shapes.teacher.cpus_per_task=8"], "nodes of partition 'debug' have 2 CPUs"),
     (["--stage", "teacher", "train.lrr=0.1"], "unknown config key 'train.lrr'"),
     (["--stage", "teachr"], "invalid choice: 'teachr'"),
 ]
@@ -323,14 +317,13 @@ def test_dry_run_prints_config_and_exact_sbatch_lines(slurm_cluster, tmp_path, c
             "all",
             "--config",
             str(cfg),
-            "--rounds",
-            "2",
+            "run.rounds=2",
             "--dry-run",
             "--array",
             "2",
             "--cluster",
             "slurm",
-            "launch.student.nodes=2",
+            "launch.shapes.student.nodes=2",
             "train.lr=0.5",
         ]
     )
@@ -385,8 +378,8 @@ def test_demo_chain_through_slurm_with_a_preempted_two_node_teacher(slurm_cluste
         "slurm",
         "--array",
         "2",
-        "launch.teacher.nodes=2",
-        "launch.teacher.cpus_per_task=2",
+        "launch.shapes.teacher.nodes=2",
+        "launch.shapes.teacher.cpus_per_task=2",
     )
     assert proc.returncode == 0, proc.stderr
     assert "tensorboard --logdir" in proc.stdout

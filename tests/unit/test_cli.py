@@ -36,6 +36,20 @@ def test_help_lists_stages_and_sections():
         assert word in out
 
 
+def test_one_command_line_runs_the_shard_tools_and_the_launcher(tmp_path, capsys):
+    assert main(["data", "index", str(tmp_path / "none")]) == 2  # the shard tools' own error line
+    assert capsys.readouterr().err.startswith("python -m slade_dist.data: error: ")
+    assert main(["launch", "--stage", "teacher", "--nodes", "0"]) == 2
+    assert capsys.readouterr().err == "python -m slade_dist launch: error: --nodes must be >= 1, got 0\n"
+
+
+def test_the_stage_commands_never_load_the_launcher():
+    """`launch ...` imports slade_dist.launch (and submitit) in its own branch only."""
+    code = "import sys, slade_dist.__main__; print(sorted(m for m in sys.modules if 'submitit' in m or '.launch' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT).stdout
+    assert out.strip() == "[]", out
+
+
 def test_config_error_exit_code(capsys):
     assert main(["show-config", "trian.lr=1"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
@@ -67,8 +81,8 @@ def test_demo_data_command(tmp_path, capsys):
 
 
 def test_stage_help_lists_the_keys_that_stage_reads():
-    """`teacher --help` printed the global help; it now lists run, data and the sections the
-    teacher's result depends on, each key with its help text and default."""
+    """`teacher --help` lists the config keys the teacher declares it reads (slade_dist/stages.py),
+    by section, each with its help text and default."""
     proc = subprocess.run(
         [sys.executable, "-m", "slade_dist", "teacher", "--help", "--config", "configs/cub.yaml", "train.lr=0.5"],
         capture_output=True,
@@ -78,11 +92,11 @@ def test_stage_help_lists_the_keys_that_stage_reads():
     out = proc.stdout
     assert out.startswith("usage: python -m slade_dist teacher ") and "inputs (must exist): data.train_shards" in out
     sections = [ln.strip().split(":")[0] for ln in out.splitlines() if ln.startswith("  ") and not ln.startswith("   ")]
-    assert sections == ["run", "data", "model", "pretrain", "train", "loss"], sections
+    assert sections == ["run", "data", "model", "loss", "train", "eval"], sections
     assert "    train.lr                         0.5 (default 0.0001)\n        head learning rate" in out
     assert "    train.teacher_steps              6000 (default 1000)" in out  # from cub.yaml
     assert "samples_per_class" in out and "K of the labeled P x K batch" in out
-    for other in ("basis.", "mining.", "pseudo.", "stages (each is also a command)"):
+    for other in ("basis.", "mining.", "pseudo.", "train.student_steps", "stages (each is also a command)"):
         assert other not in out, other  # not what the teacher reads; not the global help
     student = subprocess.run(
         [sys.executable, "-m", "slade_dist", "student", "-h"], capture_output=True, text=True, check=True

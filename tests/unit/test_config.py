@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slade_dist.config import Config, ConfigError, load_config, parse_override, valid_keys
+from slade_dist.config import (
+    DEFAULTS_FILE,
+    Config,
+    ConfigError,
+    defaults_yaml,
+    load_config,
+    parse_override,
+    valid_keys,
+)
 
 
 def write(tmp_path: Path, name: str, body: dict) -> Path:
@@ -16,13 +24,18 @@ def write(tmp_path: Path, name: str, body: dict) -> Path:
     return p
 
 
-def test_defaults_file_matches_schema():
-    """configs/defaults.yaml sets every key of the schema to its dataclass default."""
-    cfg = load_config()
-    assert cfg.to_dict() == Config().to_dict()
-    text = Path("configs/defaults.yaml").read_text()
-    for key in valid_keys():
+def test_defaults_file_is_the_one_the_schema_writes():
+    """configs/defaults.yaml is generated from the dataclasses (defaults and help text live once, in
+    slade_dist/config.py): it must be exactly what `show-config --defaults` writes."""
+    assert DEFAULTS_FILE.read_text() == defaults_yaml(), (
+        "configs/defaults.yaml differs from the schema; regenerate it: "
+        "python -m slade_dist show-config --defaults > configs/defaults.yaml"
+    )
+    assert load_config().to_dict() == Config().to_dict()
+    text = DEFAULTS_FILE.read_text()
+    for key in valid_keys():  # every leaf with its help text, the job shape's keys in a commented example
         assert key.split(".")[-1] + ":" in text, f"{key} missing from configs/defaults.yaml"
+    assert "  samples_per_class: 4  # K of the labeled P x K batch\n" in text  # the help, beside its key
 
 
 def test_layering_defaults_runfile_overrides(tmp_path):
@@ -39,10 +52,12 @@ def test_layering_defaults_runfile_overrides(tmp_path):
 
 
 def test_int_accepted_for_float_and_nested_launch_shape(tmp_path):
-    run = write(tmp_path, "r.yaml", {"train": {"lr": 1}, "launch": {"student": {"nodes": 8, "gpus_per_node": 8}}})
+    run = write(
+        tmp_path, "r.yaml", {"train": {"lr": 1}, "launch": {"shapes": {"student": {"nodes": 8, "gpus_per_node": 8}}}}
+    )
     cfg = load_config(run)
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0
-    assert cfg.launch.student.nodes == 8 and cfg.launch.teacher.nodes == 1
+    assert cfg.launch.shapes["student"].nodes == 8 and "teacher" not in cfg.launch.shapes
 
 
 def test_unknown_key_suggests_closest(tmp_path):
@@ -132,7 +147,7 @@ def test_override_syntax():
 
 def test_hash_and_saved_config_round_trip(tmp_path):
     a = load_config(None, ["train.lr=0.5"])
-    b = load_config(None, ["train.lr=0.5", "launch.teacher.nodes=4"])
+    b = load_config(None, ["train.lr=0.5", "launch.shapes.teacher.nodes=4"])
     c = load_config(None, ["train.lr=0.25"])
     assert a.hash() == b.hash() != c.hash()  # the job shape is not part of the work's identity
     assert len(a.hash()) == 12

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from slade_dist.config import TrainConfig
 from slade_dist.models import UnsafeCheckpointError
 from slade_dist.tb import TBWriter
+from slade_dist.train import deepspeed_setup as S
 from slade_dist.train import engine as E
 from slade_dist.train import loop as L
 
@@ -75,8 +76,8 @@ def test_warmup_cosine_factors():
 
 
 def test_precision_and_ds_config():
-    assert E.resolve_precision("auto") == ("bf16" if torch.cuda.is_available() else "fp32")
-    cfg = E.ds_config(TrainConfig(precision="bf16", zero_stage=1, grad_clip=2.0, grad_accum=3), 16)
+    assert S.resolve_precision("auto") == ("bf16" if torch.cuda.is_available() else "fp32")
+    cfg = S.ds_config(TrainConfig(precision="bf16", zero_stage=1, grad_clip=2.0, grad_accum=3), 16)
     assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in cfg  # bf16 mode would cast BatchNorm buffers
     assert cfg["zero_optimization"]["stage"] == 1

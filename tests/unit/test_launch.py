@@ -23,7 +23,7 @@ import yaml
 
 from slade_dist import stages
 from slade_dist.config import load_config
-from slade_dist.launch import cli, local, slurm, status
+from slade_dist.launch import checks, cli, local, resolve, slurm, status
 from slade_dist.launch import plan as planning
 from slade_dist.launch.job import StageJob, array_part
 from slade_dist.pseudo import embed
@@ -35,16 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def flags(**kw) -> argparse.Namespace:
-    base = dict(
-        nodes=None,
-        gpus_per_node=None,
-        tasks_per_node=None,
-        cpus_per_task=None,
-        mem=None,
-        time=None,
-        array=0,
-        shards=None,
-    )
+    base = dict(nodes=None, array=0, shards=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -74,21 +65,21 @@ def test_all_is_the_whole_chain_linked_in_order(tmp_path):
     assert [j.after for j in plan] == [None] + [j.name for j in plan[:-1]]
 
 
-def test_each_stage_gets_its_own_shape_and_flags_override_all(tmp_path):
+def test_each_stage_gets_its_own_shape_and_nodes_overrides_all(tmp_path):
     cfg, _ = config(
         tmp_path,
         "run.rounds=1",
-        "launch.student.nodes=4",
-        "launch.student.gpus_per_node=8",
-        "launch.cluster_job.nodes=2",
-        "launch.cluster_job.tasks_per_node=3",
+        "launch.shapes.student.nodes=4",
+        "launch.shapes.student.gpus_per_node=8",
+        "launch.shapes.cluster.nodes=2",
+        "launch.shapes.cluster.tasks_per_node=3",
     )
     plan = {j.name: j.shape for j in planning.plan_jobs(cfg, "all", flags())}
     assert (plan["round1-student"].nodes, plan["round1-student"].tasks_per_node) == (4, 8)  # one task per GPU
-    assert (plan["round1-cluster"].nodes, plan["round1-cluster"].tasks_per_node) == (2, 3)  # launch.cluster_job
+    assert (plan["round1-cluster"].nodes, plan["round1-cluster"].tasks_per_node) == (2, 3)  # launch.shapes.cluster
     assert (plan["teacher"].nodes, plan["teacher"].tasks_per_node) == (1, 1)  # CPU: one task
-    forced = planning.plan_jobs(cfg, "all", flags(nodes=3, cpus_per_task=5, time=7, mem=9))
-    assert {(s.shape.nodes, s.shape.cpus_per_task, s.shape.time_min, s.shape.mem_gb) for s in forced} == {(3, 5, 7, 9)}
+    forced = planning.plan_jobs(cfg, "all", flags(nodes=3))  # --nodes: every job
+    assert {s.shape.nodes for s in forced} == {3} and plan["round1-student"].tasks_per_node == 8
 
 
 def test_single_round_stage_uses_run_round(tmp_path):
@@ -163,11 +154,11 @@ def test_sbatch_lines_carry_shape_dependency_and_requeue(tmp_path):
         "launch.account=proj",
         "launch.qos=high",
         "launch.constraint=a100",
-        "launch.student.nodes=8",
-        "launch.student.gpus_per_node=8",
-        "launch.student.mem_gb=400",
-        "launch.student.cpus_per_task=10",
-        "launch.student.time_min=240",
+        "launch.shapes.student.nodes=8",
+        "launch.shapes.student.gpus_per_node=8",
+        "launch.shapes.student.mem_gb=400",
+        "launch.shapes.student.cpus_per_task=10",
+        "launch.shapes.student.time_min=240",
     )
     (job,) = planning.plan_jobs(cfg, "student", flags())
     lines = slurm.sbatch_lines(slurm.slurm_params(job, cfg, "afterok:41"), tmp_path / "logs")
@@ -192,7 +183,7 @@ def test_sbatch_lines_carry_shape_dependency_and_requeue(tmp_path):
 
 
 def test_no_requeue_no_dependency_and_arrays(tmp_path):
-    cfg, _ = config(tmp_path, "launch.requeue=false", "launch.embed.time_min=2")
+    cfg, _ = config(tmp_path, "launch.requeue=false", "launch.shapes.embed.time_min=2")
     (job,) = planning.plan_jobs(cfg, "embed", flags(array=3))[:1]
     lines = slurm.sbatch_lines(slurm.slurm_params(job, cfg, None), tmp_path / "logs", job.array)
     assert not any(ln.startswith(("#SBATCH --requeue", "#SBATCH --dependency")) for ln in lines)
@@ -210,11 +201,11 @@ def test_local_when_no_sbatch_unless_a_job_spans_nodes(monkeypatch, tmp_path):
     cfg, _ = config(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
     one_node = planning.plan_jobs(cfg, "teacher", flags())
-    assert cli.pick_cluster(None, cfg, one_node) == "local"
-    assert cli.pick_cluster(None, cfg, planning.plan_jobs(cfg, "teacher", flags(nodes=8))) == "slurm"
-    assert cli.pick_cluster("debug", cfg, one_node) == "debug"
+    assert resolve.pick_cluster(None, cfg, one_node) == "local"
+    assert resolve.pick_cluster(None, cfg, planning.plan_jobs(cfg, "teacher", flags(nodes=8))) == "slurm"
+    assert resolve.pick_cluster("debug", cfg, one_node) == "debug"
     cfg.launch.cluster = "slurm"
-    assert cli.pick_cluster(None, cfg, one_node) == "slurm"
+    assert resolve.pick_cluster(None, cfg, one_node) == "slurm"
 
 
 def test_job_error_line_finds_the_exception():
@@ -238,8 +229,7 @@ def test_dry_run_local_prints_config_and_plan_and_writes_nothing(tmp_path, capsy
                 str(path),
                 "--cluster",
                 "local",
-                "--rounds",
-                "1",
+                "run.rounds=1",
                 "--dry-run",
                 "model.embed_dim=8",
             ]
@@ -267,6 +257,8 @@ def test_dry_run_local_prints_config_and_plan_and_writes_nothing(tmp_path, capsy
         (["--stage", "teacher", "--cluster", "local"], "data.train_shards must be set"),
         (["--stage", "teacher", "--cluster", "local", "launch.qos=7"], None),  # int -> str is accepted
         (["--stage", "teacher", "--cluster", "local", "train.lr=fast"], "train.lr"),
+        (["--stage", "teacher", "--cluster", "local", "launch.shapes.teachr.nodes=2"], "there is no stage 'teachr'"),
+        (["--stage", "teacher", "launch.teacher.nodes=2"], "did you mean 'launch.shapes.teacher.nodes'"),
     ],
 )
 def test_errors_are_one_clear_line_before_anything_runs(tmp_path, capsys, args, message):
@@ -314,7 +306,8 @@ def test_module_entry_point_is_the_same_cli(tmp_path):
         [
             sys.executable,
             "-m",
-            "slade_dist.launch",
+            "slade_dist",
+            "launch",
             "--stage",
             "teacher",
             "--nodes",
@@ -329,7 +322,7 @@ def test_module_entry_point_is_the_same_cli(tmp_path):
         cwd=REPO_ROOT,
     )
     assert proc.returncode == 2
-    assert proc.stderr == "python -m slade_dist.launch: error: --nodes must be >= 1, got 0\n", proc.stderr
+    assert proc.stderr == "python -m slade_dist launch: error: --nodes must be >= 1, got 0\n", proc.stderr
 
 
 def test_the_launcher_never_loads_models_or_the_job_wrapper():
@@ -350,16 +343,7 @@ def test_help_explains_every_option():
         "--stage",
         "--config",
         "--nodes",
-        "--gpus-per-node",
-        "--cpus-per-task",
-        "--mem",
-        "--time",
-        "--partition",
-        "--account",
-        "--qos",
-        "--constraint",
         "--cluster",
-        "--rounds",
         "--force",
         "--dry-run",
         "--array",
@@ -368,10 +352,10 @@ def test_help_explains_every_option():
         "--cancel",
         "slade-<run name>-<job>",
         "sbatch_extra",
-        "setup",
-        "cluster_job",
-        "teacher_steps",
-    ]:  # ... and the config keys
+        "launch.partition",
+        "launch.shapes.<stage>",
+        "launch.setup",
+    ]:  # ... and the config keys that shape jobs
         assert opt in out, opt
 
 
@@ -491,8 +475,7 @@ def test_a_job_whose_ranks_do_not_divide_the_step_is_refused_before_queueing(mon
         "student",
         "--nodes",
         "8",
-        "--gpus-per-node",
-        "8",
+        "launch.shapes.student.gpus_per_node=8",
         "--config",
         str(REPO_ROOT / "configs/cub.yaml"),
     ]
@@ -518,7 +501,7 @@ def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatc
     assert rc == 0, out
     assert "# 1 job(s) on cluster=slurm" in out  # more than one node: Slurm, sbatch or not
     for missing in ("data.train_shards", "data.unlabeled_shards", "model.pretrained_path"):
-        assert f"# WARNING: a real submission would stop here: {missing}: input path" in out, missing
+        assert f"# WARNING: a real submission would stop here: {missing} (from " in out, missing
     assert "sbatch is not on PATH here" in out
     (script,) = jobs_of(out).values()
     options = sbatch_options(script)
@@ -562,7 +545,7 @@ MODEL_JOBS = ["pretrain", "teacher", "round1-embed", "round1-cluster", "round1-s
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_configs_give_every_model_stage_and_the_cluster_job_gpus(name, monkeypatch, tmp_path, capsys):
+def test_shipped_configs_give_every_model_stage_and_the_cluster_stage_gpus(name, monkeypatch, tmp_path, capsys):
     no_sbatch(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     rc = cli.main(
@@ -597,12 +580,12 @@ def test_sbatch_extra_and_setup_reach_the_script(tmp_path):
         "launch.sbatch_extra.reservation=r1",
         "launch.sbatch_extra.mem_per_gpu=80G",
         "launch.sbatch_extra.comment=run 7",
-        "launch.eval.sbatch_extra.exclusive=false",  # a stage opting out of a global option
-        "launch.eval.sbatch_extra.gres=gpu:1",
+        "launch.shapes.eval.sbatch_extra.exclusive=false",  # a stage opting out of a global option
+        "launch.shapes.eval.sbatch_extra.gres=gpu:1",
         'launch.setup=["module load cuda/12.1", "source /opt/env/bin/activate"]',
     )
     plan = {j.name: j for j in planning.plan_jobs(cfg, "all", flags())}
-    cli.check_sbatch_extra(cfg, list(plan.values()))
+    checks.check_sbatch_extra(cfg, list(plan.values()))
     teacher = slurm.script_lines(slurm.slurm_params(plan["teacher"], cfg, None), tmp_path / "logs")
     options = sbatch_options(teacher)
     assert options["exclusive"] == "" and options["reservation"] == "r1" and options["mem-per-gpu"] == "80G"
@@ -617,7 +600,7 @@ def test_sbatch_extra_and_setup_reach_the_script(tmp_path):
     "override, message",
     [
         ("launch.sbatch_extra.job_name=x", "the launcher sets --job-name itself"),
-        ("launch.student.sbatch_extra.nodes=3", "use launch.<stage>.nodes or --nodes"),
+        ("launch.shapes.student.sbatch_extra.nodes=3", "use launch.shapes.<stage>.nodes or --nodes"),
         ("launch.sbatch_extra=exclusive", "must be a mapping of sbatch option -> value"),
         ("launch.sbatch_extra.gres=[1,2]", "expected a string, number or true/false"),
     ],
@@ -677,6 +660,7 @@ def test_stage_is_required_unless_status_or_cancel(tmp_path, capsys):
 
 # ------------------------------------------------------------------- img2dataset output, log tails
 def test_raw_img2dataset_output_is_refused_with_the_command_that_validates_it(tmp_path, capsys):
+    from slade_dist import provenance
     from slade_dist.data import __main__ as data_cli
     from slade_dist.data import writers
     from tests.unit.test_writers import make_img2dataset
@@ -691,7 +675,7 @@ def test_raw_img2dataset_output_is_refused_with_the_command_that_validates_it(tm
     assert cli.main(["--stage", "embed", "--config", str(path), "--cluster", "local", "--dry-run"]) == 0
     assert command in capsys.readouterr().out  # a dry run warns
     assert data_cli.main(command.split()[3:] + ["--no-progress"]) == 0  # the suggested command, as is
-    assert data_cli.unvalidated_img2dataset(raw) is None  # its index.json says it validated the tars
+    assert provenance.unvalidated_img2dataset(raw) is None  # its index.json says it validated the tars
     assert data_cli.FORMATS == writers.FORMATS  # the data CLI's copy (it keeps writers out of the launcher)
 
 

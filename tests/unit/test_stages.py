@@ -73,14 +73,39 @@ def test_skip_when_done_rerun_on_change_or_force(tmp_path, counter_stage):
     assert _stage_fixtures.CALLS == [5, 5, 6]
 
 
-def test_stage_hash_chain():
+def test_stage_hash_covers_what_the_stage_declares_it_reads():
     a = load_config(None, ["pseudo.k=10"])
     b = load_config(None, ["pseudo.k=20"])
-    assert stage_hash(a, "teacher") == stage_hash(b, "teacher")  # upstream ignores downstream knobs
     assert stage_hash(a, "cluster") != stage_hash(b, "cluster")
-    assert stage_hash(a, "student") != stage_hash(b, "student")  # downstream sees upstream changes
+    for stage in ("pretrain", "teacher", "embed", "student", "eval"):  # none of them reads pseudo.k
+        assert stage_hash(a, stage) == stage_hash(b, stage), stage
     r2 = load_config(None, ["pseudo.k=10", "run.round=2"])
     assert stage_hash(a, "embed") != stage_hash(r2, "embed") and stage_hash(a, "teacher") == stage_hash(r2, "teacher")
+    moved = load_config(None, ["pseudo.k=10", "run.dir=elsewhere", "train.log_every=3", "eval.nmi=false"])
+    for stage in ("pretrain", "teacher", "embed", "cluster", "student"):  # where, logging, periodic-eval reports
+        assert stage_hash(a, stage) == stage_hash(moved, stage), stage
+    assert stage_hash(a, "eval") != stage_hash(moved, "eval")
+
+
+def test_warmup_reruns_pretrain_and_pseudo_k_does_not_rerun_embed(tmp_path):
+    base = [f"run.dir={tmp_path}"]
+    cfg = load_config(None, base)
+    for stage in ("pretrain", "embed"):
+        write_done(cfg, stage, {}, 1.0)
+        assert is_done(cfg, stage)
+    warmup = load_config(None, [*base, "train.warmup_steps=7"])  # SwAV's optimiser reads it
+    assert why_not_done(warmup, "pretrain").startswith("config changed")
+    assert is_done(load_config(None, [*base, "pseudo.k=11"]), "embed")  # only cluster reads pseudo.k
+
+
+def test_the_chain_follows_the_registry_order():
+    STAGES["unit_round"] = Stage("unit_round", "x:y", (), True, (), "test stage")
+    try:
+        plan = pipeline_plan(2)
+        assert plan[2:6] == [("embed", 1), ("cluster", 1), ("student", 1), ("unit_round", 1)]
+        assert plan[-2:] == [("unit_round", 2), ("eval", 1)]
+    finally:
+        del STAGES["unit_round"]
 
 
 def test_missing_inputs_fail_before_running(tmp_path):
