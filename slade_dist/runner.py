@@ -91,7 +91,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> None:
     """Every stage of the chain in order, in this process (all ranks call it; finished stages are
     skipped by their DONE.json). Stops at the first stage that is not available."""
     missing = [s.name for s in STAGES.values() if not s.available()]
-    for stage, round_ in pipeline_plan(cfg.run.rounds):
+    for stage, round_ in pipeline_plan(cfg.run.rounds, cfg.curate.enabled):
         if stage in missing:
             dist.print0(f"[pipeline] stage {stage!r} is not available: stopping here. Missing: {', '.join(missing)}")
             return

@@ -37,6 +37,7 @@ _CHAIN_SECTIONS = [
     "train",
     "loss",
     "pseudo",
+    "curate",
     "student",
     "basis",
     "mining",
@@ -111,7 +112,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "cluster",
             "slade_dist.pseudo.cluster:run",
-            _upto("pseudo"),
+            _upto("curate"),
             True,
             ("data.unlabeled_shards",),
             "distributed k-means on the embeddings -> pseudo-label shards",
@@ -133,6 +134,16 @@ STAGES: dict[str, Stage] = {
             (),
             "Recall@K, P@1, R-Precision, MAP@R, NMI of the final model on the test split",
         ),
+        # listed last; it runs first in the chain when curate.enabled (pipeline_plan)
+        Stage(
+            "curate",
+            "slade_dist.pseudo.curate:run",
+            ("run_seed", "data", "curate"),
+            False,
+            ("data.unlabeled_shards",),
+            "the unlabeled pool checked once (curate.enabled): copies of test images out, near-duplicate "
+            "groups down to one image",
+        ),
     ]
 }
 
@@ -141,6 +152,7 @@ class RunLayout:
     """Where every artefact of a run lives.
 
     <run>/config.yaml                      resolved config of the last invocation
+    <run>/curate/                          cur-%06d.npz per unlabeled shard, curate.json, calibration.json
     <run>/pretrain/  <run>/teacher/        final.pt (plain state dict), ckpt/, DONE.json
     <run>/round<r>/embed/                  emb-%06d.npy + emb-%06d.keys per unlabeled shard
     <run>/round<r>/cluster/                pl-%06d.npz, centroids.npy, stats.json, meta.json
@@ -200,6 +212,9 @@ def data_keys(cfg: Config, stage: str) -> tuple[str, ...]:
             if cfg.eval.protocol == "query_gallery"
             else ("data.test_shards",)
         )
+    if stage == "curate":  # every test set named is checked against (none: data.test_shards is missing)
+        named = tuple(f"data.{n}_shards" for n in ("test", "query", "gallery") if cfg.get(f"data.{n}_shards"))
+        return ("data.unlabeled_shards", *(named or ("data.test_shards",)))
     return STAGES[stage].requires
 
 
@@ -225,6 +240,8 @@ def stage_inputs(cfg: Config, stage: str) -> dict[str, str]:
         ids["teacher"] = file_id(layout.teacher_weights(r))
     elif stage == "cluster":
         ids["embed"] = _upstream_id(layout, "embed", r)
+        if cfg.curate.enabled:
+            ids["curate"] = _upstream_id(layout, "curate", r)
     elif stage == "student":
         ids["cluster"] = _upstream_id(layout, "cluster", r)
         ids["init"] = file_id(layout.teacher_weights(r) if cfg.student.init == "teacher" else pretrained)
@@ -294,9 +311,11 @@ def with_round(cfg: Config, round_: int) -> Config:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, round=round_))
 
 
-def pipeline_plan(rounds: int) -> list[tuple[str, int]]:
-    """The whole chain: pretrain -> teacher -> R x (embed -> cluster -> student) -> eval."""
-    plan = [("pretrain", 1), ("teacher", 1)]
+def pipeline_plan(rounds: int, curate: bool = False) -> list[tuple[str, int]]:
+    """The whole chain: [curate ->] pretrain -> teacher -> R x (embed -> cluster -> student) -> eval
+    (curate: cfg.curate.enabled)."""
+    plan = [("curate", 1)] if curate else []
+    plan += [("pretrain", 1), ("teacher", 1)]
     for r in range(1, rounds + 1):
         plan += [("embed", r), ("cluster", r), ("student", r)]
     plan.append(("eval", 1))

@@ -8,7 +8,9 @@ Owns three streams, all decoding + augmenting inside torch DataLoader workers:
   cluster -> members index (pseudo_index.py): P distinct clusters, K distinct kept members each,
   every member read by its byte range in its tar. Start-up reads the index's small files only
   (never a label file), and a batch holds K distinct images at any k (a buffered stream needs
-  ~K x k buffered images for that; docs/SCALING.md has the measurements).
+  ~K x k buffered images for that; docs/SCALING.md has the measurements). Each batch also carries
+  `true_labels`: the hidden class in each member's json (pair_truth.true_label_id; -1 where there
+  is none, and for a corrupt member's stand-in image), for measuring pair precision only.
 - `finite_batches`: ONE pass for embed/eval; each rank owns `shard_slice(shards, rank, world)`, each
   DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
   ranks x workers (idle readers yield nothing).
@@ -35,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import dist
 from .batcher import PKBatcher
+from .pair_truth import UNKNOWN, true_label_id
 from .pseudo_index import ClusterIndex, TarReader
 from .shards import index_counts, read_index, shard_paths
 from .tars import TarSamples, image_bytes, sample_cls, sample_meta
@@ -276,6 +279,7 @@ class _ResampledPK(IterableDataset):
         """Decode + augment a P x K batch; a corrupt entry is replaced by a fresh augmentation of a
         decodable sample of the same label (all K corrupt: the batch is dropped)."""
         decoded: list[torch.Tensor | None] = []
+        self._last_corrupt = decoded  # None at each corrupt entry (_IndexedPK's true_labels)
         for s, _ in batch:
             try:
                 decoded.append(decode(image_bytes(s)))
@@ -381,8 +385,14 @@ class _IndexedPK(_ResampledPK):
         try:
             while True:
                 drawn = self.index.draw(draws, self.P, self.K)
-                out = self._decode_batch([(reader.read(e), c) for c, entries in drawn for e in entries], rng)
+                batch = [(reader.read(e), c) for c, entries in drawn for e in entries]
+                out = self._decode_batch(batch, rng)
                 if out is not None:
+                    truth = [
+                        UNKNOWN if d is None else true_label_id(sample_meta(s))
+                        for (s, _), d in zip(batch, self._last_corrupt)
+                    ]
+                    out["true_labels"] = torch.tensor(truth, dtype=torch.long)
                     out["worker"] = wid
                     out["images_read"] = reader.reads  # this worker's running total: P x K per draw
                     yield out
@@ -404,7 +414,9 @@ def pseudo_labeled_batches(
     image_size: int | None = None,
 ) -> BatchStream:
     """Like labeled_batches, labels = the cluster ids of `pseudo_dir`'s cluster index (written by
-    the cluster stage; missing, or built with other filters: a clear error to run it).
+    the cluster stage; missing, or built with other filters: a clear error to run it), plus
+    "true_labels" (P*K,) long: each member's hidden class from its json, -1 where unknown (never
+    trained on; pair_truth.pair_precision measures pairs against it).
 
     Only kept members are drawn (distance within the cluster's data_cfg.pseudo_max_dist_percentile,
     cluster of at least data_cfg.pseudo_min_cluster_size), from clusters holding >= K of them.

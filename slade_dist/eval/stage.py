@@ -6,8 +6,10 @@ embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval
 logs them to TensorBoard (tb.log_eval: a step per model, hparams, projector); the CLI, the pipeline
 and the local launcher print them as a table (`eval.report`).
 Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
-when the unlabeled data carried hidden labels. Also `periodic_evaluator(cfg)`, the callable the
-stage runner hands to the trainers for their periodic eval (train/ never imports eval/).
+when the unlabeled data carried hidden labels, and what each round's curate stage removed from the
+unlabeled pool per test set (curate.json; with curation off, a WARNING that nobody checked).
+Also `periodic_evaluator(cfg)`, the callable the stage runner hands to the trainers for their
+periodic eval (train/ never imports eval/).
 Tests: tests/integration/test_{pipeline_e2e,tensorboard}.py, tests/unit/test_engine.py (periodic eval).
 """
 
@@ -23,6 +25,7 @@ import torch
 
 from .. import dist
 from ..config import Config
+from ..data.curation import read_summary
 from ..data.readers import finite_batches
 from ..data.shards import read_classes, read_index
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -125,6 +128,28 @@ def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, 
     return out
 
 
+def curation_report(layout: RunLayout, cfg: Config) -> dict[str, Any]:
+    """Per round, what the curate stage removed from the unlabeled pool (logged, one line a round)."""
+    log = dist.get_logger()
+    if not cfg.curate.enabled:
+        log.warning(
+            "[eval] curate.enabled is false: the unlabeled pool was not checked against the test sets; copies of "
+            "test images in it would inflate these metrics"
+        )
+        return {}
+    out = {}
+    for r in range(1, cfg.run.rounds + 1):
+        s = read_summary(layout.stage_dir("curate", r))
+        if s:
+            out[f"round {r}"] = {k: s[k] for k in ("pool", "kept", "removed", "per_test_set", "test_threshold")}
+            sets = ", ".join(f"{n} {v['removed']} ({v['same_bytes']} same bytes)" for n, v in s["per_test_set"].items())
+            log.info(
+                f"[eval] round {r}: removed from the {s['pool']} unlabeled images as copies of {sets}; "
+                f"{s['removed']['duplicates']} near-duplicates"
+            )
+    return out
+
+
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     layout = RunLayout(run_dir)
     models = models_to_evaluate(layout, cfg.run.rounds)
@@ -142,6 +167,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if not dist.is_main():
         return {}
     results["pseudo_labels"] = pseudo_label_quality(layout, cfg.run.rounds)
+    results["curation"] = curation_report(layout, cfg)
     out = atomic_write_json(layout.stage_dir("eval") / "metrics.json", results, indent=2)
     _log_tensorboard(layout, results, cfg, models[-1][1])
     dist.get_logger().info(f"[eval] metrics of {len(results['models'])} model(s) -> {out}")

@@ -86,7 +86,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         description="Submit slade_dist stages as Slurm jobs (submitit), or run them on this machine.",
         epilog="stages:\n"
         + "\n".join(f"  {n:9s} {s.help}" for n, s in stages.STAGES.items())
-        + "\n  all       pretrain -> teacher -> R x (embed -> cluster -> student) -> eval, as jobs\n"
+        + "\n  all       [curate ->] pretrain -> teacher -> R x (embed -> cluster -> student) -> eval, as jobs\n"
         "            linked by afterok dependencies, each with the shape cfg.launch.<stage>\n"
         "            (cfg.launch.cluster_job for the cluster stage)\n\n"
         "Slurm jobs are named slade-<run name>-<job> (run name: the last part of run.dir), e.g.\n"

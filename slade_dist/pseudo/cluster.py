@@ -12,9 +12,16 @@ clusters.npz + clusters.json), and the run facts: centroids.npy,
 meta.json, stats.json (sizes, imbalance, inertia, timings, purity/NMI against hidden labels when the
 unlabeled json carried them) and, in TensorBoard (rank 0), a cluster-size histogram and image grids
 of a few pseudo-classes.
-Resumable: centroids are reused when centroids.json matches (config, embeddings, k), and shards
-whose pseudo-label file already exists are only read back for the statistics.
-Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py.
+With `curate.enabled` the curate stage's decisions (data/curation.py) pick the points: only the
+kept ones train the centroids, enter the member index and the statistics; every point still gets a
+label row, so each label file covers its shard. Balance: `curate.cluster_cap` caps what the student
+draws from one cluster at that multiple of the mean cluster size (its nearest members; counted in
+stats.json "index"), and a cluster holding more than `curate.collapse_share` of the points (and over
+twice an equal share) is a WARNING with the numbers (stats.json "collapse").
+Resumable: centroids are reused when centroids.json matches (config, embeddings, k, curation), and
+shards whose pseudo-label file already exists are only read back for the statistics.
+Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py, tests/unit/test_curate.py,
+tests/integration/test_curate_multirank.py.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
+from ..data.curation import CurationMissing, read_keep, read_summary
 from ..data.pseudo_index import (
     ROW,
     clear_index,
     index_rows,
+    key_crc,
     owner_bounds,
     summarise_clusters,
     write_member_file,
@@ -75,7 +84,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     shards = _unlabeled_shards(cfg)
     _check_embeddings(emb_dir, shards, r)
     mine = dist.shard_slice(shards)
-    parts = {shard_index(p): embed_files.load_embeddings(emb_dir, p) for p in mine}
+    curated = _curation(cfg, layout)
+    keep = {p.name: _keep_mask(layout, emb_dir, p) for p in mine} if curated else {}
+    parts = {shard_index(p): _kept(embed_files.load_embeddings(emb_dir, p), keep.get(p.name)) for p in mine}
 
     n_total = int(_sum_all(torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64))[0])
     if n_total == 0:
@@ -91,6 +102,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "n_total": n_total,
         "shards": [p.name for p in shards],
         "embed": embed_facts,
+        "curation": curated.get("token"),
     }
 
     centroids, train_info = _reuse_centroids(out_dir, fingerprint)
@@ -122,11 +134,14 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     dist.barrier()
     t_assign = time.time()
     positions = {p.name: i for i, p in enumerate(shards)}
-    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers)
+    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers, keep)
     t_assign = time.time() - t_assign
     stats = _global_stats(local, k, n_total, train_info)
+    stats["collapse"] = collapse(np.asarray(local["sizes_all"]), cfg.curate.collapse_share)
+    if curated:
+        stats["curation"] = {"pool": curated["pool"], "kept": curated["kept"], "removed": curated["removed"]}
     t_index = time.time()
-    stats["index"] = _write_index(local, k, cfg, out_dir, shards)
+    stats["index"] = _write_index(local, k, cfg, out_dir, shards, cap_size(cfg.curate.cluster_cap, n_total, k))
     stats["timing"] = {
         "train_s": round(t_train, 3),
         "assign_s": round(t_assign, 3),
@@ -149,6 +164,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if key in stats:
             summary[key] = stats[key]
     summary.update({f"index_{k_}": v for k_, v in stats["index"].items()})
+    summary["largest_cluster_share"] = stats["collapse"]["share"]
+    if stats["collapse"]["warning"]:
+        log.warning(f"[cluster] round {r}: {stats['collapse']['warning']}")
     log.info(
         f"[cluster] round {r}: k={k} n={n_total} imbalance={stats['imbalance']:.3f}"
         + (f" purity={stats['purity']:.3f} nmi={stats['nmi']:.3f}" if "purity" in stats else "")
@@ -173,6 +191,28 @@ def _check_embeddings(emb_dir: Path, shards: list[Path], round_: int) -> None:
             f"cluster round {round_}: {len(missing)} of {len(shards)} shards have no embeddings in "
             f"{emb_dir} (first: {', '.join(missing[:3])}); run the embed stage for round {round_} first"
         )
+
+
+def _curation(cfg: Config, layout: RunLayout) -> dict[str, Any]:
+    """The round's curate summary when curate.enabled ({} when off); a clear error when missing."""
+    if not cfg.curate.enabled:
+        return {}
+    summary = read_summary(layout.stage_dir("curate"))
+    if summary is None:
+        raise CurationMissing(
+            f"cluster round {cfg.run.round}: curate.enabled is true but {layout.stage_dir('curate')} holds no "
+            f"complete curation (curate.json); run the curate stage first"
+        )
+    return summary
+
+
+def _keep_mask(layout: RunLayout, emb_dir: Path, shard: Path) -> np.ndarray:
+    return read_keep(layout.stage_dir("curate"), shard, embed_files.read_keys(emb_dir, shard))
+
+
+def _kept(emb: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """The rows k-means trains on: all (the memmap itself), or the kept ones (read into memory)."""
+    return emb if keep is None or keep.all() else np.asarray(emb[keep])
 
 
 def _sum_all(t: torch.Tensor) -> torch.Tensor:
@@ -228,7 +268,11 @@ def _assign_my_shards(
     params: KMeansParams,
     positions: dict[str, int],
     scan_workers: int = 0,
+    keep: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
+    """Label every point of this rank's shards; sizes, inertia, purity pairs and member-index rows
+    count only the points curation kept (all without curation)."""
+    keep = keep or {}
     k = centroids.shape[0]
     coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
     assigner = params_assigner(params, coarse)  # assign=auto: through the two-level cells, if any
@@ -240,11 +284,15 @@ def _assign_my_shards(
         for shard in _bar(mine, "assign shards"):
             pl_path = pseudo_label_path(out_dir, shard)
             keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
-            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path))
+            mask = keep.get(shard.name)
+            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path), mask)
+            hidden = embed_files.read_hidden_labels(emb_dir, shard)
+            if mask is not None:
+                labels, dists = labels[mask], dists[mask]
+                hidden = hidden[mask] if hidden is not None else None
             sizes += np.bincount(labels, minlength=k)
             sq_sum += float(np.square(dists.astype(np.float64)).sum())
             n += len(labels)
-            hidden = embed_files.read_hidden_labels(emb_dir, shard)
             if hidden is not None:
                 pairs.update(zip(hidden.tolist(), labels.tolist()))
         rows, lost, scan_s = scans.finish()
@@ -295,9 +343,9 @@ class _TarScans:
     def add(self, *args: Any) -> None:
         t = time.time()
         if self.pool is None:
-            self._keep(index_rows(*args))
+            self._keep(kept_index_rows(*args))
         else:
-            self.pending.append(self.pool.submit(index_rows, *args))
+            self.pending.append(self.pool.submit(kept_index_rows, *args))
             while len(self.pending) > 2 * self.workers:
                 self._keep(self.pending.pop(0).result())
         self.seconds += time.time() - t
@@ -316,6 +364,20 @@ class _TarScans:
         return rows, self.lost, self.seconds
 
 
+def kept_index_rows(
+    tar: Path, pos: int, keys: list[str], cls: np.ndarray, dists: np.ndarray, pl_name: str, keep: np.ndarray | None
+) -> tuple[np.ndarray, int]:
+    """index_rows of the samples curation kept (`keep` None: all), and the label rows a truncated
+    tar lost. index_rows yields the label rows in order and a cut tar loses a tail, so its rows are
+    the first len(rows) label rows (their key checksums say so)."""
+    rows, lost = index_rows(tar, pos, keys, cls, dists, pl_name)
+    if keep is None:
+        return rows, lost
+    if [int(c) for c in rows["crc"]] != [key_crc(k) for k in keys[: len(rows)]]:
+        raise RuntimeError(f"{pl_name}: the member rows of {Path(tar).name} are not its first label rows in order")
+    return rows[keep[: len(rows)]], int(keep[len(rows) :].sum())
+
+
 def _bar(items: list[Any], desc: str) -> Any:
     if not dist.is_main():
         return items
@@ -323,31 +385,88 @@ def _bar(items: list[Any], desc: str) -> Any:
 
 
 # ------------------------------------------------------------------------------- member index
-def _write_index(local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path]) -> dict[str, Any]:
+def _write_index(
+    local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path], cap: int = 0
+) -> dict[str, Any]:
     """Every rank writes the members file of the clusters it owns; rank 0 the summary, last."""
     bounds = owner_bounds(k, dist.world_size())
     r = dist.rank()
     mine = _rows_to_owners(local["rows"], bounds) if dist.is_dist() else local["rows"]
     pct, min_size = cfg.data.pseudo_max_dist_percentile, cfg.data.pseudo_min_cluster_size
     rows, arrays = summarise_clusters(mine, int(bounds[r]), int(bounds[r + 1]), pct, min_size)
+    capped = cap_clusters(rows, arrays, cap)
     write_member_file(out_dir, r, rows)
-    parts = dist.all_gather_object(arrays)  # after every rank's members file is in place
+    parts = dist.all_gather_object((arrays, capped))  # after every rank's members file is in place
     lost = int(sum(dist.all_gather_object(local["lost"])))
     summary: dict[str, Any] = {}
     if dist.is_main():
-        summary = write_summary(out_dir, parts, bounds, [p.name for p in shards], pct, min_size, lost)
+        summary = write_summary(out_dir, [a for a, _ in parts], bounds, [p.name for p in shards], pct, min_size, lost)
     summary = dist.broadcast_object(summary)
-    return {key: summary[key] for key in ("kept_clusters", "kept_images", "lost_to_truncation")}
+    out = {key: summary[key] for key in ("kept_clusters", "kept_images", "lost_to_truncation")}
+    out.update(cap=cap, **{key: sum(c[key] for _, c in parts) for key in ("capped_clusters", "capped_members")})
+    return out
+
+
+def cap_size(factor: float, n: int, k: int) -> int:
+    """curate.cluster_cap as a member count: that multiple of the mean cluster size (0: no cap)."""
+    return 0 if factor <= 0 or k <= 0 else max(1, math.ceil(factor * n / k))
+
+
+def cap_clusters(rows: np.ndarray, arrays: dict[str, np.ndarray], cap: int) -> dict[str, int]:
+    """Keep at most `cap` members of each cluster (in place): the nearest, as a cluster's rows are
+    sorted by distance, so its threshold becomes the last kept member's distance."""
+    over = np.flatnonzero(arrays["kept"] > cap) if cap > 0 else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(arrays["sizes"])])
+    dropped = int((arrays["kept"][over] - cap).sum())
+    arrays["thresholds"][over] = rows["dist"][starts[over] + cap - 1]
+    arrays["kept"][over] = cap
+    return {"capped_clusters": int(len(over)), "capped_members": dropped}
+
+
+def collapse(sizes: np.ndarray, share_limit: float) -> dict[str, Any]:
+    """The largest cluster's share of the points, and a warning text when it holds more than
+    share_limit of them and more than twice an equal share (so a small k never warns by itself)."""
+    n, k = int(sizes.sum()), len(sizes)
+    c = int(np.argmax(sizes)) if k else 0
+    share = float(sizes[c] / n) if n else 0.0
+    limit = max(share_limit, 2.0 / k) if k else 1.0
+    warning = ""
+    if share > limit:
+        warning = (
+            f"collapse: cluster {c} holds {int(sizes[c])} of {n} points ({share:.1%}; an equal share is {1 / k:.2%}, "
+            f"the warning limit {limit:.1%}); imbalance {imbalance_factor(sizes):.2f}. Look at its images "
+            f"(TensorBoard pseudo_class/*), bound what the student draws from it with curate.cluster_cap, or check "
+            f"the teacher's embeddings"
+        )
+    return {"largest": c, "size": int(sizes[c]) if k else 0, "share": share, "limit": limit, "warning": warning}
 
 
 def _rows_to_owners(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """All-to-all of ROW records: each goes to the rank owning its cluster (raw bytes on the wire)."""
-    dest = np.searchsorted(bounds, rows["cls"], side="right") - 1
-    rows = rows[np.argsort(dest, kind="stable")]
-    send = np.bincount(dest, minlength=len(bounds) - 1)
+    """All-to-all of ROW records: each goes to the rank owning its cluster."""
+    return send_rows_to_owners(rows, np.searchsorted(bounds, rows["cls"], side="right") - 1)
+
+
+def send_rows_to_owners(rows: np.ndarray, dest: np.ndarray) -> np.ndarray:
+    """One all-to-all of structured numpy rows (raw bytes on the wire): row i goes to rank dest[i];
+    returns the rows this rank received, by source rank (collective; the rows themselves in one process)."""
+    if not dist.is_dist():
+        return rows
+    order = np.argsort(dest, kind="stable")
+    rows = np.ascontiguousarray(rows[order])
+    send = np.bincount(dest, minlength=dist.world_size())
     recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
-    wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), ROW.itemsize))
-    return all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(ROW)
+    wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize))
+    return all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(rows.dtype)
+
+
+def coarse_cells(parts: dict[int, np.ndarray], cells: int, cfg: Config) -> np.ndarray:
+    """Centroids of `cells` coarse cells of the points of every rank's parts (spherical k-means on
+    the cluster stage's backend, 10 Lloyd iterations on a 64-points-per-cell sample): the cells the
+    curate stage searches for near-duplicates in (collective)."""
+    params = KMeansParams.from_config(
+        cfg.pseudo, k=cells, niter=10, max_points_per_centroid=64, spherical=True, seed=cfg.curate.seed, progress=False
+    )
+    return train_centroids(parts, params).centroids
 
 
 # ------------------------------------------------------------------------------------- stats
