@@ -28,8 +28,10 @@ from slade_dist.data.curation import (
     read_summary,
 )
 from slade_dist.data.demo import read_planted
+from slade_dist.data.pair_truth import same_label_pairs
 from slade_dist.data.pseudo_index import ClusterIndex, TarReader
 from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels
+from slade_dist.data.readers import pseudo_labeled_batches
 from slade_dist.data.shards import shard_paths, write_index
 from slade_dist.data.tars import TarSamples, image_bytes
 from slade_dist.provenance import MISSING
@@ -211,8 +213,15 @@ def test_cluster_stage_uses_only_what_curation_kept(curated, tmp_path):
     }
     reader.close()
     assert member_keys == {k for k, r in reason.items() if r == KEPT}
-    for group in read_planted(tmp_path / "demo")["duplicate_groups"]:
-        assert len(member_keys & set(group["keys"])) <= 1
+    group_of = {k: g for g, grp in enumerate(read_planted(tmp_path / "demo")["duplicate_groups"]) for k in grp["keys"]}
+    assert len([k for k in member_keys if k in group_of]) == len({group_of[k] for k in member_keys if k in group_of})
+    # so the student's pseudo-positive pairs (same cluster label in a batch) never join two images of a group
+    stream = pseudo_labeled_batches(cfg.data.unlabeled_shards, out, cfg.data, 3, 3, seed=0, rank=0, world=1)
+    for _ in range(10):
+        b = next(stream)
+        for i, j in same_label_pairs(b["labels"]).t().tolist():
+            ki, kj = b["keys"][i], b["keys"][j]
+            assert ki != kj and not (ki in group_of and group_of[ki] == group_of.get(kj))
     # every label file still covers its shard (all samples labelled)
     for shard in shard_paths(tmp_path / "demo" / "unlabeled"):
         keys, _, _ = read_pseudo_labels(pseudo_label_path(out, shard))
