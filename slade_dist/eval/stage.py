@@ -129,25 +129,21 @@ def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, 
 
 
 def curation_report(layout: RunLayout, cfg: Config) -> dict[str, Any]:
-    """Per round, what the curate stage removed from the unlabeled pool (logged, one line a round)."""
+    """What the curate stage removed from the unlabeled pool per test set (logged in one line)."""
     log = dist.get_logger()
-    if not cfg.curate.enabled:
+    s = read_summary(layout.stage_dir("curate")) if cfg.curate.enabled else None
+    if s is None:
         log.warning(
-            "[eval] curate.enabled is false: the unlabeled pool was not checked against the test sets; copies of "
-            "test images in it would inflate these metrics"
+            "[eval] the unlabeled pool was not checked against the test sets (curate.enabled is false or the curate "
+            "stage has not run): copies of test images in it would inflate these metrics"
         )
         return {}
-    out = {}
-    for r in range(1, cfg.run.rounds + 1):
-        s = read_summary(layout.stage_dir("curate", r))
-        if s:
-            out[f"round {r}"] = {k: s[k] for k in ("pool", "kept", "removed", "per_test_set", "test_threshold")}
-            sets = ", ".join(f"{n} {v['removed']} ({v['same_bytes']} same bytes)" for n, v in s["per_test_set"].items())
-            log.info(
-                f"[eval] round {r}: removed from the {s['pool']} unlabeled images as copies of {sets}; "
-                f"{s['removed']['duplicates']} near-duplicates"
-            )
-    return out
+    sets = ", ".join(f"{n} {v['removed']} ({v['same_bytes']} same bytes)" for n, v in s["per_test_set"].items())
+    log.info(
+        f"[eval] curation removed from the {s['pool']} unlabeled images: copies of {sets}; "
+        f"{s['removed']['duplicates']} near-duplicates"
+    )
+    return {k: s[k] for k in ("pool", "kept", "removed", "per_test_set", "match_threshold")}
 
 
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:

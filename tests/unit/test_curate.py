@@ -289,3 +289,19 @@ def test_bad_inputs_fail_with_one_clear_line(curated, tmp_path):
     np.savez(first, **{**d, "key_id": d["key_id"][::-1].copy() + np.uint64(1)})
     with pytest.raises(CurationMissing, match="the shard changed after curation"):
         cluster.run(cfg, tmp_path / "run")
+
+
+def test_eval_says_what_was_removed_or_that_nothing_was_checked(curated, caplog):
+    from slade_dist.eval.stage import curation_report
+
+    root, cfg, result = curated
+    layout = RunLayout(root / "run")
+    with caplog.at_level("INFO", logger="slade_dist"):
+        report = curation_report(layout, cfg)
+    removed = result["per_test_set"]["test"]["removed"]
+    assert report["per_test_set"]["test"]["removed"] == removed
+    assert f"curation removed from the {result['pool']} unlabeled images: copies of test {removed}" in caplog.text
+    cfg_off = load_config(None, [f"run.dir={root / 'run'}"], check_paths=False)
+    with caplog.at_level("WARNING", logger="slade_dist"):
+        assert curation_report(layout, cfg_off) == {}
+    assert "the unlabeled pool was not checked against the test sets" in caplog.text
