@@ -431,28 +431,40 @@ def _scan_shard(
     best = np.full(n, -1.0, np.float32)
     ok = np.flatnonzero(scan["readable"])
     if cfg.curate.hash_check:
-        for i in ok:
-            same[i] = tests.digest_row.get(scan["digest"][i].tobytes(), -1)
+        same[ok] = [tests.digest_row.get(scan["digest"][i].tobytes(), -1) for i in ok]
     d, nn = index.search(_hist(scan["hist"][ok]), cfg.curate.candidates)
     for i, ds, ns in zip(ok, d, nn):
-        if same[i] >= 0:
-            continue
-        mine = _cut(scan["thumb"][i], scan["shape"][i])
-        for dj, j in zip(ds, ns):
-            if j < 0 or dj > check.radius:
-                continue
-            s = check.score(mine, tests.thumb(int(j)))
-            if s > best[i]:
-                best[i] = s
-            if s >= check.threshold:
-                copy_of[i] = j
-                break
+        if same[i] < 0:  # same bytes already decide it
+            copy_of[i], best[i] = _first_copy(_cut(scan["thumb"][i], scan["shape"][i]), ds, ns, tests, check)
     scan.update(same_row=same, copy_row=copy_of, test_score=best)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    with explained_writes(path):
-        np.savez(tmp, **scan)
-        tmp.replace(path)
+    _save(path, scan)
     return scan
+
+
+def _first_copy(
+    thumb: np.ndarray, dists: np.ndarray, rows: np.ndarray, tests: TestImages, check: _Check
+) -> tuple[int, float]:
+    """(the first candidate test row it is a copy of or -1, the best score seen) over candidates
+    in order of histogram distance, those within the radius only."""
+    best = -1.0
+    for d, j in zip(dists, rows):
+        if j < 0 or d > check.radius:
+            continue
+        best = max(best, check.score(thumb, tests.thumb(int(j))))
+        if best >= check.threshold:
+            return int(j), best
+    return -1, best
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray] | np.ndarray) -> None:
+    """An .npz of arrays (or an .npy of one), atomically."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    with explained_writes(path):
+        if isinstance(arrays, dict):
+            np.savez(tmp, **arrays)
+        else:
+            np.save(tmp, arrays)
+        tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- near-duplicates
@@ -508,20 +520,9 @@ def _cell_pairs(rows: np.ndarray, check: _Check, k: int) -> tuple[np.ndarray, in
     return np.array(copies, np.int64).reshape(-1, 2), len(cand)
 
 
-def _near_duplicates(pool: list[_Shard], check: _Check, out_dir: Path, cfg: Config) -> dict[str, Any]:
-    """Group the copies among the rows left after decontamination (collective); writes
-    duplicates.npy and returns its facts."""
-    c = cfg.curate
-    n_cand = int(_sum(sum(int(s.candidates.sum()) for s in pool)))
-    cells = max(1, round(n_cand / c.dedup_cell_size))
-    if cells >= CELL_KMEANS_MIN:
-        parts = {s.pos: s.scan["hist"][s.candidates] for s in pool}
-        centroids = _hist(coarse_cells(parts, cells, cfg))
-    else:
-        cells, centroids = 1, np.zeros((1, HIST_DIM), np.float32)
-    probe = min(c.dedup_probe, cells)
-    index = _Flat(centroids) if cells > 1 else None
-    row_dt = np.dtype(
+def _row_dtype() -> np.dtype:
+    """What a rank sends of a pool image to the owner of a cell: enough to search and check it."""
+    return np.dtype(
         [
             ("row", "<i8"),
             ("cell", "<i4"),
@@ -530,31 +531,18 @@ def _near_duplicates(pool: list[_Shard], check: _Check, out_dir: Path, cfg: Conf
             ("shape", "u1", (2,)),
         ]
     )
-    sent, unresolved = [], 0
-    for s in pool:
-        rows_i = np.flatnonzero(s.candidates)
-        if index is not None:
-            cd, cid = index.search(_hist(s.scan["hist"][rows_i]), probe)
-        else:
-            cd, cid = np.zeros((len(rows_i), 1), np.float32), np.zeros((len(rows_i), 1), np.int64)
-        i, cell, unres = cell_targets(cd, cid, check.radius)
-        unresolved += int(unres.sum()) if probe < cells else 0
-        rows = np.empty(len(i), row_dt)
-        src = rows_i[i]
-        rows["row"], rows["cell"] = s.first + src, cell
-        rows["hist"], rows["thumb"], rows["shape"] = s.scan["hist"][src], s.scan["thumb"][src], s.scan["shape"][src]
-        sent.append(rows)
-    mine = np.concatenate(sent) if sent else np.zeros(0, row_dt)
+
+
+def _near_duplicates(pool: list[_Shard], check: _Check, out_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Group the copies among the rows left after decontamination (collective); writes
+    duplicates.npy and returns its facts."""
+    n_cand = int(_sum(sum(int(s.candidates.sum()) for s in pool)))
+    cells, centroids = _cells(pool, n_cand, cfg)
+    mine, unresolved = _rows_for_cells(pool, centroids, min(cfg.curate.dedup_probe, cells), check.radius)
     bounds = owner_bounds(cells, dist.world_size())
     got = send_rows_to_owners(mine, np.searchsorted(bounds, mine["cell"], side="right") - 1)
-    got = got[np.argsort(got["cell"], kind="stable")]
-    starts = np.searchsorted(got["cell"], np.arange(bounds[dist.rank()], bounds[dist.rank() + 1] + 1))
-    pairs, checked = [np.zeros((0, 2), np.int64)], 0
-    for a, b in zip(starts[:-1], starts[1:]):
-        p, n = _cell_pairs(got[a:b], check, c.candidates)
-        pairs.append(p)
-        checked += n
-    _write_rank_pairs(out_dir, np.unique(np.concatenate(pairs), axis=0))
+    pairs, checked = _search_my_cells(got, bounds, check, cfg.curate.candidates)
+    _save(out_dir / f"pairs-{dist.rank():05d}.npy", pairs)
     dist.barrier()
     facts = _groups_on_rank0(out_dir) if dist.is_main() else None
     facts = dist.broadcast_object(facts)
@@ -568,12 +556,47 @@ def _near_duplicates(pool: list[_Shard], check: _Check, out_dir: Path, cfg: Conf
     return facts
 
 
-def _write_rank_pairs(out_dir: Path, pairs: np.ndarray) -> None:
-    path = out_dir / f"pairs-{dist.rank():05d}.npy"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    with explained_writes(path):
-        np.save(tmp, pairs.astype(np.int64))
-        tmp.replace(path)
+def _cells(pool: list[_Shard], n_cand: int, cfg: Config) -> tuple[int, np.ndarray | None]:
+    """(cells, their centroids) of the candidates' histograms: about dedup_cell_size images each
+    (k-means through the cluster stage's entry, collective); one cell needs no centroids."""
+    cells = max(1, round(n_cand / cfg.curate.dedup_cell_size))
+    if cells < CELL_KMEANS_MIN:
+        return 1, None
+    return cells, _hist(coarse_cells({s.pos: s.scan["hist"][s.candidates] for s in pool}, cells, cfg))
+
+
+def _rows_for_cells(
+    pool: list[_Shard], centroids: np.ndarray | None, probe: int, radius: float
+) -> tuple[np.ndarray, int]:
+    """This rank's candidates as rows, one per cell each must be searched in (cell_targets), and
+    how many have a probed cell still within reach at the end of their probe list."""
+    index = _Flat(centroids) if centroids is not None else None
+    sent, unresolved = [np.zeros(0, _row_dtype())], 0
+    for s in pool:
+        src = np.flatnonzero(s.candidates)
+        if index is None:
+            i, cell = np.arange(len(src)), np.zeros(len(src), np.int64)
+        else:
+            i, cell, unres = cell_targets(*index.search(_hist(s.scan["hist"][src]), probe), radius)
+            unresolved += int(unres.sum()) if probe < index.n else 0
+        rows = np.empty(len(i), _row_dtype())
+        rows["row"], rows["cell"] = s.first + src[i], cell
+        for field in ("hist", "thumb", "shape"):
+            rows[field] = s.scan[field][src[i]]
+        sent.append(rows)
+    return np.concatenate(sent), unresolved
+
+
+def _search_my_cells(got: np.ndarray, bounds: np.ndarray, check: _Check, k: int) -> tuple[np.ndarray, int]:
+    """Copy pairs inside every cell this rank owns, and the candidate pairs checked."""
+    got = got[np.argsort(got["cell"], kind="stable")]
+    starts = np.searchsorted(got["cell"], np.arange(bounds[dist.rank()], bounds[dist.rank() + 1] + 1))
+    pairs, checked = [np.zeros((0, 2), np.int64)], 0
+    for a, b in zip(starts[:-1], starts[1:]):
+        p, n = _cell_pairs(got[a:b], check, k)
+        pairs.append(p)
+        checked += n
+    return np.unique(np.concatenate(pairs), axis=0).astype(np.int64), checked
 
 
 def _groups_on_rank0(out_dir: Path) -> dict[str, Any]:
@@ -581,10 +604,7 @@ def _groups_on_rank0(out_dir: Path) -> dict[str, Any]:
     files = sorted(out_dir.glob("pairs-*.npy"))
     pairs = np.unique(np.concatenate([np.load(f) for f in files]), axis=0) if files else np.zeros((0, 2), np.int64)
     dup = duplicate_groups(pairs)
-    tmp = out_dir / f".{DUPLICATES_FILE}.tmp{os.getpid()}.npy"
-    with explained_writes(out_dir / DUPLICATES_FILE):
-        np.save(tmp, dup)
-        tmp.replace(out_dir / DUPLICATES_FILE)
+    _save(out_dir / DUPLICATES_FILE, dup)
     sizes = np.unique(dup["rep"], return_counts=True)[1] if len(dup) else np.zeros(0, np.int64)
     return {
         "copy_pairs": int(len(pairs)),
@@ -622,11 +642,18 @@ class _Shard:
         return self.reason == KEPT
 
 
-def _sum(v: float) -> float:
-    t = torch.tensor([float(v)], dtype=torch.float64)
+def _sum_counts(counts: np.ndarray) -> np.ndarray:
+    """Counts summed over ranks (float64 on the wire: exact to 2^53)."""
+    t = torch.from_numpy(np.asarray(counts, dtype=np.float64))
     if dist.is_dist() and torch.distributed.get_backend() == "nccl":
-        return float(dist.all_reduce_sum(t.to(dist.device())).cpu()[0])
-    return float(dist.all_reduce_sum(t)[0])
+        t = dist.all_reduce_sum(t.to(dist.device())).cpu()
+    else:
+        t = dist.all_reduce_sum(t)
+    return t.numpy().round().astype(np.int64)
+
+
+def _sum(v: int) -> int:
+    return int(_sum_counts(np.array([v]))[0])
 
 
 def _unlabeled_shards(cfg: Config) -> list[Path]:
@@ -736,47 +763,34 @@ def _write_decisions(
     """Each rank writes its shards' cur-%06d.npz; returns the removed-for-test rows (gathered) and
     the counts summed over ranks."""
     rows: list[tuple] = []
-    S = len(tests.names)
-    per_set = np.zeros((S, 2), np.int64)  # per set: copies (pixel check), same bytes
-    totals = np.zeros(6, np.int64)  # pool, kept, near test, same bytes, duplicate, unreadable
+    codes = (KEPT, NEAR_TEST, SAME_BYTES, DUPLICATE, UNREADABLE)
+    totals = np.zeros(1 + len(codes), np.int64)  # pool, then one count per code
+    per_set = np.zeros((len(tests.names), 2), np.int64)  # per test set: copies (pixel check), same bytes
     for s in pool:
         reason = s.reason.copy()
         group = _groups_of(s, dup)
         reason[(reason == KEPT) & (group >= 0) & (group != s.first + np.arange(s.n))] = DUPLICATE
         write_decisions(decisions_path(out_dir, s.path), s.scan["key_id"], reason, group, s.scan["test_score"])
-        totals += [s.n, *((reason == code).sum() for code in (KEPT, NEAR_TEST, SAME_BYTES, DUPLICATE, UNREADABLE))]
+        totals += [s.n, *((reason == code).sum() for code in codes)]
         for i in np.flatnonzero(np.isin(reason, (NEAR_TEST, SAME_BYTES))):
-            t_row = int(s.scan["same_row"][i] if reason[i] == SAME_BYTES else s.scan["copy_row"][i])
-            per_set[tests.set_of[t_row], 0 if reason[i] == NEAR_TEST else 1] += 1
-            score = 1.0 if reason[i] == SAME_BYTES else float(s.scan["test_score"][i])
-            rows.append((s.path.name, str(s.scan["keys"][i]), REASONS[int(reason[i])], score,
+            same = reason[i] == SAME_BYTES
+            t_row = int(s.scan["same_row"][i] if same else s.scan["copy_row"][i])
+            per_set[tests.set_of[t_row], int(same)] += 1
+            rows.append((s.path.name, str(s.scan["keys"][i]), REASONS[int(reason[i])],
+                         1.0 if same else float(s.scan["test_score"][i]),
                          tests.names[int(tests.set_of[t_row])], tests.keys[t_row]))  # fmt: skip
-    packed = torch.from_numpy(np.concatenate([totals, per_set.reshape(-1)]).astype(np.float64))
-    if dist.is_dist() and torch.distributed.get_backend() == "nccl":
-        packed = dist.all_reduce_sum(packed.to(dist.device())).cpu()
-    else:
-        packed = dist.all_reduce_sum(packed)
-    packed = packed.numpy().round().astype(np.int64)
-    gathered = [row for part in dist.all_gather_object(rows) for row in part]
-    per_set = packed[6:].reshape(S, 2)
-    counts = {
-        "pool": int(packed[0]),
-        "kept": int(packed[1]),
-        "near_test": int(packed[2]),
-        "same_bytes": int(packed[3]),
-        "duplicates": int(packed[4]),
-        "unreadable": int(packed[5]),
-        "per_test_set": {
-            name: {
-                "images": int((tests.set_of == j).sum()),
-                "removed": int(per_set[j].sum()),
-                "copies": int(per_set[j, 0]),
-                "same_bytes": int(per_set[j, 1]),
-            }
-            for j, name in enumerate(tests.names)
-        },
+    totals, per_set = _sum_counts(totals), _sum_counts(per_set)
+    counts = dict(zip(("pool", "kept", "near_test", "same_bytes", "duplicates", "unreadable"), map(int, totals)))
+    counts["per_test_set"] = {
+        name: {
+            "images": int((tests.set_of == j).sum()),
+            "removed": int(per_set[j].sum()),
+            "copies": int(per_set[j, 0]),
+            "same_bytes": int(per_set[j, 1]),
+        }
+        for j, name in enumerate(tests.names)
     }
-    return sorted(gathered), counts
+    return sorted(row for part in dist.all_gather_object(rows) for row in part), counts
 
 
 def _summary(
