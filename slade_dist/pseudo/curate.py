@@ -178,6 +178,8 @@ def test_set_dirs(cfg: Config) -> dict[str, str]:
 class TestImages:
     names: list[str]  # test set names
     set_of: np.ndarray  # (T,) index into names
+    shards: list[Path]  # the test sets' tars
+    shard_of: np.ndarray  # (T,) index into shards (keys repeat across sets: query and gallery)
     keys: list[str]
     sig: dict[str, np.ndarray]  # readable test images' signatures, sets concatenated (shard, tar order)
     digest_row: dict[bytes, int]  # image digest -> first test row with those bytes
@@ -204,7 +206,8 @@ def _test_images(sets: dict[str, str]) -> TestImages:
     sigs = [parts[i] for i in range(len(jobs))]
     ok = [s["readable"] for s in sigs]
     sig = {k: np.concatenate([s[k][m] for s, m in zip(sigs, ok)]) for k in ("keys", "digest", "hist", "thumb", "shape")}
-    set_of = np.concatenate([np.full(int(m.sum()), s, np.int64) for (s, _), m in zip(jobs, ok)]) if jobs else []
+    set_of = np.concatenate([np.full(int(m.sum()), s, np.int64) for (s, _), m in zip(jobs, ok)])
+    shard_of = np.concatenate([np.full(int(m.sum()), i, np.int64) for i, m in enumerate(ok)])
     keys = [str(k) for k in sig["keys"]]
     if not keys:
         raise _no_test_images(sets)
@@ -213,7 +216,8 @@ def _test_images(sets: dict[str, str]) -> TestImages:
     for row, d in enumerate(sig["digest"]):
         twin[row] = digest_row.setdefault(d.tobytes(), row)
     unreadable = int(sum((~m).sum() for m in ok))
-    return TestImages(list(sets), np.asarray(set_of), keys, sig, digest_row, twin, unreadable)
+    shards = [p for _, p in jobs]
+    return TestImages(list(sets), set_of, shards, shard_of, keys, sig, digest_row, twin, unreadable)
 
 
 def _no_test_images(sets: dict[str, str]) -> ValueError:
@@ -360,13 +364,14 @@ def _copies(
     tests: TestImages, rows: np.ndarray, cfg: Config, rng: np.random.Generator
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """One edited copy of each chosen test image, read again from its tar, and its signature."""
-    wanted = {tests.keys[int(r)]: int(r) for r in rows}
-    shards = sorted({p for d in test_set_dirs(cfg).values() for p in shard_paths(d)}, key=str)
+    wanted: dict[int, dict[str, int]] = {}
+    for r in rows:
+        wanted.setdefault(int(tests.shard_of[r]), {})[tests.keys[int(r)]] = int(r)
     made: dict[int, tuple] = {}
-    for shard in shards:
-        for sample in TarSamples(shard):
-            r = wanted.get(sample.get("__key__", ""))
-            if r is not None and r not in made and tests.sig["digest"][r].tobytes() == _digest(_bytes(sample)):
+    for i in sorted(wanted):
+        for sample in TarSamples(tests.shards[i]):
+            r = wanted[i].get(sample.get("__key__", ""))
+            if r is not None and r not in made:
                 data, edit = make_copy(image_bytes(sample), rng, _edits(cfg))
                 made[r] = (*signature(data), edit)
     order = [int(r) for r in rows]
@@ -375,13 +380,6 @@ def _copies(
         "thumb": np.array([made[r][1] for r in order], np.uint8),
         "shape": np.array([made[r][2] for r in order], np.uint8),
     }, [made[r][3] for r in order]
-
-
-def _bytes(sample: dict[str, Any]) -> bytes:
-    try:
-        return image_bytes(sample)
-    except Exception:  # noqa: BLE001 (no image member: never a calibration candidate)
-        return b""
 
 
 def _distinct_scores(

@@ -305,3 +305,21 @@ def test_eval_says_what_was_removed_or_that_nothing_was_checked(curated, caplog)
     with caplog.at_level("WARNING", logger="slade_dist"):
         assert curation_report(layout, cfg_off) == {}
     assert "the unlabeled pool was not checked against the test sets" in caplog.text
+
+
+def test_query_and_gallery_are_each_a_test_set(curated, tmp_path):
+    """In-shop names query and gallery (keys repeat across them): both are checked against."""
+    root, _, result = curated
+    shutil.copytree(root / "demo", tmp_path / "demo")
+    test = tmp_path / "demo" / "test"
+    both = curate.run(
+        curate_cfg(tmp_path, "data.test_shards=", f"data.query_shards={test}", f"data.gallery_shards={test}"),
+        tmp_path / "run",
+    )
+    assert list(both["per_test_set"]) == ["query", "gallery"] and both["per_test_set"]["gallery"]["images"] == 40
+    # every gallery image has a byte twin in the query: each removal is counted once, on one set
+    sets = both["per_test_set"].values()
+    assert sum(v["removed"] for v in sets) == both["removed"]["near_test"] + both["removed"]["same_bytes"]
+    assert (
+        both["per_test_set"]["query"]["same_bytes"] == both["removed"]["same_bytes"] == result["removed"]["same_bytes"]
+    )
