@@ -17,6 +17,7 @@ Tests: tests/unit/test_curate.py.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .shards import encode_jpeg
 __all__ = ["CopyEdits", "make_copy", "signature", "copy_score", "THUMB", "HIST_DIM"]
 
 MIN_SIDE = 8  # pixels: a resize never goes below this (the eval transform needs an image)
+CACHED_IMAGES = 4096  # thumbnails whose gradient maps / templates copy_score keeps (~50 KB each at most)
 # each geometric edit is applied with this probability; a copy is always re-encoded, so a copy
 # that drew no geometric edit is a pure re-encode
 EDIT_P = {"crop": 0.7, "resize": 0.7, "rotate": 0.5}
@@ -114,27 +116,42 @@ def copy_score(a: np.ndarray, b: np.ndarray, min_area: float, max_rotation: floa
     (linear scale down to sqrt(min_area) of the other, any position), rotations in
     [-max_rotation, max_rotation] (steps of at most 1.5 degrees), both ways round. Gradients, not
     intensities: two photos with the same flat background correlate in intensity, not in edges.
-    1 for the same picture; stops early once `stop_at` is reached."""
+    1 for the same picture; stops early once `stop_at` is reached. An image's gradient map and
+    templates are cached (LRU): a test image meets many pool images, a pool image its candidates."""
     best = -1.0
     for small, big in ((a, b), (b, a)):
-        grad = _gradient(big.astype(np.float32))
-        for t in _templates(small, big.shape, min_area, max_rotation):
-            best = max(best, _best_ncc(t, grad))
+        image = _searched(big.tobytes(), big.shape)
+        for t in _templates(small.tobytes(), small.shape, big.shape, min_area, max_rotation):
+            best = max(best, _best_ncc(t, image))
             if best >= stop_at:
                 return best
     return best
 
 
-def _templates(small: np.ndarray, big_shape: tuple[int, ...], min_area: float, max_rotation: float):
-    """Gradient maps of `small` at each scale and rotation searched inside an image of big_shape."""
-    h, w = small.shape
+@functools.lru_cache(maxsize=CACHED_IMAGES)
+def _searched(data: bytes, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradient map of a thumbnail and the summed-area tables of it and its square."""
+    g = _gradient(np.frombuffer(data, np.uint8).reshape(shape).astype(np.float32)).astype(np.float64)
+    sat = np.pad(g.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sat2 = np.pad((g * g).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return g, sat, sat2
+
+
+@functools.lru_cache(maxsize=CACHED_IMAGES)
+def _templates(
+    data: bytes, shape: tuple[int, int], big_shape: tuple[int, ...], min_area: float, max_rotation: float
+) -> tuple[np.ndarray, ...]:
+    """Gradient maps of a thumbnail at each scale and rotation searched inside an image of
+    big_shape, the likeliest first (a whole copy, unrotated)."""
+    h, w = shape
     k = max(big_shape) / max(h, w)
     lo = math.sqrt(min_area) * min(big_shape) / max(big_shape)
     scales = np.geomspace(lo, 1.0, max(2, min(8, math.ceil(math.log(1 / lo) / math.log(1.04)) + 1)))
     steps = math.ceil(max_rotation / 1.5)
     angles = np.linspace(-max_rotation, max_rotation, 2 * steps + 1) if steps else np.zeros(1)
-    img = Image.fromarray(small)
-    for f in scales[::-1]:  # the likeliest first: a whole copy, unrotated
+    img = Image.fromarray(np.frombuffer(data, np.uint8).reshape(shape))
+    out = []
+    for f in scales[::-1]:
         size = (max(MIN_SIDE, round(w * k * f)), max(MIN_SIDE, round(h * k * f)))
         base = img.resize(size, Image.BILINEAR)
         margin = 1 + math.ceil(0.5 * max(size) * math.tan(math.radians(max_rotation)))  # rotation corners
@@ -142,32 +159,39 @@ def _templates(small: np.ndarray, big_shape: tuple[int, ...], min_area: float, m
             rotated = base.rotate(float(angle), resample=Image.BILINEAR) if angle else base
             g = _gradient(np.asarray(rotated, np.float32))[margin:-margin, margin:-margin]
             if min(g.shape) >= MIN_SIDE:
-                yield g
+                tz = g - g.mean()
+                out.append(tz / max(float(np.linalg.norm(tz)), 1e-6))
+    return tuple(out)
 
 
 def _gradient(a: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter  # here: importing data/ must not need scipy's ndimage
-
     gx, gy = np.zeros_like(a), np.zeros_like(a)
     gx[:, 1:-1] = a[:, 2:] - a[:, :-2]
     gy[1:-1] = a[2:] - a[:-2]
     # the square root lifts faint edges (background detail tells two photos apart; the main
     # object's outline alone does not), the blur lets edges a pixel off still meet
-    return gaussian_filter(np.sqrt(np.hypot(gx, gy)), 1.0)
+    return _blur(np.sqrt(np.hypot(gx, gy)))
 
 
-def _best_ncc(t: np.ndarray, image: np.ndarray) -> float:
-    """Highest normalised cross-correlation of template t over every position inside image."""
+def _blur(a: np.ndarray) -> np.ndarray:
+    """Separable binomial blur [1 4 6 4 1] / 16 (about a Gaussian of sigma 1), edges repeated."""
+    for axis in (0, 1):
+        p = np.pad(a, [(2, 2) if ax == axis else (0, 0) for ax in (0, 1)], mode="edge")
+        n = a.shape[axis]
+        s = [p.take(range(i, i + n), axis=axis) for i in range(5)]
+        a = (s[0] + 4 * s[1] + 6 * s[2] + 4 * s[3] + s[4]) / 16
+    return a
+
+
+def _best_ncc(t: np.ndarray, searched: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
+    """Highest normalised cross-correlation of a zero-mean, unit-norm template over every position
+    inside the searched image (window sums from its summed-area tables)."""
+    image, sat, sat2 = searched
     th, tw = t.shape
     if th > image.shape[0] or tw > image.shape[1]:
         return -1.0
-    tz = t - t.mean()
-    tn = float(np.linalg.norm(tz))
-    if tn < 1e-6:
-        return -1.0
-    win = sliding_window_view(image, (th, tw))
-    num = np.einsum("ijkl,kl->ij", win, tz)
-    s1 = win.sum(axis=(2, 3))
-    s2 = np.einsum("ijkl,ijkl->ij", win, win)
+    num = np.einsum("ijkl,kl->ij", sliding_window_view(image, (th, tw)), t)
+    s1 = sat[th:, tw:] - sat[:-th, tw:] - sat[th:, :-tw] + sat[:-th, :-tw]
+    s2 = sat2[th:, tw:] - sat2[:-th, tw:] - sat2[th:, :-tw] + sat2[:-th, :-tw]
     var = np.maximum(s2 - s1 * s1 / (th * tw), 1e-6)
-    return float((num / (np.sqrt(var) * tn)).max())
+    return float((num / np.sqrt(var)).max())

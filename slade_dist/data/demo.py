@@ -284,6 +284,8 @@ def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dic
     params = asdict(cfg)
     params.pop("workers")  # the worker count never changes the bytes written
     params.pop("out")
+    if cfg.planted_test_copies or cfg.duplicate_groups:  # the planted edits' ranges change the bytes too
+        params["planted_edits"] = asdict(PLANTED_EDITS)
     if not force and _already_written(out, params):
         return {"skipped": True, "out": str(out)}
     table = class_table(cfg)
