@@ -9,6 +9,7 @@ shards/demo: the benches must not rewrite what a demo run next to them reads).
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,16 @@ def metrics_of(path: Path, cfg: Config) -> dict[str, Any]:
     """MAP@R and P@1 of one exported model on the test classes (the eval stage's numbers)."""
     m = evaluate_model(path, cfg) or {}
     return {"map_at_r": float(m["map_at_r"]), "precision_at_1": float(m["precision_at_1"])}
+
+
+def summarise(per_seed: list[dict[Any, dict[str, float]]]) -> dict[Any, dict[str, float]]:
+    """Mean and std over seeds of each row's MAP@R and P@1 (rows: the first seed's keys)."""
+    out = {}
+    for name in per_seed[0]:
+        row: dict[str, float] = {}
+        for metric in ("map_at_r", "precision_at_1"):
+            vals = [s[name][metric] for s in per_seed]
+            row[metric] = round(statistics.mean(vals), 4)
+            row[f"{metric}_std"] = round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0
+        out[name] = row
+    return out

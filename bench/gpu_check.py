@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from slade_dist.pseudo.kmeans import KMeansParams, TorchAssigner, assign_array, choose_backend, train_centroids  # noqa: E402
+from slade_dist.config import PseudoConfig  # noqa: E402
+from slade_dist.pseudo.kmeans import TorchAssigner, assign_array, choose_backend, train_centroids  # noqa: E402
 
 
 def blobs_on(device: torch.device, n: int, d: int, blobs: int, seed: int = 0) -> torch.Tensor:
@@ -42,9 +43,9 @@ def gpu_matches_cpu(device: torch.device) -> dict:
     """Small problem, fp32 on both: the CUDA path must give the CPU path's centroids."""
     x = blobs_on(torch.device("cpu"), 50_000, 64, 200, seed=3)
     init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:256]].numpy()
-    p = dict(k=256, niter=5, progress=False, gpu_tf32=False, backend="torch")
-    cpu = train_centroids({0: x}, KMeansParams(**p), init_centroids=init)
-    gpu = train_centroids({0: x.to(device)}, KMeansParams(**p), init_centroids=init)
+    p = dict(k=256, niter=5, gpu_tf32=False, backend="torch", spherical=False)
+    cpu = train_centroids({0: x}, PseudoConfig(**p), init_centroids=init)
+    gpu = train_centroids({0: x.to(device)}, PseudoConfig(**p), init_centroids=init)
     diff = float(np.abs(cpu.centroids - gpu.centroids).max())
     return {"max_abs_centroid_diff": diff, "ok": diff < 1e-3}
 
@@ -89,11 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
     x = blobs_on(device, n, args.d, blobs=k)
     init = x[torch.randperm(n, device=device, generator=torch.Generator(device=device).manual_seed(1))[:k]]
     init = init.cpu().numpy()
-    params = KMeansParams(
+    params = PseudoConfig(
+        spherical=False,
         k=k,
         niter=niter,
         backend=backend,
-        progress=False,
         gpu_tf32=not args.no_tf32,
         max_points_per_centroid=max(256, -(-n // k)),
         chunk_size=1 << 20,

@@ -52,7 +52,8 @@ def _rank_worker(
     import torch
 
     from slade_dist import dist
-    from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+    from slade_dist.config import PseudoConfig
+    from slade_dist.pseudo.kmeans import train_centroids
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -60,9 +61,7 @@ def _rank_worker(
     r, w = dist.rank(), dist.world_size()
     data = np.load(data_path, mmap_mode="r")
     init = np.load(init_path)
-    params = KMeansParams(
-        k=len(init), niter=niter, backend=backend, spherical=False, progress=False, max_points_per_centroid=mppc
-    )
+    params = PseudoConfig(k=len(init), niter=niter, backend=backend, spherical=False, max_points_per_centroid=mppc)
     for n in sizes:
         lo, hi = r * n // w, (r + 1) * n // w
         dist.barrier()
@@ -108,14 +107,15 @@ def _two_level_worker(data_path: str, n: int, k: int, niter: int, backend: str, 
     import torch
 
     from slade_dist import dist
-    from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+    from slade_dist.config import PseudoConfig
+    from slade_dist.pseudo.kmeans import train_centroids
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     dist.init_distributed()
     r, w = dist.rank(), dist.world_size()
     data = np.load(data_path, mmap_mode="r")
-    params = KMeansParams(k=k, niter=niter, backend=backend, progress=False, two_level="on")
+    params = PseudoConfig(spherical=False, k=k, niter=niter, backend=backend, two_level="on")
     dist.barrier()
     t = time.perf_counter()
     res = train_centroids({r: data[r * n // w : (r + 1) * n // w]}, params)

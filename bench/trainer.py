@@ -1,7 +1,7 @@
 """Benchmark: our DeepSpeed training step (slade_dist.train.engine.Trainer) vs a bare PyTorch loop.
 
 One rank, one process, the same model, batch and loss, data in memory (no loader in the timing):
-- ours:     Trainer.forward -> multi-similarity loss -> Trainer.backward_step (DeepSpeed engine
+- ours:     Trainer.forward -> multi-similarity loss -> Trainer.backward + step_optimizer (DeepSpeed engine
             with the training defaults: AdamW groups, warmup+cosine schedule, gradient clipping)
 - baseline: model(x) -> the same loss -> loss.backward() -> AdamW.step() -> zero_grad
 CPU (default): tiny_cnn at 64 px and resnet18 at 64 px (--quick: 32 px), P x K = 8 x 4, fp32, one
@@ -61,7 +61,8 @@ def ours_step_fn(backbone: str, tcfg: TrainConfig, batch: tuple, stage_dir: str,
 
     def step() -> float:
         loss = loss_fn(tr.forward(x).float(), y)
-        tr.backward_step(loss)
+        tr.backward(loss)
+        tr.step_optimizer()
         return float(loss.detach())
 
     return step

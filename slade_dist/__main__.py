@@ -22,9 +22,12 @@ from . import dist
 from .config import Config, ConfigError, describe_sections, load_config
 from .data.__main__ import describe_unvalidated, unvalidated_img2dataset
 from .data.demo import generate
+from .errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 from .eval.report import format_table
-from .runner import StageNotAvailable, run_pipeline, run_stage
-from .stages import STAGES, RunLayout
+from .runner import run_pipeline, run_stage
+from .stages import STAGES, RunLayout, read_done
+
+PROG = "python -m slade_dist"
 
 EPILOG = """\
 stages (each is also a command):
@@ -55,7 +58,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     stages = "\n".join(f"  {s.name:12s} {s.help}" for s in STAGES.values())
     p = argparse.ArgumentParser(
-        prog="python -m slade_dist",
+        prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SLADE self-training for deep metric learning (distributed).",
         epilog=EPILOG.format(stages=stages, sections=describe_sections()),
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", "-c", default=None, help="run file layered over configs/defaults.yaml")
     p.add_argument("--force", action="store_true", help="rerun even if DONE.json matches the config hash")
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -147,11 +151,7 @@ def help_request(argv: Sequence[str]) -> tuple[str, str | None, list[str]] | Non
 
 
 def print_command_help(command: str, config: str | None, overrides: Sequence[str]) -> int:
-    try:
-        cfg = load_config(config, overrides, check_paths=False)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(config, overrides, check_paths=False)
     source = "configs/defaults.yaml" + (f" -> {config}" if config else "") + (" -> overrides" if overrides else "")
     print(command_help(command, cfg, load_config(None, check_paths=False), source))
     return 0
@@ -170,22 +170,21 @@ def unvalidated_inputs(cfg: Config, command: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The command; a user error ends it with one line on stderr and exit code 2 (errors.py)."""
+    return exit_on_user_error(_main, argv, PROG)
+
+
+def _main(argv: list[str]) -> int:
     wanted = help_request(argv)
     if wanted:  # before argparse, whose --help is the global one
         return print_command_help(*wanted)
     args = build_parser().parse_intermixed_args(argv)
     dist.set_default_accelerator()
-    try:
-        # demo-data creates the inputs the path check would look for
-        cfg = load_config(args.config, args.overrides, check_paths=args.command not in ("demo-data", "show-config"))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    # demo-data creates the inputs the path check would look for
+    cfg = load_config(args.config, args.overrides, check_paths=args.command not in ("demo-data", "show-config"))
     refusal = unvalidated_inputs(cfg, args.command)
     if refusal:
-        print(f"config error: {refusal}", file=sys.stderr)
-        return 2
+        raise ConfigError(refusal)
     if args.command == "show-config":
         print(f"# hash {cfg.hash()}\n{cfg.dump_yaml()}", end="")
         return 0
@@ -201,9 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             dist.print0(json.dumps({"stage": args.command, "result": result}, default=str))
         if args.command == "eval":
             print_summary(cfg)
-    except (StageNotAvailable, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         dist.shutdown()
     return 0
@@ -235,11 +231,26 @@ def _pipeline(cfg: Config, force: bool = False) -> int:
 
 
 def print_summary(cfg: Config) -> None:
-    """The metrics table (when eval ran) and where to look at the run."""
-    metrics = RunLayout(cfg.run.dir).stage_dir("eval") / "metrics.json"
+    """The metrics table (when eval ran), a pretrain stage that handed on its input weights (its
+    SwAV steps spent for nothing), the retrieval grids and where to look at the run."""
+    layout = RunLayout(cfg.run.dir)
+    metrics = layout.stage_dir("eval") / "metrics.json"
     if metrics.exists() and dist.is_main():
         print(format_table(json.loads(metrics.read_text())))
+    warning = pretrain_warning(layout)
+    if warning:
+        dist.print0(f"WARNING: {warning}")
+    grids = sorted(layout.stage_dir("eval").glob("retrieval_*.png"))
+    if grids:
+        dist.print0("retrieval grids: " + ", ".join(str(p) for p in grids))
     dist.print0(f"\nTensorBoard:  tensorboard --logdir {Path(cfg.run.dir) / 'tb'}")
+
+
+def pretrain_warning(layout: RunLayout) -> str | None:
+    """The warning the pretrain stage recorded in its DONE.json, if it handed on its input weights."""
+    marker = read_done(layout.done_file("pretrain")) or {}
+    result = marker.get("result")
+    return result.get("warning") if isinstance(result, dict) else None
 
 
 if __name__ == "__main__":

@@ -1,24 +1,27 @@
 """SLADE feature basis (student only): W_a, L_CE, basis similarity, L_SD with running Gaussians,
-Eq. 7 pair mining.
+Eq. 7 pair mining, all over the optimizer step's GLOBAL batch.
 
-Owns `FeatureBasis`. Method: docs/METHOD.md "Feature basis".
+Owns `FeatureBasis` and `PairBlock`. Method: docs/METHOD.md "Feature basis".
 Tests: tests/unit/test_basis.py (planted clusters, Eq. 6 over several batches, mining, state dict)
-and tests/integration/test_basis_multirank.py (2 gloo ranks hold identical mu/var).
+and tests/integration/test_world_invariance.py (1, 2 and 4 gloo ranks on one global batch, one
+pseudo-class per rank included: the same Gaussians, mined pairs, losses and averaged gradients).
 
 Choices where the paper is silent (documented here, stable API):
-- Pair statistics use each unordered pair i < j once (symmetric sim; ordered pairs would give the
-  same mean/variance). Variance is the population variance E[s^2] - E[s]^2 of the batch.
-- Statistics are computed in fp32 and summed over ranks: every rank contributes its local pairs'
-  (sum s, sum s^2, count) for each kind; one all-reduce gives the global batch statistics, so
-  every rank updates mu/var identically. Only the local part of the sums carries gradient, scaled
-  by world_size so that after the DDP/DeepSpeed gradient AVERAGE over ranks each parameter's
-  gradient equals a single process computing the same global statistics (same rule as
-  losses.cross_rank_loss).
-- Running update (Eq. 6): mu <- (1-beta) * mu_batch + beta * mu_prev (mu_prev a detached buffer),
-  same for var; the first batch that has pairs of a kind seeds that Gaussian (mu = mu_batch); a
-  batch without pairs of a kind leaves it untouched (and it then enters L_SD as a constant).
-  While either Gaussian is unseeded L_SD is a zero connected to `sim`. `reset_gaussians` unseeds
-  both (the student calls it when its basis warm-up ends).
+- The pairs are those of the GLOBAL batch (every rank's unlabeled rows of the step, rank order),
+  never only a rank's own: with one pseudo-class per rank a rank alone has no negative pair.
+  `pair_block` holds this rank's rows (anchors) against all rows (candidates, dist.gather_rows),
+  so the work is B_rank x B_global per rank. Statistics use ordered pairs (i, j), i != j: each
+  unordered pair twice with the same s_ij, so the mean and variance equal those of the unordered
+  pairs (what one process holding the step computes); the reported pair counts are unordered.
+  Variance is the population variance E[s^2] - E[s]^2 of the batch.
+- Statistics are computed in fp32; each rank's (sum s, sum s^2) of each kind are added over ranks
+  with dist.sum_over_ranks (differentiable) and the counts with an all-reduce, so every rank
+  updates mu/var identically and its averaged gradient is the one process's (dist.py says why).
+- Running update (Eq. 6), once per optimizer step: mu <- (1-beta) * mu_batch + beta * mu_prev
+  (mu_prev a detached buffer), same for var; the first batch that has pairs of a kind seeds that
+  Gaussian (mu = mu_batch); a batch without pairs of a kind leaves it untouched (and it then enters
+  L_SD as a constant). While either Gaussian is unseeded L_SD is a zero connected to the pairs.
+  `reset_gaussians` unseeds both (the student calls it when its basis warm-up ends).
 - Gradient of L_SD (`sd_grad`): L_SD's VALUE always uses the running mu/var above. "damped"
   back-propagates through the update, so the batch statistics' gradient arrives scaled by
   1 - beta (0.01 at the paper's beta: |dL_SD/dW_a| ~1e-3 of L_CE's, L_SD then barely trains);
@@ -27,12 +30,18 @@ Choices where the paper is silent (documented here, stable API):
 - r = normalize(W_a) normalize(f): the vector of cosines to the class bases that L_CE scores, so
   the basis similarity does not depend on how long W_a's rows have grown.
 - L_SD = relu(mu_neg - mu_pos + margin) + lambda_sd * (var_pos + var_neg).
+- L_CE is the mean over the global labeled batch.
 - Mining (Eq. 7) thresholds are the CURRENT buffers: call sd_loss first in a step and mining
-  uses the Gaussians including this batch. Mined pairs come in both orderings (i, j) and (j, i);
-  n_pos_mined / n_neg_mined count these ordered pairs.
+  uses the Gaussians including this batch. Mined pairs are (this rank's anchor, global candidate)
+  index pairs; over all ranks they are every ordered pair (i, j) and (j, i) of the global batch;
+  n_pos_mined / n_neg_mined count these ordered pairs over all ranks.
+Every method that takes or makes a PairBlock, and ce_loss, is collective when distributed: every
+rank calls it at the same step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,22 +50,25 @@ from torch import nn
 from . import dist
 from .losses import no_autocast
 
-__all__ = ["FeatureBasis", "global_sum"]
+__all__ = ["FeatureBasis", "PairBlock"]
 
 
-def global_sum(local: torch.Tensor) -> torch.Tensor:
-    """Sum of `local` over ranks. Value: the all-reduced sum. Gradient: world_size w.r.t. the
-    local tensor (see module docstring), none through other ranks' parts. Identity in 1 process."""
-    world = dist.world_size()
-    if world == 1:
-        return local
-    total = dist.all_reduce_sum(local.detach().clone())
-    return total + world * (local - local.detach())
+@dataclass
+class PairBlock:
+    """This rank's unlabeled rows (anchors) against the global batch (candidates), in basis space."""
+
+    sim: torch.Tensor  # (B_rank, B_global) s_ij = cos(W_a f_i, W_a f_j), fp32
+    same: torch.Tensor  # (B_rank, B_global) same pseudo label
+    valid: torch.Tensor  # (B_rank, B_global) j is not i itself
+
+    def detach(self) -> PairBlock:
+        return PairBlock(self.sim.detach(), self.same, self.valid)
 
 
-def _same_label(pseudo_labels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    pl = pseudo_labels.view(-1).to(device)
-    return pl.view(-1, 1) == pl.view(1, -1)
+def global_counts(*masks: torch.Tensor) -> list[int]:
+    """The number of True entries of each mask, summed over ranks (collective)."""
+    local = torch.stack([m.sum() for m in masks]).to(torch.float64)
+    return [int(v) for v in dist.all_reduce_sum(local).round().tolist()]
 
 
 class FeatureBasis(nn.Module):
@@ -91,39 +103,40 @@ class FeatureBasis(nn.Module):
 
     # --------------------------------------------------------------------------- L_CE, similarity
     def ce_loss(self, feat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Normalized-softmax cross-entropy: logits = s * cos(W_a[c], f)."""
+        """Normalized-softmax cross-entropy, logits = s * cos(W_a[c], f), averaged over the global
+        labeled batch."""
         with no_autocast(feat):  # fp32 even under bf16 autocast: small matmul, sharp softmax
             logits = self.scale * F.normalize(feat.float(), dim=1) @ F.normalize(self.W_a.float(), dim=1).t()
-            return F.cross_entropy(logits, labels.long().view(-1).to(feat.device))
+            total = F.cross_entropy(logits, labels.long().view(-1).to(feat.device), reduction="sum")
+            n = dist.all_reduce_sum(torch.tensor([float(feat.shape[0])], device=feat.device))
+            return dist.sum_over_ranks(total / n[0])
 
     def project(self, feat: torch.Tensor) -> torch.Tensor:
         """r (B, C): cosines of f to each row of W_a (the vector L_CE scales by s), fp32 under autocast."""
         with no_autocast(feat):
             return F.normalize(feat.float(), dim=1) @ F.normalize(self.W_a.float(), dim=1).t()
 
-    def basis_similarity(self, feat: torch.Tensor) -> torch.Tensor:
-        """(B, B) cos(W_a f_i, W_a f_j)."""
+    def pair_block(self, feat: torch.Tensor, pseudo_labels: torch.Tensor) -> PairBlock:
+        """s_ij = cos(W_a f_i, W_a f_j) of this rank's rows i against every rank's rows j, with
+        which pairs share a pseudo label and which pair is a row with itself."""
+        if pseudo_labels.numel() != feat.shape[0]:
+            raise ValueError(f"{pseudo_labels.numel()} pseudo labels for {feat.shape[0]} unlabeled rows")
         r = F.normalize(self.project(feat), dim=1)
         with no_autocast(feat):
-            return r @ r.t()
+            sim = r @ dist.gather_rows(r).t()
+        pl = pseudo_labels.view(-1).to(feat.device)
+        same = pl.view(-1, 1) == dist.all_gather_cat(pl).view(1, -1)
+        valid = torch.ones_like(same)
+        offset = dist.row_offset(feat.shape[0])
+        valid[:, offset : offset + feat.shape[0]].fill_diagonal_(False)
+        return PairBlock(sim, same, valid)
 
     # ----------------------------------------------------------------------------------- L_SD
-    @staticmethod
-    def _pair_masks(n: int, pseudo_labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pl = pseudo_labels.view(-1).to(device)
-        if pl.numel() != n:
-            raise ValueError(f"{pl.numel()} pseudo labels for a {n}x{n} similarity matrix")
-        upper = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-        same = pl.view(-1, 1) == pl.view(1, -1)
-        return same & upper, ~same & upper
-
-    def _update(
-        self, kind: str, s: torch.Tensor, s2: torch.Tensor, n: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _update(self, kind: str, s: torch.Tensor, s2: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 6 for one Gaussian; returns (mu, var) carrying the batch gradient."""
         mu_buf, var_buf = getattr(self, f"mu_{kind}"), getattr(self, f"var_{kind}")
         seeded = getattr(self, f"seeded_{kind}")
-        if float(n) <= 0:  # no pair of this kind in the (global) batch: skip the update
+        if n <= 0:  # no pair of this kind in the global batch: skip the update
             return mu_buf.clone(), var_buf.clone()
         mu_b = s / n
         var_b = (s2 / n - mu_b * mu_b).clamp_min(0.0)
@@ -148,60 +161,53 @@ class FeatureBasis(nn.Module):
         self.seeded_pos.fill_(False)
         self.seeded_neg.fill_(False)
 
-    def sd_loss(self, sim: torch.Tensor, pseudo_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Update G+/G- from this batch's pseudo-positive/negative pairs and return L_SD and stats.
-
-        Collective when distributed (one all-reduce): every rank must call it each step."""
-        sim = sim.float()
-        pos, neg = self._pair_masks(sim.shape[0], pseudo_labels, sim.device)
-        sp, sn = sim[pos], sim[neg]
-        local = torch.stack([sp.sum(), (sp * sp).sum(), sn.sum(), (sn * sn).sum()])
-        counts = torch.tensor([float(sp.numel()), float(sn.numel())], device=sim.device)
-        tot = global_sum(local)
-        counts = dist.all_reduce_sum(counts)
-        self._last_counts = (int(counts[0]), int(counts[1]))
-        mu_p, var_p = self._update("pos", tot[0], tot[1], counts[0])
-        mu_n, var_n = self._update("neg", tot[2], tot[3], counts[1])
+    def sd_loss(self, block: PairBlock) -> tuple[torch.Tensor, dict[str, float]]:
+        """Update G+/G- (Eq. 6) from the global batch's pseudo-positive/negative pairs and return
+        L_SD and stats. Once per optimizer step."""
+        pos, neg = block.same & block.valid, ~block.same & block.valid
+        sp, sn = block.sim[pos], block.sim[neg]
+        tot = dist.sum_over_ranks(torch.stack([sp.sum(), (sp * sp).sum(), sn.sum(), (sn * sn).sum()]))
+        n_pos, n_neg = global_counts(pos, neg)  # ordered pairs: each unordered one twice
+        self._last_counts = (n_pos // 2, n_neg // 2)
+        mu_p, var_p = self._update("pos", tot[0], tot[1], n_pos)
+        mu_n, var_n = self._update("neg", tot[2], tot[3], n_neg)
+        connected = 0.0 * tot.sum()  # the same graph on every rank, also when L_SD is a constant or 0
         if bool(self.seeded_pos) and bool(self.seeded_neg):
             loss = F.relu(mu_n - mu_p + self.margin) + self.lambda_sd * (var_p + var_n)
-            loss = loss + 0.0 * sim.sum()  # keep the graph connected even when both are constants
-        else:
-            loss = (sim * 0.0).sum()
-        return loss, self.stats()
+            return loss + connected, self.stats()
+        return connected, self.stats()
 
     # ---------------------------------------------------------------------------------- mining
+    def mining_on(self) -> bool:
+        """Eq. 7 mines only once both Gaussians exist and mu+ > mu- (else the sets would overlap)."""
+        return bool(self.seeded_pos) and bool(self.seeded_neg) and float(self.mu_pos) > float(self.mu_neg)
+
     @torch.no_grad()
     def mine_pairs(
-        self, sim: torch.Tensor, pseudo_labels: torch.Tensor | None = None, require_cluster_agreement: bool = False
+        self, block: PairBlock, require_cluster_agreement: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 7: positives s_ij >= mu+, negatives s_ij <= mu-, i != j, both orderings, as (2, n)
-        long tensors of (anchor, other) indices into the batch. Empty while a Gaussian is
-        unseeded or mu+ <= mu-. require_cluster_agreement also demands same / different
-        pseudo label (the non-literal reading)."""
-        empty = torch.zeros(2, 0, dtype=torch.long, device=sim.device)
-        mu_p, mu_n = float(self.mu_pos), float(self.mu_neg)
-        if not (bool(self.seeded_pos) and bool(self.seeded_neg)) or mu_p <= mu_n:
-            self._last_mined = (0, 0)
-            return empty, empty.clone()
-        pos, neg = self._literal_masks(sim)
+        """Eq. 7: positives s_ij >= mu+, negatives s_ij <= mu-, i != j, as (2, n) long tensors of
+        (this rank's anchor index, global candidate index). Empty while a Gaussian is unseeded or
+        mu+ <= mu-. require_cluster_agreement also demands same / different pseudo label (the
+        non-literal reading)."""
+        pos, neg = self.literal_masks(block)
+        if not self.mining_on():
+            pos, neg = torch.zeros_like(pos), torch.zeros_like(neg)
         if require_cluster_agreement:
-            if pseudo_labels is None:
-                raise ValueError("require_cluster_agreement needs pseudo_labels")
-            same = _same_label(pseudo_labels, sim.device)
-            pos &= same
-            neg &= ~same
-        pos_pairs, neg_pairs = pos.nonzero().t().contiguous(), neg.nonzero().t().contiguous()
-        self._last_mined = (pos_pairs.shape[1], neg_pairs.shape[1])
-        return pos_pairs, neg_pairs
+            pos &= block.same
+            neg &= ~block.same
+        n_pos, n_neg = global_counts(pos, neg)
+        self._last_mined = (n_pos, n_neg)
+        return pos.nonzero().t().contiguous(), neg.nonzero().t().contiguous()
 
-    def _literal_masks(self, sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def literal_masks(self, block: PairBlock) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 7 read literally: (s_ij >= mu+, s_ij <= mu-), i != j."""
-        off = ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
-        return (sim >= self.mu_pos) & off, (sim <= self.mu_neg) & off
+        sim = block.sim.detach()
+        return (sim >= self.mu_pos) & block.valid, (sim <= self.mu_neg) & block.valid
 
     @torch.no_grad()
-    def mining_shares(self, sim: torch.Tensor, pseudo_labels: torch.Tensor) -> dict[str, float]:
-        """How the two Eq. 7 readings differ on this `sim`, whichever one trains (for logging).
+    def mining_shares(self, block: PairBlock) -> dict[str, float]:
+        """How the two Eq. 7 readings differ on this global batch, whichever one trains (for logging).
 
         literal_*_pairs: ordered pairs passing the thresholds alone; agreement_*_pairs: those whose
         cluster ids also agree (same for positives, different for negatives), i.e. what
@@ -211,23 +217,22 @@ class FeatureBasis(nn.Module):
         mu-); {} while a Gaussian is unseeded; a share is left out when its set is empty."""
         if not (bool(self.seeded_pos) and bool(self.seeded_neg)):
             return {}
-        pos, neg = self._literal_masks(sim)
-        same = _same_label(pseudo_labels, sim.device)
-        counts = {
-            "literal_pos_pairs": int(pos.sum()),
-            "literal_neg_pairs": int(neg.sum()),
-            "agreement_pos_pairs": int((pos & same).sum()),
-            "agreement_neg_pairs": int((neg & ~same).sum()),
+        pos, neg = self.literal_masks(block)
+        n_pos, n_neg, agree_pos, agree_neg = global_counts(pos, neg, pos & block.same, neg & ~block.same)
+        out = {
+            "literal_pos_pairs": float(n_pos),
+            "literal_neg_pairs": float(n_neg),
+            "agreement_pos_pairs": float(agree_pos),
+            "agreement_neg_pairs": float(agree_neg),
         }
-        out = {k: float(v) for k, v in counts.items()}
-        if counts["literal_pos_pairs"]:
-            out["literal_pos_same_cluster"] = counts["agreement_pos_pairs"] / counts["literal_pos_pairs"]
-        if counts["literal_neg_pairs"]:
-            out["literal_neg_diff_cluster"] = counts["agreement_neg_pairs"] / counts["literal_neg_pairs"]
+        if n_pos:
+            out["literal_pos_same_cluster"] = agree_pos / n_pos
+        if n_neg:
+            out["literal_neg_diff_cluster"] = agree_neg / n_neg
         return out
 
     def stats(self) -> dict[str, float]:
-        """Running Gaussians and the last call's counts, for logging."""
+        """Running Gaussians and the last call's global counts, for logging."""
         return {
             "mu_pos": float(self.mu_pos),
             "mu_neg": float(self.mu_neg),

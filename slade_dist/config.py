@@ -24,13 +24,14 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 from .fileio import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A configuration problem, with the key and the file it came from in the message."""
 
 
@@ -157,9 +158,62 @@ class DataConfig:
 class ModelConfig:
     backbone: str = _f("resnet50", help=" | ".join(BACKBONE_NAMES) + " | timm:<name>")
     embed_dim: int = _f(128, lo=2)
-    pretrained_path: str = _f("", input_path=True, help="local weights file; never downloaded")
-    freeze_bn: bool = _f(True)
-    pooling: Literal["avg", "max", "avgmax"] = _f("avg")
+    pretrained: str = _f(
+        "none",
+        nonempty=True,
+        help="initial backbone weights: none (random) | hub (a timm:<name> backbone's published weights, "
+        "read through the Hugging Face cache: works offline once cached) | <path> (a local torchvision / timm / "
+        "SwAV / safetensors / slade_dist weights file; stored as model.pretrained_path at load)",
+    )
+    pretrained_path: str = _f(
+        "", input_path=True, help="local weights file (the older spelling of model.pretrained=<path>); never downloaded"
+    )
+    freeze_bn: bool = _f(True, help="BatchNorm keeps its running statistics and weights (eval mode) while training")
+    pooling: Literal["avg", "max", "avgmax"] = _f("avg", help="pooling of a CNN's feature map")
+    token_pool: Literal["auto", "cls", "mean"] = _f(
+        "auto",
+        help="pooling of a transformer's tokens: auto = the model family's own (timm's global_pool: the class "
+        "token for ViT / DINOv2, the mean where the model has no class token), cls = the class token, "
+        "mean = the mean of the patch tokens",
+    )
+    sync_bn: bool = _f(
+        True,
+        help="BatchNorm layers that train normalise with the statistics of every rank's rows (SyncBatchNorm; "
+        "an all-reduce BatchNorm on CPU); false: each rank's own rows, so the method depends on the GPU count",
+    )
+
+
+PRETRAINED_NONE, PRETRAINED_HUB = "none", "hub"
+
+
+def pretrained_source(model: ModelConfig) -> tuple[str, str]:
+    """Where a backbone's initial weights come from: ("none", ""), ("hub", "") or ("file", path).
+
+    model.pretrained=<path> and model.pretrained_path=<path> mean the same; both set is refused
+    (not one silently winning), and so is hub for a backbone that is not a timm model."""
+    choice = model.pretrained.strip()
+    if choice in (PRETRAINED_NONE, ""):
+        return ("file", model.pretrained_path) if model.pretrained_path else (PRETRAINED_NONE, "")
+    if model.pretrained_path:
+        raise ConfigError(
+            f"model.pretrained={choice!r} and model.pretrained_path={model.pretrained_path!r} are both set: "
+            f"set only one (model.pretrained=<path> is the same as model.pretrained_path=<path>; "
+            f"model.pretrained_path='' clears the old one)"
+        )
+    if choice == PRETRAINED_HUB:
+        if not model.backbone.startswith("timm:"):
+            raise ConfigError(
+                f"model.pretrained=hub loads a timm model's published weights, but model.backbone is "
+                f"{model.backbone!r}: use model.backbone=timm:<name> (e.g. timm:resnet50.a1_in1k, "
+                f"timm:vit_small_patch14_dinov2.lvd142m) or model.pretrained=<local file>"
+            )
+        return PRETRAINED_HUB, ""
+    return "file", choice
+
+
+def starts_pretrained(model: ModelConfig) -> bool:
+    """Whether the backbone starts from trained weights (hub or a file) rather than random ones."""
+    return pretrained_source(model)[0] != PRETRAINED_NONE
 
 
 @dataclass
@@ -171,7 +225,6 @@ class LossConfig:
     ms_eps: float = _f(0.1, lo=0.0)
     pos_margin: float = _f(0.0, lo=0.0)
     neg_margin: float = _f(1.0, lo=0.0)
-    cross_rank: bool = _f(False, help="all-gather embeddings so anchors see the global batch")
 
 
 @dataclass
@@ -179,17 +232,20 @@ class PretrainConfig:
     """SwAV continued pre-training on labeled + unlabeled images (labels ignored)."""
 
     steps: int = _f(200, lo=0)
-    batch_size: int = _f(64, lo=2)
+    batch_size: int = _f(
+        64, lo=2, help="images per optimizer step over all ranks and micro-batches (each rank takes its share)"
+    )
     prototypes: int = _f(300, lo=2)
     proj_dim: int = _f(128, lo=2)
     temperature: float = _f(0.1, lo=1e-4)
     epsilon: float = _f(0.05, lo=1e-4)
     sinkhorn_iters: int = _f(3, lo=1)
     lr: float = _f(1e-3, lo=0.0)
-    backbone_lr_mult: float = _f(
-        0.1,
+    backbone_lr_mult: float | None = _f(
+        None,
         lo=0.0,
-        help="backbone lr = pretrain.lr x this; small so SwAV refines a pretrained init rather than erasing it",
+        help="backbone lr = pretrain.lr x this; null (auto): 0.1 when the backbone starts from pretrained weights "
+        "(model.pretrained hub or a file: SwAV refines them rather than erasing them), 1.0 from random weights",
     )
     freeze_prototypes_steps: int = _f(50, lo=0)
     freeze_backbone_steps: int = _f(0, lo=0, help="train only the projection head (+ prototypes) for the first steps")
@@ -219,13 +275,29 @@ class PretrainConfig:
     )
 
 
+SWAV_LR_MULT_PRETRAINED, SWAV_LR_MULT_RANDOM = 0.1, 1.0
+
+
+def swav_backbone_lr_mult(cfg: Config) -> tuple[float, str]:
+    """(the SwAV stage's backbone lr multiplier, why): pretrain.backbone_lr_mult when set, else 0.1
+    for a backbone that starts from pretrained weights and 1.0 for one that starts from random
+    weights (at 0.1 a random backbone barely moves: SwAV's steps would be spent on the heads)."""
+    if cfg.pretrain.backbone_lr_mult is not None:
+        return cfg.pretrain.backbone_lr_mult, "pretrain.backbone_lr_mult"
+    if starts_pretrained(cfg.model):
+        return SWAV_LR_MULT_PRETRAINED, "auto: the backbone starts from pretrained weights"
+    return SWAV_LR_MULT_RANDOM, "auto: the backbone starts from random weights"
+
+
 @dataclass
 class TrainConfig:
     """Optimisation shared by the teacher and the student."""
 
     teacher_steps: int = _f(1000, lo=0)
     student_steps: int = _f(1000, lo=0)
-    classes_per_batch: int = _f(8, lo=2, help="P of the labeled P x K batch")
+    classes_per_batch: int = _f(
+        8, lo=1, help="P of the labeled P x K batch of one optimizer step, over all ranks and micro-batches"
+    )
     samples_per_class: int = _f(4, lo=2, help="K of the labeled P x K batch")
     optimizer: Literal["adamw", "sgd"] = _f("adamw")
     lr: float = _f(1e-4, lo=0.0, help="head learning rate")
@@ -246,11 +318,19 @@ class TrainConfig:
 @dataclass
 class StudentConfig:
     init: Literal["teacher", "pretrain"] = _f("teacher")
-    unlabeled_classes_per_batch: int = _f(8, lo=2, help="P of the pseudo-labeled P x K batch")
+    unlabeled_classes_per_batch: int = _f(
+        8, lo=1, help="P of the pseudo-labeled P x K batch of one optimizer step, over all ranks and micro-batches"
+    )
     unlabeled_samples_per_class: int = _f(4, lo=2)
     lambda1: float = _f(1.0, lo=0.0, help="weight of the ranking loss on mined unlabeled pairs")
     lambda2: float = _f(0.25, lo=0.0, help="weight of L_CE + L_SD")
     basis_warmup_steps: int = _f(100, lo=0, help="train W_a alone first, embeddings detached")
+    lr_mult: float = _f(
+        1.0,
+        lo=0.0,
+        help="the student's learning rates are train.lr's x this: a student whose step holds more images than "
+        "its teacher's scales them (docs/SCALING.md: the square-root rule)",
+    )
     ablation: Literal["full", "no_mining", "no_basis", "raw_pairs"] = _f("full")
 
 
@@ -393,6 +473,15 @@ class EvalConfig:
     batch_size: int = _f(256, lo=1, result=False)
     chunk_size: int = _f(8192, lo=1, result=False, help="query chunk of the exact kNN search")
     nmi: bool = _f(True)
+    grid_queries: int = _f(
+        8,
+        lo=0,
+        hi=200,
+        help="retrieval grids (eval/retrieval_<model>.png + TensorBoard) of the teacher and the final model: "
+        "this many queries, one per class first, drawn with run.seed; 0: no grids",
+    )
+    grid_k: int = _f(6, lo=1, hi=50, help="results shown per query in the retrieval grids")
+    grid_tile: int = _f(96, lo=16, hi=512, result=False, help="side of one image in the retrieval grids, pixels")
 
 
 @dataclass
@@ -702,6 +791,7 @@ def _check_values(cfg: Config) -> None:
     for key in ("data.augment", "pretrain.augment"):
         _check_augment(cfg, key)
     _check_local_crops(cfg)
+    _check_pretrained(cfg)
     b = cfg.model.backbone
     if b not in BACKBONE_NAMES and not (b.startswith("timm:") and len(b) > 5):
         hint = _suggest(b, BACKBONE_NAMES)
@@ -709,6 +799,20 @@ def _check_values(cfg: Config) -> None:
             f"model.backbone (from {cfg.source_of('model.backbone')}): unknown backbone {b!r}; "
             f"choose one of {', '.join(BACKBONE_NAMES)} or timm:<model name>. {hint}".rstrip()
         )
+
+
+def _check_pretrained(cfg: Config) -> None:
+    """model.pretrained against model.pretrained_path and the backbone; a path given as
+    model.pretrained moves to model.pretrained_path, the one key the stages read a file from (its
+    content is part of the pretrain stage's identity), so both spellings are the same work."""
+    try:
+        kind, path = pretrained_source(cfg.model)
+    except ConfigError as e:
+        where = f"{cfg.source_of('model.pretrained')} / {cfg.source_of('model.pretrained_path')}"
+        raise ConfigError(f"{e} (from {where})") from None
+    if kind == "file" and not cfg.model.pretrained_path:
+        cfg._sources["model.pretrained_path"] = f"{cfg.source_of('model.pretrained')}, as model.pretrained"
+        cfg.model.pretrained_path, cfg.model.pretrained = path, PRETRAINED_NONE
 
 
 def _check_basis_beta(cfg: Config) -> None:
@@ -833,3 +937,20 @@ def describe_sections() -> str:
             keys += f"; {{{','.join(nested)}}}.{{{leaf}}}"
         lines.append(f"  {name:9s} {keys}")
     return "\n".join(lines)
+
+
+def step_share(total: int, key: str, world: int, grad_accum: int = 1) -> int:
+    """Each rank's share per micro-batch of a per-step count (train.classes_per_batch,
+    student.unlabeled_classes_per_batch, pretrain.batch_size: the batch of one optimizer step over
+    every rank and every micro-batch of train.grad_accum). A count that does not divide fails
+    naming the two nearest values that do. Torch-free: the launcher checks job shapes with it."""
+    parts = world * grad_accum
+    if total % parts:
+        lower, upper = total // parts * parts, (total // parts + 1) * parts
+        fix = " or ".join(f"{key}={v}" for v in (lower, upper) if v > 0)
+        raise ConfigError(
+            f"{key} = {total} per optimizer step is shared by {world} rank(s) x {grad_accum} micro-batch(es) "
+            f"(train.grad_accum): it must be a multiple of {parts}; set {fix} (or change the job's GPUs / "
+            f"train.grad_accum)"
+        )
+    return total // parts

@@ -1,6 +1,7 @@
 """The distributed environment: the ONLY module that reads rank/world from the environment.
 
-Owns: detecting how we were started (Slurm/submitit, torchrun-style env vars, or one plain process),
+Owns: detecting how we were started (torchrun-style env vars, which torchrun, DeepSpeed's launcher
+and submitit's export in a Slurm job set, or one plain process; a bare multi-task srun is refused),
 the rendezvous port of cluster jobs (job_master_port), initialising torch.distributed (nccl with
 GPUs, gloo on CPU), rank-0 printing/logging, and collective helpers that degrade to no-ops in a
 single process. Everything else asks this module.
@@ -38,12 +39,14 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "all_gather_cat",
+    "gather_rows",
+    "sum_over_ranks",
+    "row_offset",
     "all_gather_object",
     "broadcast_object",
     "print0",
     "get_logger",
     "find_free_port",
-    "expand_slurm_nodelist",
     "run_local_processes",
     "shard_slice",
     "set_default_accelerator",
@@ -70,56 +73,11 @@ class DistEnv:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    source: str = "single"  # "torchrun" (RANK/WORLD_SIZE, also what submitit exports) | "slurm" | "single"
+    source: str = "single"  # "torchrun" (RANK/WORLD_SIZE: torchrun, submitit's export, DeepSpeed) | "single"
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand Slurm's compact host list the way `scontrol show hostnames` does, without calling it
-    (every rank does this at start): "n[01-03,07],gpu-[1-2]b[3-4]" -> n01 n02 n03 n07 gpu-1b3 ...
-
-    Commas outside brackets separate host groups; each bracket of a group multiplies the hosts
-    (a[1-2]b[3-4] is four hosts); a range keeps the zero padding of its lower end.
-    """
-    hosts: list[str] = []
-    for group in _top_level_groups(nodelist):
-        names = [""]
-        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", group):
-            ids = _expand_ranges(ranges, nodelist) if ranges else [""]
-            names = [name + literal + i for name in names for i in ids]
-        hosts.extend(names)
-    return hosts
-
-
-def _top_level_groups(nodelist: str) -> list[str]:
-    """Split on commas outside brackets; an unbalanced bracket is an error naming the list."""
-    groups, depth, current = [], 0, ""
-    for ch in nodelist.strip():
-        depth += (ch == "[") - (ch == "]")
-        if depth not in (0, 1):
-            raise RuntimeError(f"cannot parse Slurm node list {nodelist!r}: unbalanced brackets")
-        if ch == "," and depth == 0:
-            groups.append(current)
-            current = ""
-        else:
-            current += ch
-    if depth:
-        raise RuntimeError(f"cannot parse Slurm node list {nodelist!r}: unbalanced brackets")
-    return [g for g in [*groups, current] if g]
-
-
-def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
-    """ "01-03,07" -> ["01", "02", "03", "07"] (zero padding taken from the lower end)."""
-    out: list[str] = []
-    for part in ranges.split(","):
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or not (hi or lo).isdigit():
-            raise RuntimeError(f"cannot parse Slurm node list {nodelist!r}: bad range {part!r}")
-        out.extend(f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 def _int(environ: Mapping[str, str], key: str, default: int) -> int:
@@ -127,7 +85,7 @@ def _int(environ: Mapping[str, str], key: str, default: int) -> int:
     if value in (None, ""):
         return default
     try:
-        return int(str(value).split("(")[0].split(",")[0])  # SLURM_TASKS_PER_NODE may be "2(x3)"
+        return int(value)
     except ValueError as e:
         raise RuntimeError(f"environment variable {key}={value!r} is not an integer") from e
 
@@ -146,10 +104,12 @@ def job_master_port(job_id: str | int, environ: Mapping[str, str] | None = None)
 
 
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Read rank/world from torchrun-style variables, then Slurm's, else a single process.
+    """Read rank/world from torchrun-style variables (RANK + WORLD_SIZE: torchrun, DeepSpeed's
+    launcher and, in a Slurm job, submitit's TorchDistributedEnvironment.export(), which
+    launch/job.py calls), else a single process.
 
-    torchrun-style (RANK + WORLD_SIZE) wins because submitit's TorchDistributedEnvironment.export()
-    and DeepSpeed's launcher both set them; raw SLURM_* is used inside a plain `srun` step.
+    A bare `srun` step of several tasks sets only SLURM_* variables: that is an error naming the
+    launchers that set the ranks, not N unrelated single processes writing one run directory.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -166,19 +126,10 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=_int(env, "MASTER_PORT", 29500),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        job_id = _int(env, "SLURM_JOB_ID", 0)
-        return DistEnv(
-            rank=_int(env, "SLURM_PROCID", 0),
-            world_size=_int(env, "SLURM_NTASKS", 1),
-            local_rank=_int(env, "SLURM_LOCALID", 0),
-            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", _int(env, "SLURM_STEP_TASKS_PER_NODE", 1)),
-            node_rank=_int(env, "SLURM_NODEID", 0),
-            master_addr=env.get("MASTER_ADDR", nodes[0]),
-            # same port on every task of the job without any communication
-            master_port=_int(env, "MASTER_PORT", job_master_port(job_id, env)),
-            source="slurm",
+    if "SLURM_STEP_ID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
+        raise RuntimeError(
+            f"task {env.get('SLURM_PROCID', '?')} of a {env['SLURM_NTASKS']}-task srun step without RANK/WORLD_SIZE: "
+            "start stages through `python launch/submit.py` (submitit sets the ranks) or torchrun, not a bare srun"
         )
     return DistEnv()
 
@@ -336,6 +287,52 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+# ------------------------------------------------------------------ the step's global batch
+# A loss over the global batch is computed by every rank on its own rows (the anchors) against all
+# rows (the candidates), and its partial sums are added over ranks. Both collectives below are
+# differentiable: a candidate row's gradient, from every rank that used it, is summed into its
+# owner's rows, and a summed statistic's gradient reaches every rank's part. Every rank thus
+# back-propagates the same global loss and gets world_size x the one-process gradient of its own
+# rows, which the engine's gradient AVERAGE over ranks turns into exactly that gradient.
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.detach().clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)  # each rank's use of the sum reaches each part
+        return out
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks, differentiable (the gradient is summed back too). Collective:
+    every rank calls it, also in backward. Identity in one process."""
+    return _SumOverRanks.apply(t) if world_size() > 1 else t
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `t` in rank order, differentiable: the gradient of each copy of a row,
+    on every rank, is summed into the row's owner (torch.distributed.nn's all_gather: a
+    reduce-scatter in backward). Every rank must hold the same number of rows (a P x K share).
+    Collective; identity in one process."""
+    if world_size() == 1:
+        return t
+    import torch.distributed.nn.functional as dnn  # torch.distributed.nn imports RPC pieces: only when used
+
+    return torch.cat(dnn.all_gather(t.contiguous()))
+
+
+def row_offset(n_local: int) -> int:
+    """Index of this rank's first row in a gather_rows result of equal shares of `n_local` rows."""
+    return rank() * int(n_local)
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """print() on rank 0 only (flushes, so Slurm logs show progress promptly)."""
     if is_main():
@@ -425,3 +422,38 @@ def run_local_processes(
         join=True,
         start_method="spawn",
     )
+
+
+# ------------------------------------------- collectives of tensors that may live in host memory
+def _staged(t: torch.Tensor) -> bool:
+    """NCCL cannot send host memory, yet a CPU tensor reaches a collective under NCCL on GPU nodes
+    (FAISS backends keep the k-means sample on the host; counters are kept on the CPU): such a
+    tensor goes through this rank's GPU and comes back."""
+    return is_dist() and t.device.type == "cpu" and tdist.get_backend() == "nccl"
+
+
+def staged_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over ranks on `t`'s device, whatever the backend (in place unless staged)."""
+    if _staged(t):
+        return all_reduce_sum(t.to(device())).cpu()
+    return all_reduce_sum(t)
+
+
+def staged_broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank, on `t`'s device (same shape and dtype everywhere)."""
+    if not is_dist():
+        return t
+    buf = t.to(device()) if _staged(t) else t.contiguous()
+    tdist.broadcast(buf, src=src)
+    return buf.to(t.device)
+
+
+def all_to_all_rows(t: torch.Tensor, send: Sequence[int], recv: Sequence[int]) -> torch.Tensor:
+    """Rows [sum(send[:j]), sum(send[:j+1])) of `t` go to rank j; returns the rows received, by
+    source rank (recv[j] from rank j), on `t`'s device. Collective: call on every rank."""
+    buf = t.to(device()) if _staged(t) else t.contiguous()
+    out = torch.empty((int(sum(recv)), *t.shape[1:]), dtype=t.dtype, device=buf.device)
+    tdist.all_to_all_single(
+        out, buf, output_split_sizes=[int(v) for v in recv], input_split_sizes=[int(v) for v in send]
+    )
+    return out.to(t.device)

@@ -1,10 +1,12 @@
-"""Files written safely: atomic small-file writes (temp file in the same directory + rename) for
-every marker, index and metadata file, so a killed writer never leaves a half-written file that
-looks finished; `set_aside` (old work renamed, never deleted); `DirLock`, the exclusive lock of a
-run directory (a second launch on a directory in use fails at once naming the holder; a lock left
-by a killed run is detected, reported and taken over); and `WriteFailed`, the one clear
-error for a read-only or full filesystem (the path, the cause, the free space), used by every
-writer of the project instead of a raw OSError about a temp file.
+"""Files written safely: `atomic_path` (a temp file in the same directory, renamed into place on
+success, removed on failure) for every file the project writes whole (tars, arrays, weights,
+checkpoints) and `atomic_write_text` / `atomic_write_json` on top of it for every marker, index
+and metadata file, so a killed writer never leaves a half-written file that looks finished;
+`set_aside` (old work renamed, never deleted); `DirLock`, the exclusive lock of a run directory
+(a second launch on a directory in use fails at once naming the holder; a lock left by a killed
+run is detected, reported and taken over); and `WriteFailed`, the one clear error for a
+read-only or full filesystem (the path, the cause, the free space), used by every writer of the
+project instead of a raw OSError about a temp file.
 Tests: tests/unit/test_fileio.py.
 """
 
@@ -22,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 _CAUSES = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is exceeded",
@@ -31,7 +35,7 @@ _CAUSES = {
 }
 
 
-class WriteFailed(OSError):
+class WriteFailed(OSError, UserError):
     """Writing `path` failed for a reason the user must fix (disk full, read-only, permissions)."""
 
 
@@ -89,19 +93,37 @@ def explained_writes(path: str | os.PathLike[str]) -> Iterator[None]:
         raise write_failed(path, e) from e
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text to path atomically (the temp name carries the pid: concurrent writers never clash)."""
+# numpy's savers append .npy / .npz to a file name that lacks it: their temp names must keep it
+_NUMPY_SUFFIXES = (".npy", ".npz")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write to; on success it is renamed onto `path` (readers
+    see the old file or the whole new one, never half of it), on failure it is removed. The
+    parent directory is created, and a failed write is a WriteFailed naming `path`.
+
+    Temp name: `.<name>.tmp<pid>`, hidden (no `*.tar`, `emb-*` or `pl-*.npz` scan ever takes a
+    leftover of a killed writer for a finished file) and per process (concurrent writers of one
+    file never clash), plus the target's suffix for numpy files."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    suffix = path.suffix if path.suffix in _NUMPY_SUFFIXES else ""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     with explained_writes(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            tmp.write_text(text)
+            yield tmp
             tmp.replace(path)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write text to path atomically (atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike[str], body: Any, indent: int | None = 1) -> Path:
@@ -122,7 +144,7 @@ def set_aside(path: Path, why: str) -> Path | None:
     return dest
 
 
-class DirInUse(RuntimeError):
+class DirInUse(RuntimeError, UserError):
     """Another live process holds the directory's lock."""
 
 

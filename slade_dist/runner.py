@@ -15,11 +15,12 @@ from typing import Any
 
 from . import dist
 from .config import Config
+from .errors import UserError
 from .fileio import DirInUse, DirLock, set_aside
 from .stages import STAGES, RunLayout, data_keys, pipeline_plan, stage_inputs, why_not_done, with_round, write_done
 
 
-class StageNotAvailable(RuntimeError):
+class StageNotAvailable(RuntimeError, UserError):
     pass
 
 

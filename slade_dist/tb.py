@@ -1,4 +1,4 @@
-"""Rank-0 TensorBoard writing and rank-0 progress, for every stage (train, pseudo, eval).
+"""Rank-0 TensorBoard writing, for every stage (train, pseudo, eval).
 
 Owns:
 - `TBWriter`: one SummaryWriter per stage under RunLayout.tb_dir(...), written by rank 0 only
@@ -12,9 +12,6 @@ Owns:
   it purges from `resumed step + 1`, hiding what the killed run wrote past its last checkpoint.
 - `config_hparams`: the result-changing knobs of a Config as flat hparams; `thumbnail`: a decoded
   image as a small square for a grid.
-- `progress` (a bar over counted work) and `steps` (progress over slow steps such as Lloyd
-  iterations): drawn on rank 0 on a terminal only; `steps` logs a plain line instead in a job log,
-  where a bar's carriage-return redraws end no line and show up only when it closes.
 This module is on the foundation floor (beside data, models, losses): it imports none of them, so
 callers pass the data's normalisation in (`image_norm`).
 Tests: tests/unit/test_tb.py (read back with EventAccumulator), tests/unit/test_engine.py,
@@ -24,14 +21,11 @@ tests/integration/test_tensorboard.py (a real `tensorboard` server), tests/integ
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
-import sys
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +33,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torchvision.transforms.v2 import functional as v2f
 from torchvision.utils import make_grid
-from tqdm import tqdm
 
 from . import dist
 from .config import Config
 
-T = TypeVar("T")
 PROJECTOR_MAX_CLASSES = 50  # TensorBoard's projector colours by at most 50 distinct labels
 PROJECTOR_MAX_POINTS = 2000
 THUMBNAIL = 32  # pixels per side of a projector thumbnail (the sprite holds them all)
@@ -248,16 +240,20 @@ def log_eval(
     pairs: Iterable[tuple[np.ndarray, dict[str, Any]]],
     names: Sequence[str] | None,
     image_norm: tuple[Sequence[float], Sequence[float]],
+    images: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """The eval stage's run (rank 0; a rerun replaces it): eval/<metric> per model at steps 0..n-1
     in chain order (eval/model names each step), the final model's metrics as final/<metric>
-    with config_hparams(cfg) as hparams, and the projector "test" of `pairs` (embed_batches of the
-    final model) at the final model's step."""
+    with config_hparams(cfg) as hparams, the projector "test" of `pairs` (embed_batches of the
+    final model) at the final model's step, and `images` (model -> a (3, H, W) uint8 picture, the
+    retrieval grids) as retrieval/<model> at that model's step."""
     models = results["models"]
     with TBWriter(log_dir, image_norm=image_norm) as tb:
         for step, (name, metrics) in enumerate(models.items()):
             tb.scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
             tb.text("eval/model", name, step)
+            if images and name in images:
+                tb.images(f"retrieval/{name.replace(' ', '_')}", images[name][None], step, nrow=1)
         tb.hparams(config_hparams(cfg), {f"final/{k}": v for k, v in models[results["final"]].items()})
         tb.projector("test", pairs, max(len(models) - 1, 0), names=names)
 
@@ -280,39 +276,3 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
             _flatten(v, f"{prefix}.{f.name}", out)
         elif v is not None:
             out[f"{prefix}.{f.name}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
-
-
-def _terminal() -> bool:
-    """A bar only on rank 0's terminal: in a job log each redraw would pile up on one line."""
-    return dist.is_main() and sys.stderr.isatty()
-
-
-def progress(total: int | None, desc: str, unit: str = "it") -> tqdm:
-    """Rank 0's bar over counted work (update(n) as it goes); disabled off a terminal."""
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not _terminal())
-
-
-def steps(items: Iterable[T], desc: str, *, log_every_s: float = 10.0) -> Iterator[T]:
-    """`items`, with rank 0's progress moved after each one (a slow step: a Lloyd iteration): a bar
-    redrawn at every step on a terminal; in a job log a line "[desc] i/n" at most every
-    log_every_s seconds, and after the last step."""
-    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
-    if not dist.is_main():
-        yield from items
-    elif _terminal():
-        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0, miniters=1) as bar:
-            for x in items:
-                yield x
-                bar.update(1)
-    else:
-        yield from _logged_steps(items, desc, total, log_every_s)
-
-
-def _logged_steps(items: Iterable[T], desc: str, total: int | None, every_s: float) -> Iterator[T]:
-    log, last = dist.get_logger(), -math.inf
-    for i, x in enumerate(items, 1):
-        yield x
-        now = time.monotonic()
-        if i == total or now - last >= every_s:
-            log.info(f"[{desc}] {i}/{total if total is not None else '?'}")
-            last = now

@@ -20,10 +20,13 @@ import re
 import sys
 from pathlib import Path
 
+from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
+
 # img2dataset names its shards 00000.tar, 00001.tar...; slade_dist's writers never do (<prefix>-%06d.tar)
 IMG2DATASET_TAR = re.compile(r"\d+\.tar")
 # kept in step with writers.FORMATS (not imported: the launcher calls unvalidated_img2dataset, and
 # writers / readers import numpy, PIL and torch, which the launcher never needs)
+PROG = "python -m slade_dist.data"
 FORMATS = sorted(["imagefolder", "cub", "cars196", "inshop", "nabirds", "compcars", "fashion200k", "img2dataset"])
 
 LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distributed):
@@ -42,7 +45,8 @@ Single-split formats write OUT/<prefix>-%06d.tar; re-running skips finished shar
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m slade_dist.data", description="slade_dist shard tools")
+    p = argparse.ArgumentParser(prog=PROG, description="slade_dist shard tools")
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser(
         "write",
@@ -105,17 +109,19 @@ def describe_unvalidated(key: str, shard_dir: str, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The shard tools; a user error ends them with one line and exit code 2 (errors.py). Every
+    ValueError of the converters is about the dataset or the arguments, so it counts as one here."""
+    return exit_on_user_error(_main, argv, PROG, also=(ValueError,))
+
+
+def _main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.cmd == "write":
-            return _write(args)
-        if args.cmd == "index":
-            return _index(args.shard_dir)
-        if args.cmd == "check-pseudo":
-            return _check_pseudo(args.unlabeled_dir, args.pseudo_dir)
-    except (ValueError, FileNotFoundError) as e:  # DatasetLayoutError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.cmd == "write":
+        return _write(args)
+    if args.cmd == "index":
+        return _index(args.shard_dir)
+    if args.cmd == "check-pseudo":
+        return _check_pseudo(args.unlabeled_dir, args.pseudo_dir)
     return 1
 
 

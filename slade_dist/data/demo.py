@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from ..config import DemoConfig
 from ..fileio import atomic_write_json
+from ..progress import progress as progress_bar
 from .copies import CopyEdits, make_copy
 from .shards import encode_jpeg, read_index, shard_name, write_classes, write_index, write_shard
 
@@ -295,7 +295,7 @@ def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dic
         jobs += [(cfg, split, k, str(out)) for k in range(math.ceil(n / cfg.shard_size))]
     t0 = time.time()
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-    bar = _progress(len(jobs), progress)
+    bar = progress_bar(len(jobs), "demo shards", "shard", enabled=progress)
     with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
         for job, res in zip(jobs, pool.map(_write_one, jobs)):
             results[job[1]].append(res)
@@ -340,14 +340,3 @@ def _already_written(out: Path, params: dict[str, Any]) -> bool:
         return all(read_index(out / s, rebuild=False).get("demo") == params for s in SPLITS)
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, desc="demo shards", unit="shard")

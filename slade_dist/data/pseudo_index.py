@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from ..fileio import atomic_write_json, explained_writes
+from ..fileio import atomic_path, atomic_write_json
 from .pseudo_join import cluster_percentile, zip_pseudo_labels
 from .pseudo_labels import PseudoLabelMismatch, pseudo_label_path, read_meta, read_pseudo_labels
 from .shards import shard_paths
@@ -176,10 +176,8 @@ def write_member_file(out_dir: Path, part: int, rows: np.ndarray) -> Path:
     for name in ENTRY.names:
         entries[name] = rows[name]
     path = out_dir / members_file(part)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    with explained_writes(path):
+    with atomic_path(path) as tmp:
         np.save(tmp, entries)
-        tmp.replace(path)
     return path
 
 
@@ -195,10 +193,8 @@ def write_summary(
     """clusters.npz from every owner's per-cluster arrays, then clusters.json (the completion mark)."""
     arrays = {key: np.concatenate([p[key] for p in parts]) for key in ("sizes", "thresholds", "kept")}
     arrays["indptr"] = np.concatenate([[0], np.cumsum(arrays["sizes"])]).astype(np.int64)
-    tmp = out_dir / f".{ARRAYS_FILE}.tmp{os.getpid()}.npz"
-    with explained_writes(out_dir / ARRAYS_FILE):
+    with atomic_path(out_dir / ARRAYS_FILE) as tmp:
         np.savez(tmp, **arrays)
-        tmp.replace(out_dir / ARRAYS_FILE)
     summary = {
         "format": FORMAT,
         "k": int(len(arrays["sizes"])),

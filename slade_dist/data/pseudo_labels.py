@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import atomic_write_json, explained_writes
+from ..errors import UserError
+from ..fileio import atomic_path, atomic_write_json
 from .shards import shard_index
 
 META_FILE = "meta.json"
 
 
-class PseudoLabelMismatch(ValueError):
+class PseudoLabelMismatch(ValueError, UserError):
     """An image shard and its pseudo-label file disagree on keys."""
 
 
@@ -49,14 +50,8 @@ def write_pseudo_labels(path: str | os.PathLike[str], keys: Sequence[str], cls: 
             raise UnicodeEncodeError("ascii", "", 0, 1, "lossy")
     except UnicodeEncodeError:
         key_arr = np.array(keys, dtype="U")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    with explained_writes(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            np.savez_compressed(tmp, keys=key_arr, cls=cls.astype(np.int32), dist=dist.astype(np.float32))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, keys=key_arr, cls=cls.astype(np.int32), dist=dist.astype(np.float32))
     return path
 
 

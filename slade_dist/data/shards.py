@@ -21,7 +21,7 @@ from typing import Any
 
 import webdataset as wds
 
-from ..fileio import atomic_write_json, explained_writes
+from ..fileio import atomic_path, atomic_write_json
 
 INDEX_FILE = "index.json"
 CLASSES_FILE = "classes.json"
@@ -46,19 +46,11 @@ def write_shard(path: str | os.PathLike[str], samples: Iterable[Mapping[str, Any
 
     A fixed `mtime` (e.g. 0) makes the tar bytes reproducible (member times are the only varying bytes).
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    with explained_writes(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "wb") as f, wds.TarWriter(f, mtime=mtime) as sink:
-                for sample in samples:
-                    sink.write(dict(sample))
-                    n += 1
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, mtime=mtime) as sink:
+        for sample in samples:
+            sink.write(dict(sample))
+            n += 1
     return n
 
 

@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from ..errors import UserError
+from ..fileio import atomic_write_json
+from ..progress import progress as progress_bar
 from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
 from .tars import TarSamples, image_bytes
 
@@ -42,7 +44,7 @@ REJECTS_FILE = "rejects.txt"
 _STORE_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(ValueError, UserError):
     """The --root directory does not look like the dataset it was said to be."""
 
 
@@ -348,10 +350,7 @@ def write_one_shard(job: ShardJob) -> dict[str, Any]:
     if count == 0:
         job.path.unlink(missing_ok=True)
     record = {"name": job.path.name, "count": count, "rejects": rejects, "plan": job.plan_hash}
-    job.part.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.part.with_name(f".{job.part.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(job.part)
+    atomic_write_json(job.part, record, indent=None)
     return record
 
 
@@ -365,10 +364,6 @@ def _finished(job: ShardJob) -> dict[str, Any] | None:
     if rec.get("plan") != job.plan_hash or (rec.get("count", 0) > 0 and not job.path.exists()):
         return None
     return rec
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
 def write_split(
@@ -404,7 +399,7 @@ def write_split(
     _remove_stale(out_dir, prefix, {j.path.name for j in jobs})
     results = {j.path.name: r for j in jobs if (r := _finished(j)) is not None}
     todo = [j for j in jobs if j.path.name not in results]
-    bar = _progress(len(rows), f"{out_dir.name}", progress)
+    bar = progress_bar(len(rows), out_dir.name, "img", enabled=progress)
     bar.update(sum(len(j.rows) for j in jobs if j.path.name in results))
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
@@ -527,17 +522,14 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
                 results[t.name] = rec
                 continue
         todo.append(t)
-    bar = _progress(len(tars), f"validate {root.name}", progress)
-    bar.unit = "shard"
+    bar = progress_bar(len(tars), f"validate {root.name}", "shard", enabled=progress)
     bar.update(len(results))
     pool = ProcessPoolExecutor(max_workers=min(workers, len(todo))) if workers > 1 and len(todo) > 1 else None
     try:
         it = pool.map(validate_tar, [str(t) for t in todo]) if pool else map(validate_tar, [str(t) for t in todo])
         for t, rec in zip(todo, it):
             rec.update(name=os.path.relpath(t, out), stamp=_tar_stamp(t))
-            part = out / PARTS_DIR / f"{t.name}.json"
-            part.parent.mkdir(parents=True, exist_ok=True)
-            part.write_text(json.dumps(rec))
+            atomic_write_json(out / PARTS_DIR / f"{t.name}.json", rec, indent=None)  # read back on resume
             results[t.name] = rec
             bar.update(1)
     finally:

@@ -1,7 +1,8 @@
 """Retrieval metrics with exact FAISS kNN: Recall@K, P@1, R-Precision, MAP@R, NMI.
 
 Owns `retrieval_metrics` (test set against itself, query left out) and `query_gallery_metrics`
-(In-shop protocol), plus the `knn_search` and `kmeans_assign` they use. numpy in, plain dict of
+(In-shop protocol), plus the `knn_search` and `kmeans_assign` they use; the MAP@R formula is
+models/retrieval.py's `map_at_r`, which the trainers' own kNN MAP@R shares. numpy in, plain dict of
 floats out. Tests: tests/unit/test_metrics.py (agreement with pytorch-metric-learning's
 AccuracyCalculator, hand-made cases for ties, lone classes and self-exclusion, chunking, top-k
 cap). Bench: bench/eval.py.
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..dist import faiss_gpu_count
+from ..models.retrieval import map_at_r
 
 __all__ = ["retrieval_metrics", "query_gallery_metrics", "knn_search", "nmi_score", "kmeans_assign"]
 
@@ -174,12 +176,10 @@ def _rank_metrics(match: np.ndarray, r: np.ndarray, recall_k: Sequence[int]) -> 
     cols = np.arange(1, k + 1)
     within_r = cols[None, :] <= r[:, None]
     hits_r = match & within_r
-    cum = np.cumsum(hits_r, axis=1)
-    r_safe = np.maximum(r, 1).astype(np.float64)
     out = {
         "precision_at_1": match[:, 0].astype(np.float64),
-        "r_precision": hits_r.sum(axis=1) / r_safe,
-        "map_at_r": (cum * hits_r / cols[None, :]).sum(axis=1) / r_safe,
+        "r_precision": hits_r.sum(axis=1) / np.maximum(r, 1).astype(np.float64),
+        "map_at_r": map_at_r(hits_r, r),
     }
     any_hit = np.cumsum(match, axis=1) > 0
     for kk in recall_k:

@@ -3,14 +3,17 @@
 Owns: `run(cfg, run_dir)` — embeds the test split (or In-shop query + gallery) with the teacher
 and each round's student (so the self-training gain is visible in one table), gathers the
 embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval/metrics.json`,
-logs them to TensorBoard (tb.log_eval: a step per model, hparams, projector); the CLI, the pipeline
-and the local launcher print them as a table (`eval.report`).
+logs them to TensorBoard (tb.log_eval: a step per model, hparams, projector, retrieval grids); the
+CLI, the pipeline and the local launcher print them as a table (`eval.report`). The teacher and the
+final model also get a retrieval grid on the same seeded queries (eval/grids.py):
+`<run>/eval/retrieval_<model>.png` and the TensorBoard image retrieval/<model>.
 Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
 when the unlabeled data carried hidden labels, and what each round's curate stage removed from the
 unlabeled pool per test set (curate.json; with curation off, a WARNING that nobody checked).
 Also `periodic_evaluator(cfg)`, the callable the stage runner hands to the trainers for their
 periodic eval (train/ never imports eval/).
-Tests: tests/integration/test_{pipeline_e2e,tensorboard}.py, tests/unit/test_engine.py (periodic eval).
+Tests: tests/integration/test_{pipeline_e2e,tensorboard,vit_chain}.py, tests/unit/test_engine.py
+(periodic eval), tests/unit/test_grids.py, tests/unit/test_curate.py (the curation line).
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from ..data.curation import read_summary
 from ..data.readers import finite_batches
 from ..data.shards import read_classes, read_index
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import UnusableInput
 from ..fileio import atomic_write_json
 from ..models import embed_batches, load_embedder, output_dim
+from ..progress import progress
 from ..stages import RunLayout
-from ..tb import log_eval, progress
+from ..tb import log_eval
+from .grids import Split, retrieval_grid, save_png
 from .metrics import query_gallery_metrics, retrieval_metrics
 
 
@@ -44,8 +50,14 @@ def models_to_evaluate(layout: RunLayout, rounds: int) -> list[tuple[str, Path]]
 
 
 def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, labels) of a labeled shard dir, gathered from all ranks (rank order, then sorted
-    by key). Images that could not be read are named in a warning: the metrics then cover fewer."""
+    """(embeddings, labels) of a labeled shard dir, gathered from all ranks, sorted by key."""
+    split = embed_keyed(model, shard_dir, cfg)
+    return split.emb, split.labels
+
+
+def embed_keyed(model: torch.nn.Module, shard_dir: str, cfg: Config) -> Split:
+    """Embeddings, labels and keys of a labeled shard dir, gathered from all ranks (rank order, then
+    sorted by key). Images that could not be read are named in a warning: the metrics then cover fewer."""
     embs, labels, keys = [], [], []
     stream = finite_batches(shard_dir, cfg.data, cfg.eval.batch_size)
     with progress(sum(s["count"] for s in dist.shard_slice(read_index(shard_dir)["shards"])), "eval", "img") as bar:
@@ -64,14 +76,15 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> tuple[np
     emb = np.concatenate([p[0] for p in parts])
     lab = np.concatenate([p[1] for p in parts])
     _warn_if_dropped(shard_dir, len(emb), [p[3] for p in parts])
-    order = np.argsort(np.array([k for p in parts for k in p[2]]), kind="stable")  # rank-independent order
-    return emb[order], lab[order]
+    all_keys = [k for p in parts for k in p[2]]
+    order = np.argsort(np.array(all_keys), kind="stable")  # rank-independent order
+    return Split(emb[order], lab[order], [all_keys[i] for i in order], shard_dir)
 
 
 def _warn_if_dropped(shard_dir: str, measured: int, counts: list[dict[str, int]]) -> None:
     corrupt, lost = sum(c["corrupt"] for c in counts), sum(c["lost"] for c in counts)
     if not measured:
-        raise RuntimeError(
+        raise UnusableInput(
             f"eval: not one image of {shard_dir} could be read ({corrupt} corrupt, {lost} lost to "
             f"truncated tars): nothing to measure"
         )
@@ -100,15 +113,63 @@ def periodic_evaluator(cfg: Config) -> Callable[[torch.nn.Module], dict[str, flo
 
 def evaluate_model(path: Path, cfg: Config) -> dict[str, float] | None:
     """Metrics of one exported model (rank 0 gets the dict, other ranks None)."""
+    return measure(path, cfg)[0]
+
+
+def measure(path: Path, cfg: Config) -> tuple[dict[str, float] | None, tuple[Split, Split] | None]:
+    """(metrics, (queries, references)) of one exported model on rank 0, (None, None) elsewhere.
+    Self protocol: the test split is both; In-shop: the query and the gallery split."""
     model = load_embedder(path, map_location="cpu")
     if cfg.eval.protocol == "query_gallery":
-        q, ql = embed_split(model, cfg.data.query_shards, cfg)
-        g, gl = embed_split(model, cfg.data.gallery_shards, cfg)
+        q = embed_keyed(model, cfg.data.query_shards, cfg)
+        g = embed_keyed(model, cfg.data.gallery_shards, cfg)
         if not dist.is_main():
-            return None
-        return query_gallery_metrics(q, ql, g, gl, recall_k=tuple(cfg.eval.recall_k), chunk_size=cfg.eval.chunk_size)
-    emb, lab = embed_split(model, cfg.data.test_shards, cfg)
-    return _self_metrics(emb, lab, cfg) if dist.is_main() else None
+            return None, None
+        e = cfg.eval
+        metrics = query_gallery_metrics(
+            q.emb, q.labels, g.emb, g.labels, recall_k=tuple(e.recall_k), chunk_size=e.chunk_size
+        )
+        return metrics, (q, g)
+    split = embed_keyed(model, cfg.data.test_shards, cfg)
+    if not dist.is_main():
+        return None, None
+    return _self_metrics(split.emb, split.labels, cfg), (split, split)
+
+
+def grid_models(models: list[tuple[str, Path]]) -> set[str]:
+    """The models that get a retrieval grid: the teacher and the final model (the last one)."""
+    return {models[0][0], models[-1][0]}
+
+
+def draw_grid(name: str, splits: tuple[Split, Split], cfg: Config, layout: RunLayout) -> torch.Tensor:
+    """eval/retrieval_<model>.png of `name` (rank 0); returns it as a (3, H, W) uint8 tensor for TensorBoard."""
+    queries, refs = splits
+    e = cfg.eval
+    picture, shown = retrieval_grid(
+        f"{name}: top-{e.grid_k} per query (blue: query, green: same class, red: other class)",
+        queries,
+        refs,
+        n=e.grid_queries,
+        k=e.grid_k,
+        seed=cfg.run.seed,
+        chunk_size=e.chunk_size,
+        tile=e.grid_tile,
+        class_names=_class_names(queries.shard_dir),
+    )
+    path = save_png(picture, layout.stage_dir("eval") / f"retrieval_{name.replace(' ', '_')}.png")
+    right = int(shown["same"].sum())
+    dist.get_logger().info(
+        f"[eval] {name}: retrieval grid of {len(shown['queries'])} queries x top-{shown['results'].shape[1]} "
+        f"({right} of {shown['same'].size} shown results of the query's class) -> {path}"
+    )
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
+def _class_names(shard_dir: str) -> list[str] | None:
+    try:
+        return read_classes(shard_dir)
+    except FileNotFoundError:  # names are a courtesy: the ids are shown instead
+        return None
 
 
 def _self_metrics(emb: np.ndarray, lab: np.ndarray, cfg: Config) -> dict[str, float]:
@@ -155,24 +216,31 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
             f"round<r>/student/final.pt); run the teacher stage first"
         )
     results: dict[str, Any] = {"protocol": cfg.eval.protocol, "models": {}, "final": models[-1][0]}
+    grids: dict[str, torch.Tensor] = {}
     for name, path in models:
-        metrics = evaluate_model(path, cfg)
+        metrics, splits = measure(path, cfg)
         if metrics is not None:
             results["models"][name] = {k: float(v) for k, v in metrics.items()}
             dist.get_logger().info(f"[eval] {name}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if splits is not None and cfg.eval.grid_queries and name in grid_models(models):
+            grids[name] = draw_grid(name, splits, cfg, layout)
     if not dist.is_main():
         return {}
     results["pseudo_labels"] = pseudo_label_quality(layout, cfg.run.rounds)
     results["curation"] = curation_report(layout, cfg)
     out = atomic_write_json(layout.stage_dir("eval") / "metrics.json", results, indent=2)
-    _log_tensorboard(layout, results, cfg, models[-1][1])
+    _log_tensorboard(layout, results, cfg, models[-1][1], grids)
     dist.get_logger().info(f"[eval] metrics of {len(results['models'])} model(s) -> {out}")
     return {"final": results["final"], **results["models"][results["final"]]}
 
 
-def _log_tensorboard(layout: RunLayout, results: dict[str, Any], cfg: Config, final: Path) -> None:
-    """tb/eval (tb.log_eval); the projector shows `final` on the split's first images, read by rank 0."""
+def _log_tensorboard(
+    layout: RunLayout, results: dict[str, Any], cfg: Config, final: Path, grids: dict[str, torch.Tensor]
+) -> None:
+    """tb/eval (tb.log_eval); the projector shows `final` on the split's first images, read by rank 0;
+    `grids`: each model's retrieval grid as the image retrieval/<model>."""
     split = cfg.data.test_shards or cfg.data.gallery_shards
     stream = finite_batches(split, cfg.data, cfg.eval.batch_size, rank=0, world=1)
     pairs = embed_batches(load_embedder(final, map_location="cpu"), stream, dist.device())
-    log_eval(layout.tb_dir("eval"), results, cfg, pairs, read_classes(split), (IMAGENET_MEAN, IMAGENET_STD))
+    norm = (IMAGENET_MEAN, IMAGENET_STD)
+    log_eval(layout.tb_dir("eval"), results, cfg, pairs, read_classes(split), norm, images=grids)

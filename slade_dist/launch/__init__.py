@@ -11,10 +11,10 @@ model.
   plan.py    JobSpec, job shapes and names, the chain of jobs, dropping finished stages, shard lists
   checks.py  checks before submitting: flag ranges, flags per stage, stage modules, inputs, --shards,
              launch.sbatch_extra
-  slurm.py   sinfo partition sizes, shapes that fit, #SBATCH parameters and scripts, submitting to
-             Slurm, job states (sacct / squeue) and scancel
+  slurm.py   sinfo partition sizes, shapes that fit, #SBATCH parameters and the dry run's script
+             lines, submitting to Slurm
   local.py   --cluster local / debug: the jobs one after the other on this machine, logs streamed
-  status.py  <run>/logs/submitted.json, --status, --cancel
+  status.py  <run>/logs/submitted.json (every launch), --status, --cancel (submitit's job objects)
   job.py     StageJob, the callable each task runs (the only launch module that imports torch)
   cli.py     argparse, which config file, resolving, dry run, main()
 

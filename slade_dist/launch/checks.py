@@ -4,7 +4,9 @@ Owns: the ranges of the numeric flags, which flags apply to which stage (--array
 every planned stage's module exists (found without importing it: no torch), that its input paths
 are set and exist (and are not raw img2dataset output nobody validated), that --shards names
 shards of the unlabeled index, and that launch.sbatch_extra is a mapping of options the launcher
-does not set itself. Each failure is one LaunchError line; `missing_input_paths` lists every
+does not set itself, and that every trainer job's world size divides the batch of an optimizer step
+(`check_step_batches`; `step_picture` is the per-GPU figure the dry run prints). Each failure is one
+LaunchError line; `missing_input_paths` lists every
 missing input at once (what a dry run warns about). The cluster's own checks live with it (slurm.check_shape_fits,
 local.check_local_shape).
 Tests: tests/unit/test_launch.py (errors before anything runs), tests/integration/test_slurm.py.
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import stages
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, step_share
 from .plan import JobSpec, LaunchError, format_shard_ids, shape_key
 
 # flag -> smallest value it takes (0 where 0 means "none" or "the default")
@@ -174,3 +176,51 @@ def check_shard_ids(cfg: Config, plan: Sequence[JobSpec]) -> None:
             f"--shards: shard ids {format_shard_ids(unknown)} are not in data.unlabeled_shards "
             f"({cfg.data.unlabeled_shards}; its shards: {valid})"
         )
+
+
+def step_counts(cfg: Config, stage: str) -> list[tuple[str, int, int, str]]:
+    """The per-step counts a trainer stage shares over its ranks and micro-batches: (key, count,
+    images per counted unit, what the images are). Other stages: none."""
+    t, st = cfg.train, cfg.student
+    if stage == "pretrain":
+        crops = 2 + cfg.pretrain.local_crops
+        return [("pretrain.batch_size", cfg.pretrain.batch_size, 1, f"SwAV images (x {crops} crops)")]
+    labeled = ("train.classes_per_batch", t.classes_per_batch, t.samples_per_class, "labeled images")
+    if stage == "teacher":
+        return [labeled]
+    if stage == "student":
+        pseudo = ("student.unlabeled_classes_per_batch", st.unlabeled_classes_per_batch)
+        return [labeled, (*pseudo, st.unlabeled_samples_per_class, "pseudo-labeled images")]
+    return []
+
+
+def _world(spec: JobSpec) -> int:
+    return spec.shape.nodes * spec.shape.tasks_per_node
+
+
+def check_step_batches(cfg: Config, plan: Sequence[JobSpec]) -> None:
+    """Each trainer job's ranks x train.grad_accum must divide the batch of an optimizer step (what
+    the job would otherwise stop at once it started, after queueing)."""
+    for spec in plan:
+        for key, count, _, _ in step_counts(cfg, spec.stage):
+            try:
+                step_share(count, key, _world(spec), cfg.train.grad_accum)
+            except ConfigError as e:
+                raise LaunchError(
+                    f"job {spec.name} runs {spec.shape.nodes} node(s) x {spec.shape.tasks_per_node} task(s) = "
+                    f"{_world(spec)} ranks: {e}"
+                ) from None
+
+
+def step_picture(cfg: Config, spec: JobSpec) -> str:
+    """'per GPU and step: 4 labeled images + 4 pseudo-labeled images (of 32 + 32 over 8 rank(s))' ('' for
+    a stage that does not train); call after check_step_batches."""
+    counts = step_counts(cfg, spec.stage)
+    if not counts:
+        return ""
+    world, accum = _world(spec), cfg.train.grad_accum
+    mine = " + ".join(f"{count // (world * accum) * per} {what}" for _, count, per, what in counts)
+    total = " + ".join(str(count * per) for _, count, per, _ in counts)
+    micro = f" x {accum} micro-batches" if accum > 1 else ""
+    unit = "GPU" if spec.shape.gpus_per_node else "task"
+    return f"per {unit}{micro} and step: {mine} (of {total} over {world} rank(s))"

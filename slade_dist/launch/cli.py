@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import stages
 from ..config import REPO_ROOT, Config, ConfigError, describe_sections, load_config
+from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 from .checks import (
     check_flag_ranges,
     check_flags_fit_stage,
@@ -32,8 +33,10 @@ from .checks import (
     check_sbatch_extra,
     check_shard_ids,
     check_stages_exist,
+    check_step_batches,
     input_problems,
     missing_input_paths,
+    step_picture,
 )
 from .local import check_local_shape, run_here
 from .plan import (
@@ -113,6 +116,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     _shape_flags(p)
     _slurm_flags(p)
     _run_flags(p)
+    p.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -164,11 +168,11 @@ def _slurm_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--status",
         action="store_true",
-        help="show the jobs of the run's last launch (<run>/logs/submitted.json) with their state and "
-        "elapsed time (sacct); submits nothing",
+        help="show the jobs of every launch of the run (<run>/logs/submitted.json) with their state and "
+        "nodes (sacct, through submitit); submits nothing",
     )
     s.add_argument(
-        "--cancel", action="store_true", help="scancel every job of the run's last launch that has not ended"
+        "--cancel", action="store_true", help="cancel every job of every launch of the run that has not ended"
     )
 
 
@@ -257,6 +261,7 @@ def resolve(args: argparse.Namespace, config_file: str) -> tuple[Config, str, li
     check_flags_fit_stage(args)
     plan = plan_jobs(cfg, args.stage, args)
     check_sbatch_extra(cfg, plan)
+    check_step_batches(cfg, plan)  # also in a dry run: such a job could never start
     cluster = pick_cluster(args.cluster, cfg, plan)
     if not args.dry_run:
         check_cluster_fits(cluster, plan, cfg)
@@ -315,6 +320,8 @@ def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], warnings: 
             else ""
         )
         print(f"\n## job {spec.name}: stage {spec.stage}{rnd}, {describe_shape(spec)}{done}", file=out)
+        if picture := step_picture(cfg, spec):
+            print(f"# {picture}", file=out)
         if cluster == "slurm":
             dep = f"afterok:<job id of {spec.after}>" if spec.after else None
             for line in script_lines(slurm_params(spec, cfg, dep), log_folder(cfg, spec), spec.array):
@@ -346,16 +353,8 @@ def print_follow_up(cfg: Config, cluster: str, subs: Sequence[Submitted], record
     if cluster == "slurm" and subs:
         again = f"python {PROG} --config {run_root(cfg) / 'config.yaml'}"
         print(f"status:      {again} --status   (squeue --name slade-{run_name(cfg)}-<job>, sacct -j ...)")
-        print(f"cancel:      {again} --cancel   (scancel every job of this chain)")
+        print(f"cancel:      {again} --cancel   (every job of every launch of this run)")
     print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")
-
-
-def print_error(prog: str, error: Exception) -> None:
-    """The first line after `<prog>: error: ` (argparse's own format), any further lines indented."""
-    lines = str(error).splitlines()
-    print(f"{prog}: error: {lines[0]}", file=sys.stderr)
-    for extra in lines[1:]:
-        print(f"  {extra}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- main
@@ -389,24 +388,25 @@ def status_or_cancel(args: argparse.Namespace, config_file: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None, job_cls: type | None = None, prog: str = PROG) -> int:
-    """The launcher; `job_cls` replaces StageJob (tests run their probe stage through it)."""
+    """The launcher; `job_cls` replaces StageJob (tests run their probe stage through it). A user
+    error (errors.py) ends it with one line `<prog>: error: ...` and exit code 2."""
+    return exit_on_user_error(lambda args: _main(args, job_cls, prog), argv, prog)
+
+
+def _main(argv: list[str], job_cls: type | None, prog: str) -> int:
     parser = build_parser(prog)
     args = parser.parse_intermixed_args(argv)  # overrides may sit between the flags
     if args.status and args.cancel:
         parser.error("--status and --cancel: pass one of them")
     if not (args.stage or args.status or args.cancel):
         parser.error("--stage is required (or --status / --cancel, about the jobs already submitted)")
-    try:
-        config_file, why = pick_config_file(args)
-        if why:
-            print(f"slade_dist: {why}", flush=True)
-        if args.status or args.cancel:
-            status_or_cancel(args, config_file)
-            return 0
-        launched = submit_or_run(args, config_file, job_cls)
-    except (ConfigError, LaunchError) as e:
-        print_error(parser.prog, e)
-        return 2
+    config_file, why = pick_config_file(args)
+    if why:
+        print(f"slade_dist: {why}", flush=True)
+    if args.status or args.cancel:
+        status_or_cancel(args, config_file)
+        return 0
+    launched = submit_or_run(args, config_file, job_cls)
     if launched is not None:
         print_follow_up(*launched)
     return 0

@@ -23,9 +23,10 @@ from typing import Any
 
 from .. import stages
 from ..config import Config, JobShape
+from ..errors import UserError
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RuntimeError, UserError):
     """A problem found before submitting (or while running locally): one clear line for the user."""
 
 

@@ -3,11 +3,11 @@
 Owns: asking `sinfo` how big a partition is (nodes, CPUs and GPUs of its smallest node), refusing
 a job larger than the partition (it would stay PENDING forever), the SlurmExecutor parameters of a
 job (name slade-<run>-<job>, shape, requeue, USR2 before the time limit, afterok +
-kill-on-invalid-dep, arrays, launch.setup lines, launch[.<stage>].sbatch_extra options), the exact
-script they become (for --dry-run, without sbatch), submitting a whole plan at once, and asking
-sacct / squeue for job states and scancel for cancelling (for --status / --cancel).
-Tests: tests/unit/test_launch.py (parameters through submitit's own #SBATCH rendering),
-tests/integration/test_slurm.py (a real two-node cluster: states, scancel, pass-through options).
+kill-on-invalid-dep, arrays, launch.setup lines, launch[.<stage>].sbatch_extra options), the
+script lines they become (for --dry-run, anywhere: `script_lines`), and submitting a whole plan at
+once. Job states and cancelling: status.py, through submitit's job objects.
+Tests: tests/unit/test_launch.py (parameters, #SBATCH lines), tests/integration/test_slurm.py (a
+real two-node cluster: the dry run's lines equal the script submitit submitted, pass-through options).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.slurm.slurm import _make_sbatch_string
+from submitit.core.utils import JobPaths
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 from ..config import Config
 from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, make_job, shape_key, slurm_job_name
@@ -138,23 +139,53 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
     return params
 
 
-def job_script(params: dict[str, Any], folder: Path, array: int = 0) -> str:
-    """The batch script submitit will write for these parameters, with the command its
-    SlurmExecutor runs (for --dry-run: no SlurmExecutor, which needs srun on PATH)."""
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=str(folder), map_count=array or None, **params)
-
-
-def sbatch_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
-    """The exact #SBATCH lines of the job's script."""
-    return [line for line in job_script(params, folder, array).splitlines() if line.startswith("#SBATCH")]
+# slurm_params keys that are not sbatch options: submitit turns them into the lines below
+NOT_OPTIONS = ("setup", "srun_args", "signal_delay_s", "additional_parameters", "array_parallelism")
 
 
 def script_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
-    """What --dry-run shows of the script: #SBATCH lines, setup lines, the srun line (no blanks,
-    no shebang, no section comments)."""
-    text = job_script(params, folder, array)
-    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("#!", "# "))]
+    """The job script's lines as --dry-run shows them (#SBATCH lines, launch.setup lines, the srun
+    line; no blanks, shebang or section comments), rendered from the SlurmExecutor parameters as
+    submitit renders them: options sorted by parameter name, values shell-quoted, `true` a bare
+    flag, submitit's own log paths, USR2 signal, open-mode and wckey added.
+
+    Rendered here because submitit writes a script only inside a SlurmExecutor, which refuses to
+    exist where `srun` is not on PATH, while a dry run must work on any machine (and its renderer
+    is private). tests/integration/test_slurm.py holds these lines against the script submitit
+    submitted to a real Slurm."""
+    paths = JobPaths(folder)  # submitit's log names: <folder>/%j_%t_log.{out,err}
+    out, err = str(paths.stdout), str(paths.stderr)
+    if array:  # an array task's logs: <array id>_<task index>_...
+        out, err = out.replace("%j", "%A_%a"), err.replace("%j", "%A_%a")
+    options = {k: v for k, v in params.items() if k not in NOT_OPTIONS}
+    options |= {
+        "signal": f"{SlurmJobEnvironment.USR_SIG}@{params['signal_delay_s']}",
+        "output": out.replace("%t", "0"),  # sbatch's own log: task 0's
+        "error": err.replace("%t", "0"),
+        "open-mode": "append",  # a requeued job appends to its logs
+        "wckey": "submitit",
+    }
+    if array:
+        options["array"] = f"0-{array - 1}%{min(array, params.get('array_parallelism', 256))}"
+    options |= params.get("additional_parameters", {})
+    srun = shlex.join(["srun", "--unbuffered", "--output", out, "--error", err, *params.get("srun_args", [])])
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return [
+        *(_sbatch_line(k, options[k]) for k in sorted(options)),
+        *params.get("setup", []),
+        "export SUBMITIT_EXECUTOR=slurm",
+        f"{srun} {command}",
+    ]
+
+
+def _sbatch_line(key: str, value: Any) -> str:
+    flag = f"#SBATCH --{key.replace('_', '-')}"
+    return flag if value is True else f"{flag}={shlex.quote(str(value))}"
+
+
+def sbatch_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
+    """The #SBATCH lines of the job's script."""
+    return [line for line in script_lines(params, folder, array) if line.startswith("#SBATCH")]
 
 
 # -------------------------------------------------------------------------------- submission
@@ -184,78 +215,3 @@ def submit_slurm(
             flush=True,
         )
     return list(done.values())
-
-
-# ------------------------------------------------------------------------------ status, cancel
-# sacct states after which a job never runs again (a PREEMPTED job may still be requeued)
-TERMINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "OUT_OF_MEMORY",
-    "NODE_FAIL",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "REVOKED",
-}
-
-
-@dataclass
-class JobState:
-    """One row of sacct / squeue: a job, or one task of an array ("312_4", "312_[5-7]" pending)."""
-
-    job_id: str
-    name: str
-    state: str  # first word: "CANCELLED by 0" -> CANCELLED
-    elapsed: str
-
-    @property
-    def base_id(self) -> str:
-        return self.job_id.split("_")[0]
-
-    @property
-    def ended(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-
-def _rows(cmd: list[str], what: str) -> list[JobState]:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        raise LaunchError(f"cannot ask Slurm about the jobs ({what} failed: {str(detail).strip()})") from e
-    rows = []
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) == 4 and parts[0]:
-            job_id, name, state, elapsed = (p.strip() for p in parts)
-            rows.append(JobState(job_id, name, (state.split() or ["UNKNOWN"])[0], elapsed))
-    return rows
-
-
-def query_states(job_ids: Sequence[str]) -> dict[str, list[JobState]]:
-    """Each job id's rows (an array: one per task or pending range): sacct first (it also knows
-    finished jobs), squeue for jobs sacct has not recorded yet (it lags a few seconds behind sbatch)."""
-    ids = [str(j) for j in job_ids]
-    found: dict[str, list[JobState]] = {j: [] for j in ids}
-    if not ids:
-        return found
-    sacct = ["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,JobName,State,Elapsed"]
-    for row in _rows(sacct, "sacct"):
-        if row.base_id in found:
-            found[row.base_id].append(row)
-    if any(not rows for rows in found.values()):
-        for row in _rows(["squeue", "-h", "-a", "-o", "%i|%j|%T|%M"], "squeue"):
-            if row.base_id in found and not found[row.base_id]:
-                found[row.base_id].append(row)
-    return found
-
-
-def scancel(job_ids: Sequence[str]) -> str:
-    """Cancel these jobs (an array id cancels all its tasks); returns what scancel reported."""
-    try:
-        proc = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise LaunchError(f"scancel failed: {e}") from e
-    return (proc.stdout + proc.stderr).strip()

@@ -1,26 +1,31 @@
-"""The run's record of what the last launch submitted, and what `--status` / `--cancel` do with it.
+"""Every launch recorded for a run directory, and what `--status` / `--cancel` do with them.
 
-Owns: `<run>/logs/submitted.json` (written after every launch: cluster, time and, per job, its
-name, Slurm job name, id, stage, round, dependency and log), `--status` (each job of that launch
-with its Slurm job name, id, state and elapsed time, from sacct, or squeue for jobs sacct has not
-recorded yet) and `--cancel` (scancel every job of that launch that has not ended; reports what it
-cancelled and what had already ended). Each problem is one LaunchError line.
-Tests: tests/unit/test_launch.py (no record, a local record), tests/integration/test_slurm.py
-(--status and --cancel on real jobs).
+Owns `<run>/logs/submitted.json`, written after every launch: its top level is the last launch
+(cluster, time and, per job, its name, Slurm job name, id, stage, round, dependency, array size
+and log) and `earlier` holds every launch before it, oldest first, so a `--stage student` after a
+`--stage all` hides none of the chain's jobs. `--status` shows every job of every launch with its
+state and nodes; `--cancel` cancels every Slurm job not known to have ended. Both go through
+submitit's job objects (`submitit.SlurmJob(folder, id)`: `.state` from sacct, `.cancel()` runs
+scancel). Each problem is one LaunchError line.
+Tests: tests/unit/test_launch.py (no record, local launches), tests/integration/test_slurm.py
+(--status and --cancel over two launches of real jobs).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import submitit
+
 from ..config import Config
+from ..fileio import atomic_write_json
 from .plan import LaunchError, Submitted, run_root, slurm_job_name
-from .slurm import JobState, query_states, scancel
 
 
 def record_path(cfg: Config) -> Path:
@@ -28,10 +33,9 @@ def record_path(cfg: Config) -> Path:
 
 
 def write_record(cfg: Config, cluster: str, subs: Sequence[Submitted]) -> Path:
-    """<run>/logs/submitted.json: what was submitted where (for --status, --cancel, people, tests)."""
-    path = record_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {
+    """Add this launch to <run>/logs/submitted.json (for --status, --cancel, people, tests)."""
+    earlier = read_launches(cfg) if record_path(cfg).is_file() else []
+    launch = {
         "cluster": cluster,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "jobs": [
@@ -49,74 +53,109 @@ def write_record(cfg: Config, cluster: str, subs: Sequence[Submitted]) -> Path:
             for s in subs
         ],
     }
-    path.write_text(json.dumps(body, indent=2))
-    return path
+    # the last launch stays at the top level, where readers of one launch (and of older records) look
+    return atomic_write_json(record_path(cfg), {**launch, "earlier": earlier}, indent=2)
 
 
-def read_record(cfg: Config) -> dict[str, Any]:
+def read_launches(cfg: Config) -> list[dict[str, Any]]:
+    """Every launch recorded for the run directory, oldest first."""
     path = record_path(cfg)
     if not path.is_file():
         raise LaunchError(
             f"nothing was submitted for run dir {run_root(cfg)} (no {path}); submit with "
             "`python launch/submit.py --stage all --config FILE`, or name the run: --config FILE / run.dir=DIR"
         )
-    return json.loads(path.read_text())
+    last = json.loads(path.read_text())
+    return [*last.pop("earlier", []), last]
 
 
-def _jobs_or_explain(cfg: Config, record: dict[str, Any]) -> list[dict[str, Any]]:
-    if not record["jobs"]:
+def _jobs_or_explain(cfg: Config, launches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    jobs = [job for launch in launches for job in launch["jobs"]]
+    if not jobs:
         raise LaunchError(
-            f"the last launch of run dir {run_root(cfg)} ({record['time']}) submitted no job: "
-            "every stage was already done"
+            f"the {len(launches)} launch(es) of run dir {run_root(cfg)} submitted no job: every stage was already done"
         )
-    return record["jobs"]
+    return jobs
 
 
-def _rows_of(job: dict[str, Any], states: dict[str, list[JobState]]) -> list[JobState]:
-    """The job's sacct rows, or one UNKNOWN row (Slurm forgot it, or it never reached Slurm)."""
-    return states.get(job["job_id"]) or [JobState(job["job_id"], job.get("job_name", job["name"]), "UNKNOWN", "")]
+def _slurm_tasks(cfg: Config, job: dict[str, Any]) -> list[submitit.SlurmJob]:
+    """submitit's view of a recorded job: one SlurmJob, or one per task of an array."""
+    folder = run_root(cfg) / "logs" / job["name"]
+    ids = [f"{job['job_id']}_{i}" for i in range(job["array"])] if job.get("array") else [job["job_id"]]
+    return [submitit.SlurmJob(folder=folder, job_id=i) for i in ids]
+
+
+def _state(task: submitit.SlurmJob) -> str:
+    """The first word of the sacct state ("CANCELLED by 0" -> CANCELLED); UNKNOWN until sacct knows
+    the job (it lags a few seconds behind sbatch) or after Slurm forgot it."""
+    return (task.state.split() or ["UNKNOWN"])[0]
+
+
+def _need_sacct() -> None:
+    # without sacct submitit logs a warning and reports every job UNKNOWN: say what to do instead
+    if not shutil.which("sacct"):
+        raise LaunchError("sacct is not on PATH here: ask from a login node of the Slurm cluster that runs the jobs")
 
 
 def print_status(cfg: Config, out=None) -> None:
-    """--status: the jobs of the last launch with their state (local launches: what ran)."""
+    """--status: every job of every launch with its state (local launches: what ran)."""
     out = out or sys.stdout
-    record = read_record(cfg)
-    jobs = _jobs_or_explain(cfg, record)
-    print(f"run dir {run_root(cfg)}: {len(jobs)} job(s) on cluster={record['cluster']} at {record['time']}", file=out)
-    if record["cluster"] != "slurm":  # local jobs end with the launcher, which writes the record last
-        for job in jobs:
-            print(f"  {job['name']:24s} {job['job_id']:>10s}  ran here, finished  log {job['stdout']}", file=out)
-        return
-    states = query_states([j["job_id"] for j in jobs])
-    print(f"  {'NAME':34s} {'JOB ID':>12s}  {'STATE':12s} ELAPSED", file=out)
-    for job in jobs:
-        for row in _rows_of(job, states):
-            print(f"  {row.name:34s} {row.job_id:>12s}  {row.state:12s} {row.elapsed}", file=out)
+    launches = read_launches(cfg)
+    _jobs_or_explain(cfg, launches)
+    if any(launch["cluster"] == "slurm" and launch["jobs"] for launch in launches):
+        _need_sacct()
+    print(f"run dir {run_root(cfg)}: {len(launches)} launch(es)", file=out)
+    for i, launch in enumerate(launches, 1):
+        jobs = launch["jobs"]
+        print(f"launch {i} at {launch['time']}: {len(jobs)} job(s) on cluster={launch['cluster']}", file=out)
+        if not jobs:
+            print("  nothing submitted: every stage was already done", file=out)
+        elif launch["cluster"] != "slurm":  # local jobs end with the launcher, which writes the record last
+            for job in jobs:
+                print(f"  {job['name']:24s} {job['job_id']:>10s}  ran here, finished  log {job['stdout']}", file=out)
+        else:
+            _print_slurm_jobs(cfg, jobs, out)
     print(f"logs: {run_root(cfg) / 'logs'}/<job>/<job id>_<task>_log.{{out,err}}", file=out)
 
 
+def _print_slurm_jobs(cfg: Config, jobs: list[dict[str, Any]], out) -> None:
+    print(f"  {'NAME':34s} {'JOB ID':>12s}  {'STATE':12s} NODES", file=out)
+    tasks = {job["job_id"]: _slurm_tasks(cfg, job) for job in jobs}  # all registered: one sacct call
+    for job in jobs:
+        for task in tasks[job["job_id"]]:
+            state = _state(task)  # asks sacct (once for all registered jobs); the node list comes with it
+            nodes = task.get_info(mode="cache").get("NodeList", "")
+            print(f"  {job['job_name']:34s} {task.job_id:>12s}  {state:12s} {nodes}", file=out)
+
+
 def cancel_chain(cfg: Config, out=None) -> list[str]:
-    """--cancel: scancel every job of the last launch that has not ended; returns their ids."""
+    """--cancel: cancel every Slurm job of every launch that is not known to have ended; returns their ids."""
     out = out or sys.stdout
-    record = read_record(cfg)
-    jobs = _jobs_or_explain(cfg, record)
-    if record["cluster"] != "slurm":
+    launches = read_launches(cfg)
+    _jobs_or_explain(cfg, launches)
+    jobs = [job for launch in launches if launch["cluster"] == "slurm" for job in launch["jobs"]]
+    if not jobs:
+        clusters = ", ".join(sorted({launch["cluster"] for launch in launches}))
         raise LaunchError(
-            f"the last launch of run dir {run_root(cfg)} ran on cluster={record['cluster']}: its jobs "
+            f"the launches of run dir {run_root(cfg)} ran on cluster={clusters}: their jobs "
             "ran inside the launcher and end with it (Ctrl-C there); nothing is queued to cancel"
         )
-    states = query_states([j["job_id"] for j in jobs])
-    live = [j for j in jobs if not all(row.ended for row in _rows_of(j, states) if row.state != "UNKNOWN")]
+    _need_sacct()
+    tasks = {job["job_id"]: _slurm_tasks(cfg, job) for job in jobs}
+    live = [job for job in jobs if not all(task.done() for task in tasks[job["job_id"]])]
     for job in jobs:
-        rows = _rows_of(job, states)
-        summary = ", ".join(sorted({row.state for row in rows}))
+        states = ", ".join(sorted({_state(task) for task in tasks[job["job_id"]]}))
         verb = "cancelling" if job in live else "left alone"
-        print(f"  {verb:10s} {job.get('job_name', job['name']):34s} job {job['job_id']:>10s}  ({summary})", file=out)
+        print(f"  {verb:10s} {job['job_name']:34s} job {job['job_id']:>10s}  ({states})", file=out)
     if not live:
-        print("nothing to cancel: every job of the last launch has ended", file=out)
+        print(f"nothing to cancel: every job launched for run dir {run_root(cfg)} has ended", file=out)
         return []
-    ids = [j["job_id"] for j in live]
-    said = scancel(ids)
-    print(f"scancel {' '.join(ids)}" + (f": {said}" if said else ""), file=out)
+    ids = [job["job_id"] for job in live]
+    try:  # the array's own id cancels all its tasks
+        for job in live:
+            submitit.SlurmJob(folder=run_root(cfg) / "logs" / job["name"], job_id=job["job_id"]).cancel(check=False)
+    except OSError as e:
+        raise LaunchError(f"scancel failed: {e}") from e
+    print(f"scancel {' '.join(ids)}", file=out)
     print("cancelled; `python launch/submit.py --status ...` shows them as CANCELLED once Slurm is done", file=out)
     return ids

@@ -4,6 +4,8 @@ Tests: tests/unit/test_models.py."""
 
 from .backbones import (
     BACKBONES,
+    CheckpointError,
+    HubWeightsMissing,
     KeyReport,
     StateDictMismatchError,
     UnsafeCheckpointError,
@@ -17,6 +19,8 @@ from .inference import embed_batches, output_dim
 
 __all__ = [
     "BACKBONES",
+    "CheckpointError",
+    "HubWeightsMissing",
     "KeyReport",
     "StateDictMismatchError",
     "build_backbone",

@@ -2,9 +2,15 @@
 
 Owns: torchvision ResNet-50/18 trunks (always built with weights=None; weights come only from a
 local file, see `load_pretrained_backbone`), `tiny_cnn` (a small BatchNorm conv net for CPU tests
-and the 64x64 demo) and optional `timm:<name>` backbones (timm imported lazily). Also the checked
-state-dict loader used for every checkpoint we read, which names missing / unexpected / mis-shaped
-keys exactly. Tests: tests/unit/test_models.py.
+and the 64x64 demo) and optional `timm:<name>` backbones (timm imported lazily): random, or with
+the model's published weights read through the Hugging Face hub cache (`hub`: offline once cached;
+offline and not cached, `HubWeightsMissing` names the model, the cache and the command that fills
+it). A timm transformer (a model with prefix tokens: ViT, DeiT, DINOv2, EVA...) is built with a
+dynamic image size (its position embedding interpolated to each input size, so SwAV's small crops
+go through the same net) and returns its tokens pooled as model.token_pool says (auto: the model's
+own pooling). Also the checked state-dict loader used for every checkpoint we read, which names
+missing / unexpected / mis-shaped keys exactly, and `read_checkpoint` (torch files with
+weights_only=True, safetensors files). Tests: tests/unit/test_models.py.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..config import ConfigError
+from ..errors import UserError
+
 __all__ = [
     "Backbone",
     "build_backbone",
@@ -28,13 +37,20 @@ __all__ = [
     "load_state_dict_checked",
     "read_checkpoint",
     "UnsafeCheckpointError",
+    "CheckpointError",
+    "HubWeightsMissing",
+    "TimmBackbone",
     "load_pretrained_backbone",
     "strip_prefixes",
 ]
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(RuntimeError, UserError):
     """A state dict does not fit a module; the message lists every offending key."""
+
+
+class HubWeightsMissing(UserError):
+    """model.pretrained=hub, but the weights are neither in the local hub cache nor reachable."""
 
 
 class KeyReport(NamedTuple):
@@ -100,25 +116,96 @@ class TinyCNN(Backbone):
         return self.features(x)
 
 
-class TimmBackbone(Backbone):
-    """A timm model's `forward_features` (CNN feature map or ViT tokens); classifier removed."""
+# model.token_pool -> timm's global_pool of a transformer
+TOKEN_POOLS = {"cls": "token", "mean": "avg"}
 
-    def __init__(self, name: str) -> None:
+
+class TimmBackbone(Backbone):
+    """A timm model, classifier removed. CNNs: `forward_features` (B, C, H, W), pooled by the
+    Embedder (model.pooling). Transformers: tokens pooled here as model.token_pool says (B, C)."""
+
+    def __init__(self, name: str, hub: bool = False, token_pool: str = "auto") -> None:
         super().__init__()
         try:
             import timm  # optional dependency: imported only when a timm backbone is asked for
         except ImportError as e:
             raise ImportError(
-                f"model.backbone='timm:{name}' needs the optional package timm (pip install timm); it is not installed"
+                f"model.backbone='timm:{name}' needs the optional package timm "
+                f"(pip install -c constraints.txt -e '.[timm]'); it is not installed"
             ) from e
-        try:
-            self.net = timm.create_model(name, pretrained=False, num_classes=0)
-        except Exception as e:  # timm raises RuntimeError for unknown names
-            raise ValueError(f"timm does not know the model {name!r}: {e}") from e
-        self.feature_dim = int(self.net.num_features)
+        self.name = name
+        self.net = _create_timm(timm, name, hub)
+        self.tokens = hasattr(self.net, "num_prefix_tokens")  # ViT-like: forward_features gives (B, N, C)
+        if self.tokens and token_pool != "auto":
+            _set_token_pool(self.net, name, token_pool)
+        dim = getattr(self.net, "head_hidden_size", None) if self.tokens else None
+        self.feature_dim = int(dim or self.net.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(x)
+        feats = self.net.forward_features(x)
+        # the family's own pooling (and its norm after pooling, where it has one); pre_logits: no head
+        return self.net.forward_head(feats, pre_logits=True) if self.tokens else feats
+
+
+def _create_timm(timm: Any, name: str, hub: bool) -> nn.Module:
+    """timm.create_model without a classifier; a dynamic image size where the model has one (ViTs:
+    position embeddings interpolated per input size, a side that is no multiple of the patch padded:
+    SwAV's 96 px crops through a patch-14 ViT), and from the hub cache when `hub`."""
+    try:
+        try:
+            return timm.create_model(name, pretrained=hub, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+        except TypeError:  # a model without that option (CNNs take any input size anyway)
+            return timm.create_model(name, pretrained=hub, num_classes=0)
+    except Exception as e:
+        if hub and _is_hub_error(e):
+            raise HubWeightsMissing(_hub_miss_message(timm, name, e)) from e
+        if "Unknown model" in str(e):  # timm's RuntimeError for a name it does not register
+            raise ConfigError(
+                f"model.backbone: timm does not know the model {name!r}; list names with "
+                f"python -c \"import timm; print(timm.list_models('{name.split('.')[0][:12]}*'))\""
+            ) from e
+        if hub and "No pretrained weights exist" in str(e):
+            raise ConfigError(
+                f"model.pretrained=hub: timm publishes no weights for {name!r}; name a tagged model "
+                f"(python -c \"import timm; print(timm.list_pretrained('{name.split('.')[0]}*'))\") or use a local file"
+            ) from e
+        raise
+
+
+def _is_hub_error(e: BaseException) -> bool:
+    """An error of the hub client (not cached and offline, unreachable, unknown or gated repo)."""
+    return any(c.__module__.startswith("huggingface_hub") for c in type(e).__mro__) or isinstance(e, ConnectionError)
+
+
+def _hub_miss_message(timm: Any, name: str, error: BaseException) -> str:
+    from huggingface_hub import constants  # timm's own dependency, there whenever timm loads from the hub
+
+    cache = constants.HF_HUB_CACHE
+    repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE=1 forbids fetching them"
+    else:
+        lines = str(error).strip().splitlines()
+        why = f"fetching them failed ({type(error).__name__}: {lines[0] if lines else ''})"
+    fill = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+    return (
+        f"model.pretrained=hub: the weights of timm model {name!r} (hub repo {repo}) are not in the "
+        f"Hugging Face cache {cache}, and {why}. Fill the cache where huggingface.co is reachable: "
+        f"HF_HUB_CACHE={cache} {fill} (then copy {cache} here), or set model.pretrained to a local weights file"
+    )
+
+
+def _set_token_pool(net: nn.Module, name: str, token_pool: str) -> None:
+    """model.token_pool cls | mean on a transformer: its global pooling replaced (timm keeps the
+    norm placement, so the pretrained weights still apply)."""
+    if token_pool not in TOKEN_POOLS:
+        raise ConfigError(f"model.token_pool: unknown {token_pool!r}; choose auto, cls or mean")
+    if token_pool == "cls" and not getattr(net, "has_class_token", getattr(net, "cls_token", None) is not None):
+        raise ConfigError(f"model.token_pool=cls, but timm model {name!r} has no class token: use mean or auto")
+    try:
+        net.reset_classifier(0, global_pool=TOKEN_POOLS[token_pool])
+    except (AssertionError, TypeError, ValueError) as e:
+        raise ConfigError(f"model.token_pool={token_pool}: timm model {name!r} cannot pool so ({e}); use auto") from e
 
 
 # one constructor per name of config.BACKBONE_NAMES (tests/unit/test_models.py checks both agree)
@@ -129,10 +216,13 @@ BACKBONES: dict[str, Callable[[], Backbone]] = {
 }
 
 
-def build_backbone(name: str) -> Backbone:
-    """`resnet50 | resnet18 | tiny_cnn | timm:<name>` -> an untrained backbone."""
+def build_backbone(name: str, hub: bool = False, token_pool: str = "auto") -> Backbone:
+    """`resnet50 | resnet18 | tiny_cnn | timm:<name>` -> an untrained backbone (`hub`: a timm
+    model's published weights; `token_pool`: a timm transformer's pooling)."""
     if name.startswith("timm:"):
-        return TimmBackbone(name.split(":", 1)[1])
+        return TimmBackbone(name.split(":", 1)[1], hub=hub, token_pool=token_pool)
+    if hub:
+        raise ConfigError(f"model.pretrained=hub needs a timm:<name> backbone, not {name!r}")
     if name not in BACKBONES:
         raise ValueError(
             f"unknown model.backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))} or timm:<model name>"
@@ -182,7 +272,11 @@ def load_state_dict_checked(
     return report
 
 
-class UnsafeCheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
+    """A weights file that cannot be used: corrupt, not a torch / safetensors file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that needs code (a class or function import) to unpickle."""
 
 
@@ -191,11 +285,37 @@ def _last_line(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header ('{'). A
+    torch file starts with a zip ('PK') or pickle (0x80) signature, so the two never look alike."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32
+
+
+def _read_safetensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file  # with timm (the [timm] extra)
+    except ImportError as e:
+        raise CheckpointError(
+            f"{str(path)!r} is a safetensors file: reading it needs the package safetensors "
+            f"(pip install -c constraints.txt -e '.[timm]')"
+        ) from e
+    device = map_location if isinstance(map_location, str) else "cpu"
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a corrupt safetensors file ({_last_line(e)})") from e
+
+
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
-    """torch.load(weights_only=True) with clear errors for a missing, unreadable or unsafe file."""
+    """torch.load(weights_only=True), or a safetensors file (data only by construction), with
+    clear errors for a missing, unreadable or unsafe file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if is_safetensors(path):
+        return _read_safetensors(path, map_location)
     try:
         # weights_only: a checkpoint is data, never code. Our files hold only tensors and plain
         # containers; a file that needs any other class to unpickle is refused here.
@@ -208,9 +328,11 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
                 f"only tensors and plain containers are accepted (weights_only=True). Re-save just "
                 f"its state_dict with torch.save if you trust where it came from"
             ) from e
-        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({_last_line(e)})") from e
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({_last_line(e)})") from e
     except Exception as e:
-        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a torch file ({type(e).__name__}: {e})"
+        ) from e
 
 
 # Prefixes that wrappers put in front of backbone keys: DataParallel/DDP ("module."), SwAV/DINO
@@ -247,7 +369,7 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
                     return inner
         if obj and any(hasattr(v, "shape") for v in obj.values()):
             return obj
-    raise RuntimeError(
+    raise CheckpointError(
         "checkpoint holds no state dict (looked at the top level and under 'state_dict', 'model', 'module', 'teacher')"
     )
 

@@ -1,6 +1,7 @@
 """Embedder = backbone -> pooling -> linear head to `embed_dim`, plus its weight files.
 
-Owns: `build_embedder(model_cfg)`, BatchNorm freezing, `save_weights` / `load_embedder` (plain
+Owns: `build_embedder(model_cfg)` (initial backbone weights as model.pretrained / pretrained_path
+say: none, the hub, a local file), BatchNorm freezing, `save_weights` / `load_embedder` (plain
 torch files: {"state_dict", "model" (the ModelConfig as a dict), "extra"}, written atomically).
 Outputs are raw (NOT L2-normalised): losses and eval normalise themselves.
 Tests: tests/unit/test_models.py.
@@ -16,9 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from ..fileio import explained_writes
-from .backbones import Backbone, build_backbone, load_pretrained_backbone, load_state_dict_checked, read_checkpoint
+from ..config import PRETRAINED_HUB, PRETRAINED_NONE, ModelConfig, pretrained_source
+from ..fileio import atomic_path
+from .backbones import (
+    Backbone,
+    CheckpointError,
+    build_backbone,
+    load_pretrained_backbone,
+    load_state_dict_checked,
+    read_checkpoint,
+)
 
 __all__ = ["Embedder", "build_embedder", "save_weights", "load_embedder", "pool_features"]
 
@@ -89,10 +97,12 @@ class Embedder(nn.Module):
 
 
 def build_embedder(model_cfg: ModelConfig) -> Embedder:
-    """Build from config; loads `pretrained_path` (local file only) into the backbone if set."""
-    backbone = build_backbone(model_cfg.backbone)
-    if model_cfg.pretrained_path:
-        load_pretrained_backbone(backbone, model_cfg.pretrained_path)
+    """Build from config; the backbone starts from the hub's weights (model.pretrained=hub), a
+    local file (model.pretrained=<path> / pretrained_path) or random ones."""
+    kind, path = pretrained_source(model_cfg)
+    backbone = build_backbone(model_cfg.backbone, hub=kind == PRETRAINED_HUB, token_pool=model_cfg.token_pool)
+    if path:
+        load_pretrained_backbone(backbone, path)
     return Embedder(backbone, model_cfg.embed_dim, model_cfg.pooling, model_cfg.freeze_bn)
 
 
@@ -101,34 +111,28 @@ def save_weights(
 ) -> Path:
     """torch.save {"state_dict", "model", "extra"} atomically (tmp + rename): readers never see
     a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in embedder.state_dict().items()},
         "model": dataclasses.asdict(model_cfg),
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with explained_writes(path):
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def load_embedder(path: str | os.PathLike[str], map_location: Any = "cpu") -> Embedder:
     """Rebuild the embedder a `save_weights` file describes and load its weights (strict)."""
     obj = read_checkpoint(path, map_location)
     if not isinstance(obj, dict) or "state_dict" not in obj or "model" not in obj:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{str(path)!r} is not an embedder weights file (expected keys 'state_dict' "
             f"and 'model', found {sorted(obj) if isinstance(obj, dict) else type(obj).__name__})"
         )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in obj["model"].items() if k in fields})
-    cfg.pretrained_path = ""  # the saved state dict replaces any pretrained init
+    # the saved state dict replaces any pretrained init: nothing is read from a file or the hub
+    cfg.pretrained, cfg.pretrained_path = PRETRAINED_NONE, ""
     emb = build_embedder(cfg)
     load_state_dict_checked(emb, obj["state_dict"], strict=True, what=f"weights file {str(path)!r}")
     return emb

@@ -1,20 +1,31 @@
-"""A small exact kNN MAP@R for the trainers' own model choices (train/ must not import eval/).
+"""MAP@R, once: `map_at_r` (the per-query formula, Musgrave et al.) for eval/metrics.py's FAISS
+search and for `knn_map_at_r`, a small exact kNN MAP@R for the trainers' own model choices (train/
+must not import eval/, and eval/ may import models/: the formula lives here).
 
-Owns `knn_map_at_r`: embeddings of one labeled set searched against itself, query left out,
-MAP@R as Musgrave et al. define it (the same number eval/metrics.py's `retrieval_metrics` reports
-as map_at_r, up to the order of exactly tied neighbours). Exact search by chunked matrix products
-in torch (on the embeddings' device), memory rows x n per chunk. Used by the pretrain stage to
-compare its input and output weights on the labeled train classes. eval/metrics.py keeps its own
-FAISS implementation (every metric, In-shop protocol, GPU k-selection limits).
-Tests: tests/unit/test_models.py.
+`knn_map_at_r`: embeddings of one labeled set searched against itself, query left out (the number
+eval/metrics.py's `retrieval_metrics` reports as map_at_r, up to the order of exactly tied
+neighbours). Exact search by chunked matrix products in torch (on the embeddings' device), memory
+rows x n per chunk. Used by the pretrain stage to compare its input and output weights on the
+labeled train classes.
+Tests: tests/unit/test_models.py, tests/unit/test_metrics.py.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_map_at_r"]
+__all__ = ["knn_map_at_r", "map_at_r"]
+
+
+def map_at_r(hits: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Per-query MAP@R = (1/R_i) sum_{j <= R_i} P(j) rel(j), P(j) = precision of the top j.
+
+    hits: (n, k) bool, neighbour j of query i shares its label AND j <= R_i (k >= max R_i);
+    r: (n,) R_i, the references sharing query i's label. 0 for a query with R_i = 0."""
+    cols = np.arange(1, hits.shape[1] + 1)
+    return (np.cumsum(hits, axis=1) * hits / cols[None, :]).sum(axis=1) / np.maximum(r, 1).astype(np.float64)
 
 
 def knn_map_at_r(emb: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> float:
@@ -29,21 +40,16 @@ def knn_map_at_r(emb: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> 
     k = int(r.max()) if len(r) else 0
     if k < 1:
         return float("nan")
-    scores = []
-    for lo in range(0, len(x), chunk):
-        scores.append(_chunk_map(x, y, r, lo, min(lo + chunk, len(x)), k))
-    per_query = torch.cat(scores)
-    return float(per_query[r[: len(per_query)] > 0].mean())
+    per_query = np.concatenate([_chunk_map(x, y, r, lo, min(lo + chunk, len(x)), k) for lo in range(0, len(x), chunk)])
+    return float(per_query[r.cpu().numpy() > 0].mean())
 
 
-def _chunk_map(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
+def _chunk_map(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lo: int, hi: int, k: int) -> np.ndarray:
     """MAP@R of queries lo..hi (0 for lone ones, filtered by the caller)."""
     sim = x[lo:hi] @ x.t()
     rows = torch.arange(hi - lo, device=x.device)
     sim[rows, rows + lo] = float("-inf")  # the query itself is not a neighbour
     idx = sim.topk(k, dim=1).indices
-    rel = (y[idx] == y[lo:hi, None]).float()
-    ranks = torch.arange(1, k + 1, device=x.device, dtype=torch.float32)
-    within_r = ranks[None, :] <= r[lo:hi, None]  # only the first R_i neighbours count
-    precision = rel.cumsum(1) / ranks[None, :]
-    return (precision * rel * within_r).sum(1) / r[lo:hi].clamp_min(1)
+    within_r = torch.arange(1, k + 1, device=x.device)[None, :] <= r[lo:hi, None]  # only the first R_i count
+    hits = (y[idx] == y[lo:hi, None]) & within_r
+    return map_at_r(hits.cpu().numpy(), r[lo:hi].cpu().numpy())

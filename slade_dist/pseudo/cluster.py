@@ -38,10 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import dist
-from ..config import Config
+from ..config import Config, PseudoConfig
 from ..data.curation import CurationMissing, read_keep, read_summary
 from ..data.pseudo_index import (
     ROW,
@@ -57,12 +56,12 @@ from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_me
 from ..data.shards import shard_index, shard_paths
 from ..data.tars import TarSamples, image_bytes
 from ..data.transforms import CorruptImage, decode
-from ..fileio import atomic_write_json
+from ..fileio import atomic_path, atomic_write_json
+from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
-from .kmeans import KMeansParams, assign_array, cap_k, params_assigner, train_centroids
-from .kmeans import _all_to_all as all_to_all_rows  # the one row exchange of the package (gloo / NCCL)
+from .kmeans import assign_array, cap_k, params_assigner, train_centroids
 
 CENTROIDS_FILE = "centroids.npy"
 COARSE_FILE = "coarse_centroids.npy"  # two-level training's coarse cells: the ivf assignment's lists
@@ -88,13 +87,14 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     keep = {p.name: _keep_mask(layout, emb_dir, p) for p in mine} if curated else {}
     parts = {shard_index(p): _kept(embed_files.load_embeddings(emb_dir, p), keep.get(p.name)) for p in mine}
 
-    n_total = int(_sum_all(torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64))[0])
+    n_local = torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64)
+    n_total = int(dist.staged_all_reduce_sum(n_local)[0])
     if n_total == 0:
         raise ValueError(
             f"cluster round {r}: the embeddings in {emb_dir} hold no points (every image corrupt or every shard empty?)"
         )
     k = cap_k(cfg.pseudo.k, n_total)
-    params = KMeansParams.from_config(cfg.pseudo, k=k)
+    params = dataclasses.replace(cfg.pseudo, k=k)  # k capped to the data
     embed_facts = embed_files.read_embed_facts(emb_dir)
     fingerprint = {
         "pseudo": dataclasses.asdict(cfg.pseudo),
@@ -152,9 +152,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     stats.update(k=k, k_requested=cfg.pseudo.k, round=r, world_size=dist.world_size())
     if dist.is_main():
         atomic_write_json(out_dir / STATS_FILE, stats)
-        tmp = out_dir / f".{SIZES_FILE}.tmp.npy"
-        np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
-        tmp.replace(out_dir / SIZES_FILE)
+        with atomic_path(out_dir / SIZES_FILE) as tmp:
+            np.save(tmp, np.asarray(local["sizes_all"], dtype=np.int64))
         write_meta(out_dir, **_meta(cfg, layout, k, centroids, n_total, embed_facts))
         sizes = np.asarray(local["sizes_all"])
         _tensorboard(layout.tb_dir("cluster", r), stats, sizes, r, _cluster_examples(shards[0], out_dir, sizes))
@@ -215,12 +214,6 @@ def _kept(emb: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
     return emb if keep is None or keep.all() else np.asarray(emb[keep])
 
 
-def _sum_all(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_dist() and torch.distributed.get_backend() == "nccl":
-        return dist.all_reduce_sum(t.to(dist.device())).cpu()
-    return dist.all_reduce_sum(t)
-
-
 # ---------------------------------------------------------------------------------- centroids
 def _reuse_centroids(out_dir: Path, fingerprint: dict[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Rank 0 decides (one reader of the files), every rank then loads the same array."""
@@ -246,9 +239,8 @@ def _save_centroids(
         if arr is None:
             (out_dir / name).unlink(missing_ok=True)
             continue
-        tmp = out_dir / f".{name}.tmp.npy"
-        np.save(tmp, arr.astype(np.float32))
-        tmp.replace(out_dir / name)
+        with atomic_path(out_dir / name) as tmp:
+            np.save(tmp, arr.astype(np.float32))
     atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)  # written last: marks the centroids final
 
 
@@ -265,7 +257,7 @@ def _assign_my_shards(
     emb_dir: Path,
     out_dir: Path,
     centroids: np.ndarray,
-    params: KMeansParams,
+    params: PseudoConfig,
     positions: dict[str, int],
     scan_workers: int = 0,
     keep: dict[str, np.ndarray] | None = None,
@@ -281,7 +273,7 @@ def _assign_my_shards(
     sq_sum, n = 0.0, 0
     pairs: Counter = Counter()
     with _TarScans(scan_workers if len(mine) > scan_workers else 0) as scans:
-        for shard in _bar(mine, "assign shards"):
+        for shard in steps(mine, "assign shards"):
             pl_path = pseudo_label_path(out_dir, shard)
             keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
             mask = keep.get(shard.name)
@@ -300,7 +292,7 @@ def _assign_my_shards(
 
 
 def _shard_labels(
-    shard: Path, emb_dir: Path, pl_path: Path, assigner: Any, params: KMeansParams
+    shard: Path, emb_dir: Path, pl_path: Path, assigner: Any, params: PseudoConfig
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(keys, labels, dists) of one shard: assigned and written, or read back when a resumed run
     already labelled it with these centroids."""
@@ -378,12 +370,6 @@ def kept_index_rows(
     return rows[keep[: len(rows)]], int(keep[len(rows) :].sum())
 
 
-def _bar(items: list[Any], desc: str) -> Any:
-    if not dist.is_main():
-        return items
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
-
-
 # ------------------------------------------------------------------------------- member index
 def _write_index(
     local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path], cap: int = 0
@@ -456,15 +442,22 @@ def send_rows_to_owners(rows: np.ndarray, dest: np.ndarray) -> np.ndarray:
     send = np.bincount(dest, minlength=dist.world_size())
     recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
     wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize))
-    return all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(rows.dtype)
+    return dist.all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(rows.dtype)
 
 
 def coarse_cells(parts: dict[int, np.ndarray], cells: int, cfg: Config) -> np.ndarray:
     """Centroids of `cells` coarse cells of the points of every rank's parts (spherical k-means on
-    the cluster stage's backend, 10 Lloyd iterations on a 64-points-per-cell sample): the cells the
-    curate stage searches for near-duplicates in (collective)."""
-    params = KMeansParams.from_config(
-        cfg.pseudo, k=cells, niter=10, max_points_per_centroid=64, spherical=True, seed=cfg.curate.seed, progress=False
+    the cluster stage's backend, 10 Lloyd iterations on a 64-points-per-cell sample, flat): the
+    cells the curate stage searches for near-duplicates in (collective)."""
+    params = dataclasses.replace(
+        cfg.pseudo,
+        k=cells,
+        niter=10,
+        max_points_per_centroid=64,
+        spherical=True,
+        seed=cfg.curate.seed,
+        two_level="off",
+        assign="exact",
     )
     return train_centroids(parts, params).centroids
 
@@ -472,7 +465,7 @@ def coarse_cells(parts: dict[int, np.ndarray], cells: int, cfg: Config) -> np.nd
 # ------------------------------------------------------------------------------------- stats
 def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[str, Any]) -> dict[str, Any]:
     packed = torch.from_numpy(np.concatenate([local["sizes"].astype(np.float64), [local["sq_sum"], float(local["n"])]]))
-    packed = _sum_all(packed).numpy()
+    packed = dist.staged_all_reduce_sum(packed).numpy()
     sizes = packed[:k].round().astype(np.int64)
     inertia, n = float(packed[k]), int(round(packed[k + 1]))
     if n != n_total:

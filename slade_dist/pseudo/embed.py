@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import dist
 from ..config import Config
 from ..data.readers import finite_batches
 from ..data.shards import read_index, shard_index, shard_paths
-from ..fileio import atomic_write_json, atomic_write_text, explained_writes
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text
 from ..models import embed_batches, load_embedder, output_dim, read_checkpoint
+from ..progress import progress
 from ..stages import RunLayout
 
 __all__ = [
@@ -154,7 +154,7 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
     if bar is not None:
         bar.close()
     total = torch.tensor([counts[k] for k in sorted(counts)], dtype=torch.float64)
-    total = dist.all_reduce_sum(total.to(device) if _nccl() else total).cpu()
+    total = dist.staged_all_reduce_sum(total)
     result = {k: int(v) for k, v in zip(sorted(counts), total.tolist())}
     seconds = time.time() - t0
     result.update(
@@ -182,10 +182,6 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
             f"(corrupt or truncated data); nothing to cluster"
         )
     return result
-
-
-def _nccl() -> bool:
-    return dist.is_dist() and torch.distributed.get_backend() == "nccl"
 
 
 def _unlabeled_shards(cfg: Config) -> list[Path]:
@@ -295,23 +291,17 @@ def _write_shard_files(out_dir: Path, shard: Path, arr: np.ndarray, keys: list[s
         raise RuntimeError(
             f"embed {shard.name}: {len(keys)} keys ({len(set(keys))} distinct) for {len(arr)} embeddings"
         )
-    tag = f".tmp{os.getpid()}"
     kp = keys_path(out_dir, shard)
     atomic_write_text(kp, "".join(k + "\n" for k in keys))
     atomic_write_text(source_path(out_dir, shard), _source_stamp(shard))
     lp = labels_path(out_dir, shard)
     if any(h is not None for h in hidden):
-        tmp = lp.with_name(f".{lp.name}{tag}.npy")
-        with explained_writes(lp):
+        with atomic_path(lp) as tmp:
             np.save(tmp, np.array([h if h is not None else "" for h in hidden], dtype=str))
-            tmp.replace(lp)
     else:
         lp.unlink(missing_ok=True)
-    ep = emb_path(out_dir, shard)
-    tmp = ep.with_name(f".{ep.name}{tag}.npy")
-    with explained_writes(ep):
+    with atomic_path(emb_path(out_dir, shard)) as tmp:
         np.save(tmp, np.ascontiguousarray(arr, dtype=np.float16))
-        tmp.replace(ep)
 
 
 def _dim(out_dir: Path, shards: Iterable[Path]) -> int | None:
@@ -330,11 +320,4 @@ def _progress(todo: list[Path], cfg: Config) -> Any:
     root = Path(cfg.data.unlabeled_shards)
     counts = {(root / s["name"]).resolve(): int(s["count"]) for s in read_index(root)["shards"]}
     total = sum(counts.get(p.resolve(), 0) for p in todo)
-    return tqdm(
-        total=total or None,
-        desc=f"embed {len(todo)} shards (rank 0)",
-        unit="img",
-        unit_scale=True,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    return progress(total or None, f"embed {len(todo)} shards (rank 0)", "img", unit_scale=True)

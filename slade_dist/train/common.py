@@ -1,10 +1,10 @@
 """What the three trainers (pretrain, teacher, student) share, so no stage imports another.
 
 Owns: stream seeds of a (resumed) stage, the embedder's initial weights (a previous stage's export
-or model.pretrained_path), its two lr groups, the ranking loss of cfg.loss (cross-rank when
-loss.cross_rank), the stage's TensorBoard writer, the periodic-eval hook (the evaluator itself is
-handed in by the stage runner: train/ never imports eval/) and the result summary a trainer
-returns for DONE.json.
+or model.pretrained_path), its two lr groups, the ranking loss of cfg.loss (over the step's global
+batch), the refusal of per-micro-batch BatchNorm under train.grad_accum, the stage's TensorBoard
+writer, the periodic-eval hook (the evaluator itself is handed in by the stage runner: train/
+never imports eval/) and the result summary a trainer returns for DONE.json.
 Tests: tests/unit/test_engine.py, tests/unit/test_pretrain.py, tests/unit/test_student.py.
 """
 
@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ModelConfig, TrainConfig
+from ..config import Config, ConfigError, ModelConfig, TrainConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..losses import build_loss, cross_rank_loss
+from ..losses import build_loss
 from ..models import build_embedder, load_state_dict_checked, read_checkpoint
 from ..stages import RunLayout
 from ..tb import TBWriter
 from .engine import ParamGroup
 from .loop import FitResult
+from .sync_bn import bn_trains
 
 # metrics of the current model on the test split; called on every rank, same dict on each
 Evaluate = Callable[[torch.nn.Module], dict[str, float]]
@@ -49,7 +50,7 @@ def init_embedder(model_cfg: ModelConfig, init_path: str | os.PathLike[str] | No
     """
     if init_path is None:
         return build_embedder(model_cfg)
-    plain = dataclasses.replace(model_cfg, pretrained_path="")  # the file replaces it anyway
+    plain = dataclasses.replace(model_cfg, pretrained="none", pretrained_path="")  # the file replaces them anyway
     emb = build_embedder(plain)
     obj = read_checkpoint(init_path)
     if not isinstance(obj, dict) or "state_dict" not in obj:
@@ -68,15 +69,20 @@ def embedder_groups(embedder: Any, tcfg: TrainConfig, *, start: int = 0) -> list
 
 
 def ranking_loss_fn(cfg: Config) -> Callable[..., torch.Tensor]:
-    """loss(emb, labels=None, pos_pairs=..., neg_pairs=...), cross-rank when cfg.loss.cross_rank."""
-    loss_fn = build_loss(cfg.loss)
+    """loss(emb, labels=None, pos_pairs=..., neg_pairs=...) of the step's global batch (losses.py)."""
+    return build_loss(cfg.loss)
 
-    def rank_loss(emb: torch.Tensor, labels: torch.Tensor | None = None, **pairs: Any) -> torch.Tensor:
-        if cfg.loss.cross_rank and labels is not None and not pairs:
-            return cross_rank_loss(loss_fn, emb, labels)
-        return loss_fn(emb, labels, **pairs)
 
-    return rank_loss
+def check_trunk_bn(trunk: torch.nn.Module, cfg: Config) -> None:
+    """Refuse train.grad_accum > 1 when the trunk (the part run per micro-batch) has BatchNorm that
+    trains: each micro-batch would be normalised on its own, not on the optimizer step's batch."""
+    if cfg.train.grad_accum > 1 and bn_trains(trunk.train()):
+        raise ConfigError(
+            f"train.grad_accum = {cfg.train.grad_accum} (from {cfg.source_of('train.grad_accum')}) with "
+            f"BatchNorm layers that train in model.backbone = {cfg.model.backbone}: each micro-batch would be "
+            f"normalised on its own, not on the optimizer step's batch; set model.freeze_bn=true, or "
+            f"train.grad_accum=1 (more GPUs give the same step: each rank takes its share)"
+        )
 
 
 def open_tb(cfg: Config, run_dir: str | os.PathLike[str], stage: str, round_: int | None, resume_step: int) -> TBWriter:

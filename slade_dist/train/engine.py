@@ -48,6 +48,7 @@ from .. import dist
 from ..config import TrainConfig
 from ..fileio import atomic_write_json, explained_writes, set_aside
 from ..models import UnsafeCheckpointError, read_checkpoint
+from .sync_bn import sync_batchnorm
 
 META_FILE = "slade_meta.json"
 KEEP_CHECKPOINTS = 2
@@ -162,6 +163,9 @@ def ds_config(tcfg: TrainConfig, micro_batch: int, *, load_universal: bool = Fal
     return {
         "train_micro_batch_size_per_gpu": int(micro_batch),
         "gradient_accumulation_steps": int(tcfg.grad_accum),
+        # the loop owns the accumulation (one backward per gradient-cache pass, a step per
+        # optimizer step: train/loop.py); DeepSpeed then reduces the gradients at each step()
+        "managed_gradient_accumulation": False,
         "gradient_clipping": float(tcfg.grad_clip),
         "zero_optimization": {"stage": int(tcfg.zero_stage)},
         # bf16 mode would cast BatchNorm buffers too ("expected BFloat16 but found Float");
@@ -288,6 +292,7 @@ class Trainer:
         total_steps: int,
         micro_batch: int,
         stage_id: str = "",
+        sync_bn: bool = True,
     ):
         deepspeed = setup_deepspeed()
         ensure_process_group()
@@ -301,6 +306,8 @@ class Trainer:
         resume_tag, universal = self._plan_resume()
 
         module = module.to(dist.device())
+        if sync_bn and dist.world_size() > 1 and (n_bn := sync_batchnorm(module.train())):
+            self.log.info(f"{n_bn} BatchNorm layers normalise the global batch of all ranks (model.sync_bn)")
         optimizer = build_optimizer(groups, tcfg)
         self.group_names = [g["name"] for g in optimizer.param_groups]
         starts = {g.name: g.start for g in groups}
@@ -347,17 +354,15 @@ class Trainer:
         """engine(...): runs under bf16 autocast when enabled."""
         return self.engine(*args, **kwargs)
 
-    def backward_step(self, loss: torch.Tensor) -> bool:
-        """Backward one micro-batch; steps the optimizer at the accumulation boundary.
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate `loss` into the accumulated gradients (unscaled: fit's gradient-cache
+        passes add up to the step's gradient). Call step_optimizer once per step."""
+        self.engine.backward(loss, scale_wrt_gas=False)
 
-        Returns True when an optimizer step happened (then `step` has advanced).
-        """
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
+    def step_optimizer(self) -> None:
+        """Average the accumulated gradients over ranks and step the optimizer and the schedule."""
         self.engine.step()
-        if boundary:
-            self.step += 1
-        return boundary
+        self.step += 1
 
     # -- checkpoints
     def _plan_resume(self) -> tuple[str | None, bool]:

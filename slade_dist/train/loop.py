@@ -1,14 +1,25 @@
 """The step loop: optimizer steps over infinite streams, logging, periodic eval, checkpoints.
 
-Owns `fit(trainer, micro_fn, ...)`: runs optimizer steps from the trainer's (resumed) step to its
+Owns `fit(trainer, objective, ...)`: runs optimizer steps from the trainer's (resumed) step to its
 total, counted in optimizer steps so every rank runs the same number of micro-batches and no
-collective can hang; gradient accumulation; TensorBoard scalars (each loss term, lr per group,
-images/s, data-wait %, skipped samples) averaged over ranks every train.log_every steps; the rank-0
-progress bar; the stage's periodic evaluation (a callable handed in, every train.eval_every
-steps); a checkpoint every train.ckpt_every steps and at the end. Also the small stream helpers
-a stage's micro-batch function uses (`timed_next`, `SkipDelta`) and what it returns (`MicroResult`).
-Tests: tests/unit/test_engine.py, tests/integration/test_train_multirank.py,
-tests/integration/test_resume.py.
+collective can hang. A stage hands in a `StepObjective`: how to draw one micro-batch, the trunk
+(the engine forward of one micro-batch) and the loss of the WHOLE step from every micro-batch's
+trunk outputs. So every statistic a loss or threshold uses (the ranking loss's pairs, SLADE's
+Gaussians and mined pairs, SwAV's codes) is the optimizer step's, whatever train.grad_accum is:
+- one micro-batch (grad_accum 1): trunk with grad -> loss -> backward -> step;
+- grad_accum > 1: every micro-batch's trunk runs without grad first (its RNG state kept), the
+  step's loss is computed on those outputs as leaves and back-propagated once (parameters outside
+  the trunk get their gradient there: heads, W_a), then each micro-batch's trunk runs again with
+  grad under the same RNG state and back-propagates its outputs' gradient (the gradient-cache
+  rule: exact, at one extra trunk forward per micro-batch; memory stays one micro-batch's).
+  The engine accumulates the backward passes and steps once (DeepSpeed's unmanaged accumulation).
+Also TensorBoard scalars (each loss term, lr per group, images/s, data-wait %, skipped samples)
+averaged over ranks every train.log_every steps; the rank-0 progress bar; the stage's periodic
+evaluation (a callable handed in, every train.eval_every steps); a checkpoint every
+train.ckpt_every steps and at the end. And the small stream helpers an objective uses
+(`timed_next`, `SkipDelta`).
+Tests: tests/unit/test_engine.py, tests/integration/test_world_invariance.py (grad_accum 2 = one
+micro-batch), tests/integration/test_train_multirank.py, tests/integration/test_resume.py.
 """
 
 from __future__ import annotations
@@ -21,22 +32,85 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import dist
+from ..progress import progress
 from ..tb import TBWriter
 from .engine import Trainer, average_bn_buffers, param_digest
 
 
 @dataclass
-class MicroResult:
-    """What a stage's micro-batch function returns to `fit`."""
+class Micro:
+    """One micro-batch drawn for a step: the trunk's input, what the loss reads, and counts."""
 
-    loss: torch.Tensor
-    scalars: dict[str, float] = field(default_factory=dict)  # logged as-is (averaged over ranks)
+    x: Any  # the trunk's input, on the device
+    data: dict[str, Any] = field(default_factory=dict)  # what the step's loss reads (labels, ...)
     images: int = 0
-    skipped: int = 0
+    skipped: int = 0  # samples left out as corrupt or lost to truncated tars since the last draw
     wait_s: float = 0.0  # seconds spent waiting for data
+
+
+class StepObjective:
+    """What a trainer stage hands to `fit`: draw(step) -> Micro, trunk(x) -> outputs of one
+    micro-batch (one engine forward), loss(step, outs, micros) -> (loss, scalars) of the whole
+    step from every micro-batch's outputs (in draw order). Collectives belong in `loss`: it runs
+    once per step on every rank."""
+
+    trainer: Trainer
+
+    def draw(self, step: int) -> Micro:
+        raise NotImplementedError
+
+    def trunk(self, x: Any) -> torch.Tensor:
+        return self.trainer.forward(x)
+
+    def trunk_trains(self, step: int) -> bool:
+        """False: the trunk gets no gradient at this step (it then runs once, without grad)."""
+        return True
+
+    def loss(self, step: int, outs: list[torch.Tensor], micros: list[Micro]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def optimizer_step(trainer: Trainer, objective: StepObjective, step: int, micros: list[Micro]) -> tuple[float, dict]:
+    """One optimizer step of `objective` over `micros` (see the module docstring); returns the
+    step's loss value and scalars."""
+    trains = objective.trunk_trains(step)
+    if len(micros) == 1:
+        with torch.set_grad_enabled(trains):
+            out = objective.trunk(micros[0].x)
+        loss, scalars = objective.loss(step, [out], micros)
+        trainer.backward(loss)
+    else:
+        states, outs = [], []
+        with torch.no_grad():
+            for m in micros:
+                states.append(_rng_state())  # dropout & co. must draw the same in the second pass
+                outs.append(objective.trunk(m.x))
+        leaves = [o.detach().requires_grad_(trains) for o in outs]
+        loss, scalars = objective.loss(step, leaves, micros)
+        trainer.backward(loss)  # the parameters outside the trunk, and each leaf's .grad
+        if trains:
+            after = _rng_state()
+            for m, state, leaf in zip(micros, states, leaves):
+                if leaf.grad is None:  # an output the loss did not use (the same on every rank)
+                    continue
+                _set_rng_state(state)
+                out = objective.trunk(m.x)
+                trainer.backward((out.float() * leaf.grad.float()).sum())
+            _set_rng_state(after)
+    trainer.step_optimizer()
+    return float(loss.detach()), scalars
 
 
 @dataclass
@@ -67,7 +141,7 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
 
 def fit(
     trainer: Trainer,
-    micro_fn: Callable[[int], MicroResult],
+    objective: StepObjective,
     *,
     tb: TBWriter,
     state_fn: Callable[[], dict[str, Any]] | None = None,
@@ -77,9 +151,10 @@ def fit(
 ) -> FitResult:
     """Run optimizer steps from trainer.step to trainer.total_steps.
 
-    micro_fn(step) draws one micro-batch and returns its loss; `after_step(step)` runs after each
-    optimizer step (extra scalars to log); `state_fn()` adds stage state to each checkpoint;
-    `eval_fn(step)` runs every train.eval_every steps on all ranks and returns metrics to log.
+    Each step draws train.grad_accum micro-batches from `objective` and runs `optimizer_step`;
+    `after_step(step)` runs after each optimizer step (extra scalars to log); `state_fn()` adds
+    stage state to each checkpoint; `eval_fn(step)` runs every train.eval_every steps on all ranks
+    and returns metrics to log.
     """
     tcfg = trainer.tcfg
     total = trainer.total_steps
@@ -87,40 +162,37 @@ def fit(
     history: list[tuple[int, float]] = []
     window: dict[str, float] = defaultdict(float)
     totals = torch.zeros(2, dtype=torch.float64)  # images, skipped (this rank)
-    n_micro = 0
+    n_steps = 0
     t_window = time.perf_counter()
     t_start = time.perf_counter()
     # a job log is not a terminal: no carriage-return redraws there, a plain line per log window
     tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not (dist.is_main() and tty), dynamic_ncols=True)
+    bar = progress(total, desc, initial=start, leave=True)
     try:
         while trainer.step < total:
-            extra: dict[str, float] = {}
-            for _ in range(trainer.accum):
-                out = micro_fn(trainer.step)
-                stepped = trainer.backward_step(out.loss)
-                window["loss/total"] += float(out.loss.detach())
-                for k, v in out.scalars.items():
-                    window[k] += float(v)
-                window["_images"] += out.images
-                window["_skipped"] += out.skipped
-                window["_wait"] += out.wait_s
-                totals += torch.tensor([out.images, out.skipped], dtype=torch.float64)
-                n_micro += 1
-            assert stepped, "gradient accumulation boundary out of sync with train.grad_accum"
+            micros = [objective.draw(trainer.step) for _ in range(trainer.accum)]
+            loss, scalars = optimizer_step(trainer, objective, trainer.step, micros)
+            window["loss/total"] += loss
+            for k, v in scalars.items():
+                window[k] += float(v)
+            for m in micros:
+                window["_images"] += m.images
+                window["_skipped"] += m.skipped
+                window["_wait"] += m.wait_s
+                totals += torch.tensor([m.images, m.skipped], dtype=torch.float64)
+            n_steps += 1
             step = trainer.step
-            if after_step is not None:
-                extra = after_step(step) or {}
+            extra = (after_step(step) or {}) if after_step is not None else {}
             bar.update(1)
             if step % tcfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - t_window
-                logged = _log_window(trainer, window, n_micro, elapsed, extra, tb, step)
+                logged = _log_window(trainer, window, n_steps, elapsed, extra, tb, step)
                 history.append((step, logged["loss/total"]))
                 bar.set_postfix(loss=f"{logged['loss/total']:.4f}")
                 if not tty:
                     _log_line(desc, step, total, start, logged, time.perf_counter() - t_start)
                 window.clear()
-                n_micro = 0
+                n_steps = 0
                 t_window = time.perf_counter()
             if eval_fn is not None and tcfg.eval_every > 0 and step % tcfg.eval_every == 0:
                 tb.scalars({f"eval/{k}": v for k, v in eval_fn(step).items()}, step)
@@ -131,7 +203,7 @@ def fit(
     finally:
         bar.close()
     average_bn_buffers(trainer.module)  # also when nothing ran (resumed at the last step)
-    images, skipped = (int(v) for v in dist.all_reduce_sum(totals.to(_collective_device())).cpu().tolist())
+    images, skipped = (int(v) for v in dist.staged_all_reduce_sum(totals).tolist())
     return FitResult(
         steps=trainer.step,
         start_step=start,
@@ -143,12 +215,6 @@ def fit(
         images=images,
         skipped=skipped,
     )
-
-
-def _collective_device() -> torch.device:
-    """Where a tensor must live for this process group's collectives (nccl: the GPU)."""
-    nccl = dist.is_dist() and torch.distributed.get_backend() == "nccl"
-    return dist.device() if nccl else torch.device("cpu")
 
 
 def _log_line(desc: str, step: int, total: int, start: int, logged: Mapping[str, float], elapsed: float) -> None:
@@ -174,14 +240,14 @@ def _hms(seconds: float) -> str:
 def _log_window(
     trainer: Trainer,
     window: Mapping[str, float],
-    n_micro: int,
+    n_steps: int,
     elapsed: float,
     extra: Mapping[str, float],
     tb: TBWriter,
     step: int,
 ) -> dict[str, float]:
-    """Average the window's sums over micro-batches and ranks, add throughput, write scalars."""
-    means = {k: v / max(n_micro, 1) for k, v in window.items() if not k.startswith("_")}
+    """Average the window's sums over steps and ranks, add throughput, write scalars."""
+    means = {k: v / max(n_steps, 1) for k, v in window.items() if not k.startswith("_")}
     means.update(extra)
     means["_wait_frac"] = window.get("_wait", 0.0) / max(elapsed, 1e-9)
     means["_images"] = window.get("_images", 0.0)

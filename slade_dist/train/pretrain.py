@@ -7,14 +7,20 @@ Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV'
   (`projection_head.*`, `prototypes.weight`, possibly under `module.`), its projection head and
   prototypes are loaded too (K and the width from the file): continued SwAV then starts from a
   consistent objective instead of random heads.
+- The batch: pretrain.batch_size images per optimizer step over all ranks and micro-batches
+  (each rank takes its share, train/batch_split.py); the backbone runs per micro-batch, the
+  projection head (its BatchNorm synchronised over ranks, model.sync_bn), the prototypes, the
+  codes and the loss once per step on all of it (SwAVObjective, train/loop.py): the same SwAV on
+  1 GPU or 64.
 - Codes: Sinkhorn over the GLOBAL batch, epsilon = pretrain.epsilon, pretrain.sinkhorn_iters
-  iterations, shifted by the global max only. When the global batch (pretrain.batch_size x
-  ranks) is smaller than K, a feature queue (pretrain.queue_length, auto) joins each global
-  crop's Sinkhorn input from step pretrain.queue_start_step on.
+  iterations, shifted by the global max only. When the global batch (pretrain.batch_size) is
+  smaller than K, a feature queue (pretrain.queue_length, auto) joins each global crop's Sinkhorn
+  input from step pretrain.queue_start_step on.
 - Multi-crop: 2 global views at data.image_size plus pretrain.local_crops local views at
   pretrain.local_crop_size (scale pretrain.local_crop_scale_min..max), all augmented as
   pretrain.augment says; every view predicts the codes of both global views but its own.
-- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult from
+- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult (auto:
+  1.0 from random weights, 0.1 from pretrained ones, config.swav_backbone_lr_mult) from
   step pretrain.freeze_backbone_steps; prototypes frozen for the first
   pretrain.freeze_prototypes_steps optimizer steps (their lr group starts late), as in the paper.
 - The image stream: every shard of data.train_shards + data.unlabeled_shards, resampled per
@@ -22,7 +28,8 @@ Owns `run(cfg, run_dir)`, the multi-crop image stream and the stage around SwAV'
 - The hand-on (pretrain.keep_better): before the teacher starts, rank 0 measures kNN MAP@R of
   the pooled backbone features on the labeled train classes for the input weights and for the
   SwAV output, and exports the better one (both figures in the result and final.pt's extra), so
-  the stage cannot hand on a worse init than it was given.
+  the stage cannot hand on a worse init than it was given; handing on the input is a WARNING
+  (both figures, the seconds spent) kept in the result as "warning" for the closing summary.
 pretrain.steps == 0 exports the initial (model.pretrained_path) weights unchanged.
 The export <run>/pretrain/final.pt is a plain Embedder file (backbone + head) the teacher loads.
 Tests: tests/unit/test_pretrain.py, tests/unit/test_swav.py.
@@ -43,7 +50,7 @@ from PIL import Image
 from torch import nn
 
 from .. import dist
-from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment
+from ..config import AugmentConfig, Config, DataConfig, PretrainConfig, TrainConfig, swav_augment, swav_backbone_lr_mult
 from ..data.readers import finite_batches
 from ..data.shards import shard_paths
 from ..data.tars import TarSamples, image_bytes
@@ -51,9 +58,10 @@ from ..data.transforms import full_transform, train_geometry
 from ..models import build_embedder, embed_batches, load_state_dict_checked, read_checkpoint, save_weights
 from ..models.retrieval import knn_map_at_r
 from ..stages import RunLayout, stage_id
-from .common import fit_summary, open_tb, stream_seed
+from .batch_split import rank_share
+from .common import check_trunk_bn, fit_summary, open_tb, stream_seed
 from .engine import ParamGroup, Trainer
-from .loop import MicroResult, fit, timed_next
+from .loop import Micro, StepObjective, fit, timed_next
 from .swav import FeatureQueue, SwAVNet, queue_length, swav_loss
 
 
@@ -215,28 +223,34 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     stage_dir = RunLayout(run_dir).stage_dir("pretrain")
     stage_dir.mkdir(parents=True, exist_ok=True)
-    pc = cfg.pretrain
-    if pc.steps == 0:
+    if cfg.pretrain.steps == 0:
         return export_initial(cfg, stage_dir)
+    lr_mult, why = swav_backbone_lr_mult(cfg)
+    dist.get_logger().info(f"pretrain: backbone lr = pretrain.lr x {lr_mult} ({why})")
+    pc = dataclasses.replace(cfg.pretrain, backbone_lr_mult=lr_mult)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net, heads_loaded = build_swav_net(cfg)
+    check_trunk_bn(net.embedder, cfg)
     # the input weights, to compare with the output before handing one on (rank 0 decides)
     initial = _state_copy(net.embedder) if pc.keep_better and dist.is_main() else None
     tcfg = _pretrain_train_cfg(cfg)
+    # pretrain.batch_size is the whole optimizer step's: this rank takes its share per micro-batch
+    share = rank_share(pc.batch_size, "pretrain.batch_size", tcfg.grad_accum)
     trainer = Trainer(
         net,
         swav_groups(net, pc),
         tcfg,
         stage_dir=stage_dir,
         total_steps=pc.steps,
-        micro_batch=pc.batch_size,
+        micro_batch=share,
         stage_id=stage_id(cfg, "pretrain"),
+        sync_bn=cfg.model.sync_bn,
     )
     seed = stream_seed(cfg.run.seed, trainer.step, salt=7)
     stream = swav_batches(
         [cfg.data.train_shards, cfg.data.unlabeled_shards],
         cfg.data,
-        pc.batch_size,
+        share,
         seed=seed,
         rank=dist.rank(),
         world=dist.world_size(),
@@ -244,7 +258,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         pretrain_cfg=pc,
     )
     tb = open_tb(cfg, run_dir, "pretrain", None, trainer.step)
-    micro = SwAVStep(pc, trainer, stream, tb)
+    objective = SwAVObjective(pc, trainer, stream, tb)
 
     def after_step(step: int) -> dict[str, float]:
         if tcfg.zero_stage == 0:  # ZeRO-0: the parameter is the optimizer's master copy
@@ -254,7 +268,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     resumed = dict(trainer.resume_info)
     result = fit(
         trainer,
-        micro,
+        objective,
         tb=tb,
         state_fn=lambda: {"stream_seeds": {"swav_stream_seed": seed}},
         after_step=after_step,
@@ -263,7 +277,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     tb.close()
     knn: dict[str, Any] = {}
     if dist.is_main():
-        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device)
+        out, knn = _better_of(cfg, trainer.module.embedder, initial, trainer.device, result.seconds)
         save_weights(
             stage_dir / "final.pt",
             out,
@@ -275,45 +289,56 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     return {**fit_summary(result, resumed), "init": cfg.model.pretrained_path, "heads_from_init": heads_loaded, **knn}
 
 
-class SwAVStep:
-    """One micro-batch of SwAV (callable for loop.fit): the global crops and the local ones through
-    the net in one forward, the queue (when there is one) in front of each global crop's codes."""
+class SwAVObjective(StepObjective):
+    """SwAV over the optimizer step: the trunk is the backbone on one micro-batch's crops (global
+    and local sizes); the loss runs the projection head, the prototypes, the queue and the
+    Sinkhorn codes once on every micro-batch's features of every rank."""
 
     def __init__(self, pc: PretrainConfig, trainer: Trainer, stream: Iterator[dict[str, Any]], tb: Any) -> None:
         self.pc, self.trainer, self.stream, self.tb = pc, trainer, stream, tb
-        rows = queue_length(pc.queue_length, pc.batch_size, dist.world_size(), _k(trainer))
+        world = dist.world_size()
+        rows = queue_length(pc.queue_length, pc.batch_size, world, _k(trainer))
         proj_dim = trainer.module.prototypes.weight.shape[1]
         self.queue = FeatureQueue(2, rows, proj_dim, trainer.device) if rows else None
         self.queue_start = pc.freeze_prototypes_steps if pc.queue_start_step is None else pc.queue_start_step
         if self.queue is not None:
             dist.get_logger().info(
-                f"pretrain: feature queue of {rows} rows per rank x {dist.world_size()} ranks (global batch "
-                f"{pc.batch_size * dist.world_size()} < {_k(trainer)} prototypes), used from step {self.queue_start}"
+                f"pretrain: feature queue of {rows} rows per rank x {world} ranks (global batch "
+                f"{pc.batch_size} < {_k(trainer)} prototypes), used from step {self.queue_start}"
             )
 
-    def __call__(self, step: int) -> MicroResult:
+    def draw(self, step: int) -> Micro:
         batch, wait = timed_next(self.stream)
         n = min(8, len(batch["view1"]))  # row 1: the first views, row 2: the second views of the same images
         self.tb.images("batch/two_views", torch.cat([batch["view1"][:n], batch["view2"][:n]]), step, nrow=n, once=True)
         dev = self.trainer.device
         crops = [torch.cat([batch["view1"], batch["view2"]]).to(dev, non_blocking=True)]
-        if "local" in batch:
+        if "local" in batch:  # (V, B, 3, s, s) -> V x B rows, view-major
             crops.append(batch["local"].flatten(0, 1).to(dev, non_blocking=True))
-        use_queue = self.queue is not None and self.queue.full and step >= self.queue_start
-        out = self.trainer.forward(crops, self.queue.z if use_queue else None)
         B = len(batch["view1"])
-        scores = list(out.scores.float().split(B))
+        return Micro(x=crops, data={"B": B}, images=B, skipped=int(batch["skipped"]), wait_s=wait)
+
+    def trunk(self, x: Any) -> torch.Tensor:
+        return self.trainer.forward(x, part="features")
+
+    def loss(self, step: int, outs: list[torch.Tensor], micros: list[Micro]) -> tuple[torch.Tensor, dict[str, float]]:
+        views = _views_of_step(outs, [m.data["B"] for m in micros])
+        B = views[0].shape[0]
+        use_queue = self.queue is not None and self.queue.full and step >= self.queue_start
+        out = self.trainer.forward(torch.cat(views), self.queue.z if use_queue else None, part="head")
         pc = self.pc
+        scores = list(out.scores.float().split(B))
         loss = swav_loss(scores, pc.temperature, pc.epsilon, pc.sinkhorn_iters, queue_scores=out.queue_scores)
         if self.queue is not None:
             self.queue.push(out.z[: 2 * B].split(B))
-        return MicroResult(
-            loss=loss,
-            scalars={"loss/swav": float(loss.detach()), "swav/queue_used": float(use_queue)},
-            images=B,
-            skipped=int(batch["skipped"]),
-            wait_s=wait,
-        )
+        return loss, {"loss/swav": float(loss.detach()), "swav/queue_used": float(use_queue)}
+
+
+def _views_of_step(outs: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """Each micro-batch's trunk output holds its views in order (view 1, view 2, then the local
+    views, B rows each); the step's view v is view v of every micro-batch, concatenated."""
+    per_micro = [out.split(b) for out, b in zip(outs, sizes)]
+    return [torch.cat(parts) for parts in zip(*per_micro, strict=True)]
 
 
 def _k(trainer: Trainer) -> int:
@@ -322,7 +347,7 @@ def _k(trainer: Trainer) -> int:
 
 def _pretrain_train_cfg(cfg: Config) -> TrainConfig:
     """train.* optimisation knobs with SwAV's own lr, backbone multiplier and steps."""
-    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=cfg.pretrain.backbone_lr_mult)
+    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=swav_backbone_lr_mult(cfg)[0])
 
 
 def swav_groups(net: SwAVNet, pc: PretrainConfig) -> list[ParamGroup]:
@@ -410,10 +435,12 @@ def labeled_knn_map_at_r(cfg: Config, embedder: nn.Module, device: torch.device)
 
 
 def _better_of(
-    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device
+    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device, seconds: float = 0.0
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(the embedder to hand on, {"knn_map_at_r": {"input", "output", "handed_on"}}); the SwAV
-    output unless the input weights score higher (pretrain.keep_better)."""
+    output unless the input weights score higher (pretrain.keep_better). Handing on the input
+    means the stage's `seconds` of SwAV were spent for nothing: a WARNING says so, with both
+    figures, and the result carries it ("warning") for the closing summary."""
     if initial is None:
         return trained, {}
     before = copy.deepcopy(trained)
@@ -421,8 +448,16 @@ def _better_of(
     scores = {"input": labeled_knn_map_at_r(cfg, before, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
     keep_input = scores["input"] > scores["output"]  # nan (no labeled pairs) compares False: the output
     scores["handed_on"] = "input" if keep_input else "output"
-    dist.get_logger().info(
-        f"pretrain: labeled-train kNN MAP@R of the pooled features: input {scores['input']:.4f}, "
-        f"SwAV output {scores['output']:.4f}; handing on the {scores['handed_on']}"
+    figures = f"input {scores['input']:.4f}, SwAV output {scores['output']:.4f}"
+    if not keep_input:
+        dist.get_logger().info(
+            f"pretrain: labeled-train kNN MAP@R of the pooled features: {figures}; handing on the output"
+        )
+        return trained, {"knn_map_at_r": scores}
+    warning = (
+        f"pretrain handed on its INPUT weights: the SwAV output scored below them (labeled-train kNN MAP@R "
+        f"{figures}); its {seconds:.0f} s of SwAV were spent for nothing (pretrain.steps=0 skips SwAV; "
+        f"more steps or another pretrain.backbone_lr_mult may make it pay)"
     )
-    return (before if keep_input else trained), {"knn_map_at_r": scores}
+    dist.get_logger().warning(warning)
+    return before, {"knn_map_at_r": scores, "warning": warning}

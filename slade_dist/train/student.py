@@ -12,17 +12,24 @@ Ablations (student.ablation, the paper's Table 4):
     raw_pairs  pseudo-label pairs used directly in L_rank, plus the basis losses
 When the warm-up ends the running Gaussians are reset, so the first batch of the moving embedder
 seeds them (not the frozen warm-up embeddings). L_SD's gradient follows basis.sd_grad (basis.py).
-Under loss.cross_rank the mined term is the global batch's: pairs mined on every rank's
-embeddings (`mined_loss`). Every step after the warm-up logs how the two Eq. 7 readings differ on
-that batch (mining/literal_*, mining/agreement_*: FeatureBasis.mining_shares), whichever trains.
+Every term is the optimizer step's (StudentObjective.loss runs once per step on every micro-batch's
+embeddings, train/loop.py): the ranking losses, L_CE, the Eq. 6 Gaussians, the Eq. 7 thresholds
+and mined pairs are those of the global batch of all ranks (basis.py, losses.py), so 1 GPU and 64
+train the same method, also with one pseudo-class per rank. Every step after the warm-up logs how
+the two Eq. 7 readings differ on that batch (mining/literal_*, mining/agreement_*:
+FeatureBasis.mining_shares), whichever trains, and, where the unlabeled samples carry a hidden
+class (`true_labels` of the pseudo-labeled batches), the precision of the pseudo-positive pairs and
+of both readings' mined pairs against it (truth/*, `TruthPrecision`; run totals in DONE.json).
 W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
 are exported in final.pt's `extra`.
 Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
-tests/integration/test_resume.py, tests/integration/test_global_batch.py (the mined term on 2 ranks).
+tests/integration/test_resume.py, tests/integration/test_world_invariance.py (1, 2, 4 ranks and
+grad_accum 2 on one global batch, one pseudo-class per rank).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +37,17 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..basis import FeatureBasis
+from ..basis import FeatureBasis, PairBlock, global_counts
 from ..config import Config
 from ..data.readers import labeled_batches, pseudo_labeled_batches
 from ..data.shards import read_classes
-from ..losses import gather_live, global_pair_loss
 from ..models import save_weights
 from ..stages import RunLayout, stage_id
 from ..tb import TBWriter
 from .batch_split import rank_share
 from .common import (
     Evaluate,
+    check_trunk_bn,
     embedder_groups,
     eval_every,
     fit_summary,
@@ -51,7 +58,7 @@ from .common import (
     stream_seed,
 )
 from .engine import ParamGroup, Trainer
-from .loop import MicroResult, SkipDelta, fit, timed_next
+from .loop import Micro, SkipDelta, StepObjective, fit, timed_next
 
 
 class StudentNet(nn.Module):
@@ -93,26 +100,20 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[StudentNet, Path | None, 
 
 def param_groups(net: StudentNet, cfg: Config) -> list[ParamGroup]:
     warm = cfg.student.basis_warmup_steps if net.basis is not None else 0
-    groups = embedder_groups(net.embedder, cfg.train, start=warm)
+    tcfg = dataclasses.replace(cfg.train, lr=cfg.train.lr * cfg.student.lr_mult)
+    groups = embedder_groups(net.embedder, tcfg, start=warm)
     if net.basis is not None:
         # W_a has no weight decay: its rows are normalised in L_CE, decay would only shrink them
         groups.append(
             ParamGroup(
                 "basis",
                 [p for p in net.basis.parameters() if p.requires_grad],
-                cfg.train.lr * cfg.train.basis_lr_mult,
+                tcfg.lr * tcfg.basis_lr_mult,
                 0,
                 weight_decay=0.0,
             )
         )
     return groups
-
-
-def _pairs_count(pairs: Any) -> int:
-    """Number of pairs in a (2, n) index tensor (None -> 0)."""
-    if pairs is None:
-        return 0
-    return int(pairs.shape[-1]) if pairs.dim() == 2 else int(pairs.numel())
 
 
 def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[str, Any]:
@@ -127,12 +128,11 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         raise FileNotFoundError(f"pseudo labels {pseudo_dir} are missing: run the round {r} cluster stage first")
     torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, W_a) on every rank
     net, init, num_classes = build_student(cfg, run_dir)
+    check_trunk_bn(net.embedder, cfg)
     # both P are the whole optimizer step's: this rank draws its share per micro-batch
-    accum, cross = cfg.train.grad_accum, cfg.loss.cross_rank
-    P = rank_share(cfg.train.classes_per_batch, "train.classes_per_batch", accum, cross_rank=cross)
-    Pu = rank_share(
-        cfg.student.unlabeled_classes_per_batch, "student.unlabeled_classes_per_batch", accum, cross_rank=cross
-    )
+    accum = cfg.train.grad_accum
+    P = rank_share(cfg.train.classes_per_batch, "train.classes_per_batch", accum)
+    Pu = rank_share(cfg.student.unlabeled_classes_per_batch, "student.unlabeled_classes_per_batch", accum)
     K, Ku = cfg.train.samples_per_class, cfg.student.unlabeled_samples_per_class
     trainer = Trainer(
         net,
@@ -142,6 +142,7 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         total_steps=cfg.train.student_steps,
         micro_batch=P * K + Pu * Ku,
         stage_id=stage_id(cfg, "student"),
+        sync_bn=cfg.model.sync_bn,
     )
     seeds = {
         "labeled_stream_seed": stream_seed(cfg.run.seed, trainer.step, salt=r),
@@ -168,7 +169,7 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         world=dist.world_size(),
     )
     tb = open_tb(cfg, run_dir, "student", r, trainer.step)
-    step_fn = StudentStep(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream, tb=tb)
+    objective = StudentObjective(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream, tb=tb)
     resumed = dict(trainer.resume_info)
     if resumed and trainer.module.basis is not None:  # the Gaussians as restored from the checkpoint
         resumed["basis"] = {
@@ -178,7 +179,7 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         }
     result = fit(
         trainer,
-        step_fn,
+        objective,
         tb=tb,
         state_fn=lambda: {"stream_seeds": seeds},
         eval_fn=eval_every(evaluate, lambda: trainer.module.embedder),
@@ -207,11 +208,12 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         "init": str(init) if init else "",
         "num_classes": num_classes,
         "basis": {k: float(v) for k, v in basis_stats.items() if isinstance(v, (int, float))},
+        "truth_precision": objective.truth.summary(),
     }
 
 
-class StudentStep:
-    """One micro-batch of the student objective (callable for loop.fit)."""
+class StudentObjective(StepObjective):
+    """The student objective of one optimizer step, over every micro-batch of every rank."""
 
     def __init__(
         self,
@@ -232,41 +234,58 @@ class StudentStep:
         self.mining = cfg.mining.enabled and self.ablation == "full"
         self.skip = SkipDelta()
         self._reseeded = False  # the Gaussians were reset when the warm-up ended (once per process)
+        self.truth = TruthPrecision()
 
-    def __call__(self, step: int) -> MicroResult:
-        cfg, tr = self.cfg, self.trainer
-        net: StudentNet = tr.module  # type: ignore[assignment]
+    @property
+    def net(self) -> StudentNet:
+        return self.trainer.module  # type: ignore[return-value]
+
+    def warmup(self, step: int) -> bool:
+        """W_a alone trains: the embedder gets no gradient (its lr is 0 too)."""
+        return self.net.basis is not None and step < self.cfg.student.basis_warmup_steps
+
+    def trunk_trains(self, step: int) -> bool:
+        return not self.warmup(step)
+
+    def draw(self, step: int) -> Micro:
+        cfg = self.cfg
         lab, wait_l = timed_next(self.lab_stream)
         unl, wait_u = timed_next(self.unl_stream)
         self.tb.images("batch/labeled", lab["images"], step, nrow=cfg.train.samples_per_class, once=True)
         self.tb.images(
             "batch/pseudo_labeled", unl["images"], step, nrow=cfg.student.unlabeled_samples_per_class, once=True
         )
-        dev = tr.device
+        dev = self.trainer.device
         x = torch.cat([lab["images"], unl["images"]]).to(dev, non_blocking=True)
-        y = lab["labels"].to(dev, non_blocking=True)
-        pl = unl["labels"].to(dev, non_blocking=True)
-        n_lab = int(lab["images"].shape[0])
-        warmup = net.basis is not None and step < cfg.student.basis_warmup_steps
+        data = {
+            "labels": lab["labels"].to(dev, non_blocking=True),
+            "pseudo": unl["labels"].to(dev, non_blocking=True),
+            "n_labeled": int(lab["images"].shape[0]),
+        }
+        if "true_labels" in unl:  # the hidden classes, where the unlabeled json has them: measured only
+            data["truth"] = unl["true_labels"].to(dev, non_blocking=True)
+        skipped = self.skip("labeled", lab.get("skipped", 0)) + self.skip("pseudo", unl.get("skipped", 0))
+        return Micro(x=x, data=data, images=int(x.shape[0]), skipped=skipped, wait_s=wait_l + wait_u)
+
+    def loss(self, step: int, outs: list[torch.Tensor], micros: list[Micro]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, net = self.cfg, self.net
+        emb_l = torch.cat([o[: m.data["n_labeled"]] for o, m in zip(outs, micros)]).float()
+        emb_u = torch.cat([o[m.data["n_labeled"] :] for o, m in zip(outs, micros)]).float()
+        y = torch.cat([m.data["labels"] for m in micros])
+        pl = torch.cat([m.data["pseudo"] for m in micros])
+        truth = torch.cat([m.data["truth"] for m in micros]) if "truth" in micros[0].data else None
+        warmup = self.warmup(step)
         self._reseed_after_warmup(net, step)
-        if warmup:
-            with torch.no_grad():  # W_a alone: the embedder gets no gradient (its lr is 0 too)
-                emb = tr.forward(x).float()
-        else:
-            emb = tr.forward(x).float()
-        emb_l, emb_u = emb[:n_lab], emb[n_lab:]
         terms: dict[str, torch.Tensor] = {}
         scalars: dict[str, float] = {}
         if not warmup:
             terms["rank_labeled"] = self.rank_loss(emb_l, y)
         if net.basis is not None:
-            terms.update(self._basis_terms(net, emb_l, y, emb_u, pl, warmup, scalars))
+            terms.update(self._basis_terms(net.basis, emb_l, y, emb_u, pl, truth, warmup, scalars))
         if self.ablation in ("no_basis", "raw_pairs") and not warmup:
             terms["rank_unlabeled"] = cfg.student.lambda1 * self.rank_loss(emb_u, pl)
-        loss = sum(terms.values()) if terms else emb.sum() * 0.0
         scalars.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
-        skipped = self.skip("labeled", lab.get("skipped", 0)) + self.skip("pseudo", unl.get("skipped", 0))
-        return MicroResult(loss=loss, scalars=scalars, images=int(x.shape[0]), skipped=skipped, wait_s=wait_l + wait_u)
+        return sum(terms.values()), scalars
 
     def _reseed_after_warmup(self, net: StudentNet, step: int) -> None:
         """At the first step after the warm-up the Gaussians summarise the frozen warm-up
@@ -280,34 +299,28 @@ class StudentStep:
 
     def _basis_terms(
         self,
-        net: StudentNet,
+        basis: FeatureBasis,
         emb_l: torch.Tensor,
         y: torch.Tensor,
         emb_u: torch.Tensor,
         pl: torch.Tensor,
+        truth: torch.Tensor | None,
         warmup: bool,
         scalars: dict[str, float],
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        basis = net.basis
         ce = basis.ce_loss(emb_l, y)
-        sim = basis.basis_similarity(emb_u)
-        sd, stats = basis.sd_loss(sim, pl)
-        for k, v in (stats or {}).items():
-            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
-                scalars[f"basis/{k}"] = float(v)
+        block = basis.pair_block(emb_u, pl)
+        sd, stats = basis.sd_loss(block)
+        scalars.update({f"basis/{k}": float(v) for k, v in stats.items()})
         terms = {"ce": cfg.student.lambda2 * ce, "sd": cfg.student.lambda2 * sd}
-        if not warmup:  # both Eq. 7 readings on this sim, whichever one (if any) trains
-            scalars.update({f"mining/{k}": v for k, v in basis.mining_shares(sim.detach(), pl).items()})
+        if not warmup:  # both Eq. 7 readings on this batch, whichever one (if any) trains
+            scalars.update({f"mining/{k}": v for k, v in basis.mining_shares(block).items()})
+            if truth is not None:
+                scalars.update(self.truth.measure(basis, block, truth))
         if self.mining and not warmup:
             mined, n_pos, n_neg = mined_loss(
-                basis,
-                self.rank_loss,
-                emb_u,
-                pl,
-                sim=sim,
-                cross_rank=cfg.loss.cross_rank,
-                require_agreement=cfg.mining.require_cluster_agreement,
+                basis, self.rank_loss, emb_u, block, require_agreement=cfg.mining.require_cluster_agreement
             )
             scalars["mining/pos_pairs"] = float(n_pos)
             scalars["mining/neg_pairs"] = float(n_neg)
@@ -315,33 +328,63 @@ class StudentStep:
         return terms
 
 
-def mined_loss(
-    basis: FeatureBasis,
-    rank_loss: Any,
-    emb_u: torch.Tensor,
-    pl: torch.Tensor,
-    *,
-    sim: torch.Tensor | None = None,
-    cross_rank: bool = False,
-    require_agreement: bool = False,
-) -> tuple[torch.Tensor, int, int]:
-    """(L_rank on the pairs Eq. 7 mines from the unlabeled batch, #positive, #negative pairs).
+class TruthPrecision:
+    """How many of the pairs the student trains on are right, where the unlabeled samples carry a
+    hidden class (the demo, the NABirds / CompCars converters, any json with a label): the
+    precision, over the global batch's pairs whose two classes are known, of the pseudo-positive
+    pairs (same cluster), and of both Eq. 7 readings' mined positives (same class) and negatives
+    (different classes). Per step in TensorBoard (truth/*), summed over the run for DONE.json
+    (`summary`). The hidden classes are never trained on. Collective (counts over ranks)."""
 
-    Under loss.cross_rank (world > 1) the pairs are mined on the GLOBAL batch (every rank's emb_u
-    and pseudo labels, rank order, losses.gather_live) and the loss is that batch's
-    (losses.global_pair_loss): value and averaged gradient equal one process holding the whole
-    step. Collective then: every rank calls it each step. `sim`: basis_similarity(emb_u) when
-    already computed (the per-rank path reuses it). With no mined pair the loss is a zero
-    connected to emb_u (the same graph on every rank)."""
-    if cross_rank and dist.world_size() > 1:
-        glob = gather_live(emb_u)
-        labels = dist.all_gather_cat(pl.view(-1))
-        with torch.no_grad():
-            glob_sim = basis.basis_similarity(glob.detach())
-        pos, neg = basis.mine_pairs(glob_sim, labels, require_agreement)
-        loss = global_pair_loss(rank_loss, glob, pos, neg)
-    else:
-        local_sim = basis.basis_similarity(emb_u) if sim is None else sim
-        pos, neg = basis.mine_pairs(local_sim.detach(), pl, require_agreement)
-        loss = rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg)
-    return loss, _pairs_count(pos), _pairs_count(neg)
+    SETS = ("pseudo_pos", "literal_pos", "literal_neg", "agreement_pos", "agreement_neg")
+
+    def __init__(self) -> None:
+        self.totals = {name: [0, 0] for name in self.SETS}  # (agreeing, known) over the run
+
+    def measure(self, basis: FeatureBasis, block: PairBlock, truth: torch.Tensor) -> dict[str, float]:
+        truth_all = dist.all_gather_cat(truth)
+        known = (truth.view(-1, 1) >= 0) & (truth_all.view(1, -1) >= 0) & block.valid
+        equal = truth.view(-1, 1) == truth_all.view(1, -1)
+        pos, neg = basis.literal_masks(block)
+        sets = {
+            "pseudo_pos": block.same,
+            "literal_pos": pos,
+            "literal_neg": neg,
+            "agreement_pos": pos & block.same,
+            "agreement_neg": neg & ~block.same,
+        }
+        masks = []
+        for name, m in sets.items():
+            right = equal if name.endswith("pos") else ~equal
+            masks += [m & known & right, m & known]
+        counts = global_counts(*masks)
+        out = {}
+        for i, name in enumerate(self.SETS):
+            agree, n = counts[2 * i], counts[2 * i + 1]
+            self.totals[name][0] += agree
+            self.totals[name][1] += n
+            if n:
+                out[f"truth/{name}_precision"] = agree / n
+        return out
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        """{set: {precision, pairs}} over every step measured in this process (empty without truth)."""
+        return {
+            name: {"precision": round(agree / n, 4) if n else None, "pairs": n}
+            for name, (agree, n) in self.totals.items()
+            if n
+        }
+
+
+def mined_loss(
+    basis: FeatureBasis, rank_loss: Any, emb_u: torch.Tensor, block: PairBlock, *, require_agreement: bool = False
+) -> tuple[torch.Tensor, int, int]:
+    """(L_rank on the pairs Eq. 7 mines from the step's global unlabeled batch, #positive,
+    #negative ordered pairs over all ranks). `block` is basis.pair_block(emb_u, pseudo labels)
+    after this step's sd_loss (the thresholds include this batch). The pairs index this rank's
+    anchors and the global candidates, as the ranking loss reads them (losses.py): value and
+    averaged gradient equal one process holding the whole step. Collective. With no mined pair
+    the loss is a zero connected to emb_u (the same graph on every rank)."""
+    pos, neg = basis.mine_pairs(block, require_agreement)
+    n_pos, n_neg = basis.stats()["n_pos_mined"], basis.stats()["n_neg_mined"]
+    return rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg), int(n_pos), int(n_neg)

@@ -8,6 +8,8 @@ Owns:
   does). The prototypes are normalised in the forward (correct under every ZeRO stage, where the
   optimizer may hold its own fp32 copy) and, with ZeRO-0, also in place after each step.
 - `sinkhorn`: Sinkhorn-Knopp codes over the GLOBAL batch (row sums all-reduced across ranks).
+  The global batch is the optimizer step's (pretrain.batch_size over all ranks and micro-batches):
+  the pretrain stage runs the head and the codes once per step (train/loop.py).
 - `FeatureQueue`: the last projections of each global crop on this rank. When the global batch
   is smaller than the prototypes the equipartition constraint is meaningless on the batch alone
   (B < K images cannot use K prototypes equally), so the queue's scores join the Sinkhorn input
@@ -56,24 +58,36 @@ class SwAVNet(nn.Module):
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
-    def forward(
-        self, crops: torch.Tensor | Sequence[torch.Tensor], queue: torch.Tensor | None = None
-    ) -> torch.Tensor | SwAVOut:
-        """One (B, 3, H, W) batch -> its (B, K) scores. A list of batches (one per crop size) ->
-        SwAVOut over all of them in order; `queue` (views, L, proj_dim) is scored too (inside the
-        forward, so the prototypes are whole under ZeRO-3)."""
-        batches = [crops] if torch.is_tensor(crops) else list(crops)
-        feats = torch.cat([self.embedder.features(x) for x in batches])
+    def features(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Pooled backbone features of every crop batch (one per crop size), concatenated in order."""
+        return torch.cat([self.embedder.features(x) for x in crops])
+
+    def head(self, feats: torch.Tensor, queue: torch.Tensor | None = None) -> SwAVOut:
+        """Projection + prototype scores of `feats` (all crops of the step: the projection's
+        BatchNorm sees them together, as SwAV's head does); `queue` (views, L, proj_dim) is scored
+        too (inside the forward, so the prototypes are whole under ZeRO-3)."""
         z = F.normalize(self.projection(feats), dim=1)
         protos = F.normalize(self.prototypes.weight, dim=1)
-        scores = z @ protos.t()
-        if torch.is_tensor(crops):
-            return scores
         queue_scores = None
         if queue is not None:
             with torch.no_grad():
                 queue_scores = queue.to(protos.dtype) @ protos.detach().t()
-        return SwAVOut(z, scores, queue_scores)
+        return SwAVOut(z, z @ protos.t(), queue_scores)
+
+    def forward(
+        self, x: torch.Tensor | Sequence[torch.Tensor], queue: torch.Tensor | None = None, *, part: str = "all"
+    ) -> torch.Tensor | SwAVOut:
+        """part "all": one (B, 3, H, W) batch -> its (B, K) scores, or a list of crop batches ->
+        SwAVOut over all of them in order. part "features": a list of crop batches -> features;
+        part "head": features -> SwAVOut (the pretrain stage calls the two through the engine, so
+        a step's head runs once on every micro-batch's features)."""
+        if part == "features":
+            return self.features(x)
+        if part == "head":
+            return self.head(x, queue)
+        if torch.is_tensor(x):
+            return self.head(self.embedder.features(x)).scores
+        return self.head(self.features(x), queue)
 
 
 @torch.no_grad()
@@ -128,12 +142,13 @@ class FeatureQueue:
         self.filled = min(self.z.shape[1], self.filled + new.shape[1])
 
 
-def queue_length(configured: int, batch_size: int, world: int, prototypes: int) -> int:
+def queue_length(configured: int, global_batch: int, world: int, prototypes: int) -> int:
     """Rows per rank of the feature queue. configured > 0: that many GLOBAL rows, split over the
-    ranks; 0: none; -1 (auto): none when the global batch has at least as many images as there are
-    prototypes, else the smallest multiple of the global batch holding 2 x prototypes rows (SwAV:
-    queue 3,840 + batch 256 for 3,000 prototypes)."""
-    global_batch = batch_size * world
+    ranks; 0: none; -1 (auto): none when the global batch (pretrain.batch_size, per optimizer
+    step) has at least as many images as there are prototypes, else the smallest multiple of the
+    global batch holding 2 x prototypes rows (SwAV: queue 3,840 + batch 256 for 3,000
+    prototypes). Each rank queues its own rows, so the ranks' queues together are the last
+    global rows at any world size."""
     if configured == 0 or (configured < 0 and global_batch >= prototypes):
         return 0
     rows = configured if configured > 0 else -(-2 * prototypes // global_batch) * global_batch
@@ -149,10 +164,11 @@ def swav_loss(
     assign: int = 2,
     queue_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Swapped prediction over crops. `scores`: one (B, K) tensor per crop, the first `assign` are
-    the global crops whose Sinkhorn codes are the targets; every crop predicts each of those codes
-    but its own; the mean over the (crop, target) pairs. queue_scores (assign, L, K): rows put in
-    front of each global crop's Sinkhorn input (their codes are dropped)."""
+    """Swapped prediction over crops. `scores`: one (B, K) tensor per crop (this rank's rows of the
+    step), the first `assign` are the global crops whose Sinkhorn codes are the targets; every crop
+    predicts each of those codes but its own; the mean over the (crop, target) pairs and over the
+    images of the GLOBAL batch (collective when distributed). queue_scores (assign, L, K): rows
+    put in front of each global crop's Sinkhorn input (their codes are dropped)."""
     logp = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
     total, pairs = scores[0].new_zeros((), dtype=torch.float32), 0
     for i in range(assign):
@@ -162,6 +178,7 @@ def swav_loss(
         q = sinkhorn(s, epsilon, iters)[-scores[i].shape[0] :]
         for v, lp in enumerate(logp):
             if v != i:
-                total = total - (q * lp).sum(dim=1).mean()
+                total = total - (q * lp).sum()
                 pairs += 1
-    return total / pairs
+    images = dist.all_reduce_sum(torch.tensor([float(scores[0].shape[0])], device=total.device))[0]
+    return dist.sum_over_ranks(total / (pairs * images))

@@ -20,9 +20,11 @@ from ..config import Config
 from ..data.readers import labeled_batches
 from ..models import save_weights
 from ..stages import RunLayout, stage_id
+from ..tb import TBWriter
 from .batch_split import rank_share
 from .common import (
     Evaluate,
+    check_trunk_bn,
     embedder_groups,
     eval_every,
     fit_summary,
@@ -33,7 +35,7 @@ from .common import (
     stream_seed,
 )
 from .engine import Trainer
-from .loop import MicroResult, SkipDelta, fit, timed_next
+from .loop import Micro, SkipDelta, StepObjective, fit, timed_next
 
 
 def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[str, Any]:
@@ -43,10 +45,9 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
     init = pretrain_init_path(run_dir)
     torch.manual_seed(cfg.run.seed)  # identical initial weights (heads, W_a) on every rank
     embedder = init_embedder(cfg.model, init)
+    check_trunk_bn(embedder, cfg)
     # P is the whole optimizer step's: this rank draws its share of the classes per micro-batch
-    P = rank_share(
-        cfg.train.classes_per_batch, "train.classes_per_batch", cfg.train.grad_accum, cross_rank=cfg.loss.cross_rank
-    )
+    P = rank_share(cfg.train.classes_per_batch, "train.classes_per_batch", cfg.train.grad_accum)
     K = cfg.train.samples_per_class
     trainer = Trainer(
         embedder,
@@ -56,36 +57,19 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         total_steps=cfg.train.teacher_steps,
         micro_batch=P * K,
         stage_id=stage_id(cfg, "teacher"),
+        sync_bn=cfg.model.sync_bn,
     )
     seed = stream_seed(cfg.run.seed, trainer.step)
     stream = labeled_batches(
         cfg.data.train_shards, cfg.data, P, K, seed=seed, rank=dist.rank(), world=dist.world_size(), train=True
     )
-    rank_loss = ranking_loss_fn(cfg)
     tb = open_tb(cfg, run_dir, "teacher", None, trainer.step)
-    device = trainer.device
-    skip = SkipDelta()
-
-    def micro(step: int) -> MicroResult:
-        batch, wait = timed_next(stream)
-        tb.images("batch/labeled", batch["images"], step, nrow=K, once=True)  # one class a row
-        x = batch["images"].to(device, non_blocking=True)
-        y = batch["labels"].to(device, non_blocking=True)
-        emb = trainer.forward(x).float()  # the loss in fp32 even under bf16 autocast
-        loss = rank_loss(emb, y)
-        return MicroResult(
-            loss=loss,
-            scalars={"loss/rank_labeled": float(loss.detach())},
-            images=int(x.shape[0]),
-            skipped=skip("labeled", batch.get("skipped", 0)),
-            wait_s=wait,
-        )
-
+    objective = TeacherObjective(trainer, stream, ranking_loss_fn(cfg), tb, K)
     seeds = {"labeled_stream_seed": seed}
     resumed = dict(trainer.resume_info)
     result = fit(
         trainer,
-        micro,
+        objective,
         tb=tb,
         state_fn=lambda: {"stream_seeds": seeds},
         eval_fn=eval_every(evaluate, lambda: trainer.module),
@@ -101,3 +85,28 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         )
     dist.barrier()
     return {**fit_summary(result, resumed), "init": str(init) if init else cfg.model.pretrained_path}
+
+
+class TeacherObjective(StepObjective):
+    """The ranking loss of the step's labeled P x K batch (every micro-batch of every rank)."""
+
+    def __init__(self, trainer: Trainer, stream: Any, rank_loss: Any, tb: TBWriter, K: int) -> None:
+        self.trainer, self.stream, self.rank_loss, self.tb, self.K = trainer, stream, rank_loss, tb, K
+        self.skip = SkipDelta()
+
+    def draw(self, step: int) -> Micro:
+        batch, wait = timed_next(self.stream)
+        self.tb.images("batch/labeled", batch["images"], step, nrow=self.K, once=True)  # one class a row
+        dev = self.trainer.device
+        return Micro(
+            x=batch["images"].to(dev, non_blocking=True),
+            data={"labels": batch["labels"].to(dev, non_blocking=True)},
+            images=int(batch["images"].shape[0]),
+            skipped=self.skip("labeled", batch.get("skipped", 0)),
+            wait_s=wait,
+        )
+
+    def loss(self, step: int, outs: list[torch.Tensor], micros: list[Micro]) -> tuple[torch.Tensor, dict[str, float]]:
+        emb = torch.cat(outs).float()  # the loss in fp32 even under bf16 autocast
+        loss = self.rank_loss(emb, torch.cat([m.data["labels"] for m in micros]))
+        return loss, {"loss/rank_labeled": float(loss.detach())}

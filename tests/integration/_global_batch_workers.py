@@ -1,5 +1,6 @@
 """Worker for tests/integration/test_global_batch.py: one optimizer step of the teacher objective
-(Trainer + ranking_loss_fn, loss.cross_rank) on this rank's share of a fixed 64-image batch.
+(Trainer + ranking_loss_fn: the loss of the step's global batch) on this rank's share of a fixed
+64-image batch.
 
 Module level so dist.run_local_processes can spawn it; rank 0 writes the parameter change.
 """
@@ -39,7 +40,6 @@ def overrides(stage_dir: Path) -> list[str]:
         "train.lr=1.0",
         "train.backbone_lr_mult=1.0",
         "train.precision=fp32",
-        "loss.cross_rank=true",
     ]
 
 
@@ -55,7 +55,7 @@ def step_worker(out_dir: str) -> None:
     dist.init_distributed(backend="gloo")
     world, r = dist.world_size(), dist.rank()
     cfg = load_config(None, overrides(Path(out_dir) / f"w{world}"), check_paths=False)
-    share = rank_share(cfg.train.classes_per_batch, "train.classes_per_batch", cross_rank=True)
+    share = rank_share(cfg.train.classes_per_batch, "train.classes_per_batch")
     x, y = batch()
     mine = slice(r * share * K, (r + 1) * share * K)  # this rank's classes of the step
     torch.manual_seed(0)
@@ -70,65 +70,10 @@ def step_worker(out_dir: str) -> None:
         micro_batch=share * K,
     )
     loss = ranking_loss_fn(cfg)(tr.forward(x[mine]).float(), y[mine])
-    tr.backward_step(loss)
+    tr.backward(loss)
+    tr.step_optimizer()
     if r == 0:
         delta = {n: before[n] - p.detach().cpu() for n, p in tr.module.named_parameters()}
         torch.save({"share": share, "loss": float(loss.detach()), "delta": delta}, Path(out_dir) / f"world{world}.pt")
-    dist.barrier()
-    dist.shutdown()
-
-
-# ------------------------------------------------------------------- the mined unlabeled term
-U, D_IN, D_EMB, PSEUDO = 32, 12, 8, 8  # 32 unlabeled rows of 8 pseudo classes, a linear "embedder"
-
-
-def mined_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed unlabeled inputs with class structure, grouped by pseudo label (as the batcher gives them)."""
-    g = torch.Generator().manual_seed(1)
-    pl = torch.arange(PSEUDO).repeat_interleave(U // PSEUDO)
-    x = torch.randn(U, D_IN, generator=g) + 1.5 * torch.randn(PSEUDO, D_IN, generator=g)[pl]
-    return x, pl
-
-
-def mined_setup():
-    """The linear embedder and a FeatureBasis whose Gaussians are seeded at the 75th / 25th
-    percentiles of the whole batch's basis similarities (so Eq. 7 mines pairs of both kinds)."""
-    from slade_dist.basis import FeatureBasis
-
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(D_IN, D_EMB, bias=False)
-    basis = FeatureBasis(5, D_EMB)
-    x, _ = mined_inputs()
-    with torch.no_grad():
-        sim = basis.basis_similarity(lin(x))
-        off = sim[~torch.eye(U, dtype=torch.bool)]
-        basis.mu_pos.fill_(float(off.quantile(0.75)))
-        basis.mu_neg.fill_(float(off.quantile(0.25)))
-        basis.seeded_pos.fill_(True)
-        basis.seeded_neg.fill_(True)
-    return lin, basis
-
-
-def mined_worker(out_dir: str, cross_rank: bool) -> None:
-    """This rank's half of the 32 rows through student.mined_loss; rank 0 writes the loss, the
-    pair counts and the embedder's gradient averaged over ranks (what DeepSpeed applies)."""
-    from slade_dist import dist
-    from slade_dist.config import load_config
-    from slade_dist.train.common import ranking_loss_fn
-    from slade_dist.train.student import mined_loss
-
-    torch.set_num_threads(1)
-    dist.init_distributed(backend="gloo")
-    world, r = dist.world_size(), dist.rank()
-    lin, basis = mined_setup()
-    x, pl = mined_inputs()
-    mine = slice(r * U // world, (r + 1) * U // world)
-    rank_loss = ranking_loss_fn(load_config(None, [f"loss.cross_rank={str(cross_rank).lower()}"], check_paths=False))
-    loss, n_pos, n_neg = mined_loss(basis, rank_loss, lin(x[mine]), pl[mine], cross_rank=cross_rank)
-    loss.backward()
-    grad = dist.all_reduce_sum(lin.weight.grad.clone()) / world
-    if r == 0:
-        out = {"loss": float(loss.detach()), "pos": n_pos, "neg": n_neg, "grad": grad}
-        torch.save(out, Path(out_dir) / f"mined-w{world}-{'cross' if cross_rank else 'local'}.pt")
     dist.barrier()
     dist.shutdown()

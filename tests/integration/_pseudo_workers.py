@@ -39,7 +39,7 @@ def make_demo(root: Path, **over) -> Path:
     from slade_dist.data.demo import generate
 
     cfg = DemoConfig(out=str(root / "demo"), **{**DEMO, **over})
-    generate(cfg, progress=False)
+    generate(cfg)
     return Path(cfg.out) / "unlabeled"
 
 
@@ -176,13 +176,14 @@ def my_parts(data_file: str) -> dict[int, np.ndarray]:
 
 
 def _kmeans_runs(data_file: str, k: int, niter: int, backends: list[str]) -> dict[str, np.ndarray]:
-    from slade_dist.pseudo.kmeans import KMeansParams, train_centroids
+    from slade_dist.config import PseudoConfig
+    from slade_dist.pseudo.kmeans import train_centroids
 
     parts = my_parts(data_file)
     out = {}
     for backend in backends:
         res = train_centroids(
-            parts, KMeansParams(k=k, niter=niter, backend=backend, progress=False, max_points_per_centroid=40)
+            parts, PseudoConfig(spherical=False, k=k, niter=niter, backend=backend, max_points_per_centroid=40)
         )
         out.update(
             {
@@ -195,9 +196,9 @@ def _kmeans_runs(data_file: str, k: int, niter: int, backends: list[str]) -> dic
 
 
 def two_level_params():
-    from slade_dist.pseudo.kmeans import KMeansParams
+    from slade_dist.config import PseudoConfig
 
-    return KMeansParams(k=12, niter=6, backend="faiss_cpu", two_level="on", max_points_per_centroid=40, progress=False)
+    return PseudoConfig(spherical=False, k=12, niter=6, backend="faiss_cpu", two_level="on", max_points_per_centroid=40)
 
 
 def _two_level_run(data_file: str) -> dict[str, np.ndarray]:
@@ -209,9 +210,10 @@ def _two_level_run(data_file: str) -> dict[str, np.ndarray]:
 
 def _sample_draw(data_file: str) -> dict[str, np.ndarray]:
     """Every rank's training-sample rows with their global positions, gathered (rank 0 keeps them)."""
-    from slade_dist.pseudo.kmeans import KMeansParams, draw_sample
+    from slade_dist.config import PseudoConfig
+    from slade_dist.pseudo.kmeans import draw_sample
 
-    s = draw_sample(my_parts(data_file), KMeansParams(k=12, max_points_per_centroid=40, progress=False))
+    s = draw_sample(my_parts(data_file), PseudoConfig(spherical=False, k=12, max_points_per_centroid=40))
     pieces = dist.all_gather_object((s.pos, s.x.numpy()))
     pos = np.concatenate([p for p, _ in pieces])
     x = np.concatenate([v for _, v in pieces])
@@ -221,10 +223,10 @@ def _sample_draw(data_file: str) -> dict[str, np.ndarray]:
 
 def ckpt_params():
     """k-means of the kill/resume test: checkpoints every 2 iterations."""
-    from slade_dist.pseudo.kmeans import KMeansParams
+    from slade_dist.config import PseudoConfig
 
-    return KMeansParams(
-        k=12, niter=8, backend="faiss_cpu", max_points_per_centroid=40, ckpt_every_iters=2, progress=False
+    return PseudoConfig(
+        spherical=False, k=12, niter=8, backend="faiss_cpu", max_points_per_centroid=40, ckpt_every_iters=2
     )
 
 

@@ -1,4 +1,4 @@
-"""slade_dist.dist with 2 real processes over gloo."""
+"""slade_dist.dist with 2 real processes over gloo (collectives, the staged ones and the row exchange included)."""
 
 from __future__ import annotations
 
@@ -18,4 +18,6 @@ def test_two_process_gather_reduce_broadcast(tmp_path):
         assert out["sum"] == 3.0
         assert out["objs"] == [{"rank": 0}, {"rank": 1}]
         assert out["token"] == "from-0"
+        assert out["staged"] == [1.0, 2.0] and out["bcast"] == [5.0, 5.0]
+        assert out["rows"] == ([0, 10, 11] if r == 0 else [1, 2, 3, 12, 13])  # by source rank
         assert out["is_main"] == (r == 0)

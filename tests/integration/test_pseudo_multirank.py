@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from slade_dist import dist
+from slade_dist.config import PseudoConfig
 from slade_dist.data.pseudo_index import ClusterIndex
 from slade_dist.data.pseudo_join import cluster_thresholds, zip_pseudo_labels
 from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels
@@ -27,7 +28,7 @@ from slade_dist.data.shards import shard_paths
 from slade_dist.data.tars import TarSamples
 from slade_dist.models import load_embedder
 from slade_dist.pseudo import cluster, embed
-from slade_dist.pseudo.kmeans import KMeansParams, draw_sample, train_centroids
+from slade_dist.pseudo.kmeans import draw_sample, train_centroids
 from slade_dist.stages import RunLayout
 from tests.integration import _pseudo_workers as W
 
@@ -114,7 +115,7 @@ def test_kmeans_two_ranks_match_one_rank_with_sampling(session):
     parts = W.kmeans_parts()
     single = train_centroids(
         {int(k[1:]): v for k, v in parts.items()},
-        KMeansParams(k=12, niter=10, backend="torch", progress=False, max_points_per_centroid=40),
+        PseudoConfig(spherical=False, k=12, niter=10, backend="torch", max_points_per_centroid=40),
     )
     assert single.n_train == 480  # sampled from 1103 points
     z = np.load(root / "kmeans.npz")
@@ -127,7 +128,7 @@ def test_kmeans_two_ranks_match_one_rank_with_sampling(session):
 def test_sample_identical_at_world_size_1_and_2(session):
     root, _, _ = session
     parts = {int(k[1:]): v for k, v in W.kmeans_parts().items()}
-    one = draw_sample(parts, KMeansParams(k=12, max_points_per_centroid=40, progress=False))
+    one = draw_sample(parts, PseudoConfig(spherical=False, k=12, max_points_per_centroid=40))
     z = np.load(root / "kmeans.npz")
     np.testing.assert_array_equal(z["sample_pos"], np.arange(480))
     np.testing.assert_array_equal(one.pos, z["sample_pos"])

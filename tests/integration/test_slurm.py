@@ -3,9 +3,10 @@
 Mechanics (run now, on the `probe` test stage from launch_probe.py, through real sbatch/srun and
 submitit jobs running slade_dist.launch.job.StageJob): a 2-node gloo job, afterok chains, a failed job
 cancelling its dependants, real preemption -> requeue -> resume from the checkpoint, DONE skip on
-resubmission, `--status` / `--cancel` of a chain (sacct, scancel), an sbatch option passed through
-launch.sbatch_extra and a launch.setup line (scontrol show job, the job's log), and every
-pre-submission error against the real `sinfo`.
+resubmission, `--status` / `--cancel` over every launch of a run (submitit's job objects: sacct,
+scancel), the dry run's script lines against the script submitit submitted, an sbatch option
+passed through launch.sbatch_extra and a launch.setup line (scontrol show job, the job's log), and
+every pre-submission error against the real `sinfo`.
 The real chain (teacher on 2 nodes, `--stage all` to metrics, preempting the real teacher) waits on
 the stages: see conftest.require_stages.
 """
@@ -24,8 +25,8 @@ import yaml
 
 from slade_dist import dist
 from slade_dist.config import JobShape, load_config
-from slade_dist.launch import cli
-from slade_dist.launch.plan import JobSpec
+from slade_dist.launch import cli, slurm
+from slade_dist.launch.plan import JobSpec, log_folder
 from slade_dist.launch.slurm import submit_slurm
 from slade_dist.launch.status import write_record
 from tests.integration.conftest import REPO_ROOT, launch, require_stages, tiny_config
@@ -220,8 +221,10 @@ def test_preempted_job_resumes_from_its_checkpoint(slurm_cluster, probe_stage, t
 # ----------------------------------------------------- --status, --cancel, sbatch pass-through
 def test_status_cancel_and_pass_through_options_on_real_jobs(slurm_cluster, probe_stage, tmp_path, at_repo_root):
     """A two-job chain named after its run, with an sbatch option passed through (--comment) and a
-    setup line; `--status` shows both jobs, `--cancel` scancels both, `--status` then shows them
-    CANCELLED and a second `--cancel` finds nothing left."""
+    setup line, then a second launch for the same run (one job held by --begin); the dry run's
+    script lines are the scripts submitit submitted; `--status` shows the jobs of BOTH launches,
+    `--cancel` cancels all three, `--status` then shows them CANCELLED and a second `--cancel`
+    finds nothing left."""
     cfg_file = probe_config(tmp_path / "chain7", steps=2000, ckpt_every=100)  # ~17 min: cancelled long before
     cfg = load_config(
         cfg_file,
@@ -232,7 +235,20 @@ def test_status_cancel_and_pass_through_options_on_real_jobs(slurm_cluster, prob
     subs = submit_slurm(cfg, plan, force=False, job_cls=functools.partial(ProbeJob, env={"PROBE_SLEEP_S": "0.5"}))
     write_record(cfg, "slurm", subs)
     first, second = (sub.job_id for sub in subs)
+    # a later launch for the same run (as `--stage student` after `--stage all`); --begin holds its
+    # job in the queue, where it cannot meet the first job's run-directory lock
+    later_cfg = load_config(cfg_file, ["launch.sbatch_extra.begin=now+3600"])
+    later = submit_slurm(later_cfg, [JobSpec("third", "probe", 1, shape)], force=False, job_cls=ProbeJob)
+    write_record(later_cfg, "slurm", later)
+    third = later[0].job_id
     wait_for(lambda: sacct_state(first) == "RUNNING", "the first job to start")
+
+    # the dry run renders each job's script itself (anywhere, no private submitit import): here it
+    # must be, line for line, the script submitit wrote and sbatch ran
+    for sub, dep in ((subs[0], None), (subs[1], f"afterok:{first}")):
+        real = sub.jobs[0].paths.submission_file.read_text().splitlines()
+        real = [ln for ln in real if ln.strip() and not ln.startswith(("#!", "# "))]
+        assert slurm.script_lines(slurm.slurm_params(sub.spec, cfg, dep), log_folder(cfg, sub.spec)) == real
 
     info = subprocess.run(["scontrol", "show", "job", "-o", first], capture_output=True, text=True).stdout
     assert "Comment=slade test chain 7" in info and "JobName=slade-run-first" in info, info
@@ -245,18 +261,21 @@ def test_status_cancel_and_pass_through_options_on_real_jobs(slurm_cluster, prob
     rows = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines() if "slade-run-" in line}
     assert rows["slade-run-first"][:2] == [first, "RUNNING"], status.stdout
     assert rows["slade-run-second"][:2] == [second, "PENDING"], status.stdout
+    assert rows["slade-run-third"][:2] == [third, "PENDING"], status.stdout  # the later launch hides nothing
+    assert "2 launch(es)" in status.stdout and rows["slade-run-first"][2] in ("node1", "node2"), status.stdout
 
     cancel = launch("--cancel", "--config", str(cfg_file))
     assert cancel.returncode == 0, cancel.stderr
     print(cancel.stdout)
-    assert f"scancel {first} {second}" in cancel.stdout
-    assert "cancelling slade-run-first" in cancel.stdout and "cancelling slade-run-second" in cancel.stdout
-    assert wait_states([first, second]) == {first: "CANCELLED", second: "CANCELLED"}
+    assert f"scancel {first} {second} {third}" in cancel.stdout
+    for name in ("first", "second", "third"):
+        assert f"cancelling slade-run-{name}" in cancel.stdout
+    assert wait_states([first, second, third]) == {first: "CANCELLED", second: "CANCELLED", third: "CANCELLED"}
 
     after = launch("--status", "--config", str(cfg_file))
-    assert [line.split()[2] for line in after.stdout.splitlines() if "slade-run-" in line] == ["CANCELLED"] * 2
+    assert [line.split()[2] for line in after.stdout.splitlines() if "slade-run-" in line] == ["CANCELLED"] * 3
     again = launch("--cancel", "--config", str(cfg_file))
-    assert again.returncode == 0 and "nothing to cancel: every job of the last launch has ended" in again.stdout
+    assert again.returncode == 0 and "nothing to cancel: every job launched for run dir" in again.stdout
 
 
 # ------------------------------------------------------------------ errors before submitting
@@ -265,7 +284,8 @@ def _squeue_count() -> int:
 
 
 BAD_ARGUMENTS = [
-    (["--stage", "teacher", "--nodes", "3"], "asks for 3 nodes but partition 'debug' has 2"),
+    # 6 classes split over 3 ranks: the batch is fine, the partition is what refuses
+    (["--stage", "teacher", "--nodes", "3", "train.classes_per_batch=6"], "asks for 3 nodes but partition 'debug' has 2"),
     (["--stage", "teacher", "--partition", "nosuch"], "partition 'nosuch' does not exist"),
     (["--stage", "teacher", "--cpus-per-task", "8"], "nodes of partition 'debug' have 2 CPUs"),
     (["--stage", "teacher", "train.lrr=0.1"], "unknown config key 'train.lrr'"),
@@ -285,7 +305,7 @@ def test_bad_arguments_fail_before_anything_is_submitted(slurm_cluster, tmp_path
         assert rc == 2, (args, err)
         assert message in err, (args, err)
         assert "Traceback" not in err
-    proc = launch("--stage", "teacher", "--nodes", "3", "--config", str(cfg))  # the real CLI once
+    proc = launch(*BAD_ARGUMENTS[0][0], "--config", str(cfg))  # the real CLI once
     assert proc.returncode == 2 and BAD_ARGUMENTS[0][1] in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one clear line, no traceback
     assert _squeue_count() == before

@@ -1,6 +1,8 @@
 """Teacher and student stages on 2 real processes (DeepSpeed on CPU, gloo) over tiny real shards.
 
-Checks: losses fall, every rank ends with identical parameters (and basis Gaussians), the exported
+Checks: losses fall, every rank ends with identical parameters (and basis Gaussians), the student
+with ONE pseudo-class per rank trains L_SD and mines Eq. 7 pairs at every step after its warm-up
+(the pairs are the global batch's), the exported
 final.pt files load without DeepSpeed, TensorBoard events read back with EventAccumulator carry
 the monitoring tags (loss terms, lr per group, throughput, data wait, skipped corrupt samples,
 mu/var, mined pairs, periodic eval), and the config text. Then the 2-rank ZeRO-0 teacher
@@ -30,6 +32,7 @@ def test_teacher_then_student_on_two_ranks(tmp_path):
         "train.student_steps=16",
         "train.eval_every=8",
         "student.basis_warmup_steps=4",
+        "student.unlabeled_classes_per_batch=2",  # one pseudo-class per rank
     )
     per_rank = W.run_ranks(2, ["teacher", "student"], ovr, tmp_path / "res")
 
@@ -40,8 +43,7 @@ def test_teacher_then_student_on_two_ranks(tmp_path):
         losses = [v for _, v in r0["loss_history"]]
         assert sum(losses[-2:]) < sum(losses[:2]), f"{stage} loss did not fall: {losses}"
     student = per_rank[0]["student"]
-    gauss = ("mu_pos", "mu_neg", "var_pos", "var_neg")  # mined-pair counts are per rank, these global
-    assert {k: student["basis"][k] for k in gauss} == {k: per_rank[1]["student"]["basis"][k] for k in gauss}
+    assert student["basis"] == per_rank[1]["student"]["basis"]  # Gaussians and pair counts: the global batch's
     assert student["basis"]["mu_pos"] > student["basis"]["mu_neg"]
     assert student["init"].endswith("teacher/final.pt")
 
@@ -81,6 +83,16 @@ def test_teacher_then_student_on_two_ranks(tmp_path):
         "data/skipped_samples",
         "perf/images_per_s",
     } <= set(student_tb)
+    # one pseudo-class per rank: a rank alone has no pseudo-negative pair, the global batch has
+    # (2 clusters x 4 images: 16 unordered negative pairs); every window after the warm-up trains
+    # L_SD and mines pairs
+    after_warmup = [s for s, _ in student_tb["loss/total"] if s > 4]
+    sd, pos = dict(student_tb["loss/sd"]), dict(student_tb["mining/pos_pairs"])
+    assert after_warmup and all(sd[s] > 0 and pos[s] > 0 for s in after_warmup), (sd, pos)
+    # each rank draws its pseudo-class at random: a step whose two ranks drew the same one has no
+    # negative pair at all, the others have 16 (logged: the mean over a window of 2 steps)
+    neg = [v for _, v in student_tb["basis/n_neg_pairs"]]
+    assert max(neg) == 16 and all(v in (0, 8, 16) for v in neg), neg
     # warm-up: the embedder's groups have lr 0 while W_a trains
     lr_head = dict(student_tb["lr/head"])
     assert lr_head[2] == 0.0 and lr_head[8] > 0.0 and dict(student_tb["lr/basis"])[2] > 0.0

@@ -1,6 +1,6 @@
 """Tests for slade_dist/basis.py (one process): planted clusters, Eq. 6 running Gaussians over
-several batches, Eq. 7 mining, L_CE, state dict round-trip. The 2-rank test lives in
-tests/integration/test_basis_multirank.py."""
+several batches, Eq. 7 mining, L_CE, state dict round-trip. 1, 2 and 4 real ranks holding one
+global batch: tests/integration/test_world_invariance.py."""
 
 from __future__ import annotations
 
@@ -41,13 +41,14 @@ def _pair_stats(sim: torch.Tensor, pl: torch.Tensor):
 def test_planted_clusters_give_mu_pos_above_mu_neg_and_mining_finds_them():
     feats, pl = _planted()
     basis = _identity_basis()
-    sim = basis.basis_similarity(feats)
-    loss, stats = basis.sd_loss(sim, pl)
+    block = basis.pair_block(feats, pl)
+    sim = block.sim.detach()
+    loss, stats = basis.sd_loss(block)
     assert stats["mu_pos"] > 0.9 and abs(stats["mu_neg"]) < 0.1
     assert stats["n_pos_pairs"] == 2 * 15 and stats["n_neg_pairs"] == 36
     # margin satisfied: loss = variance term only
     assert loss.item() == pytest.approx(stats["var_pos"] + stats["var_neg"], abs=1e-6)
-    pos_pairs, neg_pairs = basis.mine_pairs(sim, pl)
+    pos_pairs, neg_pairs = basis.mine_pairs(block)
     same = pl[:, None] == pl[None, :]
     got_pos = {tuple(p) for p in pos_pairs.t().tolist()}
     got_neg = {tuple(p) for p in neg_pairs.t().tolist()}
@@ -65,12 +66,12 @@ def test_planted_clusters_give_mu_pos_above_mu_neg_and_mining_finds_them():
 def test_cluster_agreement_reading_filters_by_pseudo_label():
     feats, pl = _planted(noise=0.4, seed=3)
     basis = _identity_basis()
-    sim = basis.basis_similarity(feats)
-    basis.sd_loss(sim, pl)
+    basis.sd_loss(basis.pair_block(feats, pl))
     wrong = pl.clone()
     wrong[0] = 1 - wrong[0]  # one image with a wrong pseudo label
-    lit_pos, _ = basis.mine_pairs(sim, wrong, require_cluster_agreement=False)
-    agr_pos, agr_neg = basis.mine_pairs(sim, wrong, require_cluster_agreement=True)
+    block = basis.pair_block(feats, wrong)
+    lit_pos, _ = basis.mine_pairs(block, require_cluster_agreement=False)
+    agr_pos, agr_neg = basis.mine_pairs(block, require_cluster_agreement=True)
     same = wrong[:, None] == wrong[None, :]
     assert all(same[i, j] for i, j in agr_pos.t().tolist())
     assert all(not same[i, j] for i, j in agr_neg.t().tolist())
@@ -85,9 +86,9 @@ def test_running_gaussians_follow_eq6_over_batches():
         g = torch.Generator().manual_seed(step)
         feats = torch.randn(16, 8, generator=g)
         pl = torch.randint(0, 3, (16,), generator=g)
-        sim = basis.basis_similarity(feats)
-        loss, stats = basis.sd_loss(sim, pl)
-        bp, bvp, bn, bvn = _pair_stats(sim.detach(), pl)
+        block = basis.pair_block(feats, pl)
+        loss, stats = basis.sd_loss(block)
+        bp, bvp, bn, bvn = _pair_stats(block.sim.detach(), pl)
         if step == 0:  # seeded from the first batch
             mu_p, var_p, mu_n, var_n = bp, bvp, bn, bvn
         else:
@@ -106,38 +107,41 @@ def test_only_the_batch_part_carries_gradient(sd_grad, scale):
     beta = 0.9
     basis = FeatureBasis(num_classes=4, dim=6, beta=beta, margin=2.0, lambda_sd=1.0, sd_grad=sd_grad)
     feats, pl = torch.randn(12, 6), torch.randint(0, 3, (12,))
-    basis.sd_loss(basis.basis_similarity(feats), pl)  # seed
+    basis.sd_loss(basis.pair_block(feats, pl))  # seed
     feats2 = torch.randn(12, 6, requires_grad=True)
-    sim = basis.basis_similarity(feats2)
-    loss, _ = basis.sd_loss(sim, pl)
-    (g_sim,) = torch.autograd.grad(loss, sim)
+    block = basis.pair_block(feats2, pl)
+    loss, _ = basis.sd_loss(block)
+    (g_sim,) = torch.autograd.grad(loss, block.sim)
     # d L / d s_ij for a positive pair = scale * d(-mu_b+ + var_b+)/d s_ij (margin active), scale =
-    # 1 - beta through the running update (damped), 1 with the batch statistics' own gradient (full)
-    bp, _, _, _ = _pair_stats(sim.detach(), pl)
+    # 1 - beta through the running update (damped), 1 with the batch statistics' own gradient
+    # (full); the statistics run over ordered pairs, so s_ij and s_ji each carry half of it
+    bp, _, _, _ = _pair_stats(block.sim.detach(), pl)
     i, j = next((i, j) for i in range(12) for j in range(i + 1, 12) if pl[i] == pl[j])
     n_pos = sum(int(pl[a] == pl[b]) for a in range(12) for b in range(a + 1, 12))
-    expect = scale * (-1.0 / n_pos + 2.0 * (sim[i, j].item() - bp.item()) / n_pos)
+    expect = scale * (-1.0 / n_pos + 2.0 * (block.sim[i, j].item() - bp.item()) / n_pos) / 2
     assert g_sim[i, j].item() == pytest.approx(expect, rel=1e-4, abs=1e-7)
-    assert g_sim[j, i].item() == 0.0 and torch.all(g_sim.diagonal() == 0)
+    assert g_sim[j, i].item() == pytest.approx(expect, rel=1e-4, abs=1e-7)
+    assert torch.all(g_sim.diagonal() == 0)
 
 
 def test_skip_kind_without_pairs_and_mining_off_until_separated():
     basis = FeatureBasis(num_classes=3, dim=4, beta=0.5)
     feats = torch.randn(6, 4)
-    sim = basis.basis_similarity(feats)
-    loss, stats = basis.sd_loss(sim, torch.arange(6))  # all distinct: negatives only
+    block = basis.pair_block(feats, torch.arange(6))
+    loss, stats = basis.sd_loss(block)  # all distinct: negatives only
     assert bool(basis.seeded_neg) and not bool(basis.seeded_pos)
     assert loss.item() == 0.0 and loss.grad_fn is not None  # G+ unseeded: no L_SD yet
     mu_neg = basis.mu_neg.item()
-    pos, neg = basis.mine_pairs(sim)
+    pos, neg = basis.mine_pairs(block)
     assert pos.shape == (2, 0) and neg.shape == (2, 0)
-    basis.sd_loss(sim, torch.zeros(6, dtype=torch.long))  # positives only: G- untouched
+    block = basis.pair_block(feats, torch.zeros(6, dtype=torch.long))
+    basis.sd_loss(block)  # positives only: G- untouched
     assert bool(basis.seeded_pos) and basis.mu_neg.item() == mu_neg
     # force mu+ <= mu-: mining must stay off
     with torch.no_grad():
         basis.mu_pos.fill_(0.1)
         basis.mu_neg.fill_(0.2)
-    pos, neg = basis.mine_pairs(sim)
+    pos, neg = basis.mine_pairs(block)
     assert pos.numel() == 0 and neg.numel() == 0
 
 
@@ -153,20 +157,20 @@ def test_ce_loss_is_normalized_softmax():
 def test_gaussians_are_saved_in_state_dict():
     feats, pl = _planted()
     a = _identity_basis()
-    a.sd_loss(a.basis_similarity(feats), pl)
+    a.sd_loss(a.pair_block(feats, pl))
     sd = a.state_dict()
     assert {"mu_pos", "mu_neg", "var_pos", "var_neg", "seeded_pos", "seeded_neg", "W_a"} <= set(sd)
     b = FeatureBasis(num_classes=8, dim=8)
     b.load_state_dict(sd)
     assert b.stats()["mu_pos"] == a.stats()["mu_pos"] and bool(b.seeded_neg)
-    assert torch.equal(b.mine_pairs(b.basis_similarity(feats), pl)[0], a.mine_pairs(a.basis_similarity(feats), pl)[0])
+    assert torch.equal(b.mine_pairs(b.pair_block(feats, pl))[0], a.mine_pairs(a.pair_block(feats, pl))[0])
 
 
 def test_fp32_under_bf16_autocast():
     basis = FeatureBasis(num_classes=4, dim=8)
     feats, pl = torch.randn(10, 8), torch.randint(0, 3, (10,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sim = basis.basis_similarity(feats.bfloat16())
+        sim = basis.pair_block(feats.bfloat16(), pl).sim
         ce = basis.ce_loss(feats.bfloat16(), pl)
     assert sim.dtype == torch.float32 and ce.dtype == torch.float32
 
@@ -177,8 +181,8 @@ def _sd_and_ce_grads(sd_grad: str, beta: float = 0.99, seed: int = 0) -> tuple[f
     torch.manual_seed(seed)
     basis = FeatureBasis(num_classes=40, dim=64, beta=beta, sd_grad=sd_grad)
     pl = torch.arange(8).repeat_interleave(4)
-    basis.sd_loss(basis.basis_similarity(torch.randn(32, 64)), pl)  # seed G+ / G-
-    loss, _ = basis.sd_loss(basis.basis_similarity(torch.randn(32, 64)), pl)
+    basis.sd_loss(basis.pair_block(torch.randn(32, 64), pl))  # seed G+ / G-
+    loss, _ = basis.sd_loss(basis.pair_block(torch.randn(32, 64), pl))
     (g_sd,) = torch.autograd.grad(0.25 * loss, basis.W_a)
     (g_ce,) = torch.autograd.grad(0.25 * basis.ce_loss(torch.randn(32, 64), pl), basis.W_a)
     return float(g_sd.norm()), float(g_ce.norm()), float(loss.detach())
@@ -197,13 +201,13 @@ def test_full_sd_grad_is_the_damped_one_undamped_with_the_same_value():
 def test_reset_gaussians_reseeds_from_the_next_batch():
     feats, pl = _planted()
     basis = _identity_basis(beta=0.9)
-    basis.sd_loss(basis.basis_similarity(torch.randn(12, 8)), pl)
+    basis.sd_loss(basis.pair_block(torch.randn(12, 8), pl))
     basis.reset_gaussians()
     assert not bool(basis.seeded_pos) and not bool(basis.seeded_neg)
-    assert basis.mine_pairs(basis.basis_similarity(feats), pl)[0].numel() == 0  # off while unseeded
-    sim = basis.basis_similarity(feats)
-    _, stats = basis.sd_loss(sim, pl)
-    bp, bvp, bn, bvn = _pair_stats(sim.detach(), pl)
+    assert basis.mine_pairs(basis.pair_block(feats, pl))[0].numel() == 0  # off while unseeded
+    block = basis.pair_block(feats, pl)
+    _, stats = basis.sd_loss(block)
+    bp, bvp, bn, bvn = _pair_stats(block.sim.detach(), pl)
     assert stats["mu_pos"] == pytest.approx(bp.item(), abs=1e-5)  # the new batch alone, no old mean
     assert stats["var_neg"] == pytest.approx(bvn.item(), abs=1e-5)
 
@@ -221,14 +225,14 @@ def test_project_gives_the_cosines_ce_scores():
 def test_mining_shares_count_both_readings_from_one_sim():
     feats, pl = _planted(noise=0.4, seed=3)
     basis = _identity_basis()
-    assert basis.mining_shares(basis.basis_similarity(feats), pl) == {}  # unseeded: nothing to say
-    sim = basis.basis_similarity(feats)
-    basis.sd_loss(sim, pl)
+    assert basis.mining_shares(basis.pair_block(feats, pl)) == {}  # unseeded: nothing to say
+    basis.sd_loss(basis.pair_block(feats, pl))
     wrong = pl.clone()
     wrong[0] = 1 - wrong[0]
-    shares = basis.mining_shares(sim, wrong)
-    lit_pos, lit_neg = basis.mine_pairs(sim, wrong, require_cluster_agreement=False)
-    agr_pos, agr_neg = basis.mine_pairs(sim, wrong, require_cluster_agreement=True)
+    block = basis.pair_block(feats, wrong)
+    shares = basis.mining_shares(block)
+    lit_pos, lit_neg = basis.mine_pairs(block, require_cluster_agreement=False)
+    agr_pos, agr_neg = basis.mine_pairs(block, require_cluster_agreement=True)
     assert shares["literal_pos_pairs"] == lit_pos.shape[1] and shares["agreement_pos_pairs"] == agr_pos.shape[1]
     assert shares["literal_neg_pairs"] == lit_neg.shape[1] and shares["agreement_neg_pairs"] == agr_neg.shape[1]
     assert shares["literal_pos_same_cluster"] == pytest.approx(agr_pos.shape[1] / lit_pos.shape[1])

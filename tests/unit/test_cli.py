@@ -1,6 +1,6 @@
 """The command line, slade_dist/__main__.py: help (global and per stage), config errors (exit 2, one
 clear line), show-config, demo-data, refusing raw img2dataset shards, the result line printed once
-by two ranks."""
+by two ranks, the closing summary (a pretrain stage that handed on its input weights)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slade_dist.__main__ import main
+from slade_dist.__main__ import main, print_summary
+from slade_dist.config import load_config
+from slade_dist.stages import RunLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +104,9 @@ RANK_WORKER = """
 import sys
 from tests.integration.launch_probe import register_probe
 register_probe()
-from slade_dist.__main__ import main
+from slade_dist.__main__ import main, print_summary
+from slade_dist.config import load_config
+from slade_dist.stages import RunLayout
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -133,3 +137,19 @@ def test_two_processes_print_the_result_once(tmp_path):
     results = [[ln for ln in out.splitlines() if ln.startswith('{"stage": "probe"')] for out in outs]
     assert len(results[0]) == 1 and results[1] == [], outs
     assert json.loads(results[0][0])["result"]["world"] == 2  # one run over both ranks, reported once
+
+
+def test_summary_says_when_pretrain_handed_on_its_input_weights(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"run.dir={run}"], check_paths=False)
+    print_summary(cfg)
+    assert "WARNING" not in capsys.readouterr().out
+    done = RunLayout(run).done_file("pretrain")
+    done.parent.mkdir(parents=True)
+    warning = "pretrain handed on its INPUT weights: ... its 12 s of SwAV were spent for nothing"
+    done.write_text(json.dumps({"stage": "pretrain", "result": {"steps": 3, "warning": warning}}))
+    (run / "eval").mkdir()
+    (run / "eval" / "retrieval_teacher.png").write_bytes(b"")
+    print_summary(cfg)
+    out = capsys.readouterr().out
+    assert f"WARNING: {warning}" in out and f"retrieval grids: {run / 'eval' / 'retrieval_teacher.png'}" in out

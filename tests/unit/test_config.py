@@ -167,3 +167,38 @@ def test_backbone_names_match_the_registry():
     from slade_dist.models.backbones import BACKBONES
 
     assert set(BACKBONES) == set(BACKBONE_NAMES)
+
+
+def test_model_pretrained_path_spellings_are_one_work_and_conflicts_fail(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    new = load_config(None, [f"model.pretrained={weights}"])
+    old = load_config(None, [f"model.pretrained_path={weights}"])
+    assert new.model.pretrained == "none" and new.model.pretrained_path == str(weights)
+    assert new.hash() == old.hash()  # the same work, whichever key names the file
+    assert load_config(new.save(tmp_path / "saved.yaml")).hash() == new.hash()  # a saved config reloads
+    both = r"model.pretrained='hub' and model.pretrained_path=.* both set.*command line"
+    with pytest.raises(ConfigError, match=both):
+        load_config(None, ["model.backbone=timm:test_vit", "model.pretrained=hub", f"model.pretrained_path={weights}"])
+    with pytest.raises(ConfigError, match="model.pretrained=hub loads a timm model's published weights.*'resnet50'"):
+        load_config(None, ["model.pretrained=hub"])
+    with pytest.raises(ConfigError, match=r"model.pretrained_path \(from command line, as model.pretrained\).*nope"):
+        load_config(None, [f"model.pretrained={tmp_path / 'nope.pth'}"])
+    hub = load_config(None, ["model.backbone=timm:vit_small_patch14_dinov2.lvd142m", "model.pretrained=hub"])
+    assert hub.model.pretrained == "hub" and hub.model.pretrained_path == ""
+
+
+def test_swav_backbone_lr_mult_follows_the_start_unless_set(tmp_path):
+    from slade_dist.config import swav_backbone_lr_mult
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    assert load_config(None, []).pretrain.backbone_lr_mult is None  # auto by default
+    assert swav_backbone_lr_mult(load_config(None, []))[0] == 1.0  # random weights: train the backbone
+    assert swav_backbone_lr_mult(load_config(None, [f"model.pretrained={weights}"]))[0] == 0.1
+    hub = ["model.backbone=timm:test_vit", "model.pretrained=hub"]
+    assert swav_backbone_lr_mult(load_config(None, hub))[0] == 0.1
+    assert swav_backbone_lr_mult(load_config(None, [*hub, "pretrain.backbone_lr_mult=0.5"])) == (
+        0.5,
+        "pretrain.backbone_lr_mult",
+    )

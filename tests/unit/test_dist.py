@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 
 import pytest
 import torch
@@ -34,25 +32,12 @@ def test_torchrun_env():
     assert (env.master_addr, env.master_port, env.source) == ("node7", 29123, "torchrun")
 
 
-def test_slurm_env_inside_srun_step():
-    slurm = {
-        "SLURM_JOB_ID": "4242",
-        "SLURM_STEP_ID": "0",
-        "SLURM_PROCID": "5",
-        "SLURM_NTASKS": "8",
-        "SLURM_LOCALID": "1",
-        "SLURM_NODEID": "2",
-        "SLURM_NTASKS_PER_NODE": "2",
-        "SLURM_JOB_NODELIST": "gpu[07-09,12]",
-        "SLURM_STEP_NODELIST": "gpu[07-09,12]",
-    }
-    env = dist.detect_env(slurm)
-    assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.local_world_size) == (5, 8, 1, 2, 2)
-    assert env.master_addr == "gpu07" and env.source == "slurm"
-    assert env.master_port == dist.job_master_port(4242) == 24242
-    # the same job seen from another task agrees on the rendezvous point
-    other = dist.detect_env({**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
-    assert (other.master_addr, other.master_port) == (env.master_addr, env.master_port)
+def test_a_bare_multi_task_srun_step_is_refused_naming_the_launchers():
+    """srun alone sets only SLURM_*: N unrelated single processes would write one run directory."""
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8"}
+    with pytest.raises(RuntimeError, match=r"task 5 of a 8-task srun step .*launch/submit\.py.*torchrun"):
+        dist.detect_env(slurm)
+    assert dist.detect_env({**slurm, "SLURM_NTASKS": "1"}).source == "single"  # a one-task step is one process
 
 
 def test_job_master_port_stays_below_the_ephemeral_range():
@@ -75,7 +60,7 @@ def test_port_in_use_is_a_clear_error(monkeypatch):
         taken.bind(("", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = dist.DistEnv(rank=0, world_size=2, master_port=port, source="slurm")
+        env = dist.DistEnv(rank=0, world_size=2, master_port=port, source="torchrun")
         with pytest.raises(RuntimeError, match=f"rendezvous port 127.0.0.1:{port} is already in use") as e:
             dist.init_distributed("gloo", env, timeout_s=20)
     assert dist.MASTER_PORT_ENV in str(e.value)
@@ -105,38 +90,6 @@ def test_slurm_batch_script_without_step_is_single():
     """sbatch's own shell (no srun step) is one process, not rank k of the job."""
     env = dist.detect_env({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})
     assert env.source == "single" and env.world_size == 1
-
-
-NODELISTS = {
-    "node1": ["node1"],
-    "node[1-3],gpu05": ["node1", "node2", "node3", "gpu05"],
-    "a[08-10]b": ["a08b", "a09b", "a10b"],
-    "a[1-2]b[3-4]": ["a1b3", "a1b4", "a2b3", "a2b4"],  # every bracket multiplies the hosts
-    "n[01-03,07]": ["n01", "n02", "n03", "n07"],
-    "gpu-[1-2],cpu1": ["gpu-1", "gpu-2", "cpu1"],
-    "x[9-11]": ["x9", "x10", "x11"],  # padding from the lower end only
-}
-
-
-@pytest.mark.parametrize("nodelist", NODELISTS)
-def test_expand_nodelist_like_scontrol_and_submitit(nodelist):
-    """dist must not import submitit (the import contract): its own parser agrees with submitit's,
-    and with `scontrol show hostnames` where Slurm is installed."""
-    from submitit.slurm.slurm import _parse_node_list
-
-    assert dist.expand_slurm_nodelist(nodelist) == NODELISTS[nodelist]
-    assert _parse_node_list(nodelist) == NODELISTS[nodelist]
-    if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        # Slurm 22.05 refuses a suffix after a single bracket (a[08-10]b), though with exit code 0
-        if "Invalid hostlist" not in out.stderr:
-            assert out.stdout.split() == NODELISTS[nodelist]
-
-
-@pytest.mark.parametrize("bad", ["a[1-2", "a]1[", "n[x-3]"])
-def test_bad_nodelist_is_named(bad):
-    with pytest.raises(RuntimeError, match="cannot parse Slurm node list"):
-        dist.expand_slurm_nodelist(bad)
 
 
 def test_bad_integer_is_named():

@@ -41,19 +41,27 @@ def _trainer(stage_dir: Path, total: int, head_start: int = 0, stage_id: str = "
     return E.Trainer(m, groups, tcfg, stage_dir=stage_dir, total_steps=total, micro_batch=32, stage_id=stage_id)
 
 
-class _Regression:
-    """y = sum(x): learnable, deterministic per step (same batches after a resume)."""
+class _Regression(L.StepObjective):
+    """y = sum(x): learnable, deterministic per draw (same batches after a resume)."""
 
     def __init__(self, trainer: E.Trainer):
         self.trainer = trainer
         self.calls = 0
+        self.trunk_calls = 0
 
-    def __call__(self, step: int) -> L.MicroResult:
+    def draw(self, step: int) -> L.Micro:
         g = torch.Generator().manual_seed(1000 + self.calls)
         self.calls += 1
         x = torch.randn(32, 8, generator=g)
-        loss = torch.nn.functional.mse_loss(self.trainer.forward(x), x.sum(1, keepdim=True))
-        return L.MicroResult(loss=loss, scalars={"loss/mse": float(loss.detach())}, images=32, skipped=1)
+        return L.Micro(x=x, data={"y": x.sum(1, keepdim=True)}, images=32, skipped=1)
+
+    def trunk(self, x):
+        self.trunk_calls += 1
+        return self.trainer.forward(x)
+
+    def loss(self, step, outs, micros):
+        loss = torch.nn.functional.mse_loss(torch.cat(outs), torch.cat([m.data["y"] for m in micros]))
+        return loss, {"loss/mse": float(loss.detach())}
 
 
 def test_warmup_cosine_factors():
@@ -168,7 +176,26 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     fn = _Regression(tr)
     res = L.fit(tr, fn, tb=TBWriter(None))
     assert res.steps == 4 and fn.calls == 12
+    assert fn.trunk_calls == 24  # the gradient cache: each micro-batch's trunk without, then with grad
     assert tr.engine.global_steps == 4
+
+
+def test_gradient_accumulation_equals_one_micro_batch_of_the_whole_step(tmp_path):
+    """3 micro-batches of 32 rows step exactly like one batch of the 96 (the loss is the step's:
+    here a mean over all 96 rows, which per-micro-batch accumulation would not give for MSE of a
+    mean over unequal parts either)."""
+    one, three = _trainer(tmp_path / "one", total=1), None
+    obj = _Regression(one)
+    micros = [obj.draw(0) for _ in range(3)]
+    whole = L.Micro(x=torch.cat([m.x for m in micros]), data={"y": torch.cat([m.data["y"] for m in micros])})
+    L.optimizer_step(one, obj, 0, [whole])
+    after_one = [p.detach().clone() for p in one.module.parameters()]
+    tdist.destroy_process_group()
+    three = _trainer(tmp_path / "three", total=1, grad_accum=3)
+    L.optimizer_step(three, _Regression(three), 0, micros)
+    for a, b in zip(after_one, three.module.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(after_one[0], _model()[0].weight)  # the step moved the weights
 
 
 def test_bf16_autocast_on_cpu(tmp_path):

@@ -1,4 +1,5 @@
-"""slade_dist/fileio.py: atomic small-file writes, set_aside, clear errors on real full and read-only filesystems."""
+"""slade_dist/fileio.py: atomic_path and atomic small-file writes, set_aside, clear errors on real full and
+read-only filesystems."""
 
 import json
 import multiprocessing
@@ -7,9 +8,18 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
-from slade_dist.fileio import DirInUse, DirLock, WriteFailed, atomic_write_json, atomic_write_text, set_aside
+from slade_dist.fileio import (
+    DirInUse,
+    DirLock,
+    WriteFailed,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    set_aside,
+)
 
 
 def test_writes_and_replaces_without_leftovers(tmp_path):
@@ -24,6 +34,24 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_text(p, None)  # type: ignore[arg-type]
     assert p.read_text() == "old" and [f.name for f in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_path_renames_a_whole_binary_file_into_place_or_nothing(tmp_path):
+    target = tmp_path / "emb" / "emb-000003.npy"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".") and tmp.suffix == ".npy"
+        np.save(tmp, np.arange(3))  # numpy appends .npy to a name without it: the temp keeps it
+    assert np.load(target).tolist() == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="killed"), atomic_path(target) as tmp:
+        np.save(tmp, np.arange(5))
+        raise RuntimeError("killed mid-write")
+    assert np.load(target).tolist() == [0, 1, 2] and [f.name for f in target.parent.iterdir()] == [target.name]
+    with atomic_path(tmp_path / "pl-000003.npz") as tmp:
+        np.savez(tmp, cls=np.zeros(2, np.int32))
+    with atomic_path(tmp_path / "shard-000000.tar") as tmp:
+        assert not tmp.name.endswith(".tar")  # a leftover of a killed writer is no *.tar a scan would take
+        tmp.write_bytes(b"x")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["emb", "pl-000003.npz", "shard-000000.tar"]
 
 
 @pytest.fixture
@@ -41,6 +69,12 @@ def test_full_disk_is_a_clear_error_naming_the_path(small_fs):
     with pytest.raises(WriteFailed, match=r"cannot write .*big\.txt: the disk is full \(.*GiB free"):
         atomic_write_text(small_fs / "big.txt", "x" * 200_000)
     assert list(small_fs.iterdir()) == []  # no temp file left behind
+    with (
+        pytest.raises(WriteFailed, match=r"cannot write .*big\.npy: the disk is full"),
+        atomic_path(small_fs / "big.npy") as tmp,
+    ):
+        np.save(tmp, np.zeros(50_000))
+    assert list(small_fs.iterdir()) == []
 
 
 def test_read_only_filesystem_is_a_clear_error(small_fs):

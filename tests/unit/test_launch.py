@@ -1,7 +1,8 @@
 """Unit tests of the launcher, slade_dist/launch/ (planning, checks, Slurm parameters, dry run,
 errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist.launch`.
 
-No cluster needed: Slurm parameters are checked through the #SBATCH lines submitit itself renders,
+No cluster needed: Slurm parameters are checked through the #SBATCH lines the dry run renders (held
+against the scripts submitit really submits in tests/integration/test_slurm.py),
 and the execution tests run the `probe` test stage and the real embed stage in this process
 (--cluster debug). Real Slurm / LocalExecutor runs: tests/integration/test_slurm.py and
 test_launch_local.py.
@@ -22,7 +23,7 @@ import yaml
 
 from slade_dist import stages
 from slade_dist.config import load_config
-from slade_dist.launch import cli, local, slurm
+from slade_dist.launch import cli, local, slurm, status
 from slade_dist.launch import plan as planning
 from slade_dist.launch.job import StageJob, array_part
 from slade_dist.pseudo import embed
@@ -480,6 +481,34 @@ def sbatch_options(lines: list[str]) -> dict[str, str]:
     return options
 
 
+def test_a_job_whose_ranks_do_not_divide_the_step_is_refused_before_queueing(monkeypatch, tmp_path, capsys):
+    """8 nodes x 8 GPUs = 64 ranks for cub.yaml's P = 8: refused in the dry run too (such a job
+    could never start), naming the job, its ranks and the fix."""
+    no_sbatch(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "--stage",
+        "student",
+        "--nodes",
+        "8",
+        "--gpus-per-node",
+        "8",
+        "--config",
+        str(REPO_ROOT / "configs/cub.yaml"),
+    ]
+    assert cli.main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "job round1-student runs 8 node(s) x 8 task(s) = 64 ranks" in err, err
+    assert "set train.classes_per_batch=64" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    # SwAV's batch is the step's too: 512 over 3 x 8 = 24 ranks does not divide
+    assert (
+        cli.main(["--stage", "pretrain", "--nodes", "3", "--config", str(REPO_ROOT / "configs/cub.yaml"), "--dry-run"])
+        == 2
+    )
+    assert "set pretrain.batch_size=504 or pretrain.batch_size=528" in capsys.readouterr().err
+
+
 def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatch, tmp_path, capsys):
     """The issue's command: it used to exit 2 (input path check), or run "local" and refuse --nodes 8."""
     no_sbatch(monkeypatch, tmp_path)
@@ -495,9 +524,11 @@ def test_dry_run_of_cub_without_sbatch_or_data_shows_the_slurm_script(monkeypatc
     options = sbatch_options(script)
     assert (
         options["nodes"] == "8"
-        and options["gpus-per-node"] == "8"
+        and options["gpus-per-node"] == "1"  # cub.yaml's student: the paper's step is one GPU's work
         and options["job-name"] == "slade-cub-round1-student"
     )
+    # what 8 ranks imply for the step's batch: one class and one pseudo-class per rank
+    assert "# per GPU and step: 4 labeled images + 4 pseudo-labeled images (of 32 + 32 over 8 rank(s))" in out
     (srun,) = [ln for ln in script if ln.startswith("srun ")]
     assert "--kill-on-bad-exit=1" in srun and srun.endswith(str(tmp_path / "runs/cub/logs/round1-student"))
     assert not (tmp_path / "runs").exists()
@@ -526,7 +557,7 @@ def test_config_defaults_to_the_run_dirs_saved_config_else_the_demo(monkeypatch,
     assert "lr: 0.125" in out
 
 
-SHIPPED = ["cub", "cars", "inshop", "web"]
+SHIPPED = ["cub", "cars", "inshop", "web", "cub_dinov2"]
 MODEL_JOBS = ["pretrain", "teacher", "round1-embed", "round1-cluster", "round1-student", "eval"]
 
 
@@ -618,8 +649,18 @@ def test_status_of_a_local_launch_and_cancel_refusing_it(tmp_path, capsys, monke
     assert cli.main(["--cancel", "--config", str(path)]) == 2
     assert "ran on cluster=debug" in capsys.readouterr().err
     assert cli.main(["--stage", "probe", "--config", str(path), "--cluster", "debug"], job_cls=ProbeJob) == 0
-    capsys.readouterr()  # the second launch found the stage done: its record lists no job
-    assert cli.main(["--status", "--config", str(path)]) == 2
+    capsys.readouterr()  # the second launch found the stage done: its record lists no job ...
+    assert cli.main(["--status", "--config", str(path)]) == 0
+    out = capsys.readouterr().out  # ... and hides nothing of the first
+    assert "2 launch(es)" in out and "ran here, finished" in out, out
+    assert "launch 2 at" in out and "nothing submitted: every stage was already done" in out, out
+    assert [
+        j["name"] for j in json.loads((tmp_path / "run" / "logs" / "submitted.json").read_text())["earlier"][0]["jobs"]
+    ] == ["probe"]
+    (tmp_path / "b").mkdir()
+    cfg, other = config(tmp_path / "b")
+    status.write_record(cfg, "debug", [])  # a run whose only launch found everything done
+    assert cli.main(["--status", "--config", str(other)]) == 2
     assert "submitted no job: every stage was already done" in capsys.readouterr().err
 
 

@@ -1,6 +1,6 @@
 """Tests for slade_dist/losses.py: agreement with pytorch-metric-learning (an independent
-implementation, test-only) on values and gradients, explicit pair lists, empty pair sets. The cross-rank
-variant (2 real gloo processes) is tested in tests/integration/test_basis_multirank.py."""
+implementation, test-only) on values and gradients, explicit pair lists, empty pair sets. The same
+losses on 1, 2 and 4 real gloo ranks holding one global batch: tests/integration/test_world_invariance.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 
 from slade_dist.config import LossConfig
-from slade_dist.losses import ContrastiveLoss, MultiSimilarityLoss, build_loss, gather_live, global_pair_loss
+from slade_dist.losses import ContrastiveLoss, MultiSimilarityLoss, build_loss
 
 
 def _batch(seed: int, n: int = 48, d: int = 16, classes: int = 8, dtype=torch.float64):
@@ -91,25 +91,6 @@ def test_explicit_all_pairs_equal_label_mode():
     assert plain(emb, labels).item() != pytest.approx(mined(emb, labels).item(), abs=1e-6)  # mining matters
 
 
-def test_ref_emb_candidates_match_one_concatenated_batch_for_local_anchors():
-    """ref_emb rows are extra (detached) candidates: local anchors' terms equal the full batch's."""
-    emb, labels = _batch(5, n=32)
-    full = MultiSimilarityLoss(mine=True)
-    ref = pml_losses.MultiSimilarityLoss()
-    miner = pml_miners.MultiSimilarityMiner(0.1)
-    # reference: PML on anchors = first 20 rows, candidates = all 32 rows (the a == a pairs PML
-    # would count as positives with an external reference set are removed)
-    v_ours = full(emb[:20], labels[:20], ref_emb=emb[20:], ref_labels=labels[20:])
-    cat = emb.detach().clone()
-    a1, p, a2, n = miner(cat[:20], labels[:20], cat, labels)
-    a1m, pm = a1[a1 != p], p[a1 != p]
-    assert len(a1m) > 0 and len(a2) > 0
-    v_ref = ref(cat[:20], labels[:20], (a1m, pm, a2, n), cat, labels)
-    assert v_ours.item() == pytest.approx(v_ref.item(), abs=1e-6)
-    (g,) = torch.autograd.grad(v_ours, emb)
-    assert torch.all(g[20:] == 0) and g[:20].abs().sum() > 0  # no gradient into the candidates
-
-
 @pytest.mark.parametrize("loss_fn", [MultiSimilarityLoss(), ContrastiveLoss()])
 def test_empty_pairs_give_connected_zero(loss_fn):
     emb = torch.randn(6, 4, requires_grad=True)
@@ -147,18 +128,3 @@ def test_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = MultiSimilarityLoss()(emb, labels)
     assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), abs=1e-6)
-
-
-def test_cross_rank_helpers_are_the_plain_loss_in_one_process():
-    torch.manual_seed(0)
-    emb = torch.randn(8, 4, requires_grad=True)
-    assert gather_live(emb) is emb  # no process group: the batch is the global batch
-    pos = torch.tensor([[0, 1, 2], [1, 0, 3]])
-    neg = torch.tensor([[0, 4, 5], [6, 7, 2]])
-    loss_fn = MultiSimilarityLoss()
-    expected = loss_fn(emb, pos_pairs=pos, neg_pairs=neg)
-    got = global_pair_loss(loss_fn, gather_live(emb), pos, neg)
-    assert expected.item() > 0 and torch.allclose(got, expected)
-    (g1,) = torch.autograd.grad(got, emb)
-    (g2,) = torch.autograd.grad(loss_fn(emb, pos_pairs=pos, neg_pairs=neg), emb)
-    assert torch.allclose(g1, g2)  # no world-size scaling in one process

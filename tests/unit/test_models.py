@@ -1,6 +1,7 @@
 """Tests for slade_dist/models (backbones.py, embedder.py): shapes, pooling, freeze_bn,
 save/load round-trip, checked state-dict loading (exact key lists), local pretrained weights
-(torchvision and SwAV-style files), clear errors."""
+(torchvision, SwAV-style, timm and safetensors files), timm ViTs (token pooling, any crop size),
+hub weights from a cache the test builds (offline), clear errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torchvision
 
-from slade_dist.config import ModelConfig
+from slade_dist.config import ConfigError, ModelConfig
 from slade_dist.eval.metrics import retrieval_metrics
 from slade_dist.models import (
     StateDictMismatchError,
@@ -23,8 +24,14 @@ from slade_dist.models import (
     output_dim,
     save_weights,
 )
-from slade_dist.models.backbones import ResNetTrunk, UnsafeCheckpointError, read_checkpoint
-from slade_dist.models.retrieval import knn_map_at_r
+from slade_dist.models.backbones import (
+    CheckpointError,
+    HubWeightsMissing,
+    ResNetTrunk,
+    UnsafeCheckpointError,
+    read_checkpoint,
+)
+from slade_dist.models.retrieval import knn_map_at_r, map_at_r
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -243,3 +250,109 @@ def test_knn_map_at_r_agrees_with_the_eval_metrics():
     got = knn_map_at_r(torch.from_numpy(emb), torch.from_numpy(labels), chunk=64)
     assert 0.05 < ref < 0.95 and got == pytest.approx(ref, abs=1e-5)
     assert np.isnan(knn_map_at_r(torch.randn(3, 4), torch.arange(3)))  # every query lone
+    # the one formula both use: R = 2 with hits at ranks 1 and 2 -> 1; at 2 only -> (1/2) / 2
+    hits = np.array([[True, True, False], [False, True, False], [False, False, False]])
+    np.testing.assert_allclose(map_at_r(hits, np.array([2, 2, 0])), [1.0, 0.25, 0.0])
+
+
+# ----------------------------------------------------------- timm transformers, the hub, safetensors
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline Hugging Face cache this test owns (the hub client reads these at call time)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _tokens(emb, x):
+    return emb.backbone.net.forward_features(x)
+
+
+def test_vit_pools_its_tokens_as_the_family_or_the_config_says():
+    x = torch.randn(2, 3, 32, 32)
+    auto = build_embedder(_cfg(backbone="timm:test_vit", token_pool="auto")).eval()
+    assert auto.feature_dim == 64
+    with torch.no_grad():
+        tokens = _tokens(auto, x)  # (B, 1 + patches, C), final norm applied
+        assert torch.equal(auto.features(x), tokens[:, 0])  # ViT's own pooling: the class token
+        mean = build_embedder(_cfg(backbone="timm:test_vit", token_pool="mean")).eval()
+        mean.load_state_dict(auto.state_dict())
+        assert torch.allclose(mean.features(x), tokens[:, 1:].mean(1), atol=1e-6)
+        cls = build_embedder(_cfg(backbone="timm:test_vit", token_pool="cls")).eval()
+        cls.load_state_dict(auto.state_dict())
+        assert torch.equal(cls.features(x), tokens[:, 0])
+    # a model without a class token: auto is its own mean pooling, cls is refused
+    assert build_embedder(_cfg(backbone="timm:test_vit2")).eval()(x).shape == (2, 16)
+    with pytest.raises(ConfigError, match="model.token_pool=cls, but timm model 'test_vit2' has no class token"):
+        build_embedder(_cfg(backbone="timm:test_vit2", token_pool="cls"))
+
+
+def test_vit_takes_every_crop_size_and_round_trips(tmp_path):
+    """SwAV's crops: any side (position embedding interpolated, a side that is no multiple of the patch padded)."""
+    cfg = _cfg(backbone="timm:test_vit", token_pool="mean")
+    emb = build_embedder(cfg).eval()
+    for side in (16, 32, 40, 64):
+        assert emb(torch.randn(2, 3, side, side)).shape == (2, 16)
+    back = load_embedder(save_weights(tmp_path / "vit.pt", emb, cfg))
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(emb(x), back.eval()(x))
+
+
+def test_hub_weights_come_from_the_cache_offline(hub_cache):
+    from tests._hub_cache import cache_timm_weights
+
+    published = cache_timm_weights(hub_cache, "test_vit")
+    emb = build_embedder(_cfg(backbone="timm:test_vit", pretrained="hub"))
+    own = emb.backbone.net.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in published.items() if k in own)
+    assert not torch.equal(build_embedder(_cfg(backbone="timm:test_vit")).backbone.net.pos_embed, own["pos_embed"])
+
+
+def test_hub_weights_missing_offline_is_one_clear_error(hub_cache):
+    with pytest.raises(HubWeightsMissing) as err:
+        build_embedder(_cfg(backbone="timm:test_vit", pretrained="hub"))
+    msg = str(err.value)
+    assert "'test_vit'" in msg and "timm/test_vit.r160_in1k" in msg and str(hub_cache) in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "timm.create_model('test_vit', pretrained=True)" in msg
+    assert "\n" not in msg
+
+
+def test_safetensors_and_timm_files_as_pretrained_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    net = timm.create_model("test_vit", pretrained=False)  # with its classifier: dropped as a head
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    emb = build_embedder(_cfg(backbone="timm:test_vit", pretrained=str(path)))
+    assert torch.equal(emb.backbone.net.blocks[1].mlp.fc1.weight, net.blocks[1].mlp.fc1.weight)
+    pth = tmp_path / "model.pth"
+    torch.save({"state_dict": net.state_dict()}, pth)
+    emb2 = build_embedder(_cfg(backbone="timm:test_vit", pretrained_path=str(pth)))
+    assert torch.equal(emb2.backbone.net.cls_token, net.cls_token)
+    # our own export, saved as safetensors, loads into a fresh backbone too
+    ours = tmp_path / "ours.safetensors"
+    save_file({k: v.contiguous() for k, v in emb.state_dict().items()}, str(ours))
+    emb3 = build_embedder(_cfg(backbone="timm:test_vit", pretrained=str(ours), embed_dim=8))
+    assert torch.equal(emb3.backbone.net.pos_embed, net.pos_embed)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt safetensors"):
+        read_checkpoint(broken)
+
+
+def test_pretrained_choices_that_conflict_are_refused(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({}, path)
+    with pytest.raises(ConfigError, match="both set"):
+        build_embedder(_cfg(pretrained=str(path), pretrained_path=str(path)))
+    with pytest.raises(ConfigError, match="model.backbone=timm:<name>"):
+        build_embedder(_cfg(pretrained="hub"))
+    with pytest.raises(ConfigError, match="timm does not know the model 'no_such_net'"):
+        build_embedder(_cfg(backbone="timm:no_such_net"))

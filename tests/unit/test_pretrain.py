@@ -55,6 +55,8 @@ def test_pretrain_stage_loss_falls_and_export_initialises_teacher(tmp_path):
     tb = W.tb_scalars(RunLayout(run_dir).tb_dir("pretrain"))
     lr_proto = dict(tb["lr/prototypes"])
     assert lr_proto[4] == 0.0 and lr_proto[8] > 0.0  # prototypes frozen for the first steps
+    # random weights, pretrain.backbone_lr_mult auto: the backbone trains at the full lr (x 1.0)
+    assert cfg.pretrain.backbone_lr_mult is None and tb["lr/backbone"] == tb["lr/projection"]
     assert sum(v for _, v in tb["data/skipped_samples"]) > 0  # corrupt jpgs skipped, counted
 
     path = pretrain_init_path(run_dir)
@@ -132,13 +134,16 @@ def test_the_better_of_input_and_output_is_handed_on(tmp_path):
         for p in broken.backbone.parameters():
             p.zero_()  # constant features: every neighbour ties, chance-level MAP@R
     state = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
-    out, info = _better_of(cfg, broken, state(good), torch.device("cpu"))
+    out, info = _better_of(cfg, broken, state(good), torch.device("cpu"), seconds=42.0)
     assert (
         info["knn_map_at_r"]["handed_on"] == "input" and info["knn_map_at_r"]["input"] > info["knn_map_at_r"]["output"]
     )
+    knn = info["knn_map_at_r"]  # handing on the input: a warning with both figures and the time spent
+    assert f"input {knn['input']:.4f}, SwAV output {knn['output']:.4f}" in info["warning"]
+    assert "42 s of SwAV were spent for nothing" in info["warning"]
     assert torch.equal(out.backbone.features[0].weight, good.backbone.features[0].weight)
     out, info = _better_of(cfg, good, state(broken), torch.device("cpu"))
-    assert info["knn_map_at_r"]["handed_on"] == "output" and out is good
+    assert info["knn_map_at_r"]["handed_on"] == "output" and out is good and "warning" not in info
 
 
 def test_multicrop_stream_gives_two_global_and_v_local_views(tmp_path):

@@ -11,23 +11,28 @@ import torch
 
 from slade_dist.train import engine as E
 from slade_dist.train.common import ranking_loss_fn
-from slade_dist.train.student import StudentNet, StudentStep, param_groups
+from slade_dist.train.loop import optimizer_step
+from slade_dist.train.student import StudentNet, StudentObjective, param_groups
 
 from ..integration import _train_workers as W
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_leftover_group")
 
 
-def _batches(n_classes: int, seed: int):
-    """Endless P x K = 4 x 4 batches of 32x32 images whose label sets the mean colour."""
+def _batches(n_classes: int, seed: int, truth: bool = False):
+    """Endless P x K = 4 x 4 batches of 32x32 images whose label sets the mean colour; with
+    `truth`, the hidden classes too: the labels themselves, one of them unknown (-1)."""
     g = torch.Generator().manual_seed(seed)
     while True:
         labels = torch.randperm(n_classes, generator=g)[:4].repeat_interleave(4)
         x = torch.randn(16, 3, 32, 32, generator=g) * 0.3 + labels.view(-1, 1, 1, 1).float() / n_classes
-        yield {"images": x, "labels": labels, "skipped": 0}
+        batch = {"images": x, "labels": labels, "skipped": 0}
+        if truth:
+            batch["true_labels"] = torch.cat([labels[:-1], torch.tensor([-1])])
+        yield batch
 
 
-def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2, before_step=None):
+def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2, before_step=None, truth: bool = False):
     """(scalars of each step, the module, the trainer, the parameters before training);
     before_step(step, net, step_fn) runs before each step."""
     from slade_dist.basis import FeatureBasis
@@ -55,14 +60,13 @@ def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2, before_step=N
     tr = E.Trainer(
         net, param_groups(net, cfg), cfg.train, stage_dir=tmp_path / ablation, total_steps=steps, micro_batch=32
     )
-    step_fn = StudentStep(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2))
+    step_fn = StudentObjective(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2, truth))
     seen = []
     for s in range(steps):
         if before_step is not None:
             before_step(s, net, step_fn)
-        out = step_fn(s)
-        tr.backward_step(out.loss)
-        seen.append(out.scalars)
+        _, scalars = optimizer_step(tr, step_fn, s, [step_fn.draw(s)])
+        seen.append(scalars)
     return seen, net, tr, before
 
 
@@ -115,8 +119,8 @@ def test_gaussians_are_reseeded_once_when_the_warmup_ends(tmp_path):
             mus.append(float(net.basis.mu_pos))  # after the previous step
         if step >= 1:
             _plant_impossible_gaussians(net)
-        if step == 3:  # a second micro-batch of optimizer step 2 (grad_accum): no second reset
-            step_fn(2)
+        if step == 3:  # optimizer step 2 seen again (as by a process that resumed there): no second reset
+            optimizer_step(step_fn.trainer, step_fn, 2, [step_fn.draw(2)])
             mus.append(float(net.basis.mu_pos))
 
     _run(tmp_path, "full", steps=4, warmup=2, before_step=before)
@@ -141,3 +145,22 @@ def test_both_eq7_readings_are_logged_after_the_warmup(tmp_path, ablation):
     if last["mining/literal_pos_pairs"]:
         share = last["mining/agreement_pos_pairs"] / last["mining/literal_pos_pairs"]
         assert last["mining/literal_pos_same_cluster"] == pytest.approx(share)
+
+
+def test_pair_precision_against_the_hidden_classes_is_logged_and_summed(tmp_path):
+    """Pseudo labels equal to the hidden classes: every pseudo-positive pair is right; the pairs
+    with the unknown (-1) image are left out; the run's totals add the steps up."""
+    objective = []
+    seen, _, _, _ = _run(
+        tmp_path, "full", steps=3, warmup=1, truth=True, before_step=lambda s, net, fn: objective.append(fn)
+    )
+    assert not any(k.startswith("truth/") for k in seen[0])  # warm-up: nothing measured
+    for scalars in seen[1:]:
+        assert scalars["truth/pseudo_pos_precision"] == 1.0
+        for name in ("literal_pos", "literal_neg", "agreement_pos", "agreement_neg"):
+            if f"truth/{name}_precision" in scalars:
+                assert 0.0 <= scalars[f"truth/{name}_precision"] <= 1.0
+    # 4 clusters x 4 images: 48 ordered same-cluster pairs, 6 of them with the unknown image
+    summary = objective[0].truth.summary()
+    assert summary["pseudo_pos"] == {"precision": 1.0, "pairs": 2 * 42}
+    assert summary["literal_pos"]["pairs"] > 0

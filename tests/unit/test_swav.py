@@ -77,11 +77,13 @@ def test_sinkhorn_on_peaked_scores_is_close_to_converged_codes():
 
 # ------------------------------------------------------------------------------------ queue
 def test_queue_length_auto_only_when_the_global_batch_is_below_the_prototypes():
+    # pretrain.batch_size is the step's global batch, whatever the world size
     assert queue_length(-1, 64, 1, 100) == 256  # smallest multiple of 64 holding 2 x 100 rows
-    assert queue_length(-1, 64, 4, 100) == 0  # global batch 256 >= 100 prototypes: no queue
-    assert queue_length(-1, 32, 2, 300) == 320  # 640 global rows (10 x 64), 320 per rank
+    assert queue_length(-1, 64, 4, 100) == 64  # the same 256 global rows, 64 per rank
+    assert queue_length(-1, 256, 4, 100) == 0  # global batch 256 >= 100 prototypes: no queue
+    assert queue_length(-1, 64, 2, 300) == 320  # 640 global rows (10 x 64), 320 per rank
     assert queue_length(0, 8, 1, 300) == 0
-    assert queue_length(3840, 64, 4, 3000) == 960  # configured: global rows split over the ranks
+    assert queue_length(3840, 256, 4, 3000) == 960  # configured: global rows split over the ranks
 
 
 def test_feature_queue_keeps_the_newest_rows_first_and_knows_when_full():
