@@ -1,7 +1,7 @@
 """The curate stage's decisions on disk: which unlabeled samples the cluster stage may use, and why not.
 
-Owns the files of `<run>/round<r>/curate/` that other stages read (the stage itself is
-slade_dist/pseudo/curate.py):
+Owns the files of `<run>/curate/` (RunLayout.stage_dir("curate")) that other stages read (the stage itself is
+slade_dist/pseudo/curate/):
 - `cur-%06d.npz`, one per unlabeled shard, one row per sample of the tar in tar order: `key_id`
   (uint64 digest of each key: readers look their keys up by it, a key it lacks is an error),
   `keep` (bool), `reason` (uint8: KEPT, NEAR_TEST, SAME_BYTES, DUPLICATE, UNREADABLE), `group`
@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import explained_writes
+from ..errors import UserError
+from ..fileio import atomic_path
 from .shards import shard_index
 
 __all__ = [
@@ -57,7 +58,7 @@ REASONS = {
 SUMMARY_FILE = "curate.json"
 
 
-class CurationMissing(FileNotFoundError):
+class CurationMissing(FileNotFoundError, UserError):
     """curate.enabled is set but the round's curate outputs are missing or do not fit the shards."""
 
 
@@ -84,8 +85,7 @@ def write_decisions(
         raise ValueError(
             f"{path.name}: {len(key_id)} keys, {len(reason)} reasons, {len(group)} groups, {len(test_score)} scores"
         )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    with explained_writes(path):
+    with atomic_path(path) as tmp:
         np.savez(
             tmp,
             key_id=np.asarray(key_id, dtype=np.uint64),
@@ -94,7 +94,6 @@ def write_decisions(
             group=np.asarray(group, dtype=np.int64),
             test_score=np.asarray(test_score, dtype=np.float32),
         )
-        tmp.replace(path)
 
 
 def read_decisions(path: Path) -> dict[str, np.ndarray]:

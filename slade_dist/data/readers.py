@@ -416,7 +416,7 @@ def pseudo_labeled_batches(
     """Like labeled_batches, labels = the cluster ids of `pseudo_dir`'s cluster index (written by
     the cluster stage; missing, or built with other filters: a clear error to run it), plus
     "true_labels" (P*K,) long: each member's hidden class from its json, -1 where unknown (never
-    trained on; pair_truth.pair_precision measures pairs against it).
+    trained on; train/student.py TruthPrecision measures the pairs against it).
 
     Only kept members are drawn (distance within the cluster's data_cfg.pseudo_max_dist_percentile,
     cluster of at least data_cfg.pseudo_min_cluster_size), from clusters holding >= K of them.

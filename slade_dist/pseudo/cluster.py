@@ -14,10 +14,10 @@ unlabeled json carried them) and, in TensorBoard (rank 0), a cluster-size histog
 of a few pseudo-classes.
 With `curate.enabled` the curate stage's decisions (data/curation.py) pick the points: only the
 kept ones train the centroids, enter the member index and the statistics; every point still gets a
-label row, so each label file covers its shard. Balance: `curate.cluster_cap` caps what the student
-draws from one cluster at that multiple of the mean cluster size (its nearest members; counted in
-stats.json "index"), and a cluster holding more than `curate.collapse_share` of the points (and over
-twice an equal share) is a WARNING with the numbers (stats.json "collapse").
+label row, so each label file covers its shard. Balance (pseudo/cluster_pool.py): `curate.cluster_cap`
+caps what the student draws from one cluster at that multiple of the mean cluster size (its nearest
+members; counted in stats.json "index"), and a cluster holding more than `curate.collapse_share` of
+the points (and over twice an equal share) is a WARNING with the numbers (stats.json "collapse").
 Resumable: centroids are reused when centroids.json matches (config, embeddings, k, curation), and
 shards whose pseudo-label file already exists are only read back for the statistics.
 Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py, tests/unit/test_curate.py,
@@ -41,12 +41,9 @@ import torch
 
 from .. import dist
 from ..config import Config, PseudoConfig
-from ..data.curation import CurationMissing, read_keep, read_summary
 from ..data.pseudo_index import (
     ROW,
     clear_index,
-    index_rows,
-    key_crc,
     owner_bounds,
     summarise_clusters,
     write_member_file,
@@ -61,6 +58,16 @@ from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
+from .cluster_pool import (
+    cap_clusters,
+    cap_size,
+    collapse,
+    curation_summary,
+    imbalance_factor,
+    keep_mask,
+    kept_index_rows,
+    kept_rows,
+)
 from .kmeans import assign_array, cap_k, params_assigner, train_centroids
 
 CENTROIDS_FILE = "centroids.npy"
@@ -83,9 +90,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     shards = _unlabeled_shards(cfg)
     _check_embeddings(emb_dir, shards, r)
     mine = dist.shard_slice(shards)
-    curated = _curation(cfg, layout)
-    keep = {p.name: _keep_mask(layout, emb_dir, p) for p in mine} if curated else {}
-    parts = {shard_index(p): _kept(embed_files.load_embeddings(emb_dir, p), keep.get(p.name)) for p in mine}
+    curated = curation_summary(cfg, layout)
+    keep = {p.name: keep_mask(layout, emb_dir, p) for p in mine} if curated else {}
+    parts = {shard_index(p): kept_rows(embed_files.load_embeddings(emb_dir, p), keep.get(p.name)) for p in mine}
 
     n_local = torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64)
     n_total = int(dist.staged_all_reduce_sum(n_local)[0])
@@ -190,28 +197,6 @@ def _check_embeddings(emb_dir: Path, shards: list[Path], round_: int) -> None:
             f"cluster round {round_}: {len(missing)} of {len(shards)} shards have no embeddings in "
             f"{emb_dir} (first: {', '.join(missing[:3])}); run the embed stage for round {round_} first"
         )
-
-
-def _curation(cfg: Config, layout: RunLayout) -> dict[str, Any]:
-    """The round's curate summary when curate.enabled ({} when off); a clear error when missing."""
-    if not cfg.curate.enabled:
-        return {}
-    summary = read_summary(layout.stage_dir("curate"))
-    if summary is None:
-        raise CurationMissing(
-            f"cluster round {cfg.run.round}: curate.enabled is true but {layout.stage_dir('curate')} holds no "
-            f"complete curation (curate.json); run the curate stage first"
-        )
-    return summary
-
-
-def _keep_mask(layout: RunLayout, emb_dir: Path, shard: Path) -> np.ndarray:
-    return read_keep(layout.stage_dir("curate"), shard, embed_files.read_keys(emb_dir, shard))
-
-
-def _kept(emb: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-    """The rows k-means trains on: all (the memmap itself), or the kept ones (read into memory)."""
-    return emb if keep is None or keep.all() else np.asarray(emb[keep])
 
 
 # ---------------------------------------------------------------------------------- centroids
@@ -356,20 +341,6 @@ class _TarScans:
         return rows, self.lost, self.seconds
 
 
-def kept_index_rows(
-    tar: Path, pos: int, keys: list[str], cls: np.ndarray, dists: np.ndarray, pl_name: str, keep: np.ndarray | None
-) -> tuple[np.ndarray, int]:
-    """index_rows of the samples curation kept (`keep` None: all), and the label rows a truncated
-    tar lost. index_rows yields the label rows in order and a cut tar loses a tail, so its rows are
-    the first len(rows) label rows (their key checksums say so)."""
-    rows, lost = index_rows(tar, pos, keys, cls, dists, pl_name)
-    if keep is None:
-        return rows, lost
-    if [int(c) for c in rows["crc"]] != [key_crc(k) for k in keys[: len(rows)]]:
-        raise RuntimeError(f"{pl_name}: the member rows of {Path(tar).name} are not its first label rows in order")
-    return rows[keep[: len(rows)]], int(keep[len(rows) :].sum())
-
-
 # ------------------------------------------------------------------------------- member index
 def _write_index(
     local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path], cap: int = 0
@@ -393,73 +364,9 @@ def _write_index(
     return out
 
 
-def cap_size(factor: float, n: int, k: int) -> int:
-    """curate.cluster_cap as a member count: that multiple of the mean cluster size (0: no cap)."""
-    return 0 if factor <= 0 or k <= 0 else max(1, math.ceil(factor * n / k))
-
-
-def cap_clusters(rows: np.ndarray, arrays: dict[str, np.ndarray], cap: int) -> dict[str, int]:
-    """Keep at most `cap` members of each cluster (in place): the nearest, as a cluster's rows are
-    sorted by distance, so its threshold becomes the last kept member's distance."""
-    over = np.flatnonzero(arrays["kept"] > cap) if cap > 0 else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], np.cumsum(arrays["sizes"])])
-    dropped = int((arrays["kept"][over] - cap).sum())
-    arrays["thresholds"][over] = rows["dist"][starts[over] + cap - 1]
-    arrays["kept"][over] = cap
-    return {"capped_clusters": int(len(over)), "capped_members": dropped}
-
-
-def collapse(sizes: np.ndarray, share_limit: float) -> dict[str, Any]:
-    """The largest cluster's share of the points, and a warning text when it holds more than
-    share_limit of them and more than twice an equal share (so a small k never warns by itself)."""
-    n, k = int(sizes.sum()), len(sizes)
-    c = int(np.argmax(sizes)) if k else 0
-    share = float(sizes[c] / n) if n else 0.0
-    limit = max(share_limit, 2.0 / k) if k else 1.0
-    warning = ""
-    if share > limit:
-        warning = (
-            f"collapse: cluster {c} holds {int(sizes[c])} of {n} points ({share:.1%}; an equal share is {1 / k:.2%}, "
-            f"the warning limit {limit:.1%}); imbalance {imbalance_factor(sizes):.2f}. Look at its images "
-            f"(TensorBoard pseudo_class/*), bound what the student draws from it with curate.cluster_cap, or check "
-            f"the teacher's embeddings"
-        )
-    return {"largest": c, "size": int(sizes[c]) if k else 0, "share": share, "limit": limit, "warning": warning}
-
-
 def _rows_to_owners(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """All-to-all of ROW records: each goes to the rank owning its cluster."""
-    return send_rows_to_owners(rows, np.searchsorted(bounds, rows["cls"], side="right") - 1)
-
-
-def send_rows_to_owners(rows: np.ndarray, dest: np.ndarray) -> np.ndarray:
-    """One all-to-all of structured numpy rows (raw bytes on the wire): row i goes to rank dest[i];
-    returns the rows this rank received, by source rank (collective; the rows themselves in one process)."""
-    if not dist.is_dist():
-        return rows
-    order = np.argsort(dest, kind="stable")
-    rows = np.ascontiguousarray(rows[order])
-    send = np.bincount(dest, minlength=dist.world_size())
-    recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
-    wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize))
-    return dist.all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(rows.dtype)
-
-
-def coarse_cells(parts: dict[int, np.ndarray], cells: int, cfg: Config) -> np.ndarray:
-    """Centroids of `cells` coarse cells of the points of every rank's parts (spherical k-means on
-    the cluster stage's backend, 10 Lloyd iterations on a 64-points-per-cell sample, flat): the
-    cells the curate stage searches for near-duplicates in (collective)."""
-    params = dataclasses.replace(
-        cfg.pseudo,
-        k=cells,
-        niter=10,
-        max_points_per_centroid=64,
-        spherical=True,
-        seed=cfg.curate.seed,
-        two_level="off",
-        assign="exact",
-    )
-    return train_centroids(parts, params).centroids
+    return dist.all_to_all_records(rows, np.searchsorted(bounds, rows["cls"], side="right") - 1)
 
 
 # ------------------------------------------------------------------------------------- stats
@@ -491,13 +398,6 @@ def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[
     if pairs:
         stats.update(contingency_scores(pairs))
     return stats
-
-
-def imbalance_factor(sizes: np.ndarray) -> float:
-    """k * sum(size^2) / n^2 (FAISS's definition): 1 for equal sizes, k when one cluster has all."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    n = sizes.sum()
-    return float(len(sizes) * np.square(sizes).sum() / (n * n)) if n else 0.0
 
 
 def contingency_scores(pairs: Counter) -> dict[str, Any]:

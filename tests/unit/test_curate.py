@@ -28,14 +28,14 @@ from slade_dist.data.curation import (
     read_summary,
 )
 from slade_dist.data.demo import read_planted
-from slade_dist.data.pair_truth import same_label_pairs
 from slade_dist.data.pseudo_index import ClusterIndex, TarReader
 from slade_dist.data.pseudo_labels import pseudo_label_path, read_pseudo_labels
 from slade_dist.data.readers import pseudo_labeled_batches
 from slade_dist.data.shards import shard_paths, write_index
 from slade_dist.data.tars import TarSamples, image_bytes
+from slade_dist.errors import is_user_error, one_line
 from slade_dist.provenance import MISSING
-from slade_dist.pseudo import cluster, curate
+from slade_dist.pseudo import cluster, cluster_pool, curate
 from slade_dist.pseudo import embed as embed_files
 from slade_dist.stages import RunLayout, data_keys, pipeline_plan, stage_inputs, write_done
 from tests.integration import _pseudo_workers as W
@@ -219,7 +219,8 @@ def test_cluster_stage_uses_only_what_curation_kept(curated, tmp_path):
     stream = pseudo_labeled_batches(cfg.data.unlabeled_shards, out, cfg.data, 3, 3, seed=0, rank=0, world=1)
     for _ in range(10):
         b = next(stream)
-        for i, j in same_label_pairs(b["labels"]).t().tolist():
+        same = b["labels"][:, None] == b["labels"][None, :]
+        for i, j in same.fill_diagonal_(False).nonzero().tolist():
             ki, kj = b["keys"][i], b["keys"][j]
             assert ki != kj and not (ki in group_of and group_of[ki] == group_of.get(kj))
     # every label file still covers its shard (all samples labelled)
@@ -243,9 +244,9 @@ def test_balance_cap_and_collapse_warning(tmp_path):
     for c in range(5):  # the nearest members stay: the threshold is the last kept member's distance
         rows = index.entries(c, np.arange(cap))
         assert len(rows) == cap and np.isfinite(index.thresholds[c])
-    warn = cluster.collapse(np.array([90, 4, 3, 3]), 0.1)
+    warn = cluster_pool.collapse(np.array([90, 4, 3, 3]), 0.1)
     assert "cluster 0 holds 90 of 100 points (90.0%" in warn["warning"] and warn["share"] == 0.9
-    assert cluster.collapse(np.array([30, 25, 25, 20]), 0.1)["warning"] == ""  # under twice an equal share
+    assert cluster_pool.collapse(np.array([30, 25, 25, 20]), 0.1)["warning"] == ""  # under twice an equal share
     stats = json.loads((out / "stats.json").read_text())
     assert stats["collapse"]["share"] == pytest.approx(max(stats["sizes"]) / 500)
 
@@ -269,26 +270,38 @@ def test_bad_inputs_fail_with_one_clear_line(curated, tmp_path):
     shutil.copytree(root / "demo", tmp_path / "demo")
     empty = tmp_path / "empty_test"
     write_index(empty, [], "labeled")
-    with pytest.raises(ValueError, match="hold no readable image"):
+    errors = []
+    with pytest.raises(curate.NoTestImages, match="hold no readable image") as e:
         curate.run(curate_cfg(tmp_path, f"data.test_shards={empty}"), tmp_path / "run")
-    with pytest.raises(ValueError, match="no test set to decontaminate against"):
+    errors.append(e.value)
+    with pytest.raises(ConfigError, match="no test set to decontaminate against") as e:
         curate.run(curate_cfg(tmp_path, "data.test_shards="), tmp_path / "run")
-    with pytest.raises(ConfigError, match="curate.match_threshold .* above the maximum 1.0"):
+    errors.append(e.value)
+    with pytest.raises(ConfigError, match="curate.match_threshold .* above the maximum 1.0") as e:
         curate_cfg(tmp_path, "curate.match_threshold=1.5")
-    with pytest.raises(ConfigError, match="curate.candidate_radius .* below the minimum"):
+    errors.append(e.value)
+    with pytest.raises(ConfigError, match="curate.candidate_radius .* below the minimum") as e:
         curate_cfg(tmp_path, "curate.candidate_radius=-0.1")
-    # the cluster stage: curation on but never run, or run on other shards
+    errors.append(e.value)
+    # the cluster stage: no embeddings; curation on but never run; run on other shards
     cfg = curate_cfg(tmp_path)
+    with pytest.raises(FileNotFoundError, match="have no embeddings .* run the embed stage") as e:
+        cluster.run(cfg, tmp_path / "run")
+    errors.append(e.value)
     W.make_teacher(tmp_path / "run")
     embed_files.run(cfg, tmp_path / "run")
-    with pytest.raises(CurationMissing, match="run the curate stage first"):
+    with pytest.raises(CurationMissing, match="run the curate stage first") as e:
         cluster.run(cfg, tmp_path / "run")
+    errors.append(e.value)
     shutil.copytree(root / "run" / "curate", tmp_path / "run" / "curate", dirs_exist_ok=True)
     first = decisions_path(tmp_path / "run" / "curate", shard_paths(tmp_path / "demo" / "unlabeled")[0])
     d = read_decisions(first)
     np.savez(first, **{**d, "key_id": d["key_id"][::-1].copy() + np.uint64(1)})
-    with pytest.raises(CurationMissing, match="the shard changed after curation"):
+    with pytest.raises(CurationMissing, match="the shard changed after curation") as e:
         cluster.run(cfg, tmp_path / "run")
+    errors.append(e.value)
+    # each one a user error: one line, exit 2 at the entry points (errors.exit_on_user_error)
+    assert all(is_user_error(err) and "\n" not in one_line(err) for err in errors)
 
 
 def test_eval_says_what_was_removed_or_that_nothing_was_checked(curated, caplog):
