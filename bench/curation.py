@@ -17,7 +17,10 @@ teacher -> embed -> cluster -> eval (the teacher). Measured against planted.json
   500x375 photo-like JPEGs (decode at a reduced scale, colour histogram, thumbnail), pixel checks
   per second (copy_score of pairs that are not copies: the full search), and FAISS IndexFlatIP
   GFLOP/s on 512-d histograms (2 x d FLOP per distance).
---quick: the demo at 32 px (bench/_demo.py "quick"), 30 pretrain / 100 teacher steps.
+- student (--student): the student of round 1 on the default clusters (curate.cluster_cap 0): the
+  precision of its pseudo-positive pairs and of both Eq. 7 readings' mined pairs against the hidden
+  classes (its DONE.json `truth_precision`, train/student.py TruthPrecision).
+--quick: the demo at 32 px (bench/_demo.py "quick"), 30 pretrain / 100 teacher / 100 student steps.
 --rates-only: only the rates.
 The last line is one JSON object {"bench": "curation", "ours": planted test copies removed (share),
 "baseline": the hash check's share, "unit", "ratio", ...}.
@@ -46,7 +49,7 @@ from slade_dist.pseudo import embed as embed_files
 from slade_dist.runner import run_stage
 from slade_dist.stages import RunLayout
 
-QUICK_STEPS = ["pretrain.steps=30", "train.teacher_steps=100"]
+QUICK_STEPS = ["pretrain.steps=30", "train.teacher_steps=100", "train.student_steps=100"]
 
 
 def prepare(bench_dir: Path, quick: bool, copies: int, groups: int) -> list[str]:
@@ -199,6 +202,9 @@ def main() -> None:
     ap.add_argument("--caps", default="0,2,3,4,6", help="curate.cluster_cap values measured (0: none)")
     ap.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where data and runs go")
     ap.add_argument("--rates-only", action="store_true", help="only the single-thread rates")
+    ap.add_argument(
+        "--student", action="store_true", help="also train the round-1 student: truth precision of its pairs"
+    )
     args = ap.parse_args()
     measured = rates()
     print(f"  rates (1 thread): {measured}", flush=True)
@@ -215,9 +221,19 @@ def main() -> None:
     seconds = {}
     for stage in ("curate", "pretrain", "teacher", "embed", "cluster", "eval"):
         t0 = time.time()
-        run_stage(cfg, stage)
+        run_stage(cfg, stage, force=stage == "curate")  # the curate code may have changed: measured afresh
         seconds[stage] = round(time.time() - t0, 1)
         print(f"  {stage}: {seconds[stage]}s", flush=True)
+    truth_precision = None
+    if args.student:
+        t0 = time.time()
+        run_stage(cfg, "student")
+        seconds["student"] = round(time.time() - t0, 1)
+        truth_precision = json.loads(RunLayout(run_dir).done_file("student", 1).read_text())["result"][
+            "truth_precision"
+        ]
+        print(f"  student: {seconds['student']}s; truth precision {truth_precision}", flush=True)
+    eval_curation = json.loads((RunLayout(run_dir).stage_dir("eval") / "metrics.json").read_text()).get("curation")
     unlabeled = Path(cfg.data.unlabeled_shards)
     planted = read_planted(cfg.demo.out)
     decided = decisions(run_dir, unlabeled)
@@ -240,7 +256,8 @@ def main() -> None:
                 "bench": "curation",
                 "ours": round(res["test_copies_removed"], 4),
                 "baseline": round(res["hash_only_removed"], 4),
-                "unit": "share of planted test copies removed (ours: embedding + hash; baseline: hash only)",
+                "unit": "share of planted test copies removed (ours: colour-histogram search + pixel check + hash; "
+                "baseline: hash only)",
                 "ratio": round(res["test_copies_removed"] / max(res["hash_only_removed"], 1e-9), 3),
                 "others_removed": round(res["others_removed"], 5),
                 "groups_collapsed": round(res["groups_collapsed"], 4),
@@ -248,6 +265,9 @@ def main() -> None:
                 "thresholds": {k: curate_done[k] for k in ("candidate_radius", "match_threshold")},
                 "pixel_checks": curate_done["pixel_checks"],
                 "curate_seconds": curate_done["seconds"],
+                "curate_done": {k: curate_done[k] for k in ("pool", "kept", "removed", "per_test_set")},
+                "eval_curation": eval_curation,
+                "truth_precision": truth_precision,
                 "calibration": curate_done["calibration"],
                 "balance": balance,
                 "measures": res,

@@ -436,8 +436,8 @@ class CurateConfig:
         0.005,
         lo=0.0,
         hi=0.5,
-        help="and, where the two distributions allow it, the match threshold is raised halfway to the score "
-        "only this share of distinct test-image pairs reach (the false-positive budget)",
+        help="the false-positive budget: where the two distributions allow it, the match threshold lies halfway "
+        "to the score only this share of distinct test images reach with their best candidate",
     )
     copy_min_area: float = _f(0.75, lo=0.05, hi=1.0, help="copies: least area a crop keeps (calibration and search)")
     copy_max_rotation: float = _f(3.0, lo=0.0, hi=45.0, help="copies: rotation in [-d, d] degrees")

@@ -4,11 +4,14 @@ Owns `PairCheck` (the copy decision of a candidate pair: within `candidate_radiu
 histogram, then data/copies.copy_score from `match_threshold`), `choose_thresholds` (the rule) and
 `calibrate`: rank 0 gives `curate.calibration_images` test images one edited copy each
 (data/copies.make_copy within the `curate.copy_*` ranges) and scores up to twice as many test
-images against their candidates among the other test images (the hardest distinct pairs the check
-meets); the radius keeps the `copy_quantile` of copy-to-original histogram distances, the match
-threshold keeps the `copy_quantile` of copy scores and, when the distinct pairs leave room, is
-raised halfway to the score only `distinct_quantile` of them reach; when the two overlap a WARNING
-gives the expected false-positive share. Values set in the config are used as given (and reported).
+images against their candidates among the other test images (the hardest distinct images the check
+meets); the radius keeps the `copy_quantile` of copy-to-original histogram distances. The match
+threshold keeps the `copy_quantile` of copy scores; the false-positive budget is a share of IMAGES
+(a pool image is removed when its best candidate passes), so the distinct side is each distinct
+image's best score, and the threshold lies halfway between the two quantiles when only
+`distinct_quantile` of distinct images reach a score below the copies'; when the two overlap, the
+copy quantile alone and a WARNING with the expected share of distinct images flagged. Values set
+in the config are used as given (and reported).
 Tests: tests/unit/test_curate.py.
 """
 
@@ -33,16 +36,17 @@ QUANTILES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 
 
 
 def choose_thresholds(
-    copy_dist: np.ndarray, copy_scores: np.ndarray, distinct_scores: np.ndarray, copy_q: float, distinct_q: float
+    copy_dist: np.ndarray, copy_scores: np.ndarray, distinct_best: np.ndarray, copy_q: float, distinct_q: float
 ) -> dict[str, Any]:
     """Radius: keeps copy_q of the copies' histogram distances. Match threshold: keeps copy_q of the
-    copies' scores; raised halfway to the score only distinct_q of the distinct pairs reach when
-    that lies above, else (`overlap`) the copy quantile alone."""
+    copies' scores; halfway between that and the score only distinct_q of the distinct images reach
+    with their best candidate (distinct_best: -1 without one) when that lies below, else
+    (`overlap`) the copy quantile alone."""
     if len(copy_scores) == 0:
         raise UnusableInput("curate: the calibration has no copies (too few readable test images?)")
     radius = float(np.quantile(copy_dist, copy_q))
     t_copy = float(np.quantile(copy_scores, 1.0 - copy_q))
-    t_distinct = float(np.quantile(distinct_scores, 1.0 - distinct_q)) if len(distinct_scores) else -1.0
+    t_distinct = float(np.quantile(distinct_best, 1.0 - distinct_q)) if len(distinct_best) else -1.0
     overlap = t_distinct >= t_copy
     t = t_copy if overlap else (t_copy + t_distinct) / 2
     return {
@@ -98,9 +102,9 @@ def calibrate(tests: TestImages, out_dir: Path, cfg: Config) -> dict[str, Any]:
         dist.get_logger().warning(
             f"[curate] copies and distinct test images overlap: the score {1 - cfg.curate.copy_quantile:.3g} of the "
             f"copies stay under ({c['copy_quantile_score']:.4f}) is below the one {cfg.curate.distinct_quantile:.3g} "
-            f"of distinct candidate pairs reach ({c['distinct_quantile_score']:.4f}); at threshold "
-            f"{report['match_threshold']:.4f} {report['estimates']['distinct_flagged_share']:.2%} of distinct test "
-            f"images would be flagged (calibration.json)"
+            f"of distinct test images reach with their best candidate ({c['distinct_quantile_score']:.4f}); at "
+            f"threshold {report['match_threshold']:.4f} {report['estimates']['distinct_flagged_share']:.2%} of "
+            f"distinct test images would be flagged (calibration.json)"
         )
     return report
 
@@ -122,17 +126,18 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
     queries = np.sort(rng.choice(len(tests.keys), min(2 * c.calibration_images, len(tests.keys)), replace=False))
     loose = float(np.quantile(copy_dist, c.copy_quantile)) if c.candidate_radius is None else c.candidate_radius
     distinct, distinct_best = _distinct_scores(tests, index, queries, loose, probe, c.candidates)
-    cal = choose_thresholds(copy_dist, copy_scores, distinct, c.copy_quantile, c.distinct_quantile)
+    cal = choose_thresholds(copy_dist, copy_scores, distinct_best, c.copy_quantile, c.distinct_quantile)
     radius = c.candidate_radius if c.candidate_radius is not None else cal["candidate_radius"]
     threshold = c.match_threshold if c.match_threshold is not None else cal["match_threshold"]
     found = _retrieved(index, unit_rows(copies["hist"]), rows, c.candidates)
     report = {
         "rule": (
             f"candidate radius = the {c.copy_quantile} quantile of copy-to-original colour-histogram distances; "
-            f"match threshold = the score all but {1 - c.copy_quantile:.3g} of copies reach, raised halfway to the "
-            f"score only {c.distinct_quantile} of distinct test-image candidate pairs reach when that lies above "
-            f"(else the copy quantile alone, with a warning). A pool image is a copy of a test image when one of its "
-            f"{c.candidates} nearest test images by histogram lies within the radius and scores >= the threshold"
+            f"match threshold = the score all but {1 - c.copy_quantile:.3g} of copies reach, placed halfway to the "
+            f"score only {c.distinct_quantile} of distinct test images reach with their best candidate when that "
+            f"lies below (else the copy quantile alone, with a warning). A pool image is a copy of a test image when "
+            f"one of its {c.candidates} nearest test images by histogram lies within the radius and scores >= the "
+            f"threshold"
         ),
         "candidate_radius": float(radius),
         "candidate_radius_source": "config" if c.candidate_radius is not None else "calibrated",
@@ -152,9 +157,11 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
         },
         "distinct": {
             "score": _describe(distinct),
+            "best_score": _describe(distinct_best),
             "what": (
                 f"pixel-check scores of {len(queries)} test images against their candidates among the other test "
-                f"images (other bytes, within the radius): the hardest distinct pairs the check meets"
+                f"images (other bytes, within the radius): the hardest distinct pairs the check meets; best_score: "
+                f"each image's best (-1: no candidate within the radius)"
             ),
         },
         "test_images": len(tests.keys),
