@@ -5,7 +5,8 @@ One round of configs/demo.yaml with `demo.planted_test_copies` edited copies of 
 their identity is read back from planted.json here, never by a stage): curate -> pretrain ->
 teacher -> embed -> cluster -> eval (the teacher). Measured against planted.json:
 - ours: share of planted test copies the curate stage removed; share of the other unlabeled
-  images it removed (for a test set, or as a duplicate); share of planted duplicate groups left with
+  images (neither a planted copy nor in a planted group) it removed (for a test set, or as a
+  duplicate); share of planted duplicate groups left with
   exactly one member in the pool; planted groups with two members in the student's member index.
 - baseline: byte-identical matching only (what a hash check gives): the planted copies whose
   bytes equal their test image's, and duplicate groups whose copies are all byte-identical.
@@ -82,8 +83,10 @@ def decisions(run_dir: Path, unlabeled: Path) -> dict[str, tuple[int, int]]:
 def measure(decided: dict[str, tuple[int, int]], planted: dict[str, Any]) -> dict[str, Any]:
     copies = planted["test_copies"]
     copy_keys = {c["key"] for c in copies}
-    dup_copies = {k for g in planted["duplicate_groups"] for k in g["keys"][1:]}
-    others = [k for k in decided if k not in copy_keys and k not in dup_copies]
+    group_keys = {k for g in planted["duplicate_groups"] for k in g["keys"]}
+    # others: neither a planted copy nor in a planted group (which member represents a group is the
+    # stage's choice: its first row, not necessarily the planted original)
+    others = [k for k in decided if k not in copy_keys and k not in group_keys]
     removed_copies = [c for c in copies if decided[c["key"]][0] != KEPT]
     exact = [c for c in copies if c["edit"] == "same bytes"]
     collapsed = [g for g in planted["duplicate_groups"] if sum(decided[k][0] == KEPT for k in g["keys"]) == 1]
@@ -102,8 +105,21 @@ def measure(decided: dict[str, tuple[int, int]], planted: dict[str, Any]) -> dic
         "others_removed_as_duplicates": sum(decided[k][0] == 3 for k in others) / max(len(others), 1),
         "duplicate_groups": len(planted["duplicate_groups"]),
         "groups_collapsed": len(collapsed) / max(len(planted["duplicate_groups"]), 1),
+        "groups_not_collapsed": [_group_fate(g, decided) for g in planted["duplicate_groups"] if g not in collapsed],
         "hash_only_groups_collapsed": len(hash_groups) / max(len(planted["duplicate_groups"]), 1),
     }
+
+
+def _group_fate(group: dict[str, Any], decided: dict[str, tuple[int, int]]) -> str:
+    """Why a planted group did not end with exactly one kept member."""
+    reasons = [decided[k][0] for k in group["keys"]]
+    kept = sum(r == KEPT for r in reasons)
+    if kept > 1:
+        return f"{kept} members kept (a copy missed)"
+    if any(r in (NEAR_TEST, SAME_BYTES) for r in reasons):
+        return "removed as copies of a test image"
+    outside = {decided[k][1] for k in group["keys"]} - {-1}
+    return f"joined to a group represented by pool row {sorted(outside)} outside the planted group"
 
 
 def member_truth(run_dir: Path, unlabeled: Path, cfg: Any) -> tuple[ClusterIndex, dict[tuple[int, int], str]]:

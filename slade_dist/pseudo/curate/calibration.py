@@ -61,6 +61,7 @@ def choose_thresholds(
 def _describe(x: np.ndarray) -> dict[str, Any]:
     if len(x) == 0:
         return {"n": 0}
+    x = np.asarray(x, dtype=np.float64)  # float32 cannot hold 40 bins of a 1e-6 range (all values equal)
     hist, edges = np.histogram(x, bins=40, range=(float(x.min()), max(float(x.max()), float(x.min()) + 1e-6)))
     return {
         "n": int(len(x)),
