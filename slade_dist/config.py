@@ -403,7 +403,7 @@ class PseudoConfig:
 @dataclass
 class CurateConfig:
     """The unlabeled pool checked once, before anything reads it (the curate stage,
-    slade_dist/pseudo/curate.py): copies of test images out, near-duplicate groups down to one
+    slade_dist/pseudo/curate/): copies of test images out, near-duplicate groups down to one
     image; plus the cluster stage's balance cap and collapse warning (those act either way). A copy
     is found by a colour-histogram search (FAISS) and confirmed by a pixel check (copy_score:
     gradient maps correlated over crops, scales and small rotations), both thresholds calibrated."""

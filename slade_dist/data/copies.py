@@ -3,7 +3,7 @@
 Owns `CopyEdits` (the ranges: crop area, resize factor, rotation, JPEG re-encode quality, the share
 of copies that keep the original bytes), `make_copy` (one edited copy of encoded image bytes, every
 draw from the caller's numpy Generator, so a seed fixes the copy), and the copy check the curate
-stage runs (slade_dist/pseudo/curate.py): `signature` (a colour histogram to find candidates with
+stage runs (slade_dist/pseudo/curate/): `signature` (a colour histogram to find candidates with
 FAISS, and a grayscale thumbnail) and `copy_score` (the pixel check of a candidate pair: gradient
 maps correlated over the crops, scales and small rotations a copy may have undergone).
 Why pixels and not the teacher embedding: a metric-learning embedding is trained to put every image
