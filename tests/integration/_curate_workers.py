@@ -26,3 +26,21 @@ def curate_worker(root: str, overrides: list[str], out_file: str) -> None:
             Path(out_file).write_text(json.dumps(result))
     finally:
         dist.shutdown()
+
+
+def cluster_worker(root: str, overrides: list[str], out_file: str) -> None:
+    """embed + cluster (round 1) on the curated demo under root on every rank; rank 0 saves the result."""
+    from slade_dist.pseudo import cluster
+    from slade_dist.pseudo import embed as embed_files
+
+    dist.init_distributed()
+    try:
+        torch.set_num_threads(1)
+        demo = Path(root) / "demo"
+        cfg = W.make_cfg(Path(root) / "run", demo / "unlabeled", [f"data.test_shards={demo / 'test'}", *overrides])
+        embed_files.run(cfg, Path(root) / "run")
+        result = cluster.run(cfg, Path(root) / "run")
+        if dist.is_main():
+            Path(out_file).write_text(json.dumps(result))
+    finally:
+        dist.shutdown()

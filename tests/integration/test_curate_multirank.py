@@ -2,7 +2,8 @@
 demo shards: each rank scans its own unlabeled shards and test shards, the dedup rows cross ranks
 (3 cells of k-means, copies sent over their borders, one all-to-all) and the decisions, the
 duplicate groups and the counts equal the 1-rank run's; a 2-rank rerun after one shard's scan was
-deleted redoes only that scan. Worker: tests/integration/_curate_workers.py."""
+deleted redoes only that scan; the cluster stage on the curated pool with a balance cap on 2 ranks
+(each rank caps the clusters it owns) equals 1 rank. Worker: tests/integration/_curate_workers.py."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import pytest
 
 from slade_dist import dist
 from slade_dist.data.curation import decisions_path, read_decisions
+from slade_dist.data.pseudo_index import ClusterIndex
 from slade_dist.data.shards import shard_paths
-from slade_dist.pseudo import curate
+from slade_dist.pseudo import cluster, curate
+from slade_dist.pseudo import embed as embed_files
 from slade_dist.stages import RunLayout
 from tests.integration import _pseudo_workers as W
-from tests.integration._curate_workers import curate_worker
+from tests.integration._curate_workers import cluster_worker, curate_worker
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 PLANTED = dict(
@@ -68,3 +71,23 @@ def test_two_ranks_resume_from_the_scans(runs):
     assert [n for n in after if after[n] != before[n]] == [scans[1].name]  # only the missing scan was redone
     again = json.loads((two / "again.json").read_text())
     assert again["removed"] == double["removed"] and again["kept"] == double["kept"]
+
+
+def test_two_ranks_cluster_the_curated_pool_with_a_cap_as_one(runs):
+    one, two, single, _ = runs
+    over = [*OVERRIDES, "curate.cluster_cap=0.8"]
+    for root in (one, two):
+        W.make_teacher(root / "run")
+    demo = one / "demo"
+    cfg = W.make_cfg(one / "run", demo / "unlabeled", [f"data.test_shards={demo / 'test'}", *over])
+    embed_files.run(cfg, one / "run")
+    alone = cluster.run(cfg, one / "run")
+    dist.run_local_processes(cluster_worker, 2, args=(str(two), over, str(two / "cluster.json")), extra_env=ENV)
+    both = json.loads((two / "cluster.json").read_text())
+    assert alone["n"] == both["n"] == single["kept"]  # only what curation kept is clustered
+    assert alone["index_capped_clusters"] > 0  # the cap acted
+    for key in ("index_cap", "index_capped_clusters", "index_capped_members", "index_kept_images"):
+        assert both[key] == alone[key], key
+    idx = [ClusterIndex.open(RunLayout(r / "run").stage_dir("cluster", 1), 100.0, 2) for r in (one, two)]
+    np.testing.assert_array_equal(idx[0].kept, idx[1].kept)
+    assert int(idx[1].kept.max()) <= alone["index_cap"]
