@@ -87,6 +87,16 @@ class DemoConfig:
     shard_size: int = _f(500, lo=1)
     seed: int = _f(0, lo=0)
     workers: int = _f(2, lo=1)
+    planted_test_copies: int = _f(
+        0,
+        lo=0,
+        help="edited copies of test images (crop, resize, JPEG re-encode, small rotation, or the same bytes) "
+        "mixed into unlabeled/; their identity goes to <out>/planted.json only (measuring the curate stage)",
+    )
+    duplicate_groups: int = _f(
+        0, lo=0, help="unlabeled images given edited copies of themselves (groups of duplicate_group_size images)"
+    )
+    duplicate_group_size: int = _f(3, lo=2, help="images per planted duplicate group: the original and its copies")
 
 
 @dataclass
@@ -423,6 +433,72 @@ class PseudoConfig:
 
 
 @dataclass
+class CurateConfig:
+    """The unlabeled pool checked once, before anything reads it (the curate stage,
+    slade_dist/pseudo/curate/): copies of test images out, near-duplicate groups down to one
+    image; plus the cluster stage's balance cap and collapse warning (those act either way). A copy
+    is found by a colour-histogram search (FAISS) and confirmed by a pixel check (copy_score:
+    gradient maps correlated over crops, scales and small rotations), both thresholds calibrated."""
+
+    enabled: bool = _f(
+        False, help="run the curate stage (once, before pretrain); cluster and student use what it keeps"
+    )
+    decontaminate: bool = _f(True, help="remove pool images that are copies of a test / query / gallery image")
+    hash_check: bool = _f(True, help="also remove pool images whose bytes equal a test image's (blake2b)")
+    dedup: bool = _f(True, help="near-duplicate groups inside the pool keep one representative")
+    candidates: int = _f(8, lo=1, hi=1024, help="nearest images by colour histogram checked per image (test and pool)")
+    candidate_radius: float | None = _f(
+        None,
+        lo=0.0,
+        hi=2.0,
+        help="colour-histogram distance (unit vectors) within which a candidate is checked; null: calibrated",
+    )
+    match_threshold: float | None = _f(
+        None,
+        lo=-1.0,
+        hi=1.0,
+        help="pixel-check score (normalised cross-correlation, 1 = same picture) from which a candidate is a "
+        "copy; null: calibrated (calibration.json beside the outputs)",
+    )
+    calibration_images: int = _f(512, lo=16, help="test images given an edited copy each to calibrate the thresholds")
+    copy_quantile: float = _f(
+        0.998, lo=0.5, hi=1.0, help="the thresholds keep at least this share of the calibration copies (each)"
+    )
+    distinct_quantile: float = _f(
+        0.005,
+        lo=0.0,
+        hi=0.5,
+        help="the false-positive budget: where the two distributions allow it, the match threshold lies halfway "
+        "to the score only this share of distinct test images reach with their best candidate",
+    )
+    copy_min_area: float = _f(0.75, lo=0.05, hi=1.0, help="copies: least area a crop keeps (calibration and search)")
+    copy_max_rotation: float = _f(3.0, lo=0.0, hi=45.0, help="copies: rotation in [-d, d] degrees")
+    copy_min_scale: float = _f(0.5, lo=0.1, hi=1.0, help="calibration copies: resize factor range [min, max]")
+    copy_max_scale: float = _f(2.0, lo=1.0, hi=4.0, help="calibration copies: resize factor range [min, max]")
+    copy_min_quality: int = _f(45, lo=5, hi=95, help="calibration copies: JPEG re-encode quality in [min, 95]")
+    dedup_cell_size: int = _f(
+        16384, lo=16, help="pool images per dedup cell (k-means cells of the histograms; search inside each)"
+    )
+    dedup_probe: int = _f(
+        4, lo=1, hi=64, help="nearest cells an image is searched in (where a candidate could lie across a border)"
+    )
+    cluster_cap: float = _f(
+        0.0,
+        lo=0.0,
+        help="cluster stage: the student draws at most this multiple of the mean cluster size from one cluster "
+        "(its nearest members); 0: no cap",
+    )
+    collapse_share: float = _f(
+        0.1,
+        lo=0.0,
+        hi=1.0,
+        help="cluster stage: a WARNING when one cluster holds more than this share of the points (and more "
+        "than twice an equal share)",
+    )
+    seed: int = _f(0, lo=0)
+
+
+@dataclass
 class EvalConfig:
     protocol: Literal["self", "query_gallery"] = _f("self")
     recall_k: list[int] = _f(factory=lambda: [1, 2, 4, 8], lo=1, nonempty=True, help="K of the Recall@K columns")
@@ -495,6 +571,7 @@ class Config:
     basis: BasisConfig = field(default_factory=BasisConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -38,6 +39,7 @@ __all__ = [
     "device",
     "barrier",
     "all_reduce_sum",
+    "all_to_all_records",
     "all_gather_cat",
     "gather_rows",
     "sum_over_ranks",
@@ -457,3 +459,16 @@ def all_to_all_rows(t: torch.Tensor, send: Sequence[int], recv: Sequence[int]) -
         out, buf, output_split_sizes=[int(v) for v in recv], input_split_sizes=[int(v) for v in send]
     )
     return out.to(t.device)
+
+
+def all_to_all_records(rows: np.ndarray, dest: np.ndarray) -> np.ndarray:
+    """Structured numpy rows to their ranks (row i to rank dest[i]; raw bytes on the wire through
+    all_to_all_rows); returns the rows this rank received, by source rank. Collective; in one
+    process the rows themselves."""
+    if not is_dist():
+        return rows
+    rows = np.ascontiguousarray(rows[np.argsort(dest, kind="stable")])
+    send = np.bincount(dest, minlength=world_size())
+    recv = np.array(all_gather_object(send.tolist()))[:, rank()]
+    wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize))
+    return all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(rows.dtype)

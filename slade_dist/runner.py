@@ -17,7 +17,17 @@ from . import dist
 from .config import Config
 from .errors import UserError
 from .fileio import DirInUse, DirLock, set_aside
-from .stages import STAGES, RunLayout, data_keys, pipeline_plan, stage_inputs, why_not_done, with_round, write_done
+from .stages import (
+    STAGES,
+    RunLayout,
+    chain_switches,
+    data_keys,
+    pipeline_plan,
+    stage_inputs,
+    why_not_done,
+    with_round,
+    write_done,
+)
 
 
 class StageNotAvailable(RuntimeError, UserError):
@@ -92,7 +102,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> None:
     """Every stage of the chain in order, in this process (all ranks call it; finished stages are
     skipped by their DONE.json). Stops at the first stage that is not available."""
     missing = [s.name for s in STAGES.values() if not s.available()]
-    for stage, round_ in pipeline_plan(cfg.run.rounds):
+    for stage, round_ in pipeline_plan(cfg.run.rounds, chain_switches(cfg)):
         if stage in missing:
             dist.print0(f"[pipeline] stage {stage!r} is not available: stopping here. Missing: {', '.join(missing)}")
             return

@@ -54,6 +54,7 @@ class Stage:
     evaluator: str = ""  # "module:function" building the periodic evaluator (trainers)
     inputs: tuple[Resolve, ...] = ()
     reports: tuple[str, ...] = ()
+    switch: str = ""  # a boolean config key: the chain runs this stage only when it is true
 
     def load(self) -> Callable[..., dict[str, Any]]:
         return _load_target(self.target)
@@ -97,6 +98,17 @@ def _upstream(stage: str) -> Resolve:
     return resolve
 
 
+def _curated(cfg: Config, layout: RunLayout) -> dict[str, str]:
+    """The curate stage's id where the cluster stage reads its decisions (curate.enabled)."""
+    return _upstream("curate")(cfg, layout) if cfg.curate.enabled else {}
+
+
+def _curate_shards(cfg: Config) -> tuple[str, ...]:
+    """The pool and every test set named (none named: data.test_shards, which then must exist)."""
+    named = tuple(f"data.{n}_shards" for n in ("test", "query", "gallery") if cfg.get(f"data.{n}_shards"))
+    return ("data.unlabeled_shards", *(named or ("data.test_shards",)))
+
+
 def _teacher_init(cfg: Config, layout: RunLayout) -> Path | str:
     pretrained = layout.stage_dir("pretrain") / "final.pt"
     return pretrained if pretrained.exists() else cfg.model.pretrained_path
@@ -120,9 +132,13 @@ def _eval_shards(cfg: Config) -> tuple[str, ...]:
     return ("data.test_shards",)
 
 
+# the decoder contract and loader buffers of every stage that decodes images (data/transforms.py,
+# data/loading.py): the header limits decide which images are skipped, so they are part of a result
+_LIMITS = ("data.max_image_pixels", "data.max_aspect_ratio")
+_DECODE = (*_LIMITS, "data.decode", "data.buffer_mb")
 _PERIODIC_EVAL = "slade_dist.eval.stage:periodic_evaluator"
 # what eval.stage.periodic_evaluator reads: it only reports (TensorBoard), the weights never see it
-_PERIODIC_EVAL_READS = ("data.test_shards", "data.resize_size", "eval")
+_PERIODIC_EVAL_READS = ("data.test_shards", "data.resize_size", "eval", *_DECODE)
 # the optimisation knobs every trainer reads (train/engine.py, train/loop.py)
 _OPTIM = tuple(
     f"train.{k}"
@@ -130,7 +146,14 @@ _OPTIM = tuple(
     "ckpt_every log_every".split()
 )
 # the labeled P x K stream of the teacher and the student (data/readers.py)
-_PK_DATA = ("data.train_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.max_buffered")
+_PK_DATA = (
+    *_DECODE,
+    "data.train_shards",
+    "data.augment",
+    "data.crop_scale_min",
+    "data.image_size",
+    "data.max_buffered",
+)
 _PK_DATA += ("data.num_workers", "data.shuffle_buffer", "train.classes_per_batch", "train.samples_per_class")
 _RANKING = ("run.dir", "run.seed", "model", "loss", "train.lr", "train.backbone_lr_mult", "train.eval_every")
 
@@ -138,11 +161,21 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage(
+            "curate",
+            "slade_dist.pseudo.curate:run",
+            ("run.dir", "run.seed", "data", "curate"),
+            False,
+            _curate_shards,
+            "the unlabeled pool checked once (curate.enabled): copies of test images out, near-duplicate "
+            "groups down to one image",
+            switch="curate.enabled",
+        ),
+        Stage(
             "pretrain",
             "slade_dist.train.pretrain:run",
             ("run.dir", "run.seed", "model", "pretrain", *_OPTIM, "eval.batch_size", "data.train_shards")
             + ("data.unlabeled_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.resize_size")
-            + ("data.num_workers", "data.shuffle_buffer"),
+            + ("data.num_workers", "data.shuffle_buffer", *_DECODE),
             False,
             ("data.train_shards", "data.unlabeled_shards"),
             "SwAV self-supervised training on labeled + unlabeled images (labels ignored)",
@@ -163,7 +196,7 @@ STAGES: dict[str, Stage] = {
             "embed",
             "slade_dist.pseudo.embed:run",
             ("run.dir", "run.seed", "run.round", "data.image_size", "data.resize_size", "data.num_workers")
-            + ("data.unlabeled_shards", "model", "pseudo.embed_batch_size"),
+            + ("data.unlabeled_shards", "model", "pseudo.embed_batch_size", *_DECODE),
             True,
             ("data.unlabeled_shards",),
             "teacher embeddings of every unlabeled image, one file pair per shard",
@@ -173,11 +206,11 @@ STAGES: dict[str, Stage] = {
             "cluster",
             "slade_dist.pseudo.cluster:run",
             ("run.dir", "run.seed", "run.round", "data.num_workers", "data.unlabeled_shards", "pseudo")
-            + ("data.pseudo_max_dist_percentile", "data.pseudo_min_cluster_size"),
+            + ("data.pseudo_max_dist_percentile", "data.pseudo_min_cluster_size", *_LIMITS, "curate"),
             True,
             ("data.unlabeled_shards",),
             "distributed k-means on the embeddings -> pseudo-label shards",
-            inputs=(_upstream("embed"),),
+            inputs=(_upstream("embed"), _curated),
         ),
         Stage(
             "student",
@@ -196,11 +229,12 @@ STAGES: dict[str, Stage] = {
             "eval",
             "slade_dist.eval.stage:run",
             ("run.dir", "run.seed", "run.rounds", "data.image_size", "data.resize_size", "data.num_workers")
-            + ("data.test_shards", "data.query_shards", "data.gallery_shards", "model", "eval"),
+            + ("data.test_shards", "data.query_shards", "data.gallery_shards", "model", "eval", *_DECODE),
             False,
             _eval_shards,
             "Recall@K, P@1, R-Precision, MAP@R, NMI of the final model on the test split",
             inputs=(_eval_models,),
+            reports=("curate.enabled",),  # the curation line (or the warning that the pool was not checked)
         ),
     ]
 }
@@ -210,6 +244,7 @@ class RunLayout:
     """Where every artefact of a run lives.
 
     <run>/config.yaml                      resolved config of the last invocation
+    <run>/curate/                          cur-%06d.npz per unlabeled shard, curate.json, calibration.json
     <run>/pretrain/  <run>/teacher/        final.pt (plain state dict), ckpt/, DONE.json
     <run>/round<r>/embed/                  emb-%06d.npy + emb-%06d.keys per unlabeled shard
     <run>/round<r>/cluster/                pl-%06d.npz, centroids.npy, stats.json, meta.json
@@ -340,11 +375,17 @@ def with_round(cfg: Config, round_: int) -> Config:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, round=round_))
 
 
-def pipeline_plan(rounds: int) -> list[tuple[str, int]]:
+def pipeline_plan(rounds: int, switched_on: Sequence[str] = ()) -> list[tuple[str, int]]:
     """The whole chain in registry order, every per-round stage once per round, where the first of
-    them stands: pretrain -> teacher -> R x (embed -> cluster -> student) -> eval."""
-    names = list(STAGES)
+    them stands: [curate ->] pretrain -> teacher -> R x (embed -> cluster -> student) -> eval. A stage
+    with a `switch` runs only when its key is in `switched_on` (chain_switches(cfg))."""
+    names = [n for n in STAGES if not STAGES[n].switch or STAGES[n].switch in switched_on]
     first = next((i for i, n in enumerate(names) if STAGES[n].per_round), len(names))
     per_round = [n for n in names if STAGES[n].per_round]
     plan = [(n, 1) for n in names[:first]] + [(n, r) for r in range(1, rounds + 1) for n in per_round]
     return plan + [(n, 1) for n in names[first:] if not STAGES[n].per_round]
+
+
+def chain_switches(cfg: Config) -> tuple[str, ...]:
+    """The stage switches the config turns on (e.g. curate.enabled)."""
+    return tuple(s.switch for s in STAGES.values() if s.switch and cfg.get(s.switch))

@@ -40,7 +40,19 @@ from .config import Config
 PROJECTOR_MAX_CLASSES = 50  # TensorBoard's projector colours by at most 50 distinct labels
 PROJECTOR_MAX_POINTS = 2000
 THUMBNAIL = 32  # pixels per side of a projector thumbnail (the sprite holds them all)
-HPARAM_SECTIONS = ("run", "data", "model", "loss", "pretrain", "train", "student", "basis", "mining", "pseudo")
+HPARAM_SECTIONS = (
+    "run",
+    "data",
+    "model",
+    "loss",
+    "pretrain",
+    "train",
+    "student",
+    "basis",
+    "mining",
+    "pseudo",
+    "curate",
+)
 NOT_HPARAMS = ("run.dir", "run.round")  # where the run lives and the round a per-round stage is on
 
 

@@ -10,8 +10,14 @@ JPEG noise. Splits (formats of docs/ARCHITECTURE.md "Data formats"):
   test/       labeled, class-disjoint from train, `cls` dense 0..S-1
   unlabeled/  many images of train, test and extra unseen classes; the true class is only in
               `json` ("label", "class_name", "split") for measuring pseudo-label purity.
+Planted for measuring the curate stage (off by default): `demo.planted_test_copies` edited copies
+of test images (crop, resize, JPEG re-encode, small rotation, or the same bytes: data/copies.py)
+and `demo.duplicate_groups` unlabeled images with `duplicate_group_size - 1` edited copies each,
+mixed into unlabeled/ under ordinary keys with ordinary json (the class they show). Which key is
+what goes to `<out>/planted.json` only, outside every shard directory: nothing that trains reads it.
 Each image's RNG is seeded by (seed, split, index), so shards are identical whatever the worker
-count. Tests: tests/unit/test_demo.py.
+count, and the ordinary unlabeled images are the same images with or without planted ones.
+Tests: tests/unit/test_demo.py.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..config import DemoConfig
+from ..fileio import atomic_write_json
 from ..progress import progress as progress_bar
+from .copies import CopyEdits, make_copy
 from .shards import encode_jpeg, read_index, shard_name, write_classes, write_index, write_shard
 
 # The attribute vocabulary. 4 x 4 x 4 x 2 x 2 = 256 distinct classes at most.
@@ -42,6 +50,13 @@ TAILS = ("fan", "spike")
 EYES = ("dark", "white")
 MAX_CLASSES = len(BODY_SHAPES) * len(HEAD_COLOURS) * len(STRIPES) * len(TAILS) * len(EYES)
 SPLITS = ("train", "test", "unlabeled")
+PLANTED_FILE = "planted.json"  # beside the split dirs: the planted copies' identity (measuring only)
+# the planted copies' edits: a quarter are the same bytes (a re-upload), the rest near-copies as a
+# crawl holds them (resized, re-encoded, borders cropped, slightly rotated); the curate stage's
+# calibration draws from its own, slightly wider config ranges (curate.copy_*)
+PLANTED_EDITS = CopyEdits(
+    min_area=0.8, max_rotation=3.0, min_scale=0.5, max_scale=2.0, min_quality=50, max_quality=95, exact_share=0.25
+)
 
 
 def class_table(cfg: DemoConfig) -> list[tuple[int, int, int, int, int]]:
@@ -123,7 +138,7 @@ def render(attrs: tuple[int, ...], size: int, rng: np.random.Generator) -> Image
 
 
 def _split_plan(cfg: DemoConfig, split: str) -> list[int]:
-    """Global class id of every sample of a split, in sample order."""
+    """Global class id of every drawn (not planted) sample of a split, in drawing order."""
     t, s, e = cfg.train_classes, cfg.test_classes, cfg.extra_classes
     if split == "train":
         return [c for c in range(t) for _ in range(cfg.labeled_per_class)]
@@ -133,43 +148,133 @@ def _split_plan(cfg: DemoConfig, split: str) -> list[int]:
     return [ids[i] for i in np.random.default_rng([cfg.seed, 99]).permutation(len(ids))]
 
 
+# An entry of the unlabeled plan: ("image", j) the j-th drawn image, ("test_copy", t, c) planted
+# copy c of test image t, ("dup", j, g, m) copy m of drawn image j, the original of group g.
+Entry = tuple
+
+
+def _unlabeled_plan(cfg: DemoConfig) -> list[Entry]:
+    """Every unlabeled sample in key order: the drawn images, and the planted copies mixed in."""
+    drawn = _split_plan(cfg, "unlabeled")
+    entries: list[Entry] = [("image", j) for j in range(len(drawn))]
+    planted = _planted_entries(cfg, len(drawn))
+    if not planted:
+        return entries  # exactly the plan of a demo without planted copies
+    merged = entries + planted
+    return [merged[i] for i in np.random.default_rng([cfg.seed, 98]).permutation(len(merged))]
+
+
+def _planted_entries(cfg: DemoConfig, n_drawn: int) -> list[Entry]:
+    n_test = len(_split_plan(cfg, "test"))
+    if cfg.planted_test_copies and not n_test:
+        raise ValueError("demo.planted_test_copies needs test images (demo.test_classes x test_per_class)")
+    if cfg.duplicate_groups > n_drawn:
+        raise ValueError(f"demo.duplicate_groups={cfg.duplicate_groups} is more than the {n_drawn} unlabeled images")
+    rng = np.random.default_rng([cfg.seed, 97])
+    # distinct test images while there are enough of them, then some get a second copy
+    tests = rng.permutation(max(cfg.planted_test_copies, n_test))[: cfg.planted_test_copies] % n_test
+    originals = rng.choice(n_drawn, cfg.duplicate_groups, replace=False)
+    out: list[Entry] = [("test_copy", int(t), c) for c, t in enumerate(tests)]
+    out += [("dup", int(j), g, m) for g, j in enumerate(originals) for m in range(1, cfg.duplicate_group_size)]
+    return out
+
+
 def _split_of(cfg: DemoConfig, global_id: int) -> str:
     if global_id < cfg.train_classes:
         return "train"
     return "test" if global_id < cfg.train_classes + cfg.test_classes else "extra"
 
 
+def _image(cfg: DemoConfig, split: str, i: int, gid: int, table: list[tuple[int, ...]]) -> bytes:
+    """The JPEG of drawn sample i of a split (class gid)."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), i])
+    img = render(table[gid], cfg.image_size, rng)
+    return encode_jpeg(img, quality=int(rng.integers(75, 95)))
+
+
+def _key(split: str, i: int) -> str:
+    return f"{split}{i:07d}"
+
+
 def _samples(
     cfg: DemoConfig, split: str, start: int, stop: int, plan: list[int], table: list[tuple[int, ...]]
 ) -> Iterator[dict[str, Any]]:
-    split_id = SPLITS.index(split)
     offset = {"train": 0, "test": cfg.train_classes}.get(split, 0)
     for i in range(start, stop):
         gid = plan[i]
-        rng = np.random.default_rng([cfg.seed, split_id, i])
-        img = render(table[gid], cfg.image_size, rng)
-        sample: dict[str, Any] = {
-            "__key__": f"{split}{i:07d}",
-            "jpg": encode_jpeg(img, quality=int(rng.integers(75, 95))),
-        }
-        meta = {"source": "demo", "class_name": class_name(table[gid])}
-        if split == "unlabeled":  # hidden truth: only for purity/NMI, never trained on
-            meta.update(label=gid, split=_split_of(cfg, gid))
-        else:
-            sample["cls"] = gid - offset
-        sample["json"] = json.dumps(meta).encode()
+        sample: dict[str, Any] = {"__key__": _key(split, i), "jpg": _image(cfg, split, i, gid, table)}
+        sample["cls"] = gid - offset
+        sample["json"] = json.dumps({"source": "demo", "class_name": class_name(table[gid])}).encode()
         yield sample
+
+
+def _unlabeled_samples(
+    cfg: DemoConfig, start: int, stop: int, table: list[tuple[int, ...]], planted: list[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Unlabeled samples [start, stop); a planted one's identity is appended to `planted`."""
+    plan, drawn, tests = _unlabeled_plan(cfg), _split_plan(cfg, "unlabeled"), _split_plan(cfg, "test")
+    for i in range(start, stop):
+        entry = plan[i]
+        key = _key("unlabeled", i)
+        if entry[0] == "image":
+            gid = drawn[entry[1]]
+            jpg = _image(cfg, "unlabeled", entry[1], gid, table)
+        elif entry[0] == "test_copy":
+            _, t, c = entry
+            gid = tests[t]
+            jpg, edit = make_copy(
+                _image(cfg, "test", t, gid, table), np.random.default_rng([cfg.seed, 96, c]), PLANTED_EDITS
+            )
+            planted.append({"kind": "test_copy", "key": key, "of": _key("test", t), "edit": edit})
+        else:
+            _, j, g, m = entry
+            gid = drawn[j]
+            jpg, edit = make_copy(
+                _image(cfg, "unlabeled", j, gid, table), np.random.default_rng([cfg.seed, 95, g, m]), PLANTED_EDITS
+            )
+            planted.append({"kind": "dup", "key": key, "group": g, "of_image": j, "edit": edit})
+        # hidden truth, only for purity/NMI and pair precision, never trained on; a planted copy's
+        # json is an ordinary one (the class it shows)
+        meta = {"source": "demo", "class_name": class_name(table[gid]), "label": gid, "split": _split_of(cfg, gid)}
+        yield {"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()}
+
+
+def _split_size(cfg: DemoConfig, split: str) -> int:
+    return len(_unlabeled_plan(cfg)) if split == "unlabeled" else len(_split_plan(cfg, split))
 
 
 def _write_one(args: tuple[DemoConfig, str, int, str]) -> dict[str, Any]:
     cfg, split, shard_idx, out = args
-    plan = _split_plan(cfg, split)
     table = class_table(cfg)
     start = shard_idx * cfg.shard_size
-    stop = min(start + cfg.shard_size, len(plan))
+    stop = min(start + cfg.shard_size, _split_size(cfg, split))
     name = shard_name(split, shard_idx)
-    n = write_shard(Path(out) / split / name, _samples(cfg, split, start, stop, plan, table), mtime=0.0)
-    return {"name": name, "count": n}
+    planted: list[dict[str, Any]] = []
+    if split == "unlabeled":
+        samples = _unlabeled_samples(cfg, start, stop, table, planted)
+    else:
+        samples = _samples(cfg, split, start, stop, _split_plan(cfg, split), table)
+    n = write_shard(Path(out) / split / name, samples, mtime=0.0)
+    return {"name": name, "count": n, "planted": planted}
+
+
+def _planted_truth(cfg: DemoConfig, reported: list[dict[str, Any]]) -> dict[str, Any]:
+    """planted.json: each test copy (its key, the test key it copies, the edit) and each duplicate
+    group (the original's key first, then its copies' keys, and their edits)."""
+    original_key = {e[1]: _key("unlabeled", i) for i, e in enumerate(_unlabeled_plan(cfg)) if e[0] == "image"}
+    groups: dict[int, dict[str, Any]] = {}
+    for r in sorted((r for r in reported if r["kind"] == "dup"), key=lambda r: r["key"]):
+        g = groups.setdefault(r["group"], {"keys": [original_key[r["of_image"]]], "edits": ["original"]})
+        g["keys"].append(r["key"])
+        g["edits"].append(r["edit"])
+    copies = sorted(
+        ({k: r[k] for k in ("key", "of", "edit")} for r in reported if r["kind"] == "test_copy"), key=lambda r: r["key"]
+    )
+    return {
+        "about": "identity of the demo's planted copies, for measuring the curate stage only; nothing trains on it",
+        "test_copies": copies,
+        "duplicate_groups": [groups[g] for g in sorted(groups)],
+    }
 
 
 def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -179,12 +284,14 @@ def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dic
     params = asdict(cfg)
     params.pop("workers")  # the worker count never changes the bytes written
     params.pop("out")
+    if cfg.planted_test_copies or cfg.duplicate_groups:  # the planted edits' ranges change the bytes too
+        params["planted_edits"] = asdict(PLANTED_EDITS)
     if not force and _already_written(out, params):
         return {"skipped": True, "out": str(out)}
     table = class_table(cfg)
     jobs = []
     for split in SPLITS:
-        n = len(_split_plan(cfg, split))
+        n = _split_size(cfg, split)
         jobs += [(cfg, split, k, str(out)) for k in range(math.ceil(n / cfg.shard_size))]
     t0 = time.time()
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
@@ -195,7 +302,10 @@ def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dic
             bar.update(1)
     bar.close()
     seconds = time.time() - t0
+    _write_planted(out, cfg, [p for r in results["unlabeled"] for p in r.pop("planted")])
     for split in SPLITS:
+        for r in results[split]:
+            r.pop("planted", None)
         extra = {"demo": params}
         write_index(out / split, results[split], "unlabeled" if split == "unlabeled" else "labeled", **extra)
     t = cfg.train_classes
@@ -210,6 +320,19 @@ def generate(cfg: DemoConfig, force: bool = False, progress: bool = True) -> dic
         "images_per_minute": round(total / max(seconds, 1e-9) * 60),
         "counts": {s: sum(r["count"] for r in rs) for s, rs in results.items()},
     }
+
+
+def _write_planted(out: Path, cfg: DemoConfig, reported: list[dict[str, Any]]) -> None:
+    path = out / PLANTED_FILE
+    if cfg.planted_test_copies or cfg.duplicate_groups:
+        atomic_write_json(path, _planted_truth(cfg, reported), indent=1)
+    else:
+        path.unlink(missing_ok=True)  # another demo's truth must not describe these shards
+
+
+def read_planted(out: str | Path) -> dict[str, Any]:
+    """The planted copies' identity of a demo written under `out` (measuring code only)."""
+    return json.loads((Path(out) / PLANTED_FILE).read_text())
 
 
 def _already_written(out: Path, params: dict[str, Any]) -> bool:

@@ -62,9 +62,10 @@ from .loading import (
     resolve_shards,
     sample_nbytes,
 )
+from .pair_truth import UNKNOWN, true_label_id
 from .pseudo_index import ClusterIndex, TarReader
 from .shards import index_counts, read_index
-from .tars import TarSamples, image_bytes, sample_cls
+from .tars import TarSamples, image_bytes, sample_cls, sample_meta
 from .transforms import (
     CorruptImage,
     ImageLimits,
@@ -198,6 +199,7 @@ class _ResampledPK(IterableDataset):
                 f"(e.g. {self.shards[0]}) could be decoded: the data is corrupt or not images; "
                 f"check it with `python -m slade_dist.data index` / rewrite the shards"
             )
+        self._corrupt = {i for i, item in enumerate(items) if item is None}  # _IndexedPK's true_labels
         for g in range(0, len(batch), self.K):
             good = [i for i in range(g, min(g + self.K, len(batch))) if items[i] is not None]
             if not good:
@@ -324,9 +326,15 @@ class _IndexedPK(_ResampledPK):
                 for retry in itertools.count():  # every cluster of a batch all corrupt: redraw the slot's batch
                     seed = self.seed if retry == 0 else _seed_for(self.seed, "retry", retry, self.rank)
                     drawn = self.index.draw_step_part(seed, step, self.P, self.K, part, parts)
-                    out = self._decode_batch([(reader.read(e), c) for c, entries in drawn for e in entries], rng)
+                    batch = [(reader.read(e), c) for c, entries in drawn for e in entries]
+                    out = self._decode_batch(batch, rng)
                     if out is not None:
                         break
+                # the hidden class of each member (measuring only); a corrupt member's stand-in: unknown
+                truth = [
+                    UNKNOWN if i in self._corrupt else true_label_id(sample_meta(s)) for i, (s, _) in enumerate(batch)
+                ]
+                out["true_labels"] = torch.tensor(truth, dtype=torch.long)
                 out["worker"] = wid
                 out["images_read"] = reader.reads  # this worker's running total: P x K per draw
                 yield out
@@ -349,7 +357,9 @@ def pseudo_labeled_batches(
     image_size: int | None = None,
 ) -> BatchStream:
     """Like labeled_batches, labels = the cluster ids of `pseudo_dir`'s cluster index (written by
-    the cluster stage; missing, or built with other filters: a clear error to run it).
+    the cluster stage; missing, or built with other filters: a clear error to run it), plus
+    "true_labels" (P*K,) long: each member's hidden class from its json, -1 where unknown (never
+    trained on; train/student.py TruthPrecision measures the pairs against it).
 
     Only kept members are drawn (distance within the cluster's data_cfg.pseudo_max_dist_percentile,
     cluster of at least data_cfg.pseudo_min_cluster_size), from clusters holding >= K of them.

@@ -8,10 +8,12 @@ CLI, the pipeline and the local launcher print them as a table (`eval.report`). 
 final model also get a retrieval grid on the same seeded queries (eval/grids.py):
 `<run>/eval/retrieval_<model>.png` and the TensorBoard image retrieval/<model>.
 Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
-when the unlabeled data carried hidden labels. Also `periodic_evaluator(cfg)`, the callable the
-stage runner hands to the trainers for their periodic eval (train/ never imports eval/).
+when the unlabeled data carried hidden labels, and what each round's curate stage removed from the
+unlabeled pool per test set (curate.json; with curation off, a WARNING that nobody checked).
+Also `periodic_evaluator(cfg)`, the callable the stage runner hands to the trainers for their
+periodic eval (train/ never imports eval/).
 Tests: tests/integration/test_{pipeline_e2e,tensorboard,vit_chain}.py, tests/unit/test_engine.py
-(periodic eval), tests/unit/test_grids.py.
+(periodic eval), tests/unit/test_grids.py, tests/unit/test_curate.py (the curation line).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from .. import dist
 from ..config import Config
+from ..data.curation import read_summary
 from ..data.readers import finite_batches
 from ..data.shards import read_classes, read_index
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -186,6 +189,24 @@ def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, 
     return out
 
 
+def curation_report(layout: RunLayout, cfg: Config) -> dict[str, Any]:
+    """What the curate stage removed from the unlabeled pool per test set (logged in one line)."""
+    log = dist.get_logger()
+    s = read_summary(layout.stage_dir("curate")) if cfg.curate.enabled else None
+    if s is None:
+        log.warning(
+            "[eval] the unlabeled pool was not checked against the test sets (curate.enabled is false or the curate "
+            "stage has not run): copies of test images in it would inflate these metrics"
+        )
+        return {}
+    sets = ", ".join(f"{n} {v['removed']} ({v['same_bytes']} same bytes)" for n, v in s["per_test_set"].items())
+    log.info(
+        f"[eval] curation removed from the {s['pool']} unlabeled images: copies of {sets}; "
+        f"{s['removed']['duplicates']} near-duplicates"
+    )
+    return {k: s[k] for k in ("pool", "kept", "removed", "per_test_set", "match_threshold")}
+
+
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     layout = RunLayout(run_dir)
     models = models_to_evaluate(layout, cfg.run.rounds)
@@ -206,6 +227,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if not dist.is_main():
         return {}
     results["pseudo_labels"] = pseudo_label_quality(layout, cfg.run.rounds)
+    results["curation"] = curation_report(layout, cfg)
     out = atomic_write_json(layout.stage_dir("eval") / "metrics.json", results, indent=2)
     _log_tensorboard(layout, results, cfg, models[-1][1], grids)
     dist.get_logger().info(f"[eval] metrics of {len(results['models'])} model(s) -> {out}")

@@ -119,7 +119,7 @@ def slurm_job_name(cfg: Config, spec: JobSpec) -> str:
 def plan_jobs(cfg: Config, stage: str, args: argparse.Namespace) -> list[JobSpec]:
     """The jobs to submit, in dependency order (each waits for the one before it)."""
     if stage == "all":
-        steps = stages.pipeline_plan(cfg.run.rounds)
+        steps = stages.pipeline_plan(cfg.run.rounds, stages.chain_switches(cfg))
     else:
         steps = [(stage, cfg.run.round if stages.STAGES[stage].per_round else 1)]
     shard_ids = args.shards

@@ -12,9 +12,16 @@ clusters.npz + clusters.json), and the run facts: centroids.npy,
 meta.json, stats.json (sizes, imbalance, inertia, timings, purity/NMI against hidden labels when the
 unlabeled json carried them) and, in TensorBoard (rank 0), a cluster-size histogram and image grids
 of a few pseudo-classes.
-Resumable: centroids are reused when centroids.json matches (config, embeddings, k), and shards
-whose pseudo-label file already exists are only read back for the statistics.
-Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py.
+With `curate.enabled` the curate stage's decisions (data/curation.py) pick the points: only the
+kept ones train the centroids, enter the member index and the statistics; every point still gets a
+label row, so each label file covers its shard. Balance (pseudo/cluster_pool.py): `curate.cluster_cap`
+caps what the student draws from one cluster at that multiple of the mean cluster size (its nearest
+members; counted in stats.json "index"), and a cluster holding more than `curate.collapse_share` of
+the points (and over twice an equal share) is a WARNING with the numbers (stats.json "collapse").
+Resumable: centroids are reused when centroids.json matches (config, embeddings, k, curation), and
+shards whose pseudo-label file already exists are only read back for the statistics.
+Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py, tests/unit/test_curate.py,
+tests/integration/test_curate_multirank.py.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ from ..config import Config, PseudoConfig
 from ..data.pseudo_index import (
     ROW,
     clear_index,
-    index_rows,
     owner_bounds,
     summarise_clusters,
     write_member_file,
@@ -53,6 +59,16 @@ from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
 from . import embed as embed_files
+from .cluster_pool import (
+    cap_clusters,
+    cap_size,
+    collapse,
+    curation_summary,
+    imbalance_factor,
+    keep_mask,
+    kept_index_rows,
+    kept_rows,
+)
 from .kmeans import assign_array, cap_k, params_assigner, train_centroids
 
 CENTROIDS_FILE = "centroids.npy"
@@ -75,7 +91,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     shards = _unlabeled_shards(cfg)
     _check_embeddings(emb_dir, shards, r)
     mine = dist.shard_slice(shards)
-    parts = {shard_index(p): embed_files.load_embeddings(emb_dir, p) for p in mine}
+    curated = curation_summary(cfg, layout)
+    keep = {p.name: keep_mask(layout, emb_dir, p) for p in mine} if curated else {}
+    parts = {shard_index(p): kept_rows(embed_files.load_embeddings(emb_dir, p), keep.get(p.name)) for p in mine}
 
     n_local = torch.tensor([sum(int(a.shape[0]) for a in parts.values())], dtype=torch.float64)
     n_total = int(dist.staged_all_reduce_sum(n_local)[0])
@@ -92,6 +110,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "n_total": n_total,
         "shards": [p.name for p in shards],
         "embed": embed_facts,
+        "curation": curated.get("token"),
     }
 
     centroids, train_info = _reuse_centroids(out_dir, fingerprint)
@@ -124,11 +143,14 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     t_assign = time.time()
     positions = {p.name: i for i, p in enumerate(shards)}
     limits = ImageLimits.of(cfg.data)  # embed's decoder contract: the index's coverage check decodes alike
-    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers, limits)
+    local = _assign_my_shards(mine, emb_dir, out_dir, centroids, params, positions, cfg.data.num_workers, keep, limits)
     t_assign = time.time() - t_assign
     stats = _global_stats(local, k, n_total, train_info)
+    stats["collapse"] = collapse(np.asarray(local["sizes_all"]), cfg.curate.collapse_share)
+    if curated:
+        stats["curation"] = {"pool": curated["pool"], "kept": curated["kept"], "removed": curated["removed"]}
     t_index = time.time()
-    stats["index"] = _write_index(local, k, cfg, out_dir, shards)
+    stats["index"] = _write_index(local, k, cfg, out_dir, shards, cap_size(cfg.curate.cluster_cap, n_total, k))
     stats["timing"] = {
         "train_s": round(t_train, 3),
         "assign_s": round(t_assign, 3),
@@ -150,6 +172,9 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if key in stats:
             summary[key] = stats[key]
     summary.update({f"index_{k_}": v for k_, v in stats["index"].items()})
+    summary["largest_cluster_share"] = stats["collapse"]["share"]
+    if stats["collapse"]["warning"]:
+        log.warning(f"[cluster] round {r}: {stats['collapse']['warning']}")
     log.info(
         f"[cluster] round {r}: k={k} n={n_total} imbalance={stats['imbalance']:.3f}"
         + (f" purity={stats['purity']:.3f} nmi={stats['nmi']:.3f}" if "purity" in stats else "")
@@ -222,8 +247,12 @@ def _assign_my_shards(
     params: PseudoConfig,
     positions: dict[str, int],
     scan_workers: int = 0,
+    keep: dict[str, np.ndarray] | None = None,
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> dict[str, Any]:
+    """Label every point of this rank's shards; sizes, inertia, purity pairs and member-index rows
+    count only the points curation kept (all without curation)."""
+    keep = keep or {}
     k = centroids.shape[0]
     coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
     assigner = params_assigner(params, coarse)  # assign=auto: through the two-level cells, if any
@@ -235,11 +264,15 @@ def _assign_my_shards(
         for shard in steps(mine, "assign shards"):
             pl_path = pseudo_label_path(out_dir, shard)
             keys, labels, dists = _shard_labels(shard, emb_dir, pl_path, assigner, params)
-            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path), limits)
+            mask = keep.get(shard.name)
+            scans.add(shard, positions[shard.name], keys, labels, dists, str(pl_path), mask, limits)
+            hidden = embed_files.read_hidden_labels(emb_dir, shard)
+            if mask is not None:
+                labels, dists = labels[mask], dists[mask]
+                hidden = hidden[mask] if hidden is not None else None
             sizes += np.bincount(labels, minlength=k)
             sq_sum += float(np.square(dists.astype(np.float64)).sum())
             n += len(labels)
-            hidden = embed_files.read_hidden_labels(emb_dir, shard)
             if hidden is not None:
                 pairs.update(zip(hidden.tolist(), labels.tolist()))
         rows, lost, scan_s = scans.finish()
@@ -290,9 +323,9 @@ class _TarScans:
     def add(self, *args: Any) -> None:
         t = time.time()
         if self.pool is None:
-            self._keep(index_rows(*args))
+            self._keep(kept_index_rows(*args))
         else:
-            self.pending.append(self.pool.submit(index_rows, *args))
+            self.pending.append(self.pool.submit(kept_index_rows, *args))
             while len(self.pending) > 2 * self.workers:
                 self._keep(self.pending.pop(0).result())
         self.seconds += time.time() - t
@@ -312,31 +345,31 @@ class _TarScans:
 
 
 # ------------------------------------------------------------------------------- member index
-def _write_index(local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path]) -> dict[str, Any]:
+def _write_index(
+    local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path], cap: int = 0
+) -> dict[str, Any]:
     """Every rank writes the members file of the clusters it owns; rank 0 the summary, last."""
     bounds = owner_bounds(k, dist.world_size())
     r = dist.rank()
     mine = _rows_to_owners(local["rows"], bounds) if dist.is_dist() else local["rows"]
     pct, min_size = cfg.data.pseudo_max_dist_percentile, cfg.data.pseudo_min_cluster_size
     rows, arrays = summarise_clusters(mine, int(bounds[r]), int(bounds[r + 1]), pct, min_size)
+    capped = cap_clusters(rows, arrays, cap)
     write_member_file(out_dir, r, rows)
-    parts = dist.all_gather_object(arrays)  # after every rank's members file is in place
+    parts = dist.all_gather_object((arrays, capped))  # after every rank's members file is in place
     lost = int(sum(dist.all_gather_object(local["lost"])))
     summary: dict[str, Any] = {}
     if dist.is_main():
-        summary = write_summary(out_dir, parts, bounds, [p.name for p in shards], pct, min_size, lost)
+        summary = write_summary(out_dir, [a for a, _ in parts], bounds, [p.name for p in shards], pct, min_size, lost)
     summary = dist.broadcast_object(summary)
-    return {key: summary[key] for key in ("kept_clusters", "kept_images", "lost_to_truncation")}
+    out = {key: summary[key] for key in ("kept_clusters", "kept_images", "lost_to_truncation")}
+    out.update(cap=cap, **{key: sum(c[key] for _, c in parts) for key in ("capped_clusters", "capped_members")})
+    return out
 
 
 def _rows_to_owners(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """All-to-all of ROW records: each goes to the rank owning its cluster (raw bytes on the wire)."""
-    dest = np.searchsorted(bounds, rows["cls"], side="right") - 1
-    rows = rows[np.argsort(dest, kind="stable")]
-    send = np.bincount(dest, minlength=len(bounds) - 1)
-    recv = np.array(dist.all_gather_object(send.tolist()))[:, dist.rank()]
-    wire = torch.from_numpy(rows.view(np.uint8).reshape(len(rows), ROW.itemsize))
-    return dist.all_to_all_rows(wire, send, recv).numpy().reshape(-1).view(ROW)
+    """All-to-all of ROW records: each goes to the rank owning its cluster."""
+    return dist.all_to_all_records(rows, np.searchsorted(bounds, rows["cls"], side="right") - 1)
 
 
 # ------------------------------------------------------------------------------------- stats
@@ -368,13 +401,6 @@ def _global_stats(local: dict[str, Any], k: int, n_total: int, train_info: dict[
     if pairs:
         stats.update(contingency_scores(pairs))
     return stats
-
-
-def imbalance_factor(sizes: np.ndarray) -> float:
-    """k * sum(size^2) / n^2 (FAISS's definition): 1 for equal sizes, k when one cluster has all."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    n = sizes.sum()
-    return float(len(sizes) * np.square(sizes).sum() / (n * n)) if n else 0.0
 
 
 def contingency_scores(pairs: Counter) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from .conftest import tiny_config
 
 @pytest.fixture
 def recorded(tmp_path, tiny_demo, monkeypatch):
-    """{stage: keys its function read} over one run of the tiny chain (periodic eval on)."""
-    run_file = tiny_config(tmp_path / "tiny.yaml", tiny_demo, tmp_path / "run", eval={"grid_queries": 2})
+    """{stage: keys its function read} over one run of the tiny chain (periodic eval and curate on)."""
+    run_file = tiny_config(  # curate on: every registered stage runs
+        tmp_path / "tiny.yaml", tiny_demo, tmp_path / "run", eval={"grid_queries": 2}, curate={"enabled": True}
+    )
     cfg = load_config(run_file, ["train.eval_every=3"])
     reads: dict[str, set[str]] = {}
     current: list[ConfigReads] = []

@@ -1,4 +1,5 @@
-"""The demo generator: deterministic, right splits and formats (read back with webdataset), fast."""
+"""The demo generator: deterministic, right splits and formats (read back with webdataset), fast; planted
+copies of test images and duplicate groups, their identity in planted.json."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from slade_dist.config import DemoConfig
-from slade_dist.data.demo import MAX_CLASSES, class_table, generate, render
+from slade_dist.data.demo import MAX_CLASSES, PLANTED_FILE, class_table, generate, read_planted, render
 from slade_dist.data.shards import read_classes, read_index, shard_paths
 
 SMALL = dict(
@@ -120,3 +121,31 @@ def test_rate_at_64px(tmp_path):
     )
     res = generate(cfg, progress=False)
     assert res["images"] == 400 and res["images_per_minute"] > 0
+
+
+def test_planted_copies_mix_in_under_ordinary_keys_with_their_identity_aside(tmp_path):
+    plain = DemoConfig(out=str(tmp_path / "plain"), **SMALL)
+    planted = replace(plain, out=str(tmp_path / "planted"), planted_test_copies=8, duplicate_groups=3)
+    generate(plain, progress=False)
+    res = generate(planted, progress=False)
+    assert res["counts"]["unlabeled"] == 45 + 8 + 3 * 2  # group size 3: the original and 2 copies
+    assert not (tmp_path / "plain" / PLANTED_FILE).exists()
+    truth = read_planted(tmp_path / "planted")
+    unl = {s["__key__"]: s for s in read_all(tmp_path / "planted" / "unlabeled")}
+    test = {s["__key__"]: s for s in read_all(tmp_path / "planted" / "test")}
+    # every drawn image is the same image as without planting (only the keys move)
+    assert {s["jpg"] for s in read_all(tmp_path / "plain" / "unlabeled")} <= {s["jpg"] for s in unl.values()}
+    assert len(truth["test_copies"]) == 8 and len({c["of"] for c in truth["test_copies"]}) == 6  # 6 test images
+    for c in truth["test_copies"]:
+        copy, original = unl[c["key"]], test[c["of"]]
+        assert (copy["jpg"] == original["jpg"]) == (c["edit"] == "same bytes")
+        hidden = json.loads(copy["json"])  # an ordinary json: the class it shows, no hint of planting
+        assert set(hidden) == {"source", "class_name", "label", "split"} and hidden["split"] == "test"
+        assert hidden["class_name"] == json.loads(original["json"])["class_name"]
+    assert len(truth["duplicate_groups"]) == 3
+    for g in truth["duplicate_groups"]:
+        assert len(g["keys"]) == 3 and g["edits"][0] == "original"
+        assert len({json.loads(unl[k]["json"])["label"] for k in g["keys"]}) == 1
+    assert generate(planted, progress=False)["skipped"]  # the planted counts are part of the params
+    with pytest.raises(ValueError, match="more than the 45 unlabeled images"):
+        generate(replace(planted, out=str(tmp_path / "x"), duplicate_groups=46), progress=False)

@@ -37,7 +37,8 @@ def counter_stage():
 
 
 def test_registry_names_and_plan():
-    assert list(STAGES)[:6] == ["pretrain", "teacher", "embed", "cluster", "student", "eval"]
+    assert list(STAGES)[:7] == ["curate", "pretrain", "teacher", "embed", "cluster", "student", "eval"]
+    assert pipeline_plan(1, ("curate.enabled",))[:2] == [("curate", 1), ("pretrain", 1)]  # a switched stage
     plan = pipeline_plan(2)
     assert plan[:2] == [("pretrain", 1), ("teacher", 1)] and plan[-1] == ("eval", 1)
     assert plan[2:8] == [("embed", 1), ("cluster", 1), ("student", 1), ("embed", 2), ("cluster", 2), ("student", 2)]
@@ -118,7 +119,7 @@ def test_missing_inputs_fail_before_running(tmp_path):
 
 
 def test_unknown_stage():
-    with pytest.raises(KeyError, match="stages: pretrain"):
+    with pytest.raises(KeyError, match="stages: curate, pretrain"):
         run_stage(load_config(), "nope")
 
 

@@ -1,0 +1,197 @@
+"""Near-copies of a photo: making them, and telling them from other photos.
+
+Owns `CopyEdits` (the ranges: crop area, resize factor, rotation, JPEG re-encode quality, the share
+of copies that keep the original bytes), `make_copy` (one edited copy of encoded image bytes, every
+draw from the caller's numpy Generator, so a seed fixes the copy), and the copy check the curate
+stage runs (slade_dist/pseudo/curate/): `signature` (a colour histogram to find candidates with
+FAISS, and a grayscale thumbnail) and `copy_score` (the pixel check of a candidate pair: gradient
+maps correlated over the crops, scales and small rotations a copy may have undergone).
+Why pixels and not the teacher embedding: a metric-learning embedding is trained to put every image
+of a class together, so it cannot tell an edited copy of a test image from another photo of the
+same class (measured on the demo: README / docs/SCALING.md).
+Users of the edits: the demo plants copies of test images and duplicate groups in its unlabeled
+split (data/demo.py, with its own fixed ranges); the curate stage calibrates its thresholds on
+copies drawn from the config's ranges (`curate.copy_*`).
+Tests: tests/unit/test_curate.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
+
+from .shards import encode_jpeg
+
+__all__ = ["CopyEdits", "make_copy", "signature", "copy_score", "THUMB", "HIST_DIM"]
+
+MIN_SIDE = 8  # pixels: a resize never goes below this (the eval transform needs an image)
+CACHED_IMAGES = 4096  # thumbnails whose gradient maps / templates copy_score keeps (~50 KB each at most)
+# each geometric edit is applied with this probability; a copy is always re-encoded, so a copy
+# that drew no geometric edit is a pure re-encode
+EDIT_P = {"crop": 0.7, "resize": 0.7, "rotate": 0.5}
+
+
+@dataclass(frozen=True)
+class CopyEdits:
+    """Ranges of the edits (each drawn uniformly)."""
+
+    min_area: float = 0.5  # crop keeps [min_area, 1] of the area, aspect ratio in [3/4, 4/3]
+    max_rotation: float = 10.0  # degrees, either way
+    min_scale: float = 0.5  # resize factor of both sides
+    max_scale: float = 1.5
+    min_quality: int = 30  # JPEG quality of the re-encode, in [min_quality, max_quality]
+    max_quality: int = 95
+    exact_share: float = 0.0  # share of copies that are the original bytes (a re-upload)
+
+
+def make_copy(data: bytes, rng: np.random.Generator, edits: CopyEdits) -> tuple[bytes, str]:
+    """(copy bytes, what was done: e.g. "crop 0.71 + rotate -4.2 + jpeg q52") of an encoded image."""
+    if edits.exact_share > 0 and rng.random() < edits.exact_share:
+        return data, "same bytes"
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    done = []
+    if rng.random() < EDIT_P["crop"]:
+        img, area = _crop(img, rng, edits.min_area)
+        done.append(f"crop {area:.2f}")
+    if rng.random() < EDIT_P["resize"]:
+        f = float(rng.uniform(edits.min_scale, edits.max_scale))
+        w, h = (max(MIN_SIDE, round(v * f)) for v in img.size)
+        img = img.resize((w, h), Image.BILINEAR)
+        done.append(f"resize {f:.2f}")
+    if rng.random() < EDIT_P["rotate"] and edits.max_rotation > 0:
+        angle = float(rng.uniform(-edits.max_rotation, edits.max_rotation))
+        img = img.rotate(angle, resample=Image.BILINEAR, expand=False, fillcolor=(0, 0, 0))
+        done.append(f"rotate {angle:.1f}")
+    q = int(rng.integers(edits.min_quality, edits.max_quality + 1))
+    done.append(f"jpeg q{q}")
+    return encode_jpeg(img, quality=q), " + ".join(done)
+
+
+def _crop(img: Image.Image, rng: np.random.Generator, min_area: float) -> tuple[Image.Image, float]:
+    """A random crop keeping [min_area, 1] of the area (aspect ratio in [3/4, 4/3], clipped to the image)."""
+    w, h = img.size
+    area = float(rng.uniform(min_area, 1.0))
+    ratio = math.exp(float(rng.uniform(math.log(3 / 4), math.log(4 / 3))))
+    cw = max(1, min(w, round(math.sqrt(area * w * h * ratio))))
+    ch = max(1, min(h, round(math.sqrt(area * w * h / ratio))))
+    x = int(rng.integers(0, w - cw + 1))
+    y = int(rng.integers(0, h - ch + 1))
+    return img.crop((x, y, x + cw, y + ch)), cw * ch / (w * h)
+
+
+# ---------------------------------------------------------------------------- copy signatures
+THUMB = 32  # pixels on a signature thumbnail's long side (the pixel check's resolution)
+HIST_BINS = 8  # per RGB channel: a 512-bin colour histogram
+HIST_DIM = HIST_BINS**3
+
+
+def signature(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(colour histogram (HIST_DIM,) float32, unit L2 norm of the bins' square roots; grayscale
+    thumbnail (THUMB, THUMB) uint8, the image in its top-left corner; the thumbnail's (h, w)).
+    Raises PIL's errors for bytes that are not an image."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (4 * THUMB, 4 * THUMB))  # JPEG: decode at a reduced scale, enough for both
+    rgb = img.convert("RGB")
+    q = np.asarray(rgb, dtype=np.int32) // (256 // HIST_BINS)
+    bins = np.bincount(((q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]).ravel(), minlength=HIST_DIM)
+    hist = np.sqrt(bins.astype(np.float32))
+    hist /= max(float(np.linalg.norm(hist)), 1e-12)
+    w, h = rgb.size
+    s = THUMB / max(w, h)
+    tw, th = max(1, round(w * s)), max(1, round(h * s))
+    thumb = np.zeros((THUMB, THUMB), np.uint8)
+    thumb[:th, :tw] = np.asarray(rgb.convert("L").resize((tw, th), Image.BILINEAR), np.uint8)
+    return hist, thumb, (th, tw)
+
+
+def copy_score(a: np.ndarray, b: np.ndarray, min_area: float, max_rotation: float, stop_at: float = 2.0) -> float:
+    """How well one image is an edited copy of the other, from their thumbnails (each cut to its
+    (h, w)): the best normalised cross-correlation of gradient-magnitude maps over the crops
+    (linear scale down to sqrt(min_area) of the other, any position), rotations in
+    [-max_rotation, max_rotation] (steps of at most 1.5 degrees), both ways round. Gradients, not
+    intensities: two photos with the same flat background correlate in intensity, not in edges.
+    1 for the same picture; stops early once `stop_at` is reached. An image's gradient map and
+    templates are cached (LRU): a test image meets many pool images, a pool image its candidates."""
+    best = -1.0
+    for small, big in ((a, b), (b, a)):
+        image = _searched(big.tobytes(), big.shape)
+        for t in _templates(small.tobytes(), small.shape, big.shape, min_area, max_rotation):
+            best = max(best, _best_ncc(t, image))
+            if best >= stop_at:
+                return best
+    return best
+
+
+@functools.lru_cache(maxsize=CACHED_IMAGES)
+def _searched(data: bytes, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gradient map of a thumbnail and the summed-area tables of it and its square."""
+    g = _gradient(np.frombuffer(data, np.uint8).reshape(shape).astype(np.float32)).astype(np.float64)
+    sat = np.pad(g.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sat2 = np.pad((g * g).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return g, sat, sat2
+
+
+@functools.lru_cache(maxsize=CACHED_IMAGES)
+def _templates(
+    data: bytes, shape: tuple[int, int], big_shape: tuple[int, ...], min_area: float, max_rotation: float
+) -> tuple[np.ndarray, ...]:
+    """Gradient maps of a thumbnail at each scale and rotation searched inside an image of
+    big_shape, the likeliest first (a whole copy, unrotated)."""
+    h, w = shape
+    k = max(big_shape) / max(h, w)
+    lo = math.sqrt(min_area) * min(big_shape) / max(big_shape)
+    scales = np.geomspace(lo, 1.0, max(2, min(8, math.ceil(math.log(1 / lo) / math.log(1.04)) + 1)))
+    steps = math.ceil(max_rotation / 1.5)
+    angles = np.linspace(-max_rotation, max_rotation, 2 * steps + 1) if steps else np.zeros(1)
+    img = Image.fromarray(np.frombuffer(data, np.uint8).reshape(shape))
+    out = []
+    for f in scales[::-1]:
+        size = (max(MIN_SIDE, round(w * k * f)), max(MIN_SIDE, round(h * k * f)))
+        base = img.resize(size, Image.BILINEAR)
+        margin = 1 + math.ceil(0.5 * max(size) * math.tan(math.radians(max_rotation)))  # rotation corners
+        for angle in sorted(angles, key=abs):
+            rotated = base.rotate(float(angle), resample=Image.BILINEAR) if angle else base
+            g = _gradient(np.asarray(rotated, np.float32))[margin:-margin, margin:-margin]
+            if min(g.shape) >= MIN_SIDE:
+                tz = g - g.mean()
+                out.append(tz / max(float(np.linalg.norm(tz)), 1e-6))
+    return tuple(out)
+
+
+def _gradient(a: np.ndarray) -> np.ndarray:
+    gx, gy = np.zeros_like(a), np.zeros_like(a)
+    gx[:, 1:-1] = a[:, 2:] - a[:, :-2]
+    gy[1:-1] = a[2:] - a[:-2]
+    # the square root lifts faint edges (background detail tells two photos apart; the main
+    # object's outline alone does not), the blur lets edges a pixel off still meet
+    return _blur(np.sqrt(np.hypot(gx, gy)))
+
+
+def _blur(a: np.ndarray) -> np.ndarray:
+    """Separable binomial blur [1 4 6 4 1] / 16 (about a Gaussian of sigma 1), edges repeated."""
+    for axis in (0, 1):
+        p = np.pad(a, [(2, 2) if ax == axis else (0, 0) for ax in (0, 1)], mode="edge")
+        n = a.shape[axis]
+        s = [p.take(range(i, i + n), axis=axis) for i in range(5)]
+        a = (s[0] + 4 * s[1] + 6 * s[2] + 4 * s[3] + s[4]) / 16
+    return a
+
+
+def _best_ncc(t: np.ndarray, searched: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
+    """Highest normalised cross-correlation of a zero-mean, unit-norm template over every position
+    inside the searched image (window sums from its summed-area tables)."""
+    image, sat, sat2 = searched
+    th, tw = t.shape
+    if th > image.shape[0] or tw > image.shape[1]:
+        return -1.0
+    num = np.einsum("ijkl,kl->ij", sliding_window_view(image, (th, tw)), t)
+    s1 = sat[th:, tw:] - sat[:-th, tw:] - sat[th:, :-tw] + sat[:-th, :-tw]
+    s2 = sat2[th:, tw:] - sat2[:-th, tw:] - sat2[th:, :-tw] + sat2[:-th, :-tw]
+    var = np.maximum(s2 - s1 * s1 / (th * tw), 1e-6)
+    return float((num / np.sqrt(var)).max())
