@@ -120,9 +120,13 @@ def _eval_shards(cfg: Config) -> tuple[str, ...]:
     return ("data.test_shards",)
 
 
+# the decoder contract and loader buffers of every stage that decodes images (data/transforms.py,
+# data/loading.py): the header limits decide which images are skipped, so they are part of a result
+_LIMITS = ("data.max_image_pixels", "data.max_aspect_ratio")
+_DECODE = (*_LIMITS, "data.decode", "data.buffer_mb")
 _PERIODIC_EVAL = "slade_dist.eval.stage:periodic_evaluator"
 # what eval.stage.periodic_evaluator reads: it only reports (TensorBoard), the weights never see it
-_PERIODIC_EVAL_READS = ("data.test_shards", "data.resize_size", "eval")
+_PERIODIC_EVAL_READS = ("data.test_shards", "data.resize_size", "eval", *_DECODE)
 # the optimisation knobs every trainer reads (train/engine.py, train/loop.py)
 _OPTIM = tuple(
     f"train.{k}"
@@ -130,7 +134,14 @@ _OPTIM = tuple(
     "ckpt_every log_every".split()
 )
 # the labeled P x K stream of the teacher and the student (data/readers.py)
-_PK_DATA = ("data.train_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.max_buffered")
+_PK_DATA = (
+    *_DECODE,
+    "data.train_shards",
+    "data.augment",
+    "data.crop_scale_min",
+    "data.image_size",
+    "data.max_buffered",
+)
 _PK_DATA += ("data.num_workers", "data.shuffle_buffer", "train.classes_per_batch", "train.samples_per_class")
 _RANKING = ("run.dir", "run.seed", "model", "loss", "train.lr", "train.backbone_lr_mult", "train.eval_every")
 
@@ -142,7 +153,7 @@ STAGES: dict[str, Stage] = {
             "slade_dist.train.pretrain:run",
             ("run.dir", "run.seed", "model", "pretrain", *_OPTIM, "eval.batch_size", "data.train_shards")
             + ("data.unlabeled_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.resize_size")
-            + ("data.num_workers", "data.shuffle_buffer"),
+            + ("data.num_workers", "data.shuffle_buffer", *_DECODE),
             False,
             ("data.train_shards", "data.unlabeled_shards"),
             "SwAV self-supervised training on labeled + unlabeled images (labels ignored)",
@@ -163,7 +174,7 @@ STAGES: dict[str, Stage] = {
             "embed",
             "slade_dist.pseudo.embed:run",
             ("run.dir", "run.seed", "run.round", "data.image_size", "data.resize_size", "data.num_workers")
-            + ("data.unlabeled_shards", "model", "pseudo.embed_batch_size"),
+            + ("data.unlabeled_shards", "model", "pseudo.embed_batch_size", *_DECODE),
             True,
             ("data.unlabeled_shards",),
             "teacher embeddings of every unlabeled image, one file pair per shard",
@@ -173,7 +184,7 @@ STAGES: dict[str, Stage] = {
             "cluster",
             "slade_dist.pseudo.cluster:run",
             ("run.dir", "run.seed", "run.round", "data.num_workers", "data.unlabeled_shards", "pseudo")
-            + ("data.pseudo_max_dist_percentile", "data.pseudo_min_cluster_size"),
+            + ("data.pseudo_max_dist_percentile", "data.pseudo_min_cluster_size", *_LIMITS),
             True,
             ("data.unlabeled_shards",),
             "distributed k-means on the embeddings -> pseudo-label shards",
@@ -196,7 +207,7 @@ STAGES: dict[str, Stage] = {
             "eval",
             "slade_dist.eval.stage:run",
             ("run.dir", "run.seed", "run.rounds", "data.image_size", "data.resize_size", "data.num_workers")
-            + ("data.test_shards", "data.query_shards", "data.gallery_shards", "model", "eval"),
+            + ("data.test_shards", "data.query_shards", "data.gallery_shards", "model", "eval", *_DECODE),
             False,
             _eval_shards,
             "Recall@K, P@1, R-Precision, MAP@R, NMI of the final model on the test split",
