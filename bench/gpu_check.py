@@ -12,6 +12,11 @@ with the loader workers' CPU decoder (transforms.decode, one thread), and report
 and the largest / mean pixel difference (nvJPEG's IDCT is not libjpeg-turbo's: a few grey levels
 are expected; the CPU equality is a unit test, tests/unit/test_device_decode.py). It runs first,
 in a few seconds; `--decode-only` runs it alone.
+Then the training side (bench/_gpu_steps.py): the losses' collectives on a 1-rank NCCL group (host
+tensors staged through the GPU; one GPU holds one NCCL rank) and the REAL student optimizer step
+(ResNet-50, 224 px, bf16, DeepSpeed engine, every SLADE term on) at web.yaml's per-GPU shape,
+4 labeled + 512 pseudo-labeled images, against the old 8-GPU paper shape, 4 + 4: images/s, peak
+memory, ratio. `--no-student` skips it (it runs ~1-2 min).
 Without a CUDA GPU it prints a clear message and exits 0. The last line is one JSON object.
 Whole script: estimated 1-3 min on an H200 (most of it the 20 timed iterations); not yet run on one.
 """
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slade_dist.config import PseudoConfig  # noqa: E402
 from slade_dist.data import device_decode, transforms  # noqa: E402
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--niter", type=int, default=None)
     ap.add_argument("--no-tf32", action="store_true", help="exact fp32 GEMMs in the torch backend")
     ap.add_argument("--decode-only", action="store_true", help="run the decode-on-device check only")
+    ap.add_argument("--no-student", action="store_true", help="skip the collectives and student-step checks")
     args = ap.parse_args(argv)
     n = args.n or (1_000_000 if args.quick else 10_000_000)
     k = args.k or (8192 if args.quick else 65_536)
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(out))
         return out
 
+    train = {} if args.no_student else student_checks(device)
     check = gpu_matches_cpu(device)
     print(
         f"GPU vs CPU (fp32, 50k x 64, k=256): max |centroid diff| {check['max_abs_centroid_diff']:.2e}"
@@ -225,9 +233,30 @@ def main(argv: list[str] | None = None) -> dict:
         "timings": res.timings,
         "goal_met": (seconds <= goal) if goal else None,
         "device_decode": decode,
+        **train,
     }
     print(json.dumps(out))
     return out
+
+
+def student_checks(device: torch.device) -> dict:
+    """NCCL collectives, then the student step at web.yaml's 4 + 512 and at 4 + 4 images per GPU."""
+    from _gpu_steps import collectives_check, student_rate  # bench/, beside this script
+
+    coll = collectives_check(device)
+    print(f"collectives on {coll['backend']} (world {coll['world']}): {'OK' if coll['ok'] else 'MISMATCH'}", flush=True)
+    rates = {}
+    for name, unlabeled in (("web_4_512", 512), ("paper_4_4", 4)):
+        rates[name] = student_rate(device, 4, unlabeled)
+        r = rates[name]
+        print(
+            f"student step {name}: {r['images_per_s']} images/s ({r['step_s']} s/step), peak {r['peak_gib']} GiB, "
+            f"sd {r['sd_loss']}, mined pairs {r['mined_pairs']}",
+            flush=True,
+        )
+    ratio = rates["web_4_512"]["images_per_s"] / rates["paper_4_4"]["images_per_s"]
+    print(f"images/s at 4 + 512 vs 4 + 4 per GPU: ratio {ratio:.1f}", flush=True)
+    return {"collectives": coll, "student_step": rates, "student_images_per_s_ratio": round(ratio, 2)}
 
 
 if __name__ == "__main__":
