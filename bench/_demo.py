@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,19 @@ def size_overrides(quick: bool, size: str | None = None) -> list[str]:
     return SIZES[size or ("quick" if quick else "demo")]
 
 
-def prepare_data(bench_dir: Path, quick: bool, size: str | None = None) -> list[str]:
-    """Generate the demo (skipped when already there) and return the data.* overrides that read it."""
+def prepare_data(
+    bench_dir: Path, quick: bool, size: str | None = None, demo: Sequence[str] = (), tag: str = ""
+) -> list[str]:
+    """Generate the demo (skipped when already there; `demo`: extra demo.* overrides, in a dir
+    suffixed by `tag`) and return the overrides that read it."""
     size = size or ("quick" if quick else "demo")
-    out = bench_dir / ("demo" if size == "demo" else f"demo-{size}")
-    cfg = load_config(DEMO, [f"demo.out={out}", *SIZES[size]], check_paths=False)
+    out = bench_dir / (("demo" if size == "demo" else f"demo-{size}") + tag)
+    cfg = load_config(DEMO, [f"demo.out={out}", *SIZES[size], *demo], check_paths=False)
     generate(cfg.demo, progress=False)
     return [
         f"demo.out={out}",
         *SIZES[size],
+        *demo,
         f"data.train_shards={out / 'train'}",
         f"data.test_shards={out / 'test'}",
         f"data.unlabeled_shards={out / 'unlabeled'}",

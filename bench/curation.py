@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _demo import DEMO, ROOT, SIZES
+from _demo import DEMO, ROOT, prepare_data
 
 from slade_dist.config import load_config
 from slade_dist.data.curation import KEPT, NEAR_TEST, SAME_BYTES, decisions_path, read_decisions
-from slade_dist.data.demo import generate, read_planted
+from slade_dist.data.demo import read_planted
 from slade_dist.data.pseudo_index import ClusterIndex
 from slade_dist.data.shards import shard_paths
 from slade_dist.data.tars import TarSamples
@@ -54,19 +54,8 @@ QUICK_STEPS = ["pretrain.steps=30", "train.teacher_steps=100", "train.student_st
 
 
 def prepare(bench_dir: Path, quick: bool, copies: int, groups: int) -> list[str]:
-    size = "quick" if quick else "demo"
-    out = bench_dir / f"demo-{size}-planted"
     planted = [f"demo.planted_test_copies={copies}", f"demo.duplicate_groups={groups}"]
-    cfg = load_config(DEMO, [f"demo.out={out}", *SIZES[size], *planted], check_paths=False)
-    generate(cfg.demo, progress=False)
-    return [
-        f"demo.out={out}",
-        *SIZES[size],
-        *planted,
-        f"data.train_shards={out / 'train'}",
-        f"data.test_shards={out / 'test'}",
-        f"data.unlabeled_shards={out / 'unlabeled'}",
-    ]
+    return prepare_data(bench_dir, quick, demo=planted, tag="-planted")
 
 
 def decisions(run_dir: Path, unlabeled: Path) -> dict[str, tuple[int, int]]:

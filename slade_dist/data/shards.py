@@ -21,6 +21,8 @@ from typing import Any
 
 import webdataset as wds
 
+from ..config import ConfigError
+from ..errors import UnusableInput
 from ..fileio import atomic_path, atomic_write_json
 
 INDEX_FILE = "index.json"
@@ -105,6 +107,17 @@ def read_index(shard_dir: str | os.PathLike[str], rebuild: bool = True) -> dict[
     shards = [{"name": t.name, "count": count_tar_samples(t)} for t in tars]
     kind = "labeled" if (shard_dir / CLASSES_FILE).exists() else "unlabeled"
     return write_index(shard_dir, shards, kind, rebuilt=True)
+
+
+def unlabeled_pool(shard_dir: str | os.PathLike[str] | None, stage: str) -> list[Path]:
+    """The unlabeled shards a pool stage (curate, cluster) reads: the key must be set and the
+    index must list at least one shard (one clear user error each)."""
+    if not shard_dir:
+        raise ConfigError(f"data.unlabeled_shards must be set for the {stage} stage (the pool it reads)")
+    shards = shard_paths(shard_dir)
+    if not shards:
+        raise UnusableInput(f"{stage}: no shards listed in {shard_dir}/{INDEX_FILE}: nothing to read")
+    return shards
 
 
 def shard_paths(shard_dir: str | os.PathLike[str]) -> list[Path]:

@@ -50,7 +50,7 @@ from ..data.pseudo_index import (
     write_summary,
 )
 from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_meta, write_pseudo_labels
-from ..data.shards import shard_index, shard_paths
+from ..data.shards import shard_index, unlabeled_pool
 from ..data.tars import TarSamples, image_bytes
 from ..data.transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
 from ..errors import UnusableInput
@@ -88,7 +88,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     layout = RunLayout(run_dir)
     emb_dir, out_dir = layout.stage_dir("embed", r), layout.stage_dir("cluster", r)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = _unlabeled_shards(cfg)
+    shards = unlabeled_pool(cfg.data.unlabeled_shards, "cluster")
     _check_embeddings(emb_dir, shards, r)
     mine = dist.shard_slice(shards)
     curated = curation_summary(cfg, layout)
@@ -183,15 +183,6 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- inputs
-def _unlabeled_shards(cfg: Config) -> list[Path]:
-    if not cfg.data.unlabeled_shards:
-        raise ValueError("data.unlabeled_shards must be set for the cluster stage")
-    shards = shard_paths(cfg.data.unlabeled_shards)
-    if not shards:
-        raise UnusableInput(f"no shards listed in {cfg.data.unlabeled_shards}/index.json")
-    return shards
-
-
 def _check_embeddings(emb_dir: Path, shards: list[Path], round_: int) -> None:
     missing = [p.name for p in shards if not embed_files.is_embedded(emb_dir, p)]
     if missing:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ... import dist
-from ...config import Config, ConfigError
+from ...config import Config
 from ...data.curation import (
     DUPLICATE,
     KEPT,
@@ -34,8 +34,7 @@ from ...data.curation import (
     decisions_path,
     write_decisions,
 )
-from ...data.shards import shard_paths
-from ...errors import UnusableInput
+from ...data.shards import unlabeled_pool
 from ...fileio import atomic_write_json, atomic_write_text
 from ...provenance import shard_dir_id
 from ...stages import RunLayout
@@ -55,7 +54,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     t0 = time.time()
     layout = RunLayout(run_dir)
     out_dir = layout.stage_dir("curate")
-    shards = _unlabeled_shards(cfg)
+    shards = unlabeled_pool(cfg.data.unlabeled_shards, "curate")
     sets = required_test_sets(cfg)
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,15 +85,6 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     dist.barrier()
     dist.get_logger().info(_closing_line(summary))
     return summary
-
-
-def _unlabeled_shards(cfg: Config) -> list[Path]:
-    if not cfg.data.unlabeled_shards:
-        raise ConfigError("data.unlabeled_shards must be set for the curate stage (the pool it checks)")
-    shards = shard_paths(cfg.data.unlabeled_shards)
-    if not shards:
-        raise UnusableInput(f"curate: no shards listed in {cfg.data.unlabeled_shards}/index.json: nothing to check")
-    return shards
 
 
 def _fingerprint(sets: dict[str, str], shards: list[Path], check: PairCheck, cfg: Config) -> dict[str, Any]:
