@@ -1,4 +1,4 @@
-"""The curate stage with 2 real ranks (gloo, separate processes) against 1 rank on the same real
+"""The curate stage with 2 and 4 real ranks (gloo, separate processes) against 1 rank on the same real
 demo shards: each rank scans its own unlabeled shards and test shards, the dedup rows cross ranks
 (3 cells of k-means, copies sent over their borders, one all-to-all) and the decisions, the
 duplicate groups and the counts equal the 1-rank run's; a 2-rank rerun after one shard's scan was
@@ -57,6 +57,22 @@ def test_two_ranks_decide_as_one(runs):
     dup = "duplicates.npy"
     np.testing.assert_array_equal(np.load(one / "run" / "curate" / dup), np.load(two / "run" / "curate" / dup))
     assert (two / "run" / "curate" / "pairs-00001.npy").exists()  # rank 1 searched its own cells
+
+
+def test_four_ranks_decide_as_one(runs, tmp_path):
+    """4 ranks over 3 dedup cells (a rank owns no cell) decide as 1 rank."""
+    one, _, single, _ = runs
+    shutil.copytree(one / "demo", tmp_path / "demo")
+    dist.run_local_processes(curate_worker, 4, args=(str(tmp_path), OVERRIDES, str(tmp_path / "r.json")), extra_env=ENV)
+    four = json.loads((tmp_path / "r.json").read_text())
+    assert four["world_size"] == 4 and four["duplicate_groups"]["cells"] == 3
+    for key in ("pool", "kept", "removed", "per_test_set", "match_threshold", "candidate_radius"):
+        assert four[key] == single[key], key
+    for shard in shard_paths(one / "demo" / "unlabeled"):
+        a = read_decisions(decisions_path(RunLayout(one / "run").stage_dir("curate"), shard))
+        b = read_decisions(decisions_path(RunLayout(tmp_path / "run").stage_dir("curate"), shard))
+        for field in ("key_id", "reason", "group"):
+            np.testing.assert_array_equal(a[field], b[field])
 
 
 def test_two_ranks_resume_from_the_scans(runs):
