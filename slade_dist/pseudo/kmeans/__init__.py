@@ -1,15 +1,5 @@
-"""Distributed k-means: each rank owns a disjoint set of point arrays ("parts", e.g. one per shard);
-parameters are config.PseudoConfig.
-
-  plan.py         parameter checks, flat or two-level, coarse k, k capped to the data, and the
-                  deterministic training sample (world-size free, for any N)
-  assign.py       nearest-centroid backends (FAISS GPU / CPU / IVF, torch) and the streaming full pass
-  lloyd.py        seeding, Lloyd iterations all-reduced in float64, empty-cluster splits, resume
-  two_level.py    ~sqrt(k) coarse cells, each cell's share of k trained by the rank that owns it
-  checkpoints.py  checkpoint files fingerprinted by the run's inputs
-  centroids.py    train_centroids: the entry the cluster stage (pseudo/cluster.py) calls
-
-Tests: tests/unit/test_kmeans_{plan,assign,lloyd,two_level,checkpoints}.py,
+"""Distributed k-means on config.PseudoConfig, each rank owning disjoint point arrays ("parts", e.g.
+one per shard); its files are listed in docs/ARCHITECTURE.md. Tests: tests/unit/test_kmeans_*.py,
 tests/integration/test_pseudo_multirank.py (2 real ranks == 1 rank, flat and two-level; the same
 sample; a killed 2-rank run resumes).
 """

@@ -1,10 +1,5 @@
-"""Nearest-centroid search for k-means: the per-rank assignment backends and the full pass.
-
-Owns the backends (FAISS GPU, torch matmul, FAISS CPU, FAISS IVF over the fine centroids or through
-the two-level cells), which one `auto` picks on this machine, the assigner of the full pass
-(`params_assigner`: through the cells where that saves enough distances), and `assign_array`, the
-streaming full assignment pass over memory-mapped arrays (memory bounded whatever n). Points reach
-the searching device as float32 here (`to_float`).
+"""Nearest-centroid search for k-means: the backends (FAISS GPU / CPU / IVF, torch), which one
+`auto` picks, the full pass's assigner (params_assigner) and the streaming full pass (assign_array).
 Tests: tests/unit/test_kmeans_assign.py.
 """
 
@@ -13,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,6 +26,17 @@ BACKENDS = typing.get_args(typing.get_type_hints(PseudoConfig)["backend"])
 IVF_MIN_SAVING = 8
 
 
+@contextlib.contextmanager
+def temporarily(get: Callable[[], Any], set_: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """A process-global torch setting set to `value` inside the block, restored after it."""
+    old = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(old)
+
+
 class Assigner:
     """Nearest centroid (squared L2) for chunks of points. set_centroids() once per iteration."""
 
@@ -46,17 +52,14 @@ class Assigner:
 
 
 class TorchAssigner(Assigner):
-    """argmin_c ||x - c||^2 = argmin_c (||c||^2 - 2 x.c) with one GEMM per block of rows.
-
-    Rows are blocked so the (rows x k) score matrix stays under `budget` elements whatever k.
-    On CUDA, TF32 matmuls (gpu_tf32) are ~8x faster than fp32 on Hopper; only near-ties can flip.
-    """
+    """argmin_c ||x - c||^2 = argmin_c (||c||^2 - 2 x.c) with one GEMM per block of rows, the
+    (rows x k) score matrix under `budget` elements whatever k."""
 
     name = "torch"
 
     def __init__(self, device: torch.device | str = "cpu", gpu_tf32: bool = True, budget: int | None = None):
         self.device = torch.device(device)
-        self.tf32 = gpu_tf32 and self.device.type == "cuda"
+        self.tf32 = gpu_tf32 and self.device.type == "cuda"  # ~8x fp32 on Hopper; only near-ties can flip
         # elements of one score block: 1 GiB of float32 on a GPU, 16 MiB (cache sized) on the host
         self.budget = budget or (1 << 28 if self.device.type == "cuda" else 1 << 22)
         self.c: torch.Tensor | None = None
@@ -66,18 +69,6 @@ class TorchAssigner(Assigner):
         self.c = c.to(self.device, torch.float32).contiguous()
         self.c_sq = (self.c * self.c).sum(1)
 
-    @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        if not self.tf32:
-            yield
-            return
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(old)
-
     def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.c is not None and self.c_sq is not None, "set_centroids() first"
         x = x.to(self.device, torch.float32)
@@ -85,7 +76,8 @@ class TorchAssigner(Assigner):
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=self.device)
         d2 = torch.empty(x.shape[0], dtype=torch.float32, device=self.device)
         ct = self.c.t()
-        with self._precision():
+        tf32 = temporarily(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "high")
+        with tf32 if self.tf32 else contextlib.nullcontext():
             for s in range(0, x.shape[0], rows):
                 xb = x[s : s + rows]
                 scores = torch.addmm(self.c_sq, xb, ct, beta=1.0, alpha=-2.0)
@@ -126,12 +118,10 @@ class FaissCPUAssigner(Assigner):
 
 
 def _faiss_gpu_device(device_id: int) -> torch.device:
-    """Where the FAISS GPU backends want the points: their GPU, so a chunk is searched and its sums
-    accumulated there without a host round trip. faiss.contrib.torch_utils lets FAISS indexes
-    search CUDA tensors (it patches the index classes; numpy arrays keep working)."""
+    """Where the FAISS GPU backends want the points: their GPU (no host round trip per chunk)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")  # faiss-gpu with a CPU-only torch: points stay on the host
-    import faiss.contrib.torch_utils  # noqa: F401
+    import faiss.contrib.torch_utils  # noqa: F401  (patches the indexes to search CUDA tensors too)
 
     return torch.device("cuda", device_id)
 
@@ -154,16 +144,11 @@ class FaissGPUAssigner(FaissCPUAssigner):
 
 
 class FaissIVFAssigner(FaissCPUAssigner):
-    """Two-level assignment for very large k: the k centroids go into an IndexIVFFlat, and each
-    point is compared with the centroids of its `nprobe` nearest groups only, so the cost per point
-    is ~(nlist + nprobe * k / nlist) * d instead of k * d. Approximate: a point whose nearest
-    centroid sits in an unprobed group gets the best one among the probed groups.
-
-    The groups come either from `coarse` (the coarse cells of two-level training: no training at
-    all, and each fine centroid lies in its own cell since a Voronoi cell is convex) or from a
-    coarse quantizer (nlist groups) trained once on the first centroids it sees. Later
-    set_centroids() calls keep the quantizer (centroids move little between iterations) and only
-    re-add the centroids."""
+    """Two-level assignment for very large k: the k centroids in an IndexIVFFlat, each point compared
+    with those of its `nprobe` nearest groups only (~(nlist + nprobe k / nlist) d per point instead
+    of k d; approximate: a nearest centroid in an unprobed group is missed). The groups are `coarse`
+    (two-level training's cells: each fine centroid lies in its convex Voronoi cell) or a quantizer
+    trained once on the first centroids it sees (they move little between iterations)."""
 
     name = "faiss_ivf"
 
@@ -239,8 +224,6 @@ def make_assigner(
     coarse: np.ndarray | None = None,
 ) -> Assigner:
     backend = choose_backend(backend)
-    if assign == "auto":  # (params_assigner also weighs the saving; here k is not known yet)
-        assign = "ivf" if coarse is not None and backend != "torch" else "exact"
     if assign == "ivf":
         if backend == "torch":
             raise ValueError(
@@ -257,8 +240,8 @@ def make_assigner(
 
 
 def to_float(a: Any, spherical: bool, device: torch.device | None = None) -> torch.Tensor:
-    """Rows (numpy/memmap of any float dtype, or a torch tensor on any device) -> float32 tensor
-    on `device` (default: where they are), unit-normalised in spherical mode."""
+    """Rows (numpy/memmap of any float dtype, or a tensor) -> float32 tensor on `device` (default:
+    where they are), unit-normalised in spherical mode."""
     if isinstance(a, torch.Tensor):
         x = a.to(device or a.device, torch.float32)
     else:
@@ -278,12 +261,8 @@ def assign_array(
     backend: str = "auto",
     gpu_tf32: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row of x (np.memmap welcome), streaming `chunk_size` rows at a
-    time, so memory is O(chunk_size x d + k x d) whatever len(x).
-
-    Returns (labels int32, dist float32) where dist is the Euclidean (not squared) distance to the
-    centroid, of the unit-normalised point in spherical mode.
-    """
+    """(labels int32, Euclidean distances float32; of the unit point in spherical mode) of every row
+    of x (np.memmap welcome), `chunk_size` rows at a time: O(chunk_size x d + k x d) memory."""
     if isinstance(centroids, Assigner):
         assigner = centroids
     else:

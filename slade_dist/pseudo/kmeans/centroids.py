@@ -1,7 +1,5 @@
-"""The stage-facing entry of k-means: `train_centroids`, flat or two-level, resumed from its
-checkpoints, on the points of all ranks' parts. The cluster stage (pseudo/cluster.py) calls it, then
-assigns every point with assign.params_assigner and assign_array.
-Tests: tests/unit/test_kmeans_lloyd.py, test_kmeans_two_level.py, test_kmeans_checkpoints.py,
+"""`train_centroids`, the entry the cluster stage (pseudo/cluster.py) calls: flat or two-level,
+resumed from its checkpoints. Tests: tests/unit/test_kmeans_{lloyd,two_level,checkpoints}.py,
 tests/integration/test_pseudo_multirank.py.
 """
 
@@ -34,15 +32,12 @@ def train_centroids(
 ) -> KMeansResult:
     """Train k centroids on the points of all ranks' parts (call on every rank, collectively).
 
-    parts: {global part id: (n_i, d) array-like (np.memmap welcome)} owned by THIS rank; ids are
-    disjoint across ranks. The sample (k x max_points_per_centroid points) is read into memory in
-    float32 (on the device of the assignment backend). Flat or two-level (use_two_level; explicit
-    init_centroids means flat). ckpt_dir: where checkpoints go and are resumed from (every rank
-    passes the same dir; shared by all ranks for two-level training, whose cells are written by
-    their owners); ckpt_tag: anything else that identifies the inputs (e.g. the embeddings'
-    teacher hash). on_step(stage, step): called on every rank after each distributed Lloyd
-    iteration ("lloyd" | "coarse" | "refine", iterations done) and after each finished cell
-    ("cell", cell id) on the rank that trained it.
+    parts: {global part id: (n_i, d) array-like (np.memmap welcome)} owned by THIS rank, ids
+    disjoint across ranks. ckpt_dir: the same dir on every rank (shared by all ranks for two-level
+    training: cells are written by their owners); ckpt_tag: anything else that identifies the
+    inputs (e.g. the teacher hash). on_step(stage, step): on every rank after each distributed
+    Lloyd iteration ("lloyd" | "coarse" | "refine", iterations done), and after each finished cell
+    ("cell", cell id) on the rank that trained it (a test's kill switch).
     """
     t0 = time.time()
     check_params(params)
@@ -53,7 +48,9 @@ def train_centroids(
     # flat: exact, or IVF when assign=ivf ("auto" is exact without cells); two-level: exact for
     # its small coarse level and cells, the refine stage makes its own
     assigner = make_assigner(backend, params.gpu_tf32) if two_level else params_assigner(params)
-    sample = draw_sample(parts, params, _sample_device(backend, assigner))
+    # the sample lives (float32) where it is searched and summed: the GPU for torch and FAISS GPU
+    device = assigner.device if backend in ("torch", "faiss_gpu") else torch.device("cpu")
+    sample = draw_sample(parts, params, device)
     k1 = coarse_k_for(params) if two_level else 0
     ckpt = Checkpoints(ckpt_dir, inputs_fingerprint(params, sample, two_level, k1, init_centroids, ckpt_tag))
     run = Run(params, ckpt, on_step)
@@ -65,12 +62,6 @@ def train_centroids(
     res.seconds = time.time() - t0
     res.timings = {"sample_s": sample.seconds, **res.timings}
     return res
-
-
-def _sample_device(backend: str, assigner: Assigner) -> torch.device:
-    """The points live where they are searched: the GPU for torch-on-CUDA and FAISS GPU, so the
-    sums are accumulated there too; the host for FAISS CPU."""
-    return assigner.device if backend in ("torch", "faiss_gpu") else torch.device("cpu")
 
 
 def _train_flat(
@@ -88,9 +79,7 @@ def _train_flat(
         objective=st.objective,
         sizes=st.counts.astype(np.int64),
         n_train=sample.m,
-        n_total=0,
         backend=backend,
-        seconds=0.0,
         splits=st.splits,
         timings={"init_s": init_s, "lloyd_s": time.time() - t0 - init_s},
         init=method,

@@ -1,8 +1,6 @@
-"""k-means checkpoints: the files of one training run under the caller's ckpt_dir (Lloyd every
-ckpt_every_iters iterations, the coarse result, each finished cell), each stamped with the
-fingerprint of the run's inputs, so that a file written for other inputs is never resumed.
-Tests: tests/unit/test_kmeans_checkpoints.py, tests/integration/test_pseudo_multirank.py (a killed
-2-rank run resumes).
+"""k-means checkpoints under the caller's ckpt_dir, each stamped with the fingerprint of the run's
+inputs. Tests: tests/unit/test_kmeans_checkpoints.py, tests/integration/test_pseudo_multirank.py
+(a killed 2-rank run resumes).
 """
 
 from __future__ import annotations
@@ -25,9 +23,8 @@ CKPT_VERSION = 1
 
 
 class Checkpoints:
-    """Files of one training run under `root`, each stamped with the inputs' fingerprint: a file
-    written for other inputs (params, part sizes, caller's tag) is never loaded. Writes are
-    atomic (fileio.atomic_path): a killed writer leaves the previous file or none, never half of one."""
+    """Files of one training run under `root`: a file stamped with another fingerprint (other
+    params, part sizes or caller's tag) is never loaded."""
 
     def __init__(self, root: str | os.PathLike[str] | None, fingerprint: str):
         self.root = Path(root) if root is not None else None

@@ -1,13 +1,6 @@
-"""Lloyd's algorithm over all ranks: seeding, iterations, empty-cluster splits, checkpoint and resume.
-
-Owns `KMeansResult`; the init (auto: k-means++ up to kmeanspp_max_k centroids, random sample points
-above, as k-means++ is O(k^2) on one rank while the others wait | kmeans++ | random); Lloyd
-iterations whose partial sums, counts and objective are accumulated by torch on the device of the
-points (index_add_, folded into float64) and all-reduced in float64, so 1 rank and N ranks give the
-same centroids up to float noise; empty clusters re-seeded by splitting large ones (FAISS's rule);
-spherical (cosine) mode; a run's checkpoint every ckpt_every_iters iterations and its resume.
-Tests: tests/unit/test_kmeans_lloyd.py, tests/integration/test_pseudo_multirank.py (2 real ranks ==
-1 rank).
+"""Lloyd's algorithm over all ranks (docs/SCALING.md "What else changes at scale"): seeding,
+iterations all-reduced in float64, empty-cluster splits, spherical mode, checkpoint and resume.
+Tests: tests/unit/test_kmeans_lloyd.py, tests/integration/test_pseudo_multirank.py (2 ranks == 1 rank).
 """
 
 from __future__ import annotations
@@ -15,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +17,7 @@ import torch
 from ... import dist
 from ...config import PseudoConfig
 from ...progress import steps
-from .assign import Assigner
+from .assign import Assigner, temporarily
 from .checkpoints import Checkpoints
 from .plan import rows_by_position
 
@@ -39,10 +32,10 @@ class KMeansResult:
     # (two-level: the cells' sum per iteration, then the refine iterations)
     sizes: np.ndarray  # (k,) training-sample cluster sizes of the last iteration
     n_train: int  # points in the training sample (all ranks)
-    n_total: int  # points in all parts (all ranks)
     backend: str
-    seconds: float
     splits: int  # empty clusters re-seeded, all iterations together
+    n_total: int = 0  # points in all parts (all ranks)
+    seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     init: str = ""  # the init actually used ("kmeans++" | "random" | "given")
     two_level: bool = False
@@ -52,9 +45,7 @@ class KMeansResult:
 
 
 def resolve_init(init: str, k: int, kmeanspp_max_k: int) -> str:
-    """auto -> k-means++ where it is cheap (k <= kmeanspp_max_k: its k sequential D^2 steps cost
-    ~0.5-3 us x k^2 on one rank while the others wait), random sample points above (FAISS's default)."""
-    if init == "auto":
+    if init == "auto":  # k-means++'s k sequential D^2 steps: ~0.5-3 us x k^2 on one rank, the others waiting
         return "kmeans++" if k <= kmeanspp_max_k else "random"
     return init
 
@@ -97,14 +88,12 @@ def seed_centroids(
 def _split_empty(c: torch.Tensor, counts: np.ndarray, rng: np.random.Generator) -> int:
     """Re-seed empty clusters by splitting big ones (FAISS's rule): an empty cluster takes a copy
     of cluster j, drawn with probability ~ (size_j - 1); both copies move apart by +-SPLIT_EPS per
-    dimension and share j's count. The donors are drawn in one call (O(k + empties), not
-    O(k x empties) as a per-cluster draw would be at k = 10^6). Runs on global counts, so every
-    rank does the same."""
+    dimension and share j's count. Global counts: every rank does the same."""
     empties = np.flatnonzero(counts == 0)
     w = np.maximum(counts - 1, 0).astype(np.float64)
     if len(empties) == 0 or w.sum() <= 0:  # nothing empty, or nothing left to split
         return 0
-    donors = rng.choice(len(counts), size=len(empties), p=w / w.sum())
+    donors = rng.choice(len(counts), size=len(empties), p=w / w.sum())  # one call: O(k + empties) at k = 10^6
     sign = torch.ones(c.shape[1], device=c.device)
     sign[1::2] = -1.0
     for ci, cj in zip(empties.tolist(), donors.tolist()):
@@ -115,29 +104,14 @@ def _split_empty(c: torch.Tensor, counts: np.ndarray, rng: np.random.Generator) 
     return len(empties)
 
 
-@contextlib.contextmanager
-def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """The scatter-add is memory bound: on CPU, OpenMP threads only add synchronisation stalls
-    (measured 3x slower with 2 threads on a loaded 2-core machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _lloyd_step(
     chunks: list[torch.Tensor], c: torch.Tensor, assigner: Assigner, distributed: bool = True
 ) -> tuple[torch.Tensor, np.ndarray, float]:
     """One assignment pass over this rank's points: (sums (k,d) f64, counts, objective), summed
-    over ranks when distributed. Everything is accumulated in place on the device of the points,
-    in one float64 buffer that is the only thing crossing ranks (one collective per iteration)."""
+    over ranks when distributed."""
     k, d = c.shape
     acc_dev = chunks[0].device if chunks else c.device
+    # accumulated in place on the points' device, in the one buffer that crosses ranks (one collective)
     packed = torch.zeros(k * d + k + 1, dtype=torch.float64, device=acc_dev)
     sums, counts, obj = packed[: k * d].view(k, d), packed[k * d : k * d + k], packed[k * d + k :]
     window = _SumWindow(sums)
@@ -156,11 +130,10 @@ def _lloyd_step(
 
 class _SumWindow:
     """Per-cluster sums: index_add_ of each chunk into a float32 (k, d) buffer, folded into the
-    float64 sums once at least k rows went in (and at the end). Float32 index_add_ is ~2x faster
-    than float64 and converting each chunk to float64 costs 7x more still (measured on CPU,
-    65536 x 128 chunks: 5 ms vs 11 ms vs 34 ms), while a fold costs k x d only every >= k rows -
-    no per-chunk k x d work at k = 10^6 (the old per-chunk conversion: 2000 floats per point).
-    Precision: float32 within a window of max(chunk, k) rows, float64 across windows and ranks."""
+    float64 sums once at least k rows went in (and at the end): float32 within a window of
+    max(chunk, k) rows, float64 across windows and ranks. Float32 index_add_ is ~2x faster than
+    float64, converting each chunk to float64 7x slower still (CPU, 65536 x 128 chunks: 5 ms vs
+    11 ms vs 34 ms); a fold costs k x d only every >= k rows, never per chunk at k = 10^6."""
 
     def __init__(self, sums: torch.Tensor):
         self.sums = sums
@@ -168,7 +141,9 @@ class _SumWindow:
         self.rows = 0
 
     def add(self, lab: torch.Tensor, x: torch.Tensor) -> None:
-        with _one_thread_on_cpu(x.device):
+        # memory bound: on CPU, OpenMP threads only add stalls (3x slower with 2 on a loaded 2-core machine)
+        cpu = x.device.type == "cpu"
+        with temporarily(torch.get_num_threads, torch.set_num_threads, 1) if cpu else contextlib.nullcontext():
             self.buf.index_add_(0, lab, x.to(torch.float32))
         self.rows += len(x)
         if self.rows >= self.sums.shape[0]:
@@ -197,8 +172,8 @@ def _update_centroids(
 
 @dataclass
 class LloydState:
-    """Where one k-means stage stands: everything a checkpoint holds. Its random draws (empty
-    splits) are seeded by (seed, stage key, iteration), so no generator state needs saving."""
+    """Where one k-means stage stands: everything a checkpoint holds (its splits' draws are keyed
+    by iteration, so no generator state is saved)."""
 
     c: torch.Tensor
     objective: list[float] = field(default_factory=list)
@@ -209,16 +184,13 @@ class LloydState:
 
 @dataclass
 class Run:
-    """What the distributed stages of one training run share: its parameters, its checkpoints and
-    the caller's hook on_step(stage, step), called after each distributed Lloyd iteration and each
-    finished cell (a test's kill switch)."""
+    """What the distributed stages of one training run share; on_step: train_centroids'."""
 
     params: PseudoConfig
     ckpt: Checkpoints
     on_step: Callable[[str, int], None] | None = None
 
     def derived(self, extra: str) -> Run:
-        """The same run, its later stages' checkpoints valid only after `extra` (Checkpoints.derived)."""
         return dataclasses.replace(self, ckpt=self.ckpt.derived(extra))
 
     def stepped(self, stage: str, step: int) -> None:
@@ -264,8 +236,8 @@ def _save_lloyd(ckpt: Checkpoints, stage: str, st: LloydState) -> None:
 
 
 def resume_lloyd(ckpt: Checkpoints, stage: str, k: int, d: int, device: torch.device) -> LloydState | None:
-    """The stage's latest checkpoint, as rank 0 reads it, on every rank (None: start afresh).
-    One reader, then broadcasts: ranks never disagree, even without a shared file system."""
+    """The stage's latest checkpoint, as rank 0 reads it, on every rank (None: start afresh); one
+    reader, then broadcasts: ranks never disagree, even without a shared file system."""
     loaded = ckpt.load(stage) if dist.is_main() else None
     if loaded is not None and loaded[1]["centroids"].shape != (k, d):
         loaded = None

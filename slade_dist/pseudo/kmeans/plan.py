@@ -1,13 +1,7 @@
-"""What one k-means training run is before its first Lloyd iteration: its parameters checked,
-the choices derived from them, and the deterministic training sample.
-
-Owns `check_params` (a PseudoConfig built in code gets the checks config.py makes at load),
-`use_two_level` / `coarse_k_for` / `cap_k`, and the training sample: k x max_points_per_centroid
-points drawn across all ranks, the same points whatever the world size, for any N. Per-part counts
-come from vectorised hypergeometric (binomial past numpy's 10^9 limit) splits down a fixed binary
-tree of part ids; each rank then draws the rows of its own parts only (`draw_sample`).
-Tests: tests/unit/test_kmeans_plan.py, tests/integration/test_pseudo_multirank.py (the same sample
-on 2 ranks as on 1).
+"""A k-means run before its first Lloyd iteration: its parameters checked, the choices derived
+from them (two-level, coarse k, k capped to the data) and the training sample, the same rows at
+any world size (sample_counts; each rank reads its own parts' rows, draw_sample).
+Tests: tests/unit/test_kmeans_plan.py, tests/integration/test_pseudo_multirank.py (same sample on 2 ranks).
 """
 
 from __future__ import annotations
@@ -35,8 +29,7 @@ HYPERGEOMETRIC_LIMIT = 10**9  # numpy's hypergeometric needs ngood, nbad < 10^9
 
 
 def check_params(params: PseudoConfig) -> None:
-    """The checks config.py makes at load, for a PseudoConfig built in code (tests, benches): k and
-    the schema's choices of init, assign and two_level (backend: assign.choose_backend)."""
+    """config.py's load checks of k, init, assign and two_level, for a PseudoConfig built in code."""
     if params.k < 1:
         raise ValueError(f"k-means: k must be >= 1, got {params.k}")
     hints = typing.get_type_hints(PseudoConfig)
@@ -53,10 +46,7 @@ def two_level_mode(params: PseudoConfig) -> str:
 
 
 def use_two_level(params: PseudoConfig) -> bool:
-    """two_level=auto: on from two_level_min_k centroids, where flat Lloyd's k x sample cost
-    (10^6 x 2.6 x 10^8 x d per iteration at k = 10^6) is out of reach and the coarse level
-    cuts it ~sqrt(k)-fold."""
-    if two_level_mode(params) == "auto":
+    if two_level_mode(params) == "auto":  # flat Lloyd's 2 d S k per iteration: docs/SCALING.md
         return params.k >= params.two_level_min_k
     return two_level_mode(params) == "on"
 
@@ -66,10 +56,8 @@ def coarse_k_for(params: PseudoConfig) -> int:
 
 
 def cap_k(k: int, n: int, min_points_per_centroid: int = 4) -> int:
-    """k so that every centroid has on average >= min_points_per_centroid points (warns when capped).
-
-    k-means with fewer points per cluster mostly splits noise, and FAISS refuses n < k outright.
-    """
+    """k so that every centroid has on average >= min_points_per_centroid points (warns when capped):
+    k-means with fewer points per cluster mostly splits noise, and FAISS refuses n < k outright."""
     cap = max(1, n // min_points_per_centroid)
     if k > cap:
         warnings.warn(
@@ -82,15 +70,10 @@ def cap_k(k: int, n: int, min_points_per_centroid: int = 4) -> int:
 
 
 def sample_counts(sizes: Mapping[int, int], m: int, seed: int) -> dict[int, int]:
-    """How many training-sample rows each part gives: exactly m in total, each <= its size.
-
-    Depends only on (all parts' sizes, m, seed), never on which rank owns what. m is split down a
-    fixed binary tree over the sorted part ids: at each node the left child's share is drawn
-    hypergeometric (the exact law of a uniform m-subset of all rows), or binomial clipped to what
-    both children hold where a child has >= 10^9 rows (numpy's hypergeometric limit; at that size
-    only the count variance differs, by the factor 1/(1 - m/N)). One vectorised draw per tree level:
-    ~log2(parts) numpy calls, milliseconds for 10^5 parts whatever N.
-    """
+    """How many training-sample rows each part gives: exactly m in total, each <= its size, from
+    (all parts' sizes, m, seed) only, never from which rank owns what. m is split down a fixed
+    binary tree over the sorted part ids, one vectorised draw per level (~log2(parts) numpy calls,
+    milliseconds for 10^5 parts whatever N)."""
     ids = sorted(int(i) for i in sizes)
     n = np.array([int(sizes[i]) for i in ids], dtype=np.int64)
     if m >= int(n.sum()):
@@ -117,10 +100,11 @@ def _split_down_tree(n: np.ndarray, m: int, rng: np.random.Generator) -> np.ndar
 def _draw_left_share(left_n: np.ndarray, right_n: np.ndarray, want: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Rows the left child gives of `want` drawn without replacement from left_n + right_n rows."""
     out = np.zeros(len(want), dtype=np.int64)
+    # hypergeometric: the exact law of a uniform m-subset of all rows
     exact = (left_n < HYPERGEOMETRIC_LIMIT) & (right_n < HYPERGEOMETRIC_LIMIT)
     if exact.any():
         out[exact] = rng.hypergeometric(left_n[exact], right_n[exact], want[exact])
-    big = ~exact
+    big = ~exact  # past numpy's limit, binomial: only the count variance differs, by 1/(1 - m/N)
     if big.any():
         p = left_n[big] / (left_n[big] + right_n[big])
         draw = rng.binomial(want[big], p)
@@ -137,8 +121,7 @@ def sample_rows(part_id: int, size: int, count: int, seed: int) -> np.ndarray:
 
 
 def sample_plan(sizes: Mapping[int, int], m: int, seed: int, parts: Any = None) -> dict[int, np.ndarray]:
-    """Which rows of each part (of `parts`, default all) form the training sample: sorted row
-    indices per part id; see sample_counts (world-size free, exactly m rows in total)."""
+    """Sorted sample rows per part id (of `parts`, default all); see sample_counts."""
     counts = sample_counts(sizes, m, seed)
     wanted = sorted(counts) if parts is None else sorted(int(i) for i in parts)
     return {i: sample_rows(i, int(sizes[i]), counts[i], seed) for i in wanted}
@@ -146,11 +129,10 @@ def sample_plan(sizes: Mapping[int, int], m: int, seed: int, parts: Any = None) 
 
 @dataclass
 class TrainingSample:
-    """This rank's rows of the training sample. pos = each row's global sample position (parts in
-    id order, rows in row order), the same whatever the world size."""
+    """This rank's rows of the training sample."""
 
     x: torch.Tensor  # (n_local, d) float32, unit rows in spherical mode
-    pos: np.ndarray  # (n_local,) int64 in [0, m)
+    pos: np.ndarray  # (n_local,) int64 in [0, m): global position (parts in id order), any world size
     m: int  # sample rows, all ranks
     d: int
     sizes: dict[int, int]  # every part's size, all ranks
@@ -213,8 +195,7 @@ def _take_rows(part: Any, rows: np.ndarray, n: int) -> Any:
 
 
 def rows_by_position(local_x: torch.Tensor, local_pos: np.ndarray, wanted: np.ndarray, d: int) -> torch.Tensor:
-    """The sample rows at global positions `wanted` (row j = position wanted[j]), on every rank:
-    each rank fills the rows it holds, the rest stay 0, and a sum all-reduce assembles them."""
+    """The sample rows at global positions `wanted` (row j = position wanted[j]), on every rank."""
     out = torch.zeros(len(wanted), d, dtype=torch.float32, device=local_x.device)
     order = np.argsort(wanted, kind="stable")
     sorted_wanted = np.asarray(wanted)[order]
@@ -225,4 +206,4 @@ def rows_by_position(local_x: torch.Tensor, local_pos: np.ndarray, wanted: np.nd
         dst = torch.as_tensor(order[at[hit]], device=local_x.device)
         src = torch.as_tensor(np.flatnonzero(hit), device=local_x.device)
         out[dst] = local_x[src]
-    return dist.staged_all_reduce_sum(out)
+    return dist.staged_all_reduce_sum(out)  # each rank filled the rows it holds, the rest are 0

@@ -1,12 +1,6 @@
-"""Two-level k-means for large k (the idea of faiss.contrib.clustering.two_level_clustering).
-
-~sqrt(k) coarse cells by distributed Lloyd on a subset of the sample; each cell's share of k
-(proportional to its sample points) trained by the one rank that owns the cell, on the sample
-points sent to it (all_to_all); the fine centroids assembled on every rank; then a few Lloyd
-iterations over all k centroids, assigning through the cells. Each finished cell is checkpointed
-by its owner.
-Tests: tests/unit/test_kmeans_two_level.py, tests/integration/test_pseudo_multirank.py (2 ranks ==
-1 rank, two-level).
+"""Two-level k-means for large k (the idea of faiss.contrib.clustering.two_level_clustering; the
+steps and their costs: docs/SCALING.md). Tests: tests/unit/test_kmeans_two_level.py,
+tests/integration/test_pseudo_multirank.py (2 ranks == 1 rank, two-level).
 """
 
 from __future__ import annotations
@@ -14,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -100,15 +93,7 @@ def _send_to_owners(sample: TrainingSample, cells: torch.Tensor, owners: np.ndar
     return x[torch.as_tensor(by_key, device=x.device)], keys[by_key]
 
 
-@dataclass
-class _Cell:
-    centroids: torch.Tensor
-    counts: np.ndarray
-    objective: np.ndarray  # (niter,)
-    splits: int
-
-
-def _train_cell(x: torch.Tensor, k_c: int, cell: int, params: PseudoConfig, assigner: Assigner) -> _Cell:
+def _train_cell(x: torch.Tensor, k_c: int, cell: int, params: PseudoConfig, assigner: Assigner) -> LloydState:
     """Local k-means of one coarse cell's sample points (no collective: one rank owns the cell)."""
     c, _ = seed_centroids(
         lambda w: x[torch.as_tensor(w, device=x.device)],
@@ -121,21 +106,23 @@ def _train_cell(x: torch.Tensor, k_c: int, cell: int, params: PseudoConfig, assi
     if params.spherical:
         c = torch.nn.functional.normalize(c, dim=1)
     st = LloydState(c=c, counts=np.zeros(k_c))
-    st = run_lloyd(list(torch.split(x, params.chunk_size)), st, assigner, params, params.niter, (params.seed, 21, cell))
-    return _Cell(st.c, st.counts, np.asarray(st.objective, dtype=np.float64), st.splits)
+    return run_lloyd(
+        list(torch.split(x, params.chunk_size)), st, assigner, params, params.niter, (params.seed, 21, cell)
+    )
 
 
-def _cell_from_ckpt(ckpt: Checkpoints, cell: int, k_c: int, niter: int, device: torch.device) -> _Cell | None:
+def _cell_from_ckpt(ckpt: Checkpoints, cell: int, k_c: int, niter: int, device: torch.device) -> LloydState | None:
     loaded = ckpt.load(f"cell-{cell:07d}")
     if loaded is None or loaded[1]["centroids"].shape[0] != k_c or len(loaded[1]["objective"]) != niter:
         return None
     meta, a = loaded
-    return _Cell(torch.from_numpy(a["centroids"]).to(device), a["counts"], a["objective"], int(meta["splits"]))
+    c = torch.from_numpy(a["centroids"]).to(device)
+    return LloydState(c, list(a["objective"]), a["counts"], int(meta["splits"]), niter)
 
 
 def _train_my_cells(
     x: torch.Tensor, keys: np.ndarray, m: int, fine_k: np.ndarray, run: Run, assigner: Assigner
-) -> tuple[dict[int, _Cell], int]:
+) -> tuple[dict[int, LloydState], int]:
     """Fine k-means of the cells whose rows this rank received (rows grouped by cell); each
     finished cell is checkpointed by this rank. Returns ({cell: result}, cells resumed)."""
     cells_of_rows = keys // m
@@ -150,9 +137,9 @@ def _train_my_cells(
             run.ckpt.save(
                 f"cell-{cell:07d}",
                 {"splits": res.splits},
-                centroids=res.centroids.cpu().numpy().astype(np.float32),
+                centroids=res.c.cpu().numpy().astype(np.float32),
                 counts=res.counts,
-                objective=res.objective,
+                objective=np.asarray(res.objective, dtype=np.float64),
             )
         else:
             resumed += 1
@@ -162,22 +149,21 @@ def _train_my_cells(
 
 
 def _assemble_cells(
-    done: dict[int, _Cell], fine_k: np.ndarray, d: int, niter: int, resumed: int, device: torch.device
+    done: dict[int, LloydState], fine_k: np.ndarray, d: int, niter: int, resumed: int, device: torch.device
 ) -> tuple[LloydState, int]:
-    """All ranks' cells as one state: (k, d) centroids grouped by cell, counts, the per-iteration
-    objective summed over cells, splits; and the cells resumed, all ranks. Each rank fills its
-    own rows of zeroed buffers and sum all-reduces assemble them (x + 0 is exact)."""
+    """All ranks' cells as one state (centroids grouped by cell, the objective summed over cells)
+    and the cells resumed, all ranks."""
     k = int(fine_k.sum())
     start = np.concatenate([[0], np.cumsum(fine_k)])
     c = torch.zeros(k, d, dtype=torch.float32, device=device)
     stats = np.zeros(k + niter + 2, dtype=np.float64)  # counts, objective per iteration, splits, resumed
     for cell, res in done.items():
-        c[start[cell] : start[cell + 1]] = res.centroids.to(device)
+        c[start[cell] : start[cell + 1]] = res.c.to(device)
         stats[start[cell] : start[cell + 1]] = res.counts
-        stats[k : k + niter] += res.objective
+        stats[k : k + niter] += np.asarray(res.objective, dtype=np.float64)
         stats[-2] += res.splits
     stats[-1] = resumed
-    c = dist.staged_all_reduce_sum(c)
+    c = dist.staged_all_reduce_sum(c)  # each rank filled its own rows of zeros: x + 0 is exact
     stats = dist.staged_all_reduce_sum(torch.from_numpy(stats).to(device)).cpu().numpy()
     st = LloydState(c=c, objective=stats[k : k + niter].tolist(), counts=stats[:k], splits=int(round(stats[-2])))
     return st, int(round(stats[-1]))
@@ -205,19 +191,9 @@ def _partition_by_cell(
 
 
 def train_two_level(sample: TrainingSample, run: Run, backend: str, exact: Assigner) -> KMeansResult:
-    """Coarse cells by distributed Lloyd on a subset of the sample; each cell's share of k trained
-    by its owner rank on all of the cell's sample points; the fine centroids all-gathered; then
-    two_level_refine_iters distributed Lloyd iterations over all k centroids, assigning through
-    the coarse cells (params_assigner with the coarse centroids: IVF on FAISS backends), which
-    repair what the cell boundaries cut (a blob split between two cells gets two centroids while a
-    cell's lone blobs share one). Measured on Gaussian mixtures (k = 256..1024): without them 2-13%
-    more inertia than flat Lloyd (FAISS's two_level_clustering: the same), after 4 iterations
-    -2.5%..+0.7%; each costs ~(k1 + nprobe k / k1) d per point, ~1/60 of a flat one at k = 10^6.
-
-    Memory: the sample is m = k x max_points_per_centroid rows (k = 10^6, d = 128, 256 points per
-    centroid: 1.3 x 10^11 bytes in float32 - 131 GB, too much for any one rank), so it stays split:
-    each rank holds ~m / world rows, then exchanges them so it holds its cells' rows (~m / world
-    again); peak ~2 m d 4 / world bytes per rank (4 GB at 64 ranks, 2 GB with mppc 64 at 32)."""
+    """Coarse cells, each cell's share of k trained by its owner rank, then two_level_refine_iters
+    Lloyd iterations over all k centroids through the cells. The sample stays split over the ranks
+    (peak ~2 m d 4 / world bytes per rank while cells exchange rows: docs/SCALING.md)."""
     times, params = [time.time()], run.params
     k1 = coarse_k_for(params)
     coarse, method, resumed_coarse, _ = _train_coarse(sample, k1, run, exact)
@@ -233,6 +209,10 @@ def train_two_level(sample: TrainingSample, run: Run, backend: str, exact: Assig
         st, resumed["cells"] = _assemble_cells(done, fine_k, sample.d, params.niter, n_resumed, coarse.c.device)
     times.append(time.time())
     chunks = list(torch.split(x, params.chunk_size)) if len(x) else []
+    # the refine iterations repair what cell boundaries cut (a blob split between two cells got two
+    # centroids, a cell's lone blobs share one): on Gaussian mixtures (k = 256..1024) 2-13% more
+    # inertia than flat Lloyd without them (FAISS's two_level_clustering: the same), -2.5..+0.7%
+    # after 4; each costs ~(k1 + nprobe k / k1) d per point, ~1/60 of a flat one at k = 10^6
     refine = params_assigner(params, coarse_np)
     st = run_lloyd(chunks, st, refine, params, params.two_level_refine_iters, (params.seed, 30), fine, "refine")
     times.append(time.time())
@@ -241,9 +221,7 @@ def train_two_level(sample: TrainingSample, run: Run, backend: str, exact: Assig
         objective=st.objective,
         sizes=np.round(st.counts).astype(np.int64),
         n_train=sample.m,
-        n_total=0,
         backend=backend,
-        seconds=0.0,
         splits=st.splits + coarse.splits,
         timings=dict(zip(("coarse_s", "exchange_s", "cells_s", "refine_s"), np.diff(times).tolist())),
         init=method,
