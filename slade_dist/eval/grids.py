@@ -1,21 +1,12 @@
-"""Retrieval grids: the picture people look at to trust a retrieval model.
-
-Owns `pick_queries` (N queries, seeded, one per class before any class gets a second one, only
-queries that have a correct answer to find), `nearest` (each query's top-k references, searched
-with eval/metrics.py's FAISS `knn_search`, the query itself left out under the self protocol),
-`GridLayout` (where each tile sits), `render_grid` (one row per query: the query framed blue, then
-its top-k results framed green when they share the query's class and red when not, class names
-under the tiles) and `retrieval_grid`, which the eval stage calls for the teacher and the final
-model on the same queries (self protocol: the test split against itself; In-shop: query split
-against gallery split) and which reads the images of the shown keys from the shards.
-Tests: tests/unit/test_grids.py; the stage's PNG and TensorBoard image:
-tests/integration/test_vit_chain.py.
+"""Retrieval grids, the picture people look at to trust a retrieval model: seeded queries, each
+with its top-k references framed green (the query's class) or red (another), read from the shards;
+the eval stage draws one for the teacher and the final model.
+Tests: tests/unit/test_grids.py; the stage's PNG and TensorBoard image: tests/integration/test_vit_chain.py.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +16,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from ..data.shards import shard_paths
 from ..data.tars import TarSamples, image_bytes
-from ..fileio import explained_writes
-from .metrics import knn_search
+from ..fileio import atomic_path
+from .metrics import drop_self, knn_search
 
 __all__ = [
     "Split",
@@ -108,12 +99,10 @@ def nearest(queries: Split, refs: Split, rows: np.ndarray, k: int, same_set: boo
     """(len(rows), k') indices into refs of each query row's nearest references, best first
     (k' = k, fewer when refs are fewer). same_set: queries are refs; each row's own index is left out."""
     k_search = min(k + (1 if same_set else 0), len(refs.keys))
-    _, idx = knn_search(queries.emb[rows], refs.emb, k_search, chunk_size=chunk_size)
-    if not same_set:
-        return idx[:, :k]
-    own = idx == rows[:, None]
-    own[~own.any(axis=1), -1] = True  # itself not among them (exact duplicates tied): drop the farthest
-    return idx[~own].reshape(len(rows), -1)[:, :k]
+    sim, idx = knn_search(queries.emb[rows], refs.emb, k_search, chunk_size=chunk_size)
+    if same_set:
+        sim, idx = drop_self(sim, idx, rows)
+    return idx[:, :k]
 
 
 def _fit(img: Image.Image | None, tile: int) -> Image.Image:
@@ -238,13 +227,6 @@ def retrieval_grid(
 
 
 def save_png(picture: Image.Image, path: Path) -> Path:
-    """The picture as a PNG, written atomically (a temp name beside it, then renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with explained_writes(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            picture.save(tmp, format="PNG")
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
     return path

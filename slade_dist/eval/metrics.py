@@ -1,30 +1,14 @@
-"""Retrieval metrics with exact FAISS kNN: Recall@K, P@1, R-Precision, MAP@R, NMI.
-
-Owns `retrieval_metrics` (test set against itself, query left out) and `query_gallery_metrics`
-(In-shop protocol), plus the `knn_search` and `kmeans_assign` they use; the MAP@R formula is
-models/retrieval.py's `map_at_r`, which the trainers' own kNN MAP@R shares. numpy in, plain dict of
-floats out. Tests: tests/unit/test_metrics.py (agreement with pytorch-metric-learning's
-AccuracyCalculator, hand-made cases for ties, lone classes and self-exclusion, chunking, top-k
+"""Retrieval metrics with exact FAISS kNN (IndexFlatIP on L2-normalised rows), numpy in, a dict of
+floats out: `retrieval_metrics` (test set against itself, query left out) and
+`query_gallery_metrics` (In-shop). Definitions as Musgrave et al., "A Metric Learning Reality
+Check" (PML's AccuracyCalculator): R_i = references with query i's label (self protocol: the query
+excluded); recall@k: any of the k nearest shares the label; precision_at_1 = recall@1;
+r_precision: same-label among the R_i nearest / R_i; map_at_r: (1/R_i) sum_{j <= R_i} P(j) rel(j)
+(models/retrieval.py's map_at_r, shared with the trainers); lone queries (R_i = 0) can never score
+and are left out of every kNN metric (as PML), counted in `n_lone_queries`; nmi: faiss.Kmeans
+with as many clusters as labels, arithmetic-mean normaliser (sklearn's default).
+Tests: tests/unit/test_metrics.py (against PML; ties, lone classes, self-exclusion, chunking, top-k
 cap). Bench: bench/eval.py.
-
-Definitions (Musgrave et al., "A Metric Learning Reality Check", as PML's AccuracyCalculator):
-- similarity = inner product of L2-normalised embeddings (rows already of unit norm used as given),
-  exact search with FAISS's `IndexFlatIP`, on all GPUs FAISS sees when k <= 2048 (its GPU
-  k-selection limit). Queries are searched in chunks with k capped at what the metrics need
-  (max R_i, max recall_k): memory is the index (n x d float32) plus one (rows x k) result, rows x k
-  <= 64 x chunk_size; metrics are accumulated chunk by chunk.
-- R_i = references with query i's label (self protocol: the query excluded). recall@k: any of the
-  k nearest shares the label; precision_at_1 = recall@1; r_precision: same-label among the R_i
-  nearest / R_i; map_at_r: (1/R_i) sum_{j <= R_i} P(j) rel(j), P(j) = precision of the top j.
-- Lone queries (R_i = 0) can never score and are left out of every kNN metric (as PML);
-  `n_lone_queries` counts them, `n_queries` all. Self exclusion: k + 1 neighbours are searched and
-  the query's own index dropped wherever it appears (else the last one).
-- Ties: equal similarities are ordered by lower reference index, also at the top-k cut-off
-  (`_top_k`), whatever the chunking: PML's L2 search orders exact ties (duplicates) so too. Pairs
-  whose cosines differ below float32 resolution can swap against PML (|q|^2 + |r|^2 - 2 q.r rounds
-  differently from q.r): bench/eval.py prints the metric differences (0 at 20k, ~1e-7 at 50k).
-- nmi: `faiss.Kmeans` (niter 20, `seed`) with as many clusters as labels, points assigned by a
-  search of the centroids, NMI with the arithmetic-mean normaliser (sklearn's default).
 """
 
 from __future__ import annotations
@@ -37,9 +21,9 @@ import numpy as np
 from ..dist import faiss_gpu_count
 from ..models.retrieval import map_at_r
 
-__all__ = ["retrieval_metrics", "query_gallery_metrics", "knn_search", "nmi_score", "kmeans_assign"]
+__all__ = ["retrieval_metrics", "query_gallery_metrics", "knn_search", "drop_self", "nmi_score", "kmeans_assign"]
 
-GPU_MAX_K = 2048  # FAISS GPU k-selection handles k <= 2048 only
+GPU_MAX_K = 2048  # FAISS GPU k-selection handles k <= 2048 only (wider searches run on the CPU copy)
 # (rows x k) entries of one chunk's result: 8192 x 64 = 512k, i.e. 6 MB of FAISS output and a few
 # tens of MB of per-chunk metric temporaries, whatever n and k are
 ENTRIES_PER_CHUNK_ROW = 64
@@ -111,7 +95,8 @@ def _searcher(refs: np.ndarray):
 
 
 def _order_ties(dist: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows by decreasing similarity, equal similarities by lower index (FAISS leaves ties in any order)."""
+    """Rows by decreasing similarity, equal similarities by lower index (FAISS leaves ties in any
+    order; PML's L2 search orders exact ties so)."""
     order = np.lexsort((idx, -dist), axis=-1)
     return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
@@ -125,7 +110,9 @@ def _top_k(search, x: np.ndarray, k: int, n_ref: int) -> tuple[np.ndarray, np.nd
     and the sort settles them. Rows where it is not (exact duplicates at the cut) are searched
     again TIE_WIDEN times as wide, in groups no larger than the first search: exact unless more
     candidates than that tie there (degenerate, e.g. collapsed, embeddings: FAISS's choice stands,
-    and time and memory stay bounded)."""
+    and time and memory stay bounded). Cosines that differ below float32 resolution can still swap
+    against PML (|q|^2 + |r|^2 - 2 q.r rounds otherwise): bench/eval.py prints the metric
+    differences (0 at 20k, ~1e-7 at 50k)."""
     width = min(k + 1, n_ref)
     dist, idx = _order_ties(*search(x, width))
     unsure = np.flatnonzero((dist[:, k - 1] == dist[:, -1]) & (width < n_ref))  # all refs in: none missed
@@ -139,10 +126,10 @@ def _top_k(search, x: np.ndarray, k: int, n_ref: int) -> tuple[np.ndarray, np.nd
     return dist, idx
 
 
-def _drop_self(dist: np.ndarray, idx: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove query (lo + row)'s own index from each row (or the last column if absent)."""
+def drop_self(dist: np.ndarray, idx: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own index own[row] (or its last column if absent) from a search of k + 1."""
     n = idx.shape[0]
-    own = idx == np.arange(lo, lo + n)[:, None]
+    own = idx == np.asarray(own)[:, None]
     own[~own.any(axis=1), -1] = True  # self not found (only with many exact ties): drop the farthest
     keep = ~own
     return dist[keep].reshape(n, -1), idx[keep].reshape(n, -1)
@@ -157,7 +144,7 @@ def _chunks(queries: np.ndarray, refs: np.ndarray, k: int, rows: int, exclude_se
         hi = min(lo + rows, queries.shape[0])
         dist, idx = _top_k(search, queries[lo:hi], k_search, refs.shape[0])
         if exclude_self:
-            dist, idx = _drop_self(dist, idx, lo)
+            dist, idx = drop_self(dist, idx, np.arange(lo, hi))
         yield lo, hi, dist, idx
 
 
@@ -211,6 +198,7 @@ def _evaluate(
         raise ValueError("need at least 2 embeddings to evaluate retrieval")
     r = _relevant_counts(q_labels, g_labels, self_protocol)
     k = int(min(max(int(r.max(initial=0)), max(recall_k)), n_ref))  # no metric looks further
+    # memory: the index plus one (rows x k) result, rows x k <= ENTRIES_PER_CHUNK_ROW x chunk_size
     valid = r > 0
     rows = max(1, min(chunk_size, (chunk_size * ENTRIES_PER_CHUNK_ROW) // k))
     sums: dict[str, float] = {}

@@ -1,25 +1,6 @@
-"""The "cluster" stage: distributed k-means on the teacher embeddings -> pseudo-label shards.
-
-Owns: reading the embed stage's per-shard files (RunLayout.stage_dir("embed", r)), capping k to
-the data, training centroids (kmeans.train_centroids, each rank owning its shards' embeddings),
-the streaming assignment of every point (each rank writes the pseudo-label file of its own shards:
-pl-%06d.npz, same index and key order as the image shard), the cluster -> members index the student
-reads instead of the label files (data/pseudo_index.py: each rank finds its samples' byte ranges in
-their tars while assigning, sends every row to the rank owning its cluster, which sorts them, takes
-the per-cluster distance thresholds of data.pseudo_max_dist_percentile on all of its clusters'
-distances, applies data.pseudo_min_cluster_size and writes its members file; rank 0 writes
-clusters.npz + clusters.json), and the run facts: centroids.npy,
-meta.json, stats.json (sizes, imbalance, inertia, timings, purity/NMI against hidden labels when the
-unlabeled json carried them) and, in TensorBoard (rank 0), a cluster-size histogram and image grids
-of a few pseudo-classes.
-With `curate.enabled` the curate stage's decisions (data/curation.py) pick the points: only the
-kept ones train the centroids, enter the member index and the statistics; every point still gets a
-label row, so each label file covers its shard. Balance (pseudo/cluster_pool.py): `curate.cluster_cap`
-caps what the student draws from one cluster at that multiple of the mean cluster size (its nearest
-members; counted in stats.json "index"), and a cluster holding more than `curate.collapse_share` of
-the points (and over twice an equal share) is a WARNING with the numbers (stats.json "collapse").
-Resumable: centroids are reused when centroids.json matches (config, embeddings, k, curation), and
-shards whose pseudo-label file already exists are only read back for the statistics.
+"""The "cluster" stage: distributed k-means on the teacher embeddings -> pseudo-label files, the
+member index the student reads, stats.json and TensorBoard; what it reads, writes and resumes is in
+slade_dist/pseudo/README.md. Curation and balance: pseudo/cluster_pool.py.
 Tests: tests/unit/test_cluster.py, tests/integration/test_pseudo_multirank.py, tests/unit/test_curate.py,
 tests/integration/test_curate_multirank.py.
 """
@@ -52,7 +33,7 @@ from ..data.pseudo_index import (
 from ..data.pseudo_labels import pseudo_label_path, read_pseudo_labels, write_meta, write_pseudo_labels
 from ..data.shards import shard_index, unlabeled_pool
 from ..data.tars import TarSamples, image_bytes
-from ..data.transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, decode
+from ..data.transforms import CorruptImage, ImageLimits, decode
 from ..errors import UnusableInput
 from ..fileio import atomic_path, atomic_write_json
 from ..progress import steps
@@ -167,10 +148,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         sizes = np.asarray(local["sizes_all"])
         _tensorboard(layout.tb_dir("cluster", r), stats, sizes, r, _cluster_examples(shards[0], out_dir, sizes))
     dist.barrier()
-    summary = {k_: stats[k_] for k_ in ("k", "n", "inertia", "imbalance", "empty_clusters") if k_ in stats}
-    for key in ("purity", "nmi", "n_labeled"):
-        if key in stats:
-            summary[key] = stats[key]
+    facts = ("k", "n", "inertia", "imbalance", "empty_clusters", "purity", "nmi", "n_labeled")
+    summary = {k_: stats[k_] for k_ in facts if k_ in stats}
     summary.update({f"index_{k_}": v for k_, v in stats["index"].items()})
     summary["largest_cluster_share"] = stats["collapse"]["share"]
     if stats["collapse"]["warning"]:
@@ -237,13 +216,12 @@ def _assign_my_shards(
     centroids: np.ndarray,
     params: PseudoConfig,
     positions: dict[str, int],
-    scan_workers: int = 0,
-    keep: dict[str, np.ndarray] | None = None,
-    limits: ImageLimits = DEFAULT_LIMITS,
+    scan_workers: int,
+    keep: dict[str, np.ndarray],
+    limits: ImageLimits,
 ) -> dict[str, Any]:
     """Label every point of this rank's shards; sizes, inertia, purity pairs and member-index rows
     count only the points curation kept (all without curation)."""
-    keep = keep or {}
     k = centroids.shape[0]
     coarse = np.load(out_dir / COARSE_FILE) if (out_dir / COARSE_FILE).exists() else None
     assigner = params_assigner(params, coarse)  # assign=auto: through the two-level cells, if any
@@ -291,10 +269,8 @@ def _shard_labels(
 
 class _TarScans:
     """The member-index scans of a rank's shards (pseudo_index.index_rows), in this process or in
-    `workers` spawned processes: tarfile is pure Python (~35 us per tar member), so at 10^9 images a
-    rank's share of the scan is CPU work worth spreading over the CPUs of its job (data.num_workers,
-    the loader workers of the other stages). Rows are kept in submission order; at most
-    2 x workers scans are in flight (bounded memory)."""
+    `workers` (data.num_workers) spawned processes: tarfile is pure Python, ~35 us per member
+    (docs/SCALING.md). Rows are kept in submission order; at most 2 x workers scans in flight."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -337,7 +313,7 @@ class _TarScans:
 
 # ------------------------------------------------------------------------------- member index
 def _write_index(
-    local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path], cap: int = 0
+    local: dict[str, Any], k: int, cfg: Config, out_dir: Path, shards: list[Path], cap: int
 ) -> dict[str, Any]:
     """Every rank writes the members file of the clusters it owns; rank 0 the summary, last."""
     bounds = owner_bounds(k, dist.world_size())

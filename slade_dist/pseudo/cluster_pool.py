@@ -1,13 +1,5 @@
-"""Which points the cluster stage clusters and the student draws: curation's keep masks, balance.
-
-Owns, for pseudo/cluster.py:
-- `curation_summary` (the curate stage's curate.json when `curate.enabled`; missing: CurationMissing,
-  a one-line user error), `keep_mask` (a shard's keep mask in the embed stage's key order, from
-  data/curation.py), `kept_rows` (the embeddings k-means trains on) and `kept_index_rows` (the
-  member-index rows of the kept samples only);
-- balance: `cap_size` / `cap_clusters` (`curate.cluster_cap`: at most that multiple of the mean
-  cluster size drawn from one cluster, its nearest members) and `collapse` (the largest cluster's
-  share; a WARNING text above `curate.collapse_share` and twice an equal share), `imbalance_factor`.
+"""Which points the cluster stage (pseudo/cluster.py) clusters and the student draws: curation's
+keep masks (data/curation.py) and balance (`curate.cluster_cap`, `curate.collapse_share`).
 Tests: tests/unit/test_curate.py, tests/unit/test_cluster.py, tests/integration/test_curate_multirank.py.
 """
 

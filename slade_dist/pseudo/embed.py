@@ -1,15 +1,6 @@
-"""The "embed" stage: teacher embeddings of every unlabeled image, one file pair per shard.
-
-Owns: the embedding file layout of docs/ARCHITECTURE.md "Data formats" (emb-%06d.npy float16 n x d, row order
-= shard order, + emb-%06d.keys one key a line, same index as the image shard; + emb-%06d.labels.npy
-with the hidden labels found in the samples' json, only for measuring pseudo-label purity),
-distributed inference (each rank owns disjoint shards, dist.shard_slice; eval transforms through
-the data readers; bf16 autocast on GPU; L2-normalised outputs), atomic per-shard writes, and
-idempotence: a shard whose .npy exists is skipped, so a killed run resumes where it stopped and the
-stage also runs as a Slurm job array over explicit shard subsets (`shard_ids`: the launcher's
-`--array N` and `--shards 0-9,12`, slade_dist/launch).
-Corrupt images are skipped and counted; their keys are absent from the outputs.
-`embed.json` records which teacher made the files; embeddings of another teacher are removed.
+"""The "embed" stage: teacher embeddings of every unlabeled image, files per shard (their layout,
+skipping, resuming, job arrays: slade_dist/pseudo/README.md). Each rank embeds its own shards
+(dist.shard_slice); `shard_ids` is one array task's subset.
 Tests: tests/unit/test_embed.py, tests/integration/test_pseudo_multirank.py.
 """
 
@@ -35,19 +26,6 @@ from ..fileio import atomic_path, atomic_write_json, atomic_write_text
 from ..models import embed_batches, load_embedder, output_dim, read_checkpoint
 from ..progress import progress
 from ..stages import RunLayout
-
-__all__ = [
-    "run",
-    "emb_path",
-    "keys_path",
-    "labels_path",
-    "is_embedded",
-    "load_embeddings",
-    "read_keys",
-    "read_hidden_labels",
-    "read_embed_facts",
-    "shard_index",
-]
 
 FACTS_FILE = "embed.json"
 
@@ -110,10 +88,8 @@ def read_embed_facts(emb_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ stage
 def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> dict[str, Any]:
-    """Embed this round's unlabeled shards (all of them, or only `shard_ids`); every rank calls it.
-
-    Shards already embedded by this teacher are skipped. Returns counts for DONE.json.
-    """
+    """Embed this round's unlabeled shards (all, or only `shard_ids`) not yet embedded by this
+    teacher; every rank calls it. Returns counts for DONE.json."""
     t0 = time.time()
     log = dist.get_logger()
     r = cfg.run.round
@@ -135,7 +111,7 @@ def run(cfg: Config, run_dir: Path, shard_ids: Sequence[int] | None = None) -> d
 
     todo = [p for p in dist.shard_slice(shards) if not is_embedded(out_dir, p)]
     device = dist.device()
-    model = _load_teacher(weights, device) if todo else None
+    model = load_embedder(weights, map_location="cpu").to(device).eval() if todo else None
     counts = {
         "written": 0,
         "images": 0,
@@ -239,12 +215,6 @@ def _drop_other_teachers_outputs(out_dir: Path, facts: dict[str, Any]) -> None:
         (out_dir / FACTS_FILE).unlink()
     if not (out_dir / FACTS_FILE).exists():
         atomic_write_json(out_dir / FACTS_FILE, facts)  # claim the dir before any shard is written
-
-
-def _load_teacher(weights: Path, device: torch.device) -> torch.nn.Module:
-    model = load_embedder(weights, map_location="cpu").to(device)
-    model.eval()
-    return model
 
 
 def _embed_group(
