@@ -389,3 +389,10 @@ def pipeline_plan(rounds: int, switched_on: Sequence[str] = ()) -> list[tuple[st
 def chain_switches(cfg: Config) -> tuple[str, ...]:
     """The stage switches the config turns on (e.g. curate.enabled)."""
     return tuple(s.switch for s in STAGES.values() if s.switch and cfg.get(s.switch))
+
+
+def chain_reads(cfg: Config) -> tuple[str, ...]:
+    """Every config key the chain's stages declare they read, in registry order (the hparams that
+    eval's TensorBoard run is compared by: tb.config_hparams)."""
+    on = {name for name, _ in pipeline_plan(1, chain_switches(cfg))}
+    return tuple(dict.fromkeys(k for name, s in STAGES.items() if name in on for k in s.reads))
