@@ -18,6 +18,7 @@ import os
 import textwrap
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -971,6 +972,7 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         _merge(merged, _nest(key, value), "command line", sources)
+    _read_old_job_shapes(merged.get("launch"), sources)
     all_keys = valid_keys()
     cfg = _build(Config, merged, sources, "", all_keys)
     cfg._sources = sources
@@ -980,6 +982,31 @@ def load_config(
             raise ConfigError(missing)
         _check_data_fits(cfg)
     return cfg
+
+
+# the job-shape keys of configs written before launch.shapes (a run dir's config.yaml, old run files)
+_OLD_JOB_SHAPES = {s: s for s in ("pretrain", "teacher", "embed", "student", "eval")} | {"cluster_job": "cluster"}
+
+
+def _read_old_job_shapes(launch: Any, sources: dict[str, str]) -> None:
+    """launch.<stage> (and launch.cluster_job) read as launch.shapes.<stage>, with a warning; a key
+    also set in launch.shapes keeps that value."""
+    if not isinstance(launch, dict):
+        return
+    for old, stage in _OLD_JOB_SHAPES.items():
+        if not isinstance(launch.get(old), Mapping):
+            continue
+        shape = launch.pop(old)
+        if not isinstance(launch.get("shapes"), dict):
+            launch["shapes"] = {}
+        launch["shapes"][stage] = {**shape, **launch["shapes"].get(stage, {})}
+        source = "?"
+        for leaf in shape:
+            source = sources.pop(f"launch.{old}.{leaf}", source)
+            sources.setdefault(f"launch.shapes.{stage}.{leaf}", source)
+        warnings.warn(
+            f"launch.{old} (from {source}) is the old spelling of launch.shapes.{stage}: read as that", stacklevel=3
+        )
 
 
 def _shown(value: object) -> str:

@@ -60,6 +60,21 @@ def test_int_accepted_for_float_and_nested_launch_shape(tmp_path):
     assert cfg.launch.shapes["student"].nodes == 8 and "teacher" not in cfg.launch.shapes
 
 
+def test_a_run_dir_config_with_the_old_launch_stage_keys_loads_as_launch_shapes(tmp_path):
+    old = {
+        "launch": {"student": {"nodes": 4}, "cluster_job": {"gpus_per_node": 2}, "shapes": {"student": {"nodes": 8}}}
+    }
+    run = write(tmp_path, "config.yaml", old)
+    with pytest.warns(
+        UserWarning, match=r"launch.cluster_job \(from .*config.yaml\) is the old spelling of launch.shapes.cluster"
+    ):
+        cfg = load_config(run, ["launch.teacher.time_min=5"])
+    assert cfg.launch.shapes["student"].nodes == 8  # the new spelling wins where both are set
+    assert cfg.launch.shapes["cluster"].gpus_per_node == 2 and cfg.launch.shapes["teacher"].time_min == 5
+    assert cfg.source_of("launch.shapes.teacher.time_min") == "command line"
+    assert cfg.source_of("launch.shapes.cluster.gpus_per_node") == str(run)
+
+
 def test_unknown_key_suggests_closest(tmp_path):
     run = write(tmp_path, "r.yaml", {"train": {"teacher_stpes": 5}})
     with pytest.raises(ConfigError) as e:
