@@ -241,17 +241,8 @@ STAGES: dict[str, Stage] = {
 
 
 class RunLayout:
-    """Where every artefact of a run lives.
-
-    <run>/config.yaml                      resolved config of the last invocation
-    <run>/curate/                          cur-%06d.npz per unlabeled shard, curate.json, calibration.json
-    <run>/pretrain/  <run>/teacher/        final.pt (plain state dict), ckpt/, DONE.json
-    <run>/round<r>/embed/                  emb-%06d.npy + emb-%06d.keys per unlabeled shard
-    <run>/round<r>/cluster/                pl-%06d.npz, centroids.npy, stats.json, meta.json
-    <run>/round<r>/student/                like teacher/
-    <run>/eval/metrics.json                final metrics
-    <run>/tb/<stage>                       TensorBoard events (round stages: tb/round<r>-<stage>)
-    """
+    """Where every artefact of a run lives: the map is docs/ARCHITECTURE.md "Run directory" (tested
+    against a real run's files by tests/integration/test_stage_reads.py)."""
 
     def __init__(self, run_dir: str | os.PathLike[str]):
         self.root = Path(run_dir)
