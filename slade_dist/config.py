@@ -882,34 +882,27 @@ def _check_basis_beta(cfg: Config) -> None:
         )
 
 
+def _check_ordered(cfg: Config, lo_key: str, hi_key: str) -> None:
+    """A [min, max] range given as two keys must be ordered."""
+    lo, hi = cfg.get(lo_key), cfg.get(hi_key)
+    if lo > hi:
+        raise ConfigError(
+            f"{lo_key} = {lo} is above {hi_key} = {hi} (from {cfg.source_of(lo_key)} / {cfg.source_of(hi_key)})"
+        )
+
+
 def _check_augment(cfg: Config, key: str) -> None:
-    """Each [min, max] range of an augmentation must be ordered."""
-    aug = cfg.get(key)
-    for lo_name, hi_name in (
-        ("crop_scale_min", "crop_scale_max"),
-        ("crop_ratio_min", "crop_ratio_max"),
-        ("blur_sigma_min", "blur_sigma_max"),
-    ):
-        lo, lo_key = getattr(aug, lo_name), f"{key}.{lo_name}"
-        if lo is None:  # crop_scale_min null: data.crop_scale_min
-            lo, lo_key = cfg.data.crop_scale_min, "data.crop_scale_min"
-        hi = getattr(aug, hi_name)
-        if lo > hi:
-            raise ConfigError(
-                f"{lo_key} = {lo} is above {key}.{hi_name} = {hi} "
-                f"(from {cfg.source_of(lo_key)} / {cfg.source_of(f'{key}.{hi_name}')})"
-            )
+    for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        lo_key = f"{key}.{name}_min"
+        if cfg.get(lo_key) is None:  # crop_scale_min null: data.crop_scale_min
+            lo_key = "data.crop_scale_min"
+        _check_ordered(cfg, lo_key, f"{key}.{name}_max")
 
 
 def _check_local_crops(cfg: Config) -> None:
     """SwAV's local crops: an ordered scale range, and smaller than the global crops."""
     pc = cfg.pretrain
-    if pc.local_crop_scale_min > pc.local_crop_scale_max:
-        raise ConfigError(
-            f"pretrain.local_crop_scale_min = {pc.local_crop_scale_min} is above pretrain.local_crop_scale_max = "
-            f"{pc.local_crop_scale_max} (from {cfg.source_of('pretrain.local_crop_scale_min')} / "
-            f"{cfg.source_of('pretrain.local_crop_scale_max')})"
-        )
+    _check_ordered(cfg, "pretrain.local_crop_scale_min", "pretrain.local_crop_scale_max")
     if pc.local_crops and pc.local_crop_size is not None and pc.local_crop_size > cfg.data.image_size:
         raise ConfigError(
             f"pretrain.local_crop_size (from {cfg.source_of('pretrain.local_crop_size')}) = {pc.local_crop_size} "

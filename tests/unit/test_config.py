@@ -109,6 +109,9 @@ def test_unknown_section_and_misplaced_leaf():
         ("eval.recall_k=[]", r"eval.recall_k \(from command line\) must not be empty"),
         ("run.dir=", r"run.dir \(from command line\) must not be empty"),
         ("model.backbone=resnet9000", r"unknown backbone 'resnet9000'; choose one of resnet50, resnet18, tiny_cnn"),
+        ("data.augment.crop_ratio_min=2", r"data.augment.crop_ratio_min = 2.0 is above data.augment.crop_ratio_max"),
+        ("data.augment.crop_scale_max=0.1", r"data.crop_scale_min = 0.16 is above data.augment.crop_scale_max = 0.1"),
+        ("pretrain.local_crop_scale_min=0.5", r"local_crop_scale_min = 0.5 is above pretrain.local_crop_scale_max"),
     ],
 )
 def test_bad_values_name_key_and_source(override, pattern):
