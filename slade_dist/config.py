@@ -655,6 +655,9 @@ def _to_plain(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- loading
+# Not OmegaConf (evaluated for issue 21): 2.3 has no Literal fields (15 here would become Enums), no
+# per-key source, ranges or did-you-mean, which we would keep writing around it; and its antlr4 runtime
+# is not in this project's local package index, so it cannot be installed from local disk.
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema (what --help and suggestions show)."""
     keys: list[str] = []
