@@ -18,6 +18,7 @@ import os
 import textwrap
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -654,6 +655,9 @@ def _to_plain(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------- loading
+# Not OmegaConf (evaluated for issue 21): 2.3 has no Literal fields (15 here would become Enums), no
+# per-key source, ranges or did-you-mean, which we would keep writing around it; and its antlr4 runtime
+# is not in this project's local package index, so it cannot be installed from local disk.
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema (what --help and suggestions show)."""
     keys: list[str] = []
@@ -881,34 +885,27 @@ def _check_basis_beta(cfg: Config) -> None:
         )
 
 
+def _check_ordered(cfg: Config, lo_key: str, hi_key: str) -> None:
+    """A [min, max] range given as two keys must be ordered."""
+    lo, hi = cfg.get(lo_key), cfg.get(hi_key)
+    if lo > hi:
+        raise ConfigError(
+            f"{lo_key} = {lo} is above {hi_key} = {hi} (from {cfg.source_of(lo_key)} / {cfg.source_of(hi_key)})"
+        )
+
+
 def _check_augment(cfg: Config, key: str) -> None:
-    """Each [min, max] range of an augmentation must be ordered."""
-    aug = cfg.get(key)
-    for lo_name, hi_name in (
-        ("crop_scale_min", "crop_scale_max"),
-        ("crop_ratio_min", "crop_ratio_max"),
-        ("blur_sigma_min", "blur_sigma_max"),
-    ):
-        lo, lo_key = getattr(aug, lo_name), f"{key}.{lo_name}"
-        if lo is None:  # crop_scale_min null: data.crop_scale_min
-            lo, lo_key = cfg.data.crop_scale_min, "data.crop_scale_min"
-        hi = getattr(aug, hi_name)
-        if lo > hi:
-            raise ConfigError(
-                f"{lo_key} = {lo} is above {key}.{hi_name} = {hi} "
-                f"(from {cfg.source_of(lo_key)} / {cfg.source_of(f'{key}.{hi_name}')})"
-            )
+    for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+        lo_key = f"{key}.{name}_min"
+        if cfg.get(lo_key) is None:  # crop_scale_min null: data.crop_scale_min
+            lo_key = "data.crop_scale_min"
+        _check_ordered(cfg, lo_key, f"{key}.{name}_max")
 
 
 def _check_local_crops(cfg: Config) -> None:
     """SwAV's local crops: an ordered scale range, and smaller than the global crops."""
     pc = cfg.pretrain
-    if pc.local_crop_scale_min > pc.local_crop_scale_max:
-        raise ConfigError(
-            f"pretrain.local_crop_scale_min = {pc.local_crop_scale_min} is above pretrain.local_crop_scale_max = "
-            f"{pc.local_crop_scale_max} (from {cfg.source_of('pretrain.local_crop_scale_min')} / "
-            f"{cfg.source_of('pretrain.local_crop_scale_max')})"
-        )
+    _check_ordered(cfg, "pretrain.local_crop_scale_min", "pretrain.local_crop_scale_max")
     if pc.local_crops and pc.local_crop_size is not None and pc.local_crop_size > cfg.data.image_size:
         raise ConfigError(
             f"pretrain.local_crop_size (from {cfg.source_of('pretrain.local_crop_size')}) = {pc.local_crop_size} "
@@ -971,6 +968,7 @@ def load_config(
     for text in overrides:
         key, value = parse_override(text)
         _merge(merged, _nest(key, value), "command line", sources)
+    _read_old_job_shapes(merged.get("launch"), sources)
     all_keys = valid_keys()
     cfg = _build(Config, merged, sources, "", all_keys)
     cfg._sources = sources
@@ -980,6 +978,31 @@ def load_config(
             raise ConfigError(missing)
         _check_data_fits(cfg)
     return cfg
+
+
+# the job-shape keys of configs written before launch.shapes (a run dir's config.yaml, old run files)
+_OLD_JOB_SHAPES = {s: s for s in ("pretrain", "teacher", "embed", "student", "eval")} | {"cluster_job": "cluster"}
+
+
+def _read_old_job_shapes(launch: Any, sources: dict[str, str]) -> None:
+    """launch.<stage> (and launch.cluster_job) read as launch.shapes.<stage>, with a warning; a key
+    also set in launch.shapes keeps that value."""
+    if not isinstance(launch, dict):
+        return
+    for old, stage in _OLD_JOB_SHAPES.items():
+        if not isinstance(launch.get(old), Mapping):
+            continue
+        shape = launch.pop(old)
+        if not isinstance(launch.get("shapes"), dict):
+            launch["shapes"] = {}
+        launch["shapes"][stage] = {**shape, **launch["shapes"].get(stage, {})}
+        source = "?"
+        for leaf in shape:
+            source = sources.pop(f"launch.{old}.{leaf}", source)
+            sources.setdefault(f"launch.shapes.{stage}.{leaf}", source)
+        warnings.warn(
+            f"launch.{old} (from {source}) is the old spelling of launch.shapes.{stage}: read as that", stacklevel=3
+        )
 
 
 def _shown(value: object) -> str:

@@ -241,17 +241,8 @@ STAGES: dict[str, Stage] = {
 
 
 class RunLayout:
-    """Where every artefact of a run lives.
-
-    <run>/config.yaml                      resolved config of the last invocation
-    <run>/curate/                          cur-%06d.npz per unlabeled shard, curate.json, calibration.json
-    <run>/pretrain/  <run>/teacher/        final.pt (plain state dict), ckpt/, DONE.json
-    <run>/round<r>/embed/                  emb-%06d.npy + emb-%06d.keys per unlabeled shard
-    <run>/round<r>/cluster/                pl-%06d.npz, centroids.npy, stats.json, meta.json
-    <run>/round<r>/student/                like teacher/
-    <run>/eval/metrics.json                final metrics
-    <run>/tb/<stage>                       TensorBoard events (round stages: tb/round<r>-<stage>)
-    """
+    """Where every artefact of a run lives: the map is docs/ARCHITECTURE.md "Run directory" (tested
+    against a real run's files by tests/integration/test_stage_reads.py)."""
 
     def __init__(self, run_dir: str | os.PathLike[str]):
         self.root = Path(run_dir)
@@ -389,3 +380,10 @@ def pipeline_plan(rounds: int, switched_on: Sequence[str] = ()) -> list[tuple[st
 def chain_switches(cfg: Config) -> tuple[str, ...]:
     """The stage switches the config turns on (e.g. curate.enabled)."""
     return tuple(s.switch for s in STAGES.values() if s.switch and cfg.get(s.switch))
+
+
+def chain_reads(cfg: Config) -> tuple[str, ...]:
+    """Every config key the chain's stages declare they read, in registry order (the hparams that
+    eval's TensorBoard run is compared by: tb.config_hparams)."""
+    on = {name for name, _ in pipeline_plan(1, chain_switches(cfg))}
+    return tuple(dict.fromkeys(k for name, s in STAGES.items() if name in on for k in s.reads))

@@ -40,19 +40,6 @@ from .config import Config
 PROJECTOR_MAX_CLASSES = 50  # TensorBoard's projector colours by at most 50 distinct labels
 PROJECTOR_MAX_POINTS = 2000
 THUMBNAIL = 32  # pixels per side of a projector thumbnail (the sprite holds them all)
-HPARAM_SECTIONS = (
-    "run",
-    "data",
-    "model",
-    "loss",
-    "pretrain",
-    "train",
-    "student",
-    "basis",
-    "mining",
-    "pseudo",
-    "curate",
-)
 NOT_HPARAMS = ("run.dir", "run.round")  # where the run lives and the round a per-round stage is on
 
 
@@ -240,11 +227,12 @@ def log_eval(
     pairs: Iterable[tuple[np.ndarray, dict[str, Any]]],
     names: Sequence[str] | None,
     image_norm: tuple[Sequence[float], Sequence[float]],
+    hparam_keys: Sequence[str],
     images: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """The eval stage's run (rank 0; a rerun replaces it): eval/<metric> per model at steps 0..n-1
     in chain order (eval/model names each step), the final model's metrics as final/<metric>
-    with config_hparams(cfg) as hparams, the projector "test" of `pairs` (embed_batches of the
+    with config_hparams(cfg, hparam_keys) as hparams, the projector "test" of `pairs` (embed_batches of the
     final model) at the final model's step, and `images` (model -> a (3, H, W) uint8 picture, the
     retrieval grids) as retrieval/<model> at that model's step."""
     models = results["models"]
@@ -254,25 +242,31 @@ def log_eval(
             tb.text("eval/model", name, step)
             if images and name in images:
                 tb.images(f"retrieval/{name.replace(' ', '_')}", images[name][None], step, nrow=1)
-        tb.hparams(config_hparams(cfg), {f"final/{k}": v for k, v in models[results["final"]].items()})
+        tb.hparams(config_hparams(cfg, hparam_keys), {f"final/{k}": v for k, v in models[results["final"]].items()})
         tb.projector("test", pairs, max(len(models) - 1, 0), names=names)
 
 
-def config_hparams(cfg: Config) -> dict[str, Any]:
-    """The knobs that change results (config fields not marked result=False, no input paths), flat
-    as "section.key": what the hparams dashboard compares runs by. Lists become text."""
-    out: dict[str, Any] = {}
-    for section in HPARAM_SECTIONS:
-        _flatten(getattr(cfg, section), section, out)
-    return {k: v for k, v in out.items() if k not in NOT_HPARAMS}
+def config_hparams(cfg: Config, keys: Sequence[str]) -> dict[str, Any]:
+    """The knobs that change results among `keys` (what the chain's stages declare they read,
+    stages.chain_reads), flat as "section.key": what the hparams dashboard compares runs by.
+    Fields marked result=False and input paths are left out; lists become text."""
+    every: dict[str, Any] = {}
+    _flatten(cfg, "", every)
+    declared = tuple(keys)
+    return {
+        k: v
+        for k, v in every.items()
+        if k not in NOT_HPARAMS and any(k == d or k.startswith(d + ".") for d in declared)
+    }
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
     for f in dataclasses.fields(obj):
-        if not f.metadata.get("result", True) or f.metadata.get("input_path", False):
+        if f.name.startswith("_") or not f.metadata.get("result", True) or f.metadata.get("input_path", False):
             continue
         v = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(v):
-            _flatten(v, f"{prefix}.{f.name}", out)
+            _flatten(v, key, out)
         elif v is not None:
-            out[f"{prefix}.{f.name}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+            out[key] = v if isinstance(v, (bool, int, float, str)) else str(v)

@@ -36,7 +36,7 @@ from ..errors import UnusableInput
 from ..fileio import atomic_write_json
 from ..models import embed_batches, load_embedder, output_dim
 from ..progress import progress
-from ..stages import RunLayout
+from ..stages import RunLayout, chain_reads
 from ..tb import log_eval
 from .grids import Split, retrieval_grid, save_png
 from .metrics import query_gallery_metrics, retrieval_metrics
@@ -243,4 +243,5 @@ def _log_tensorboard(
     stream = finite_batches(split, cfg.data, cfg.eval.batch_size, rank=0, world=1)
     pairs = embed_batches(load_embedder(final, map_location="cpu"), stream, dist.device())
     norm = (IMAGENET_MEAN, IMAGENET_STD)
-    log_eval(layout.tb_dir("eval"), results, cfg, pairs, read_classes(split), norm, images=grids)
+    hparams = chain_reads(cfg)  # the keys the run's stages declare: what runs are compared by
+    log_eval(layout.tb_dir("eval"), results, cfg, pairs, read_classes(split), norm, hparams, images=grids)

@@ -60,6 +60,21 @@ def test_int_accepted_for_float_and_nested_launch_shape(tmp_path):
     assert cfg.launch.shapes["student"].nodes == 8 and "teacher" not in cfg.launch.shapes
 
 
+def test_a_run_dir_config_with_the_old_launch_stage_keys_loads_as_launch_shapes(tmp_path):
+    old = {
+        "launch": {"student": {"nodes": 4}, "cluster_job": {"gpus_per_node": 2}, "shapes": {"student": {"nodes": 8}}}
+    }
+    run = write(tmp_path, "config.yaml", old)
+    with pytest.warns(
+        UserWarning, match=r"launch.cluster_job \(from .*config.yaml\) is the old spelling of launch.shapes.cluster"
+    ):
+        cfg = load_config(run, ["launch.teacher.time_min=5"])
+    assert cfg.launch.shapes["student"].nodes == 8  # the new spelling wins where both are set
+    assert cfg.launch.shapes["cluster"].gpus_per_node == 2 and cfg.launch.shapes["teacher"].time_min == 5
+    assert cfg.source_of("launch.shapes.teacher.time_min") == "command line"
+    assert cfg.source_of("launch.shapes.cluster.gpus_per_node") == str(run)
+
+
 def test_unknown_key_suggests_closest(tmp_path):
     run = write(tmp_path, "r.yaml", {"train": {"teacher_stpes": 5}})
     with pytest.raises(ConfigError) as e:
@@ -94,6 +109,9 @@ def test_unknown_section_and_misplaced_leaf():
         ("eval.recall_k=[]", r"eval.recall_k \(from command line\) must not be empty"),
         ("run.dir=", r"run.dir \(from command line\) must not be empty"),
         ("model.backbone=resnet9000", r"unknown backbone 'resnet9000'; choose one of resnet50, resnet18, tiny_cnn"),
+        ("data.augment.crop_ratio_min=2", r"data.augment.crop_ratio_min = 2.0 is above data.augment.crop_ratio_max"),
+        ("data.augment.crop_scale_max=0.1", r"data.crop_scale_min = 0.16 is above data.augment.crop_scale_max = 0.1"),
+        ("pretrain.local_crop_scale_min=0.5", r"local_crop_scale_min = 0.5 is above pretrain.local_crop_scale_max"),
     ],
 )
 def test_bad_values_name_key_and_source(override, pattern):

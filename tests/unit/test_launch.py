@@ -258,7 +258,7 @@ def test_dry_run_local_prints_config_and_plan_and_writes_nothing(tmp_path, capsy
         (["--stage", "teacher", "--cluster", "local", "launch.qos=7"], None),  # int -> str is accepted
         (["--stage", "teacher", "--cluster", "local", "train.lr=fast"], "train.lr"),
         (["--stage", "teacher", "--cluster", "local", "launch.shapes.teachr.nodes=2"], "there is no stage 'teachr'"),
-        (["--stage", "teacher", "launch.teacher.nodes=2"], "did you mean 'launch.shapes.teacher.nodes'"),
+        (["--stage", "teacher", "launch.shape.teacher.nodes=2"], "did you mean 'launch.shapes.teacher.nodes'"),
     ],
 )
 def test_errors_are_one_clear_line_before_anything_runs(tmp_path, capsys, args, message):

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
+from slade_dist import stages
 from slade_dist.config import load_config
 from slade_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from slade_dist.tb import TBWriter, config_hparams
@@ -157,11 +158,14 @@ def test_hparams_go_into_the_writers_own_run_with_the_metrics(tmp_path):
     assert [e.value for e in ea.Scalars("final/map_at_r")] == [0.5]
 
 
-def test_config_hparams_are_the_knobs_that_change_results():
+def test_config_hparams_are_the_knobs_that_change_results_among_the_chains_declared_reads():
     cfg = load_config(None, ["data.train_shards=/somewhere", "train.lr=0.01"], check_paths=False)
-    hp = config_hparams(cfg)
+    hp = config_hparams(cfg, stages.chain_reads(cfg))
     assert hp["train.lr"] == 0.01 and hp["model.backbone"] == cfg.model.backbone
     assert "data.augment.flip" in hp and "pseudo.k" in hp and "run.rounds" in hp
     for left_out in ("data.train_shards", "train.log_every", "data.num_workers", "run.dir", "run.round"):
         assert left_out not in hp
+    assert not any(k.startswith(("launch.", "demo.")) for k in hp)  # no stage reads them
     assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())
+    assert "pretrain.steps" not in config_hparams(cfg, stages.STAGES["teacher"].reads)
+    assert config_hparams(cfg, ["train.lr"]) == {"train.lr": 0.01}
