@@ -1,17 +1,7 @@
-"""The eval stage: every model the run produced, measured on the class-disjoint test split.
-
-Owns: `run(cfg, run_dir)` — embeds the test split (or In-shop query + gallery) with the teacher
-and each round's student (so the self-training gain is visible in one table), gathers the
-embeddings on rank 0, computes the metrics of `eval.metrics`, writes `<run>/eval/metrics.json`,
-logs them to TensorBoard (tb.log_eval: a step per model, hparams, projector, retrieval grids); the
-CLI, the pipeline and the local launcher print them as a table (`eval.report`). The teacher and the
-final model also get a retrieval grid on the same seeded queries (eval/grids.py):
-`<run>/eval/retrieval_<model>.png` and the TensorBoard image retrieval/<model>.
-Pseudo-label quality (purity/NMI of each round's clusters, from cluster/stats.json) is copied in
-when the unlabeled data carried hidden labels, and what each round's curate stage removed from the
-unlabeled pool per test set (curate.json; with curation off, a WARNING that nobody checked).
-Also `periodic_evaluator(cfg)`, the callable the stage runner hands to the trainers for their
-periodic eval (train/ never imports eval/).
+"""The eval stage: the teacher and each round's student (the self-training gain in one table)
+measured on the class-disjoint test split (or In-shop query + gallery) -> <run>/eval/metrics.json,
+TensorBoard (tb.log_eval) and retrieval grids of the teacher and the final model; and
+`periodic_evaluator`, which the stage runner hands to the trainers (train/ never imports eval/).
 Tests: tests/integration/test_{pipeline_e2e,tensorboard,vit_chain}.py, tests/unit/test_engine.py
 (periodic eval), tests/unit/test_grids.py, tests/unit/test_curate.py (the curation line).
 """
@@ -49,13 +39,7 @@ def models_to_evaluate(layout: RunLayout, rounds: int) -> list[tuple[str, Path]]
     return [(n, p) for n, p in found if p.exists()]
 
 
-def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, labels) of a labeled shard dir, gathered from all ranks, sorted by key."""
-    split = embed_keyed(model, shard_dir, cfg)
-    return split.emb, split.labels
-
-
-def embed_keyed(model: torch.nn.Module, shard_dir: str, cfg: Config) -> Split:
+def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config) -> Split:
     """Embeddings, labels and keys of a labeled shard dir, gathered from all ranks (rank order, then
     sorted by key). Images that could not be read are named in a warning: the metrics then cover fewer."""
     embs, labels, keys = [], [], []
@@ -104,9 +88,9 @@ def periodic_evaluator(cfg: Config) -> Callable[[torch.nn.Module], dict[str, flo
         return None
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        emb, lab = embed_split(model, cfg.data.test_shards, cfg)
-        metrics = {k: float(v) for k, v in _self_metrics(emb, lab, cfg).items()} if dist.is_main() else {}
-        return dist.broadcast_object(metrics)
+        split = embed_split(model, cfg.data.test_shards, cfg)
+        metrics = _self_metrics(split.emb, split.labels, cfg) if dist.is_main() else {}
+        return dist.broadcast_object({k: float(v) for k, v in metrics.items()})
 
     return evaluate
 
@@ -121,8 +105,8 @@ def measure(path: Path, cfg: Config) -> tuple[dict[str, float] | None, tuple[Spl
     Self protocol: the test split is both; In-shop: the query and the gallery split."""
     model = load_embedder(path, map_location="cpu")
     if cfg.eval.protocol == "query_gallery":
-        q = embed_keyed(model, cfg.data.query_shards, cfg)
-        g = embed_keyed(model, cfg.data.gallery_shards, cfg)
+        q = embed_split(model, cfg.data.query_shards, cfg)
+        g = embed_split(model, cfg.data.gallery_shards, cfg)
         if not dist.is_main():
             return None, None
         e = cfg.eval
@@ -130,15 +114,10 @@ def measure(path: Path, cfg: Config) -> tuple[dict[str, float] | None, tuple[Spl
             q.emb, q.labels, g.emb, g.labels, recall_k=tuple(e.recall_k), chunk_size=e.chunk_size
         )
         return metrics, (q, g)
-    split = embed_keyed(model, cfg.data.test_shards, cfg)
+    split = embed_split(model, cfg.data.test_shards, cfg)
     if not dist.is_main():
         return None, None
     return _self_metrics(split.emb, split.labels, cfg), (split, split)
-
-
-def grid_models(models: list[tuple[str, Path]]) -> set[str]:
-    """The models that get a retrieval grid: the teacher and the final model (the last one)."""
-    return {models[0][0], models[-1][0]}
 
 
 def draw_grid(name: str, splits: tuple[Split, Split], cfg: Config, layout: RunLayout) -> torch.Tensor:
@@ -180,6 +159,7 @@ def _self_metrics(emb: np.ndarray, lab: np.ndarray, cfg: Config) -> dict[str, fl
 
 
 def pseudo_label_quality(layout: RunLayout, rounds: int) -> dict[str, dict[str, Any]]:
+    """Each round's cluster facts (cluster/stats.json; purity/NMI when the pool carried hidden labels)."""
     out = {}
     for r in range(1, rounds + 1):
         stats = layout.stage_dir("cluster", r) / "stats.json"
@@ -222,7 +202,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         if metrics is not None:
             results["models"][name] = {k: float(v) for k, v in metrics.items()}
             dist.get_logger().info(f"[eval] {name}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if splits is not None and cfg.eval.grid_queries and name in grid_models(models):
+        # a grid for the teacher and the final model, on the same seeded queries
+        if splits is not None and cfg.eval.grid_queries and name in {models[0][0], models[-1][0]}:
             grids[name] = draw_grid(name, splits, cfg, layout)
     if not dist.is_main():
         return {}

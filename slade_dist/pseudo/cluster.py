@@ -318,7 +318,8 @@ def _write_index(
     """Every rank writes the members file of the clusters it owns; rank 0 the summary, last."""
     bounds = owner_bounds(k, dist.world_size())
     r = dist.rank()
-    mine = _rows_to_owners(local["rows"], bounds) if dist.is_dist() else local["rows"]
+    owner = np.searchsorted(bounds, local["rows"]["cls"], side="right") - 1
+    mine = dist.all_to_all_records(local["rows"], owner)  # each row to the rank owning its cluster
     pct, min_size = cfg.data.pseudo_max_dist_percentile, cfg.data.pseudo_min_cluster_size
     rows, arrays = summarise_clusters(mine, int(bounds[r]), int(bounds[r + 1]), pct, min_size)
     capped = cap_clusters(rows, arrays, cap)
@@ -332,11 +333,6 @@ def _write_index(
     out = {key: summary[key] for key in ("kept_clusters", "kept_images", "lost_to_truncation")}
     out.update(cap=cap, **{key: sum(c[key] for _, c in parts) for key in ("capped_clusters", "capped_members")})
     return out
-
-
-def _rows_to_owners(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """All-to-all of ROW records: each goes to the rank owning its cluster."""
-    return dist.all_to_all_records(rows, np.searchsorted(bounds, rows["cls"], side="right") - 1)
 
 
 # ------------------------------------------------------------------------------------- stats

@@ -224,16 +224,16 @@ def make_assigner(
     coarse: np.ndarray | None = None,
 ) -> Assigner:
     backend = choose_backend(backend)
+    gpu = dist.local_rank() % max(dist.faiss_gpu_count(), 1) if backend == "faiss_gpu" else None
     if assign == "ivf":
         if backend == "torch":
             raise ValueError(
                 "pseudo.assign=ivf (two-level assignment) needs a FAISS backend: set "
                 "pseudo.backend=faiss_gpu (faiss-gpu installed) or faiss_cpu, or assign=exact"
             )
-        gpu = dist.local_rank() % max(dist.faiss_gpu_count(), 1) if backend == "faiss_gpu" else None
         return FaissIVFAssigner(ivf_nlist, ivf_nprobe, gpu, coarse)
-    if backend == "faiss_gpu":
-        return FaissGPUAssigner(dist.local_rank() % max(dist.faiss_gpu_count(), 1))
+    if gpu is not None:
+        return FaissGPUAssigner(gpu)
     if backend == "torch":
         return TorchAssigner(dist.device(), gpu_tf32=gpu_tf32)
     return FaissCPUAssigner()
@@ -267,11 +267,7 @@ def assign_array(
         assigner = centroids
     else:
         assigner = make_assigner(backend, gpu_tf32)
-        assigner.set_centroids(
-            centroids
-            if isinstance(centroids, torch.Tensor)
-            else torch.as_tensor(np.asarray(centroids, dtype=np.float32))
-        )
+        assigner.set_centroids(to_float(centroids, spherical=False))
     n = int(x.shape[0])
     labels = np.empty(n, dtype=np.int32)
     dists = np.empty(n, dtype=np.float32)
