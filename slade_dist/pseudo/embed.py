@@ -203,9 +203,7 @@ def _teacher_facts(weights: Path, cfg: Config) -> dict[str, Any]:
 
 def _drop_other_teachers_outputs(out_dir: Path, facts: dict[str, Any]) -> None:
     old = read_embed_facts(out_dir)
-    same = {k: old.get(k) for k in ("teacher_sha256", "image_size", "resize_size")} == {
-        k: facts.get(k) for k in ("teacher_sha256", "image_size", "resize_size")
-    }
+    same = all(old.get(k) == facts.get(k) for k in ("teacher_sha256", "image_size", "resize_size"))
     if old and not same:
         dist.get_logger().warning(
             f"[embed] {out_dir} holds embeddings of another teacher/geometry: removing them and embedding again"

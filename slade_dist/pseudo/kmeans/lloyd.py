@@ -46,7 +46,7 @@ class KMeansResult:
 
 def resolve_init(init: str, k: int, kmeanspp_max_k: int) -> str:
     if init == "auto":  # k-means++'s k sequential D^2 steps: ~0.5-3 us x k^2 on one rank, the others waiting
-        return "kmeans++" if k <= kmeanspp_max_k else "random"
+        return "kmeans++" if k <= kmeanspp_max_k else "random"  # random sample points: FAISS's default
     return init
 
 
