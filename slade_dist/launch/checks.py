@@ -1,13 +1,7 @@
-"""What the launcher checks before submitting anything, whatever the cluster.
-
-Owns: the ranges of --nodes and --array, which flags apply to which stage (--array, --shards), that
-every planned stage's module exists (found without importing it: no torch), that its input paths
-are set and exist (and are not raw img2dataset output nobody validated), that --shards names
-shards of the unlabeled index, and that launch.sbatch_extra is a mapping of options the launcher
-does not set itself, and that every trainer job's world size divides the batch of an optimizer step
-(`check_step_batches`; `step_picture` is the per-GPU figure the dry run prints). Each failure is one
-LaunchError line. The cluster's own checks live with it (slurm.check_shape_fits,
-local.check_local_shape).
+"""What the launcher checks before submitting anything, whatever the cluster: flag ranges and which
+stage they fit, stage modules, input paths, --shards ids, launch.sbatch_extra, and that each trainer
+job's ranks divide the step's batch. Each failure is one LaunchError line (launch/README.md lists
+them); a cluster's own checks live with it (slurm.check_shape_fits, local.check_local_shape).
 Tests: tests/unit/test_launch.py (errors before anything runs), tests/integration/test_slurm.py.
 """
 
@@ -51,12 +45,6 @@ def check_stages_exist(plan: Sequence[JobSpec]) -> None:
             found = False
         if not found:
             raise LaunchError(f"stage {spec.stage!r} is not implemented yet (module {module} not found)")
-
-
-def check_inputs(cfg: Config, plan: Sequence[JobSpec]) -> None:
-    problems = input_problems(cfg, plan)
-    if problems:
-        raise LaunchError(problems[0])
 
 
 def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = False) -> list[str]:
