@@ -15,16 +15,15 @@ from .. import stages
 from ..config import Config, ConfigError, step_share
 from ..provenance import describe_unvalidated, unvalidated_img2dataset
 from .plan import JobSpec, LaunchError, format_shard_ids
+from .slurm import SITE_KEYS
 
 
-def check_flag_ranges(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> None:
+    """The ranges of --nodes and --array, and that --array / --shards fit the stage."""
     for flag, minimum in (("nodes", 1), ("array", 0)):  # 0 parts: no array
         value = getattr(args, flag)
         if value is not None and value < minimum:
             raise LaunchError(f"--{flag} must be >= {minimum}, got {value}")
-
-
-def check_flags_fit_stage(args: argparse.Namespace) -> None:
     if args.array and args.stage not in ("embed", "all"):
         raise LaunchError(f"--array applies to the embed stage, not {args.stage!r}")
     if args.shards is None:
@@ -86,10 +85,7 @@ MANAGED_SBATCH = {
     "gpus-per-node": "use launch.shapes.<stage>.gpus_per_node",
     "mem": "use launch.shapes.<stage>.mem_gb",
     "time": "use launch.shapes.<stage>.time_min",
-    "partition": "use launch.partition",
-    "account": "use launch.account",
-    "qos": "use launch.qos",
-    "constraint": "use launch.constraint",
+    **{key: f"use launch.{key}" for key in SITE_KEYS},
 }
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import submitit
 
 from .. import dist, runner, stages
@@ -23,9 +25,7 @@ def array_part(items: list[int], index: int, parts: int) -> list[int]:
     """The index-th of `parts` contiguous, near-equal ranges of items (earlier ranges get the extra)."""
     if not 0 <= index < parts:
         raise ValueError(f"array index {index} is outside 0..{parts - 1}")
-    base, extra = divmod(len(items), parts)
-    start = index * base + min(index, extra)
-    return items[start : start + base + (1 if index < extra else 0)]
+    return [int(i) for i in np.array_split(np.asarray(items, dtype=np.int64), parts)[index]]
 
 
 def export_job_env() -> None:
@@ -42,47 +42,37 @@ def export_job_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
+@dataclass(eq=False, repr=False)
 class StageJob(submitit.helpers.Checkpointable):
-    """Run `stage` (round `round_`) with `cfg` in each task of a submitit job.
+    """Run `stage` (round `round`) with `cfg` in each task of a submitit job."""
 
-    cpu: True for jobs without GPUs (DeepSpeed then needs DS_ACCELERATOR=cpu before it is imported).
-    array_parts: N > 0 makes this an embed array task: it embeds shard range `part` of N.
-    shard_ids: embed exactly these unlabeled shard ids (the launcher's --shards).
-    """
+    cfg: Config
+    stage: str
+    round: int = 1
+    force: bool = False
+    cpu: bool = True  # a job without GPUs (DeepSpeed then needs DS_ACCELERATOR=cpu before it is imported)
+    array_parts: int = 0  # N > 0: an embed array task, it embeds shard range `part` of N
+    shard_ids: Sequence[int] | None = None  # embed exactly these unlabeled shard ids (the launcher's --shards)
 
-    def __init__(
-        self,
-        cfg: Config,
-        stage: str,
-        round_: int = 1,
-        force: bool = False,
-        cpu: bool = True,
-        array_parts: int = 0,
-        shard_ids: Sequence[int] | None = None,
-    ) -> None:
-        if stage not in stages.STAGES:
-            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(stages.STAGES)}")
-        if array_parts and stage != "embed":
-            raise ValueError(f"only the embed stage runs as a job array, not {stage!r}")
-        if shard_ids is not None and stage != "embed":
-            raise ValueError(f"only the embed stage runs on a shard subset, not {stage!r}")
-        if shard_ids is not None and array_parts:
+    def __post_init__(self) -> None:
+        if self.stage not in stages.STAGES:
+            raise KeyError(f"unknown stage {self.stage!r}; stages: {', '.join(stages.STAGES)}")
+        if self.array_parts and self.stage != "embed":
+            raise ValueError(f"only the embed stage runs as a job array, not {self.stage!r}")
+        if self.shard_ids is not None and self.stage != "embed":
+            raise ValueError(f"only the embed stage runs on a shard subset, not {self.stage!r}")
+        if self.shard_ids is not None and self.array_parts:
             raise ValueError("a job array already splits the shards: pass shard_ids or array_parts, not both")
-        self.cfg = cfg
-        self.stage = stage
-        self.round = round_
-        self.force = force
-        self.cpu = cpu
-        self.array_parts = array_parts
-        self.shard_ids = None if shard_ids is None else sorted(set(shard_ids))
+        if self.shard_ids is not None:
+            self.shard_ids = sorted(set(self.shard_ids))
 
     def __repr__(self) -> str:
         rnd = f" round {self.round}" if stages.STAGES[self.stage].per_round else ""
         return f"StageJob({self.stage}{rnd})"
 
     def stage_config(self) -> Config:
-        """A copy of the config with this job's round set."""
-        cfg = copy.deepcopy(self.cfg)
+        """The config with this job's round set."""
+        cfg = copy.deepcopy(self.cfg)  # not shallow: under --cluster debug this is the launcher's own config
         cfg.run.round = self.round
         return cfg
 

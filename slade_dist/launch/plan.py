@@ -76,7 +76,7 @@ def format_shard_ids(ids: Sequence[int]) -> str:
 def resolve_shape(cfg: Config, stage: str, args: argparse.Namespace) -> JobShape:
     """cfg.launch.shapes.<stage> with --nodes on top; tasks_per_node 0 -> one per GPU (or 1)."""
     shape = copy.deepcopy(cfg.launch.shapes.get(stage) or JobShape())  # a stage not named: the defaults
-    if getattr(args, "nodes", None) is not None:
+    if args.nodes is not None:
         shape.nodes = args.nodes
     if shape.tasks_per_node == 0:
         shape.tasks_per_node = shape.gpus_per_node or 1
@@ -89,10 +89,6 @@ def describe_shape(spec: JobSpec) -> str:
     arr = f", array of {spec.array}" if spec.array else ""
     shards = f", shards {format_shard_ids(spec.shard_ids)}" if spec.shard_ids is not None else ""
     return f"{s.nodes} node(s) x {s.tasks_per_node} task(s), {s.cpus_per_task} CPU/task{gpus}{arr}{shards}"
-
-
-def job_name(stage: str, round_: int) -> str:
-    return f"round{round_}-{stage}" if stages.STAGES[stage].per_round else stage
 
 
 def run_name(cfg: Config) -> str:
@@ -117,7 +113,8 @@ def plan_jobs(cfg: Config, stage: str, args: argparse.Namespace) -> list[JobSpec
     plan: list[JobSpec] = []
     for st, rnd in steps:
         after = plan[-1].name if plan else None
-        name, shape = job_name(st, rnd), resolve_shape(cfg, st, args)
+        name = f"round{rnd}-{st}" if stages.STAGES[st].per_round else st
+        shape = resolve_shape(cfg, st, args)
         if st == "embed" and shard_ids is not None:
             # a subset only: the stage is not complete after it, so this job never writes DONE.json
             plan.append(JobSpec(name + "-shards", st, rnd, shape, after, shard_ids=tuple(shard_ids)))
@@ -161,8 +158,7 @@ def make_job(cfg: Config, spec: JobSpec, force: bool, job_cls: type | None = Non
     # imported here: job.py imports torch (through dist), which the launcher itself never needs
     from .job import StageJob
 
-    cls = job_cls or StageJob
-    return cls(
+    return (job_cls or StageJob)(
         cfg,
         spec.stage,
         spec.round,

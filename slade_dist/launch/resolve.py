@@ -17,8 +17,7 @@ from typing import Any
 from .. import stages
 from ..config import REPO_ROOT, Config, ConfigError, load_config, missing_input_paths
 from .checks import (
-    check_flag_ranges,
-    check_flags_fit_stage,
+    check_flags,
     check_sbatch_extra,
     check_shard_ids,
     check_stages_exist,
@@ -80,10 +79,9 @@ def fit_problems(cluster: str, plan: Sequence[JobSpec], cfg: Config, dry_run: bo
 
 def resolve(args: argparse.Namespace, config_file: str) -> tuple[Config, str, list[JobSpec]]:
     """Load the config, plan the jobs and check everything that can be checked before submitting."""
-    check_flag_ranges(args)
+    check_flags(args)
     # a dry run shows the plan of a run whose data is not there yet (dry_run_warnings lists it)
     cfg = load_config(config_file, args.overrides, check_paths=not args.dry_run)
-    check_flags_fit_stage(args)
     for name in cfg.launch.shapes:
         if name not in stages.STAGES:
             raise LaunchError(f"launch.shapes.{name}: there is no stage {name!r} (stages: {', '.join(stages.STAGES)})")

@@ -24,6 +24,7 @@ from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, m
 # a long training under a short time limit is requeued at every limit (preemptions do not count);
 # submitit's default of 3 would end a 24 h run under a 4 h limit
 MAX_TIMEOUT_REQUEUES = 100
+SITE_KEYS = ("partition", "account", "qos", "constraint")  # launch.<key>: the same sbatch option on every job
 
 
 @dataclass
@@ -111,7 +112,7 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
         params["gpus_per_node"] = s.gpus_per_node
     if s.mem_gb:
         params["mem"] = f"{s.mem_gb}GB"
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in SITE_KEYS:
         if getattr(cfg.launch, key):
             params[key] = getattr(cfg.launch, key)
     if cfg.launch.setup:
@@ -175,16 +176,14 @@ def submit_slurm(cfg: Config, plan: Sequence[JobSpec], force: bool, job_cls: typ
     """Submit every job at once; each waits (afterok) for the one before it."""
     done: dict[str, Submitted] = {}
     for spec in plan:
-        dep = None
-        if spec.after:
-            dep = f"afterok:{done[spec.after].job_id.split('_')[0]}"  # an array: all its tasks
+        dep = f"afterok:{done[spec.after].job_id}" if spec.after else None
         executor = submitit.SlurmExecutor(folder=log_folder(cfg, spec), max_num_timeout=MAX_TIMEOUT_REQUEUES)
         executor.update_parameters(**slurm_params(spec, cfg, dep))
         job = make_job(cfg, spec, force, job_cls)
         jobs = executor.map_array(job, list(range(spec.array))) if spec.array else [executor.submit(job)]
-        sub = Submitted(
-            spec, jobs[0].job_id.split("_")[0] if spec.array else jobs[0].job_id, str(jobs[0].paths.stdout), jobs
-        )
+        # an array's tasks are <array id>_<i>: the array id names them all (afterok, scancel)
+        array_id = jobs[0].job_id.split("_")[0]
+        sub = Submitted(spec, array_id if spec.array else jobs[0].job_id, str(jobs[0].paths.stdout), jobs)
         done[spec.name] = sub
         print(
             f"  {slurm_job_name(cfg, spec):30s} job {sub.job_id:>8s}  {describe_shape(spec)}"

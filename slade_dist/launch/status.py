@@ -49,8 +49,8 @@ def write_record(cfg: Config, cluster: str, subs: Sequence[Submitted]) -> Path:
     return atomic_write_json(record_path(cfg), {**launch, "earlier": earlier}, indent=2)
 
 
-def read_launches(cfg: Config) -> list[dict[str, Any]]:
-    """Every launch recorded for the run directory, oldest first."""
+def read_launches(cfg: Config, need_jobs: bool = False) -> list[dict[str, Any]]:
+    """Every launch recorded for the run directory, oldest first; need_jobs: at least one job among them."""
     path = record_path(cfg)
     if not path.is_file():
         raise LaunchError(
@@ -58,16 +58,12 @@ def read_launches(cfg: Config) -> list[dict[str, Any]]:
             "`python launch/submit.py --stage all --config FILE`, or name the run: --config FILE / run.dir=DIR"
         )
     last = json.loads(path.read_text())
-    return [*last.pop("earlier", []), last]
-
-
-def _jobs_or_explain(cfg: Config, launches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    jobs = [job for launch in launches for job in launch["jobs"]]
-    if not jobs:
+    launches = [*last.pop("earlier", []), last]
+    if need_jobs and not any(launch["jobs"] for launch in launches):
         raise LaunchError(
             f"the {len(launches)} launch(es) of run dir {run_root(cfg)} submitted no job: every stage was already done"
         )
-    return jobs
+    return launches
 
 
 def _slurm_tasks(cfg: Config, job: dict[str, Any]) -> list[submitit.SlurmJob]:
@@ -91,8 +87,7 @@ def _need_sacct() -> None:
 
 def print_status(cfg: Config) -> None:
     """--status: every job of every launch with its state (local launches: what ran)."""
-    launches = read_launches(cfg)
-    _jobs_or_explain(cfg, launches)
+    launches = read_launches(cfg, need_jobs=True)
     if any(launch["cluster"] == "slurm" and launch["jobs"] for launch in launches):
         _need_sacct()
     print(f"run dir {run_root(cfg)}: {len(launches)} launch(es)")
@@ -121,8 +116,7 @@ def _print_slurm_jobs(cfg: Config, jobs: list[dict[str, Any]]) -> None:
 
 def cancel_chain(cfg: Config) -> list[str]:
     """--cancel: cancel every Slurm job of every launch that is not known to have ended; returns their ids."""
-    launches = read_launches(cfg)
-    _jobs_or_explain(cfg, launches)
+    launches = read_launches(cfg, need_jobs=True)
     jobs = [job for launch in launches if launch["cluster"] == "slurm" for job in launch["jobs"]]
     if not jobs:
         clusters = ", ".join(sorted({launch["cluster"] for launch in launches}))
