@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         help="shrink images whose shorter side is larger (re-encodes JPEG); 0 keeps bytes as is",
     )
     w.add_argument("--seed", type=int, default=0, help="seed of the fixed write order (default 0)")
-    w.add_argument("--no-progress", action="store_true")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in a job log)")
     w.set_defaults(run=_write)
     ix = sub.add_parser("index", help="rebuild index.json of a shard directory from its tars")
     ix.add_argument("shard_dir")

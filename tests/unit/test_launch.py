@@ -1,5 +1,5 @@
 """Unit tests of the launcher, slade_dist/launch/ (planning, checks, Slurm parameters, dry run,
-errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist.launch`.
+errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist launch`.
 
 No cluster needed: Slurm parameters are checked through the #SBATCH lines the dry run renders (held
 against the scripts submitit really submits in tests/integration/test_slurm.py),
