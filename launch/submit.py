@@ -1,8 +1,6 @@
 #!/usr/bin/env python
-"""slade_dist launcher: `python launch/submit.py --stage STAGE --config FILE [k=v ...]`.
-
-The product's command; everything it does lives in the package slade_dist.launch (see
-slade_dist/launch/__init__.py and launch/README.md). Tests: tests/unit/test_launch.py.
+"""slade_dist launcher: `python launch/submit.py --stage STAGE --config FILE [k=v ...]` (launch/README.md).
+Everything it does lives in the package slade_dist.launch. Tests: tests/unit/test_launch.py.
 """
 
 import sys

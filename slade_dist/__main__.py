@@ -1,12 +1,9 @@
 """The command line: `python -m slade_dist <stage|pipeline|demo-data|show-config|data ...|launch ...>`.
 
-Owns: argument parsing and the human-facing output of one-process runs (stage commands, the
-demo-data generator, the in-process pipeline, show-config), and handing `data ...` (the shard
-tools, data/__main__.py) and `launch ...` (jobs on Slurm or this machine, launch/cli.py) their
-arguments; `<command> --help` (the config keys that command declares it reads, with their help
-text, default and resolved value), refusing raw img2dataset
-output as a shard dir (with the command that validates it), and the result line, printed once (by
-rank 0) however many processes run the command. Tests: tests/unit/test_cli.py.
+Owns argument parsing and the output of one-process runs (the result line, printed once by rank 0;
+the closing summary), and `<command> --help`: the config keys that command reads, with their help,
+default and resolved value. `data ...` and `launch ...` are data/__main__.py's and launch/cli.py's.
+Tests: tests/unit/test_cli.py.
 """
 
 from __future__ import annotations
@@ -90,22 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------ <command> --help
-def command_sections(command: str) -> list[str]:
-    """The config sections a command reads (a stage's: those holding a key it declares)."""
-    if command == "demo-data":
-        return ["demo"]
-    stage = STAGES[command]
-    return [s for s in SECTIONS if any(k.split(".")[0] == s for k in (*stage.reads, *stage.reports))]
-
-
 def describe_sections_of(command: str, cfg: Config, defaults: Config) -> str:
-    keep = STAGES[command].declares if command in STAGES else lambda key: True
+    """The keys a command reads, by section: a stage's, those it declares; demo-data's, demo.*."""
+    keep = STAGES[command].declares if command in STAGES else lambda key: key.startswith("demo.")
     lines = []
-    for section in command_sections(command):
-        doc = section_doc(getattr(cfg, section))
-        lines.append(f"\n  {section}:" + (f"  {doc}" if doc else ""))
-        lines.extend(describe_keys(getattr(cfg, section), getattr(defaults, section), section, keep))
+    for section in SECTIONS:
+        keys = describe_keys(getattr(cfg, section), getattr(defaults, section), section, keep)
+        if keys:
+            doc = section_doc(getattr(cfg, section))
+            lines.append(f"\n  {section}:" + (f"  {doc}" if doc else ""))
+            lines.extend(keys)
     return "\n".join(lines)
 
 
@@ -126,26 +117,23 @@ def command_help(command: str, cfg: Config, defaults: Config, source: str) -> st
     )
 
 
-def help_request(argv: Sequence[str]) -> tuple[str, str | None, list[str]] | None:
-    """(command, --config, overrides) when argv asks for one command's help (`teacher --help`)."""
+def print_command_help(argv: Sequence[str]) -> bool:
+    """Print one command's help when argv asks for it (`teacher --help`): the keys it reads, valued by
+    --config and the overrides. False when argv asks for something else."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("words", nargs="*")
     p.add_argument("--config", "-c")
     p.add_argument("-h", "--help", action="store_true")
     known, _ = p.parse_known_intermixed_args(argv)
     if not known.help or not known.words or known.words[0] not in (*STAGES, "demo-data"):
-        return None
-    return known.words[0], known.config, known.words[1:]
-
-
-def print_command_help(command: str, config: str | None, overrides: Sequence[str]) -> int:
+        return False
+    command, config, overrides = known.words[0], known.config, known.words[1:]
     cfg = load_config(config, overrides, check_paths=False)
     source = "configs/defaults.yaml" + (f" -> {config}" if config else "") + (" -> overrides" if overrides else "")
     print(command_help(command, cfg, load_config(None, check_paths=False), source))
-    return 0
+    return True
 
 
-# ------------------------------------------------------------------------------------------ main
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; a user error ends it with one line on stderr and exit code 2 (errors.py)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -161,9 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    wanted = help_request(argv)
-    if wanted:  # before argparse, whose --help is the global one
-        return print_command_help(*wanted)
+    if print_command_help(argv):  # before argparse, whose --help is the global one
+        return 0
     args = build_parser().parse_intermixed_args(argv)
     dist.set_default_accelerator()
     # demo-data creates the inputs the path check would look for

@@ -1,10 +1,5 @@
-"""`python -m slade_dist.data`: shard tools.
-
-  write  convert a dataset, as distributed, into WebDataset shards (or index img2dataset output)
-  index  (re)build index.json of a shard directory by scanning its tars
-  check-pseudo  verify that pseudo-label files zip with their image shards (keys, order)
-
-Also `python -m slade_dist data ...`. Tests: tests/unit/test_writers.py (runs the CLI in a subprocess).
+"""`python -m slade_dist.data` (also `python -m slade_dist data`): the shard tools write, index and
+check-pseudo (slade_dist/data/README.md). Tests: tests/unit/test_writers.py, test_pseudo_join.py.
 """
 
 from __future__ import annotations
@@ -20,24 +15,18 @@ from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
 PROG = "python -m slade_dist.data"
 FORMATS = sorted(["imagefolder", "cub", "cars196", "inshop", "nabirds", "compcars", "fashion200k", "img2dataset"])
 
-LAYOUTS = """dataset layouts (--root is the dataset's top directory, as distributed):
-  imagefolder  ROOT/<class>/**/*.jpg (labeled, class = sub-directory) or ROOT/*.jpg (flat = unlabeled);
-               loose images beside class folders are refused unless --split unlabeled (every image
-               under ROOT, sub-folders included, as one unlabeled set); symlinks back up not followed
-  cub          ROOT/{images.txt,image_class_labels.txt,classes.txt,images/} (or ROOT/CUB_200_2011/...);
-               classes 1-100 -> OUT/train, 101-200 -> OUT/test
-  cars196      ROOT/cars_annos.mat + ROOT/car_ims/; classes 1-98 -> OUT/train, 99-196 -> OUT/test
-  inshop       ROOT/[Eval/]list_eval_partition.txt + ROOT/[Img/]img/...; OUT/{train,query,gallery}
-               (query and gallery share one class-id space)
-  nabirds      ROOT/{images.txt,image_class_labels.txt,classes.txt,images/}  -> unlabeled, truth in json
-  compcars     ROOT/[data/]image/<make>/<model>/<year>/*.jpg               -> unlabeled, truth in json
+LAYOUTS = """dataset layouts (--root: the dataset's top directory, as distributed; details: slade_dist/data/README.md):
+  imagefolder  ROOT/<class>/**/*.jpg (labeled) or ROOT/*.jpg (unlabeled); loose images beside class
+               folders are refused unless --split unlabeled (every image under ROOT, one unlabeled set)
+  cub          ROOT/[CUB_200_2011/]{images.txt,image_class_labels.txt,classes.txt,images/} -> OUT/{train,test}
+  cars196      ROOT/cars_annos.mat + ROOT/car_ims/                       -> OUT/{train,test}
+  inshop       ROOT/[Eval/]list_eval_partition.txt + ROOT/[Img/]img/...  -> OUT/{train,query,gallery}
+  nabirds      ROOT/{images.txt,image_class_labels.txt,classes.txt,images/}   -> unlabeled, truth in json
+  compcars     ROOT/[data/]image/<make>/<model>/<year>/*.jpg                  -> unlabeled, truth in json
   fashion200k  ROOT/labels/*.txt (path<TAB>score<TAB>description) + ROOT/women/... -> unlabeled
-  img2dataset  ROOT/<digits>.tar written by img2dataset: validated and indexed in place (no copy);
-               OUT/index.json points at ROOT's tars
-Single-split formats write OUT/<prefix>-%06d.tar; re-running skips finished shards.
-Every file under ROOT is accounted for: written, or listed in OUT/rejects.txt (one JSON object a
-line: path, reason, action rejected | skipped), e.g. images outside the decoder contract
-(data.max_image_pixels, data.max_aspect_ratio at their defaults; GIF, AVIF, HEIC are not read)."""
+  img2dataset  ROOT/<digits>.tar: validated and indexed in place (OUT/index.json points at them)
+Re-running skips finished shards. Every file under ROOT is written or listed in OUT/rejects.txt
+with why (e.g. outside the decoder contract; GIF, AVIF, HEIC are not read)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         help="shrink images whose shorter side is larger (re-encodes JPEG); 0 keeps bytes as is",
     )
     w.add_argument("--seed", type=int, default=0, help="seed of the fixed write order (default 0)")
-    w.add_argument("--no-progress", action="store_true")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in a job log)")
     w.set_defaults(run=_write)
     ix = sub.add_parser("index", help="rebuild index.json of a shard directory from its tars")
     ix.add_argument("shard_dir")

@@ -1,13 +1,7 @@
-"""What the launcher checks before submitting anything, whatever the cluster.
-
-Owns: the ranges of --nodes and --array, which flags apply to which stage (--array, --shards), that
-every planned stage's module exists (found without importing it: no torch), that its input paths
-are set and exist (and are not raw img2dataset output nobody validated), that --shards names
-shards of the unlabeled index, and that launch.sbatch_extra is a mapping of options the launcher
-does not set itself, and that every trainer job's world size divides the batch of an optimizer step
-(`check_step_batches`; `step_picture` is the per-GPU figure the dry run prints). Each failure is one
-LaunchError line. The cluster's own checks live with it (slurm.check_shape_fits,
-local.check_local_shape).
+"""What the launcher checks before submitting anything, whatever the cluster: flag ranges and which
+stage they fit, stage modules, input paths, --shards ids, launch.sbatch_extra, and that each trainer
+job's ranks divide the step's batch. Each failure is one LaunchError line (launch/README.md lists
+them); a cluster's own checks live with it (slurm.check_shape_fits, local.check_local_shape).
 Tests: tests/unit/test_launch.py (errors before anything runs), tests/integration/test_slurm.py.
 """
 
@@ -21,16 +15,15 @@ from .. import stages
 from ..config import Config, ConfigError, step_share
 from ..provenance import describe_unvalidated, unvalidated_img2dataset
 from .plan import JobSpec, LaunchError, format_shard_ids
+from .slurm import SITE_KEYS
 
 
-def check_flag_ranges(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> None:
+    """The ranges of --nodes and --array, and that --array / --shards fit the stage."""
     for flag, minimum in (("nodes", 1), ("array", 0)):  # 0 parts: no array
         value = getattr(args, flag)
         if value is not None and value < minimum:
             raise LaunchError(f"--{flag} must be >= {minimum}, got {value}")
-
-
-def check_flags_fit_stage(args: argparse.Namespace) -> None:
     if args.array and args.stage not in ("embed", "all"):
         raise LaunchError(f"--array applies to the embed stage, not {args.stage!r}")
     if args.shards is None:
@@ -51,12 +44,6 @@ def check_stages_exist(plan: Sequence[JobSpec]) -> None:
             found = False
         if not found:
             raise LaunchError(f"stage {spec.stage!r} is not implemented yet (module {module} not found)")
-
-
-def check_inputs(cfg: Config, plan: Sequence[JobSpec]) -> None:
-    problems = input_problems(cfg, plan)
-    if problems:
-        raise LaunchError(problems[0])
 
 
 def input_problems(cfg: Config, plan: Sequence[JobSpec], skip_missing: bool = False) -> list[str]:
@@ -98,10 +85,7 @@ MANAGED_SBATCH = {
     "gpus-per-node": "use launch.shapes.<stage>.gpus_per_node",
     "mem": "use launch.shapes.<stage>.mem_gb",
     "time": "use launch.shapes.<stage>.time_min",
-    "partition": "use launch.partition",
-    "account": "use launch.account",
-    "qos": "use launch.qos",
-    "constraint": "use launch.constraint",
+    **{key: f"use launch.{key}" for key in SITE_KEYS},
 }
 
 

@@ -1,28 +1,18 @@
-"""The launcher's arguments: `python launch/submit.py --stage STAGE [--config FILE] [k=v ...]`, the
-same as `python -m slade_dist launch ...`.
-
-Owns: the flags that are not config keys (a job's shape, the partition, the account... are the
-config keys launch.*, set as overrides like any other), their --help, the closing hints (status,
-cancel, tensorboard, the metrics table of a local chain) and turning every known failure into exit
-code 2 with one clear line. What a launch does is resolve.py.
-Tests: tests/unit/test_launch.py (dry run, errors, --help, --shards, the debug cluster, shipped
-configs), tests/integration/test_launch_local.py, tests/integration/test_slurm.py.
+"""The launcher's arguments (`python launch/submit.py` = `python -m slade_dist launch`): only the
+flags that are not config keys, and their --help; what a launch does is resolve.py.
+Tests: tests/unit/test_launch.py, tests/integration/test_{launch_local,slurm}.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from .. import stages
-from ..config import Config
 from ..errors import DEBUG_FLAG, DEBUG_HELP, exit_on_user_error
-from .plan import Submitted, parse_shard_ids, run_name, run_root
+from .plan import parse_shard_ids
 from .resolve import pick_config_file, status_or_cancel, submit_or_run
 
-CLUSTERS = ("slurm", "local", "debug")
 PROG = "launch/submit.py"
 
 EPILOG = """\
@@ -75,7 +65,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="nodes of every job (over launch.shapes.<stage>.nodes)")
     p.add_argument(
         "--cluster",
-        choices=CLUSTERS,
+        choices=("slurm", "local", "debug"),
         help="slurm: sbatch through submitit; local: this machine, one process per task, jobs one after the "
         "other; debug: in this process (pdb works). Default: launch.cluster, else slurm when sbatch is on "
         "PATH or a job asks for more than one node, else local",
@@ -101,23 +91,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def print_follow_up(cfg: Config, cluster: str, subs: Sequence[Submitted], record: Path, prog: str) -> None:
-    print(f"record:      {record}")
-    metrics = run_root(cfg) / "eval" / "metrics.json"
-    if cluster != "slurm" and metrics.exists():
-        from ..eval.report import format_table  # only a local chain that ran eval needs it
-
-        print(format_table(json.loads(metrics.read_text())))
-    if cluster == "slurm" and subs:
-        again = f"{prog} --config {run_root(cfg) / 'config.yaml'}"
-        print(f"status:      {again} --status   (squeue --name slade-{run_name(cfg)}-<job>, sacct -j ...)")
-        print(f"cancel:      {again} --cancel   (every job of every launch of this run)")
-    print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")
-
-
 def main(argv: Sequence[str] | None = None, job_cls: type | None = None, prog: str = PROG) -> int:
-    """The launcher; `job_cls` replaces StageJob (tests run their probe stage through it). A user
-    error (errors.py) ends it with one line `<prog>: error: ...` and exit code 2."""
+    """`job_cls` replaces StageJob (tests run their probe stage through it); a user error (errors.py)
+    ends it with one line `<prog>: error: ...` and exit code 2."""
     return exit_on_user_error(lambda args: _main(args, job_cls, prog), argv, prog)
 
 
@@ -134,7 +110,5 @@ def _main(argv: list[str], job_cls: type | None, prog: str) -> int:
     if args.status or args.cancel:
         status_or_cancel(args, config_file)
         return 0
-    launched = submit_or_run(args, config_file, job_cls)
-    if launched is not None:
-        print_follow_up(*launched, prog)
+    submit_or_run(args, config_file, job_cls, prog)
     return 0

@@ -1,21 +1,15 @@
-"""`--cluster local|debug`: the same chain of jobs on this machine, one job after the other.
-
-Owns: refusing multi-node jobs here, running each job through submitit's LocalExecutor (one
-process per task) or DebugExecutor (in the launcher's own process: pdb works), streaming each
-LocalExecutor job's log (task 0: rank 0's progress lines) to the terminal while waiting, each line
-prefixed with the job's name, and stopping at the first failure with the job's error line and the
-path of its full log.
-Tests: tests/unit/test_launch.py (debug executor, error lines, log tails),
-tests/integration/test_launch_local.py (LocalExecutor, 2 processes, streamed progress).
+"""`--cluster local|debug`: the plan's jobs one after the other on this machine, through submitit's
+LocalExecutor (one process per task, each job's log streamed here) or DebugExecutor (in this
+process: pdb works); the first failure stops the chain with its error line and log path.
+Tests: tests/unit/test_launch.py (debug executor, log tails), tests/integration/test_launch_local.py.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import submitit
 
@@ -46,11 +40,10 @@ def local_executor(cfg: Config, spec: JobSpec, cluster: str) -> Any:
 
 
 def run_here(
-    cfg: Config, plan: Sequence[JobSpec], force: bool, cluster: str, job_cls: type | None = None, out=None
+    cfg: Config, plan: Sequence[JobSpec], force: bool, cluster: str, job_cls: type | None = None
 ) -> list[Submitted]:
     """--cluster local/debug: run the jobs one after the other on this machine (no dependencies to
     wait for: the next starts when the previous one succeeded)."""
-    out = out or sys.stdout
     finished: list[Submitted] = []
     for spec in plan:
         executor = local_executor(cfg, spec, cluster)
@@ -60,15 +53,14 @@ def run_here(
         sub = Submitted(spec, jobs[0].job_id, str(jobs[0].paths.stdout), jobs)
         print(
             f"  {spec.name:22s} job {sub.job_id:>8s}  {describe_shape(spec)}\n  {'':22s} log {sub.stdout}",
-            file=out,
             flush=True,
         )
         for i, j in enumerate(jobs):
             if cluster == "local":  # the debug executor runs in this process: its output is already here
                 label = f"{spec.name}[{i}]" if spec.array else spec.name
-                follow_logs(j, label, out)
+                follow_logs(j, label)
             wait_for_job(spec, j)
-        print(f"  {'':22s} finished in {time.time() - t0:.1f}s", file=out, flush=True)
+        print(f"  {'':22s} finished in {time.time() - t0:.1f}s", flush=True)
         finished.append(sub)
     return finished
 
@@ -100,7 +92,7 @@ class LogTail:
 QUIET_PREFIXES = ("submitit INFO",)
 
 
-def follow_logs(job: Any, label: str, out: TextIO, poll_s: float = 0.5) -> None:
+def follow_logs(job: Any, label: str, poll_s: float = 0.5) -> None:
     """Print the job's task-0 stdout and stderr lines as they come, `[label] line`, until it ends."""
     tails = [LogTail(job.paths.stdout), LogTail(job.paths.stderr)]
     while True:
@@ -108,7 +100,7 @@ def follow_logs(job: Any, label: str, out: TextIO, poll_s: float = 0.5) -> None:
         for tail in tails:
             for line in tail.new_lines(final=ended):
                 if not line.startswith(QUIET_PREFIXES):
-                    print(f"  [{label}] {line}", file=out, flush=True)
+                    print(f"  [{label}] {line}", flush=True)
         if ended:
             return
         time.sleep(poll_s)

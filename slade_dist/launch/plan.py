@@ -1,13 +1,7 @@
-"""The jobs of one launch: which stage runs in which job, with which shape, after which job.
-
-Owns: `JobSpec` (one job of the plan) and `Submitted` (a job once submitted or run), each stage's
-job shape (cfg.launch.shapes.<stage>, --nodes on top), job names ("teacher", "round1-embed",
-"round1-embed-array", "round1-embed-shards"; on Slurm `slade-<run name>-<job name>`), turning a
-stage or `all` into a chain of jobs, dropping the jobs whose stage's DONE.json already matches,
-shard-id lists ("0-9,12"), the job that builds a job's callable (StageJob) and where each job's
-logs go. `LaunchError` lives here because every launch module raises it. Never imports torch (the
-launcher starts without it).
-Tests: tests/unit/test_launch.py (planning, job names).
+"""The jobs of one launch: a `JobSpec` per job (stage, round, shape: launch.shapes.<stage> with
+--nodes on top, the job it waits for), the chain of a stage or `all` with finished stages dropped,
+job names, shard-id lists, where logs go, and `LaunchError`, which every launch module raises.
+Never imports torch (the launcher starts without it). Tests: tests/unit/test_launch.py.
 """
 
 from __future__ import annotations
@@ -53,7 +47,6 @@ class Submitted:
     jobs: list[Any]  # the submitit Job objects (one per array task)
 
 
-# ------------------------------------------------------------------------------ shard lists
 def parse_shard_ids(text: str) -> list[int]:
     """ "0-9,12" -> [0..9, 12], sorted and without repeats (what `--shards` takes). ValueError on
     anything else, a reversed range included ("9-3" would silently name no shard)."""
@@ -80,11 +73,10 @@ def format_shard_ids(ids: Sequence[int]) -> str:
     return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
 
 
-# ---------------------------------------------------------------------------------- shapes
 def resolve_shape(cfg: Config, stage: str, args: argparse.Namespace) -> JobShape:
     """cfg.launch.shapes.<stage> with --nodes on top; tasks_per_node 0 -> one per GPU (or 1)."""
     shape = copy.deepcopy(cfg.launch.shapes.get(stage) or JobShape())  # a stage not named: the defaults
-    if getattr(args, "nodes", None) is not None:
+    if args.nodes is not None:
         shape.nodes = args.nodes
     if shape.tasks_per_node == 0:
         shape.tasks_per_node = shape.gpus_per_node or 1
@@ -97,11 +89,6 @@ def describe_shape(spec: JobSpec) -> str:
     arr = f", array of {spec.array}" if spec.array else ""
     shards = f", shards {format_shard_ids(spec.shard_ids)}" if spec.shard_ids is not None else ""
     return f"{s.nodes} node(s) x {s.tasks_per_node} task(s), {s.cpus_per_task} CPU/task{gpus}{arr}{shards}"
-
-
-# --------------------------------------------------------------------------------- the plan
-def job_name(stage: str, round_: int) -> str:
-    return f"round{round_}-{stage}" if stages.STAGES[stage].per_round else stage
 
 
 def run_name(cfg: Config) -> str:
@@ -126,29 +113,25 @@ def plan_jobs(cfg: Config, stage: str, args: argparse.Namespace) -> list[JobSpec
     plan: list[JobSpec] = []
     for st, rnd in steps:
         after = plan[-1].name if plan else None
-        name = job_name(st, rnd)
+        name = f"round{rnd}-{st}" if stages.STAGES[st].per_round else st
+        shape = resolve_shape(cfg, st, args)
         if st == "embed" and shard_ids is not None:
             # a subset only: the stage is not complete after it, so this job never writes DONE.json
-            plan.append(
-                JobSpec(name + "-shards", st, rnd, resolve_shape(cfg, st, args), after, shard_ids=tuple(shard_ids))
-            )
+            plan.append(JobSpec(name + "-shards", st, rnd, shape, after, shard_ids=tuple(shard_ids)))
             continue
         if st == "embed" and args.array:
             # the array embeds disjoint parts; the normal embed job after it finds every shard
             # done, and writes DONE.json (array tasks never do: one would mark the stage done early)
-            plan.append(JobSpec(name + "-array", st, rnd, resolve_shape(cfg, st, args), after, args.array))
+            plan.append(JobSpec(name + "-array", st, rnd, shape, after, args.array))
             after = plan[-1].name
-        plan.append(JobSpec(name, st, rnd, resolve_shape(cfg, st, args), after))
+        plan.append(JobSpec(name, st, rnd, shape, after))
     return plan
 
 
 def drop_done(cfg: Config, plan: Sequence[JobSpec]) -> tuple[list[JobSpec], list[JobSpec]]:
-    """Split the plan into jobs to submit and jobs whose stage's DONE.json already matches the config.
-
-    A kept job that waited for a dropped one waits for the last kept job before it instead (none:
-    it starts at once). A job submitted anyway would exit at once too; not submitting it saves a
-    job start (and a queue wait) per finished stage.
-    """
+    """Split the plan into jobs to submit and jobs whose stage's DONE.json already matches the config
+    (submitted, each would exit at once: dropping it saves a job start and a queue wait). A kept job
+    that waited for a dropped one waits for the last kept job before it instead (none: starts at once)."""
     kept: list[JobSpec] = []
     dropped: list[JobSpec] = []
     for spec in plan:
@@ -162,7 +145,6 @@ def drop_done(cfg: Config, plan: Sequence[JobSpec]) -> tuple[list[JobSpec], list
     return kept, dropped
 
 
-# ------------------------------------------------------------------------------- job pieces
 def run_root(cfg: Config) -> Path:
     return Path(cfg.run.dir).resolve()
 
@@ -176,8 +158,7 @@ def make_job(cfg: Config, spec: JobSpec, force: bool, job_cls: type | None = Non
     # imported here: job.py imports torch (through dist), which the launcher itself never needs
     from .job import StageJob
 
-    cls = job_cls or StageJob
-    return cls(
+    return (job_cls or StageJob)(
         cfg,
         spec.stage,
         spec.round,

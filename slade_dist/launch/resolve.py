@@ -1,17 +1,15 @@
 """One launch, from parsed arguments to jobs: which config file, the config, the cluster and the
-plan with every check done before anything is submitted; the dry run (resolved config, each job's
-#SBATCH, setup and srun lines, and every problem a real submission would stop at, as warnings: it
-needs neither sbatch nor the data); submitting or running the jobs; --status / --cancel.
-The command line is cli.py. Tests: tests/unit/test_launch.py, tests/integration/test_launch_local.py,
-tests/integration/test_slurm.py.
+plan with every check done before anything is submitted; the dry run (launch/README.md); submitting
+or running the jobs and the closing hints; --status / --cancel. Tests: tests/unit/test_launch.py,
+tests/integration/test_{launch_local,slurm}.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,7 @@ from typing import Any
 from .. import stages
 from ..config import REPO_ROOT, Config, ConfigError, load_config, missing_input_paths
 from .checks import (
-    check_flag_ranges,
-    check_flags_fit_stage,
-    check_inputs,
+    check_flags,
     check_sbatch_extra,
     check_shard_ids,
     check_stages_exist,
@@ -30,7 +26,7 @@ from .checks import (
     step_picture,
 )
 from .local import check_local_shape, run_here
-from .plan import JobSpec, LaunchError, Submitted, describe_shape, drop_done, log_folder, plan_jobs, run_root
+from .plan import JobSpec, LaunchError, Submitted, describe_shape, drop_done, log_folder, plan_jobs, run_name, run_root
 from .slurm import check_shape_fits, query_partition, script_lines, slurm_params, submit_slurm
 from .status import cancel_chain, print_status, write_record
 
@@ -61,36 +57,31 @@ def pick_cluster(requested: str | None, cfg: Config, plan: Sequence[JobSpec] = (
     return "slurm" if any(spec.shape.nodes > 1 for spec in plan) else "local"
 
 
-def check_cluster_fits(cluster: str, plan: Sequence[JobSpec], cfg: Config) -> None:
+def fit_problems(cluster: str, plan: Sequence[JobSpec], cfg: Config, dry_run: bool = False) -> list[str]:
+    """Each job that would not fit where it is headed (one sinfo query for all of them)."""
     if cluster != "slurm":
-        for spec in plan:
-            check_local_shape(spec)
-        return
+        return [p for spec in plan for p in _problem(check_local_shape, spec)]
     if not shutil.which("sbatch"):
+        if dry_run:
+            return ["sbatch is not on PATH here: the jobs' sizes were not checked against a partition"]
         widest = max(plan, key=lambda spec: spec.shape.nodes)
-        raise LaunchError(
+        return [
             f"--cluster slurm (job {widest.name} asks for {widest.shape.nodes} node(s)) but `sbatch` is not "
             "on PATH: submit from a Slurm login node, or run here with --cluster local --nodes 1 "
             "(--dry-run shows the jobs' scripts anywhere)"
-        )
-    part = query_partition(cfg.launch.partition)
-    for spec in plan:
-        check_shape_fits(spec, part)
-
-
-def check_data(cfg: Config, plan: Sequence[JobSpec]) -> None:
-    """The checks that need the run's data (a dry run only warns about them)."""
-    check_inputs(cfg, plan)
-    check_shard_ids(cfg, plan)
-    check_stages_exist(plan)
+        ]
+    try:
+        part = query_partition(cfg.launch.partition)
+    except LaunchError as e:
+        return [str(e)]
+    return [p for spec in plan for p in _problem(check_shape_fits, spec, part)]
 
 
 def resolve(args: argparse.Namespace, config_file: str) -> tuple[Config, str, list[JobSpec]]:
     """Load the config, plan the jobs and check everything that can be checked before submitting."""
-    check_flag_ranges(args)
+    check_flags(args)
     # a dry run shows the plan of a run whose data is not there yet (dry_run_warnings lists it)
     cfg = load_config(config_file, args.overrides, check_paths=not args.dry_run)
-    check_flags_fit_stage(args)
     for name in cfg.launch.shapes:
         if name not in stages.STAGES:
             raise LaunchError(f"launch.shapes.{name}: there is no stage {name!r} (stages: {', '.join(stages.STAGES)})")
@@ -98,9 +89,12 @@ def resolve(args: argparse.Namespace, config_file: str) -> tuple[Config, str, li
     check_sbatch_extra(cfg, plan)
     check_step_batches(cfg, plan)  # also in a dry run: such a job could never start
     cluster = pick_cluster(args.cluster, cfg, plan)
-    if not args.dry_run:
-        check_cluster_fits(cluster, plan, cfg)
-        check_data(cfg, plan)
+    if not args.dry_run:  # what a dry run only warns about (dry_run_warnings)
+        problems = fit_problems(cluster, plan, cfg) or input_problems(cfg, plan)
+        if problems:
+            raise LaunchError(problems[0])
+        check_shard_ids(cfg, plan)  # reads the unlabeled index: after the inputs are known to exist
+        check_stages_exist(plan)
     return cfg, cluster, plan
 
 
@@ -123,29 +117,15 @@ def dry_run_warnings(args: argparse.Namespace, config_file: str, cfg: Config, cl
     if not warnings:  # --shards against the unlabeled index, which must be there to read
         warnings += _problem(check_shard_ids, cfg, plan)
     warnings += _problem(check_stages_exist, plan)
-    return list(dict.fromkeys(warnings + fit_warnings(cluster, plan, cfg)))
+    return list(dict.fromkeys(warnings + fit_problems(cluster, plan, cfg, dry_run=True)))
 
 
-def fit_warnings(cluster: str, plan: Sequence[JobSpec], cfg: Config) -> list[str]:
-    """Each job that would not fit where it is headed (one sinfo query for all of them)."""
-    if cluster != "slurm":
-        return [w for spec in plan for w in _problem(check_local_shape, spec)]
-    if not shutil.which("sbatch"):
-        return ["sbatch is not on PATH here: the jobs' sizes were not checked against a partition"]
-    try:
-        part = query_partition(cfg.launch.partition)
-    except LaunchError as e:
-        return [str(e)]
-    return [w for spec in plan for w in _problem(check_shape_fits, spec, part)]
-
-
-def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], warnings: Sequence[str], out=None) -> None:
-    out = out or sys.stdout
-    print(f"# resolved config (hash {cfg.hash()})", file=out)
-    print(cfg.dump_yaml(), file=out)
-    print(f"# {len(plan)} job(s) on cluster={cluster}; nothing submitted (--dry-run)", file=out)
+def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], warnings: Sequence[str]) -> None:
+    print(f"# resolved config (hash {cfg.hash()})")
+    print(cfg.dump_yaml())
+    print(f"# {len(plan)} job(s) on cluster={cluster}; nothing submitted (--dry-run)")
     for warning in warnings:
-        print(f"# WARNING: a real submission would stop here: {warning}", file=out)
+        print(f"# WARNING: a real submission would stop here: {warning}")
     for spec in plan:
         rnd = f" round {spec.round}" if stages.STAGES[spec.stage].per_round else ""
         done = (
@@ -153,30 +133,27 @@ def print_dry_run(cfg: Config, cluster: str, plan: Sequence[JobSpec], warnings: 
             if stages.is_done(stages.with_round(cfg, spec.round), spec.stage)
             else ""
         )
-        print(f"\n## job {spec.name}: stage {spec.stage}{rnd}, {describe_shape(spec)}{done}", file=out)
+        print(f"\n## job {spec.name}: stage {spec.stage}{rnd}, {describe_shape(spec)}{done}")
         if picture := step_picture(cfg, spec):
-            print(f"# {picture}", file=out)
+            print(f"# {picture}")
         if cluster == "slurm":
             dep = f"afterok:<job id of {spec.after}>" if spec.after else None
             for line in script_lines(slurm_params(spec, cfg, dep), log_folder(cfg, spec), spec.array):
-                print(line, file=out)
+                print(line)
         else:
             print(
                 f"{cluster} executor: tasks_per_node={spec.shape.tasks_per_node} "
                 f"gpus_per_node={spec.shape.gpus_per_node} timeout_min={spec.shape.time_min}"
                 + (f" (starts after {spec.after} succeeded)" if spec.after else ""),
-                file=out,
             )
 
 
-def submit_or_run(
-    args: argparse.Namespace, config_file: str, job_cls: type | None
-) -> tuple[Config, str, list[Submitted], Path] | None:
-    """Resolve, then submit or run the jobs; None after a dry run."""
+def submit_or_run(args: argparse.Namespace, config_file: str, job_cls: type | None, prog: str) -> None:
+    """Resolve, then submit or run the jobs (after a dry run: nothing) and say where to follow them."""
     cfg, cluster, plan = resolve(args, config_file)
     if args.dry_run:
         print_dry_run(cfg, cluster, plan, dry_run_warnings(args, config_file, cfg, cluster, plan))
-        return None
+        return
     if not args.force:
         plan, finished = drop_done(cfg, plan)
         for spec in finished:
@@ -187,7 +164,21 @@ def submit_or_run(
         subs = submit_slurm(cfg, plan, args.force, job_cls)
     else:
         subs = run_here(cfg, plan, args.force, cluster, job_cls)
-    return cfg, cluster, subs, write_record(cfg, cluster, subs)
+    print_follow_up(cfg, cluster, subs, write_record(cfg, cluster, subs), prog)
+
+
+def print_follow_up(cfg: Config, cluster: str, subs: Sequence[Submitted], record: Path, prog: str) -> None:
+    print(f"record:      {record}")
+    metrics = run_root(cfg) / "eval" / "metrics.json"
+    if cluster != "slurm" and metrics.exists():
+        from ..eval.report import format_table  # only a local chain that ran eval needs it
+
+        print(format_table(json.loads(metrics.read_text())))
+    if cluster == "slurm" and subs:
+        again = f"{prog} --config {run_root(cfg) / 'config.yaml'}"
+        print(f"status:      {again} --status   (squeue --name slade-{run_name(cfg)}-<job>, sacct -j ...)")
+        print(f"cancel:      {again} --cancel   (every job of every launch of this run)")
+    print(f"tensorboard: tensorboard --logdir {run_root(cfg) / 'tb'}")
 
 
 def status_or_cancel(args: argparse.Namespace, config_file: str) -> None:

@@ -1,13 +1,7 @@
-"""Slurm through submitit: the partition's size, whether a job fits it, #SBATCH parameters, sbatch.
-
-Owns: asking `sinfo` how big a partition is (nodes, CPUs and GPUs of its smallest node), refusing
-a job larger than the partition (it would stay PENDING forever), the SlurmExecutor parameters of a
-job (name slade-<run>-<job>, shape, requeue, USR2 before the time limit, afterok +
-kill-on-invalid-dep, arrays, launch.setup lines, launch[.<stage>].sbatch_extra options), the
-script lines they become (for --dry-run, anywhere: `script_lines`), and submitting a whole plan at
-once. Job states and cancelling: status.py, through submitit's job objects.
-Tests: tests/unit/test_launch.py (parameters, #SBATCH lines), tests/integration/test_slurm.py (a
-real two-node cluster: the dry run's lines equal the script submitit submitted, pass-through options).
+"""Slurm through submitit: a partition's size (sinfo) and whether a job fits it, each job's
+SlurmExecutor parameters and the script lines they become (for --dry-run, anywhere), submitting a
+plan; job states and cancelling: status.py. Tests: tests/unit/test_launch.py (#SBATCH lines),
+tests/integration/test_slurm.py (a real two-node cluster: the dry run's lines are the script submitit submitted).
 """
 
 from __future__ import annotations
@@ -30,9 +24,9 @@ from .plan import JobSpec, LaunchError, Submitted, describe_shape, log_folder, m
 # a long training under a short time limit is requeued at every limit (preemptions do not count);
 # submitit's default of 3 would end a 24 h run under a 4 h limit
 MAX_TIMEOUT_REQUEUES = 100
+SITE_KEYS = ("partition", "account", "qos", "constraint")  # launch.<key>: the same sbatch option on every job
 
 
-# -------------------------------------------------------------------------------- partitions
 @dataclass
 class PartitionInfo:
     name: str
@@ -92,7 +86,6 @@ def check_shape_fits(spec: JobSpec, part: PartitionInfo) -> None:
         )
 
 
-# -------------------------------------------------------------------------------- parameters
 def sbatch_extra(cfg: Config, spec: JobSpec) -> dict[str, Any]:
     """launch.sbatch_extra with launch.shapes.<stage>.sbatch_extra on top, as sbatch option names; a value
     of false drops the option (a stage opting out of a global `exclusive: true`)."""
@@ -119,7 +112,7 @@ def slurm_params(spec: JobSpec, cfg: Config, dependency: str | None) -> dict[str
         params["gpus_per_node"] = s.gpus_per_node
     if s.mem_gb:
         params["mem"] = f"{s.mem_gb}GB"
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in SITE_KEYS:
         if getattr(cfg.launch, key):
             params[key] = getattr(cfg.launch, key)
     if cfg.launch.setup:
@@ -144,15 +137,11 @@ NOT_OPTIONS = ("setup", "srun_args", "signal_delay_s", "additional_parameters", 
 
 
 def script_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
-    """The job script's lines as --dry-run shows them (#SBATCH lines, launch.setup lines, the srun
-    line; no blanks, shebang or section comments), rendered from the SlurmExecutor parameters as
-    submitit renders them: options sorted by parameter name, values shell-quoted, `true` a bare
-    flag, submitit's own log paths, USR2 signal, open-mode and wckey added.
-
-    Rendered here because submitit writes a script only inside a SlurmExecutor, which refuses to
-    exist where `srun` is not on PATH, while a dry run must work on any machine (and its renderer
-    is private). tests/integration/test_slurm.py holds these lines against the script submitit
-    submitted to a real Slurm."""
+    """The job script's lines as --dry-run shows them (#SBATCH lines sorted by name, launch.setup lines,
+    the srun line; no blanks, shebang or comments), rendered from the SlurmExecutor parameters as
+    submitit renders them. Rendered here because submitit writes a script only inside a
+    SlurmExecutor, which refuses to exist where `srun` is not on PATH (and its renderer is private);
+    tests/integration/test_slurm.py holds these lines against the script submitit submitted."""
     paths = JobPaths(folder)  # submitit's log names: <folder>/%j_%t_log.{out,err}
     out, err = str(paths.stdout), str(paths.stderr)
     if array:  # an array task's logs: <array id>_<task index>_...
@@ -183,35 +172,23 @@ def _sbatch_line(key: str, value: Any) -> str:
     return flag if value is True else f"{flag}={shlex.quote(str(value))}"
 
 
-def sbatch_lines(params: dict[str, Any], folder: Path, array: int = 0) -> list[str]:
-    """The #SBATCH lines of the job's script."""
-    return [line for line in script_lines(params, folder, array) if line.startswith("#SBATCH")]
-
-
-# -------------------------------------------------------------------------------- submission
-def submit_slurm(
-    cfg: Config, plan: Sequence[JobSpec], force: bool, job_cls: type | None = None, out=None
-) -> list[Submitted]:
+def submit_slurm(cfg: Config, plan: Sequence[JobSpec], force: bool, job_cls: type | None = None) -> list[Submitted]:
     """Submit every job at once; each waits (afterok) for the one before it."""
-    out = out or sys.stdout
     done: dict[str, Submitted] = {}
     for spec in plan:
-        dep = None
-        if spec.after:
-            dep = f"afterok:{done[spec.after].job_id.split('_')[0]}"  # an array: all its tasks
+        dep = f"afterok:{done[spec.after].job_id}" if spec.after else None
         executor = submitit.SlurmExecutor(folder=log_folder(cfg, spec), max_num_timeout=MAX_TIMEOUT_REQUEUES)
         executor.update_parameters(**slurm_params(spec, cfg, dep))
         job = make_job(cfg, spec, force, job_cls)
         jobs = executor.map_array(job, list(range(spec.array))) if spec.array else [executor.submit(job)]
-        sub = Submitted(
-            spec, jobs[0].job_id.split("_")[0] if spec.array else jobs[0].job_id, str(jobs[0].paths.stdout), jobs
-        )
+        # an array's tasks are <array id>_<i>: the array id names them all (afterok, scancel)
+        array_id = jobs[0].job_id.split("_")[0]
+        sub = Submitted(spec, array_id if spec.array else jobs[0].job_id, str(jobs[0].paths.stdout), jobs)
         done[spec.name] = sub
         print(
             f"  {slurm_job_name(cfg, spec):30s} job {sub.job_id:>8s}  {describe_shape(spec)}"
             f"{f'  afterok {done[spec.after].job_id}' if spec.after else ''}\n"
             f"  {'':30s} log {sub.stdout}",
-            file=out,
             flush=True,
         )
     return list(done.values())

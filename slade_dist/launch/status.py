@@ -1,21 +1,13 @@
-"""Every launch recorded for a run directory, and what `--status` / `--cancel` do with them.
-
-Owns `<run>/logs/submitted.json`, written after every launch: its top level is the last launch
-(cluster, time and, per job, its name, Slurm job name, id, stage, round, dependency, array size
-and log) and `earlier` holds every launch before it, oldest first, so a `--stage student` after a
-`--stage all` hides none of the chain's jobs. `--status` shows every job of every launch with its
-state and nodes; `--cancel` cancels every Slurm job not known to have ended. Both go through
-submitit's job objects (`submitit.SlurmJob(folder, id)`: `.state` from sacct, `.cancel()` runs
-scancel). Each problem is one LaunchError line.
-Tests: tests/unit/test_launch.py (no record, local launches), tests/integration/test_slurm.py
-(--status and --cancel over two launches of real jobs).
+"""Every launch recorded for a run directory, `<run>/logs/submitted.json` (the last launch at the top
+level, the earlier ones under `earlier`: launch/README.md), and `--status` / `--cancel` over all of
+them through submitit's job objects (`SlurmJob(folder, id)`: `.state` from sacct, `.cancel()`).
+Tests: tests/unit/test_launch.py (no record, local launches), tests/integration/test_slurm.py.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,8 +49,8 @@ def write_record(cfg: Config, cluster: str, subs: Sequence[Submitted]) -> Path:
     return atomic_write_json(record_path(cfg), {**launch, "earlier": earlier}, indent=2)
 
 
-def read_launches(cfg: Config) -> list[dict[str, Any]]:
-    """Every launch recorded for the run directory, oldest first."""
+def read_launches(cfg: Config, need_jobs: bool = False) -> list[dict[str, Any]]:
+    """Every launch recorded for the run directory, oldest first; need_jobs: at least one job among them."""
     path = record_path(cfg)
     if not path.is_file():
         raise LaunchError(
@@ -66,16 +58,12 @@ def read_launches(cfg: Config) -> list[dict[str, Any]]:
             "`python launch/submit.py --stage all --config FILE`, or name the run: --config FILE / run.dir=DIR"
         )
     last = json.loads(path.read_text())
-    return [*last.pop("earlier", []), last]
-
-
-def _jobs_or_explain(cfg: Config, launches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    jobs = [job for launch in launches for job in launch["jobs"]]
-    if not jobs:
+    launches = [*last.pop("earlier", []), last]
+    if need_jobs and not any(launch["jobs"] for launch in launches):
         raise LaunchError(
             f"the {len(launches)} launch(es) of run dir {run_root(cfg)} submitted no job: every stage was already done"
         )
-    return jobs
+    return launches
 
 
 def _slurm_tasks(cfg: Config, job: dict[str, Any]) -> list[submitit.SlurmJob]:
@@ -97,42 +85,38 @@ def _need_sacct() -> None:
         raise LaunchError("sacct is not on PATH here: ask from a login node of the Slurm cluster that runs the jobs")
 
 
-def print_status(cfg: Config, out=None) -> None:
+def print_status(cfg: Config) -> None:
     """--status: every job of every launch with its state (local launches: what ran)."""
-    out = out or sys.stdout
-    launches = read_launches(cfg)
-    _jobs_or_explain(cfg, launches)
+    launches = read_launches(cfg, need_jobs=True)
     if any(launch["cluster"] == "slurm" and launch["jobs"] for launch in launches):
         _need_sacct()
-    print(f"run dir {run_root(cfg)}: {len(launches)} launch(es)", file=out)
+    print(f"run dir {run_root(cfg)}: {len(launches)} launch(es)")
     for i, launch in enumerate(launches, 1):
         jobs = launch["jobs"]
-        print(f"launch {i} at {launch['time']}: {len(jobs)} job(s) on cluster={launch['cluster']}", file=out)
+        print(f"launch {i} at {launch['time']}: {len(jobs)} job(s) on cluster={launch['cluster']}")
         if not jobs:
-            print("  nothing submitted: every stage was already done", file=out)
+            print("  nothing submitted: every stage was already done")
         elif launch["cluster"] != "slurm":  # local jobs end with the launcher, which writes the record last
             for job in jobs:
-                print(f"  {job['name']:24s} {job['job_id']:>10s}  ran here, finished  log {job['stdout']}", file=out)
+                print(f"  {job['name']:24s} {job['job_id']:>10s}  ran here, finished  log {job['stdout']}")
         else:
-            _print_slurm_jobs(cfg, jobs, out)
-    print(f"logs: {run_root(cfg) / 'logs'}/<job>/<job id>_<task>_log.{{out,err}}", file=out)
+            _print_slurm_jobs(cfg, jobs)
+    print(f"logs: {run_root(cfg) / 'logs'}/<job>/<job id>_<task>_log.{{out,err}}")
 
 
-def _print_slurm_jobs(cfg: Config, jobs: list[dict[str, Any]], out) -> None:
-    print(f"  {'NAME':34s} {'JOB ID':>12s}  {'STATE':12s} NODES", file=out)
+def _print_slurm_jobs(cfg: Config, jobs: list[dict[str, Any]]) -> None:
+    print(f"  {'NAME':34s} {'JOB ID':>12s}  {'STATE':12s} NODES")
     tasks = {job["job_id"]: _slurm_tasks(cfg, job) for job in jobs}  # all registered: one sacct call
     for job in jobs:
         for task in tasks[job["job_id"]]:
             state = _state(task)  # asks sacct (once for all registered jobs); the node list comes with it
             nodes = task.get_info(mode="cache").get("NodeList", "")
-            print(f"  {job['job_name']:34s} {task.job_id:>12s}  {state:12s} {nodes}", file=out)
+            print(f"  {job['job_name']:34s} {task.job_id:>12s}  {state:12s} {nodes}")
 
 
-def cancel_chain(cfg: Config, out=None) -> list[str]:
+def cancel_chain(cfg: Config) -> list[str]:
     """--cancel: cancel every Slurm job of every launch that is not known to have ended; returns their ids."""
-    out = out or sys.stdout
-    launches = read_launches(cfg)
-    _jobs_or_explain(cfg, launches)
+    launches = read_launches(cfg, need_jobs=True)
     jobs = [job for launch in launches if launch["cluster"] == "slurm" for job in launch["jobs"]]
     if not jobs:
         clusters = ", ".join(sorted({launch["cluster"] for launch in launches}))
@@ -146,9 +130,9 @@ def cancel_chain(cfg: Config, out=None) -> list[str]:
     for job in jobs:
         states = ", ".join(sorted({_state(task) for task in tasks[job["job_id"]]}))
         verb = "cancelling" if job in live else "left alone"
-        print(f"  {verb:10s} {job['job_name']:34s} job {job['job_id']:>10s}  ({states})", file=out)
+        print(f"  {verb:10s} {job['job_name']:34s} job {job['job_id']:>10s}  ({states})")
     if not live:
-        print(f"nothing to cancel: every job launched for run dir {run_root(cfg)} has ended", file=out)
+        print(f"nothing to cancel: every job launched for run dir {run_root(cfg)} has ended")
         return []
     ids = [job["job_id"] for job in live]
     try:  # the array's own id cancels all its tasks
@@ -156,6 +140,6 @@ def cancel_chain(cfg: Config, out=None) -> list[str]:
             submitit.SlurmJob(folder=run_root(cfg) / "logs" / job["name"], job_id=job["job_id"]).cancel(check=False)
     except OSError as e:
         raise LaunchError(f"scancel failed: {e}") from e
-    print(f"scancel {' '.join(ids)}", file=out)
-    print("cancelled; `python launch/submit.py --status ...` shows them as CANCELLED once Slurm is done", file=out)
+    print(f"scancel {' '.join(ids)}")
+    print("cancelled; `python launch/submit.py --status ...` shows them as CANCELLED once Slurm is done")
     return ids

@@ -1,5 +1,5 @@
 """Unit tests of the launcher, slade_dist/launch/ (planning, checks, Slurm parameters, dry run,
-errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist.launch`.
+errors, --shards, the job wrapper) and its commands launch/submit.py and `python -m slade_dist launch`.
 
 No cluster needed: Slurm parameters are checked through the #SBATCH lines the dry run renders (held
 against the scripts submitit really submits in tests/integration/test_slurm.py),
@@ -161,7 +161,7 @@ def test_sbatch_lines_carry_shape_dependency_and_requeue(tmp_path):
         "launch.shapes.student.time_min=240",
     )
     (job,) = planning.plan_jobs(cfg, "student", flags())
-    lines = slurm.sbatch_lines(slurm.slurm_params(job, cfg, "afterok:41"), tmp_path / "logs")
+    lines = slurm.script_lines(slurm.slurm_params(job, cfg, "afterok:41"), tmp_path / "logs")
     for expected in [
         "--nodes=8",
         "--ntasks-per-node=8",
@@ -185,7 +185,7 @@ def test_sbatch_lines_carry_shape_dependency_and_requeue(tmp_path):
 def test_no_requeue_no_dependency_and_arrays(tmp_path):
     cfg, _ = config(tmp_path, "launch.requeue=false", "launch.shapes.embed.time_min=2")
     (job,) = planning.plan_jobs(cfg, "embed", flags(array=3))[:1]
-    lines = slurm.sbatch_lines(slurm.slurm_params(job, cfg, None), tmp_path / "logs", job.array)
+    lines = slurm.script_lines(slurm.slurm_params(job, cfg, None), tmp_path / "logs", job.array)
     assert not any(ln.startswith(("#SBATCH --requeue", "#SBATCH --dependency")) for ln in lines)
     assert "#SBATCH --array=0-2%3" in lines
     assert "#SBATCH --signal=USR2@12" in lines  # short jobs get the signal early enough to requeue
@@ -592,7 +592,7 @@ def test_sbatch_extra_and_setup_reach_the_script(tmp_path):
     assert "#SBATCH --comment='run 7'" in teacher and "gres" not in options
     srun = next(i for i, ln in enumerate(teacher) if ln.startswith("srun "))
     assert teacher.index("module load cuda/12.1") < teacher.index("source /opt/env/bin/activate") < srun
-    evals = sbatch_options(slurm.sbatch_lines(slurm.slurm_params(plan["eval"], cfg, None), tmp_path / "logs"))
+    evals = sbatch_options(slurm.script_lines(slurm.slurm_params(plan["eval"], cfg, None), tmp_path / "logs"))
     assert "exclusive" not in evals and evals["gres"] == "gpu:1" and evals["reservation"] == "r1"
 
 
