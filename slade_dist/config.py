@@ -845,6 +845,13 @@ def _build_section(cls: type, v: Any, sources: dict[str, str], key: str, all_key
     return _build(cls, v, sources, key + ".", all_keys)
 
 
+def check_section(obj: Any, key: str) -> None:
+    """The load checks of types, choices and ranges for a section built in code (e.g. the
+    PseudoConfig a bench hands to k-means): the ConfigError a run file with these values would get."""
+    plain = _to_plain(obj)
+    _build(type(obj), plain, dict.fromkeys(_leaves(plain, f"{key}."), "code"), f"{key}.", valid_keys())
+
+
 def _check_values(cfg: Config) -> None:
     """Checks that span a field's own type and range (run before any stage or job starts)."""
     _check_basis_beta(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from slade_dist.config import (
     DEFAULTS_FILE,
     Config,
     ConfigError,
+    PseudoConfig,
+    check_section,
     defaults_yaml,
     load_config,
     parse_override,
@@ -235,3 +238,12 @@ def test_swav_backbone_lr_mult_follows_the_start_unless_set(tmp_path):
         0.5,
         "pretrain.backbone_lr_mult",
     )
+
+
+def test_a_section_built_in_code_gets_the_load_checks():
+    check_section(PseudoConfig(), "pseudo")
+    check_section(dataclasses.replace(PseudoConfig(), two_level=True), "pseudo")  # YAML's bare `on`
+    with pytest.raises(ConfigError, match=r"pseudo.k \(from code\): 0 is below the minimum"):
+        check_section(dataclasses.replace(PseudoConfig(), k=0), "pseudo")
+    with pytest.raises(ConfigError, match=r"pseudo.init \(from code\): 'x' is not one of"):
+        check_section(dataclasses.replace(PseudoConfig(), init="x"), "pseudo")

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...config import PseudoConfig
+from ...config import PseudoConfig, check_section
 from .assign import Assigner, choose_backend, make_assigner, params_assigner
 from .checkpoints import Checkpoints, inputs_fingerprint
 from .lloyd import KMeansResult, Run, distributed_kmeans
-from .plan import TrainingSample, check_params, coarse_k_for, draw_sample, two_level_mode, use_two_level
+from .plan import TrainingSample, coarse_k_for, draw_sample, two_level_mode, use_two_level
 from .two_level import train_two_level
 
 
@@ -40,7 +40,7 @@ def train_centroids(
     ("cell", cell id) on the rank that trained it (a test's kill switch).
     """
     t0 = time.time()
-    check_params(params)
+    check_section(params, "pseudo")  # a PseudoConfig built in code gets the load checks
     backend = choose_backend(params.backend)
     if two_level_mode(params) == "on" and init_centroids is not None:
         raise ValueError("k-means: init_centroids (k centroids) need flat training; set two_level=off")

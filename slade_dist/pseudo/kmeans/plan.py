@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,17 +25,6 @@ HYPERGEOMETRIC_LIMIT = 10**9  # numpy's hypergeometric needs ngood, nbad < 10^9
 # 1 a part's rows; appended to a stage's key: 2/3 init, 4 Lloyd's splits; two-level stages 10 coarse,
 # 20/21 a cell's init/Lloyd, 30 refine): a draw depends on neither the world size nor on the draws
 # made before it, so 1 rank and N ranks draw alike and a resumed run draws what the first one did.
-
-
-def check_params(params: PseudoConfig) -> None:
-    """config.py's load checks of k, init, assign and two_level, for a PseudoConfig built in code."""
-    if params.k < 1:
-        raise ValueError(f"k-means: k must be >= 1, got {params.k}")
-    hints = typing.get_type_hints(PseudoConfig)
-    for name in ("init", "assign", "two_level"):
-        allowed = typing.get_args(hints[name])
-        if getattr(params, name) not in allowed:
-            raise ValueError(f"k-means: pseudo.{name} must be one of {allowed}, got {getattr(params, name)!r}")
 
 
 def two_level_mode(params: PseudoConfig) -> str:
