@@ -44,7 +44,6 @@ from .shards import index_counts, read_index
 from .tars import image_bytes, sample_cls, sample_meta
 from .transforms import (
     CorruptImage,
-    ImageLimits,
     eval_geometry,
     eval_max_size,
     eval_resize_for,
@@ -192,8 +191,7 @@ def _pair_nbytes(pair: tuple[dict[str, Any], int]) -> int:
 
 def _stream(loader: DataLoader, data_cfg: Any, geometry: Callable, group: int | None) -> BatchStream:
     """The rank's side of a loader; with data.decode: device, the decoder of the pending JPEGs."""
-    on_device = getattr(data_cfg, "decode", "workers") == "device"
-    return BatchStream(loader, DeviceDecoder(geometry, group=group) if on_device else None)
+    return BatchStream(loader, DeviceDecoder(geometry, group=group) if data_cfg.decode == "device" else None)
 
 
 def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Callable:
@@ -201,7 +199,7 @@ def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Calla
     if train:  # data.augment: flip, rotation, colour, blur and crop ranges from the config
         return train_geometry(size, data_cfg.crop_scale_min, data_cfg.augment)
     resize = eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size)
-    return eval_geometry(size, resize, eval_max_size(resize, ImageLimits.of(data_cfg).max_aspect_ratio))
+    return eval_geometry(size, resize, eval_max_size(resize, data_cfg.max_aspect_ratio))
 
 
 def labeled_batches(
