@@ -400,7 +400,7 @@ def finite_batches(
 ) -> BatchStream:
     """ONE pass over this rank's shards with eval transforms, batches of up to batch_size:
     {"images", "keys", "shards" (file name per sample), "labels" (cls, -1 where absent), "meta",
-    "skipped"}. Ranks own disjoint shards (rank_shards); each worker a disjoint part of those;
+    "skipped"}. Ranks own disjoint shards (dist.shard_slice); each worker a disjoint part of those;
     within a shard, samples come in shard order. The union over ranks covers every sample once.
     """
     rank = dist.rank() if rank is None else rank
