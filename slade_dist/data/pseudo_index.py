@@ -320,10 +320,6 @@ class ClusterIndex:
         """K distinct kept members of cluster c (entries for TarReader)."""
         return self.entries(c, np.sort(rng.choice(int(self.kept[c]), K, replace=False)))
 
-    def draw(self, rng: np.random.Generator, P: int, K: int) -> list[tuple[int, np.ndarray]]:
-        """P distinct clusters and K distinct kept members of each."""
-        return [(c, self.draw_members(rng, c, K)) for c in self.draw_clusters(rng, P, K)]
-
     def draw_step_part(
         self, seed: int, step: int, P: int, K: int, part: int, parts: int
     ) -> list[tuple[int, np.ndarray]]:
