@@ -1,19 +1,8 @@
-"""Decode on the device (data.decode: device): loader workers hand over JPEG bytes, the rank
-decodes each batch with torchvision.io.decode_jpeg on its device and applies the geometry there.
-
-Owns both halves and what they agree on:
-- the worker half, `prepare`: checks the header against the decoder contract (transforms.py:
-  format, pixel and aspect limits, orientation; a failure is CorruptImage, counted by the caller as
-  today) and returns an `EncodedJpeg` for a plain JPEG, or the image decoded and transformed on the
-  worker for everything else (PNG, WEBP, 16-bit, alpha, CMYK JPEG: the worker path, unchanged);
-- the rank half, `DeviceDecoder`: the batch's JPEGs decoded in one decode_jpeg call (one call per
-  batch: nvJPEG's batched decode on a GPU), oriented as the header said, transformed; a JPEG that
-  fails there (damage the header does not show) is counted as corrupt on the rank and its row
-  dropped (finite passes) or refilled from its own label group (P x K batches, the worker rule).
-On CPU the result equals the worker path's exactly (the same libjpeg-turbo decoder, the same
-transforms: tests/unit/test_device_decode.py); on a GPU nvJPEG's IDCT may differ from
-libjpeg-turbo's by a few grey levels (bench/gpu_check.py measures it).
-Tests: tests/unit/test_device_decode.py, tests/unit/test_readers.py.
+"""data.decode: device: the worker half (`prepare`: the header checked against the decoder
+contract, a plain JPEG handed over as bytes, anything else decoded on the worker) and the rank half
+(`DeviceDecoder`: the batch's JPEGs decoded in one torchvision.io.decode_jpeg call on the rank's
+device). Behaviour: slade_dist/data/README.md "Reading" (data.decode: device).
+Tests: tests/unit/test_device_decode.py (equal to the worker path on CPU), tests/unit/test_readers.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Dataset layouts: what each dataset holds, read exactly as distributed, before anything is written.
-
-Owns `plan_<format>` (the records of every split of cub, cars196, inshop, nabirds, compcars,
-fashion200k and ImageFolder trees), the dense class ids of each labeled split, and `walk_tree`:
-every file under a walked root is accounted for (an image to read, or listed as skipped with why:
-an unknown extension, a hidden directory, a directory symlink pointing back up or at a directory
-read already, which are never followed). An ImageFolder root of class folders is labeled; a root
-with loose images is refused when it also has sub-folders with images, unless `--split unlabeled`
-says the whole tree is one unlabeled set (never a silent relabel). writers.py writes the plans.
+"""Dataset layouts, read exactly as distributed, before anything is written: `plan_<format>` (the
+records of every split, the dense class ids of each labeled one) and `walk_tree` (every file under
+a root: an image to read, or skipped with why). What each format reads and writes:
+slade_dist/data/README.md "Writing shards"; writers.py writes the plans.
 Tests: tests/unit/test_writers.py (through writers.convert), tests/integration/test_hazards.py.
 """
 
@@ -151,9 +146,8 @@ def _half_split(records: list[Record], what: str) -> dict[str, SplitPlan]:
     }
 
 
-def plan_cub(root: Path) -> dict[str, SplitPlan]:
-    if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
-        root = root / "CUB_200_2011"
+def _id_records(root: Path) -> list[Record]:
+    """CUB's and NABirds' layout: images.txt, image_class_labels.txt, classes.txt, images/."""
     images = _read_id_lines(_find(root, "images.txt"))
     labels = _read_id_lines(_find(root, "image_class_labels.txt"))
     classes = _read_id_lines(_find(root, "classes.txt"))
@@ -163,7 +157,13 @@ def plan_cub(root: Path) -> dict[str, SplitPlan]:
             raise DatasetLayoutError(f"{root}/image_class_labels.txt has no class for image id {img_id}")
         c = int(labels[img_id])
         records.append(Record(root / "images" / rel, c, classes.get(str(c), str(c)), {"source": f"images/{rel}"}))
-    return _half_split(records, "cub")
+    return records
+
+
+def plan_cub(root: Path) -> dict[str, SplitPlan]:
+    if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
+        root = root / "CUB_200_2011"
+    return _half_split(_id_records(root), "cub")
 
 
 def _mat_scalar(x: Any) -> Any:
@@ -232,15 +232,7 @@ def _hidden_truth(records: list[Record]) -> None:
 
 
 def plan_nabirds(root: Path) -> dict[str, SplitPlan]:
-    images = _read_id_lines(_find(root, "images.txt"))
-    labels = _read_id_lines(_find(root, "image_class_labels.txt"))
-    classes = _read_id_lines(_find(root, "classes.txt"))
-    records = []
-    for img_id, rel in images.items():
-        c = labels.get(img_id)
-        if c is None:
-            raise DatasetLayoutError(f"{root}/image_class_labels.txt has no class for image id {img_id}")
-        records.append(Record(root / "images" / rel, int(c), classes.get(c, c), {"source": f"images/{rel}"}))
+    records = _id_records(root)
     _hidden_truth(records)
     return {"unlabeled": SplitPlan("unlabeled", records, False)}
 

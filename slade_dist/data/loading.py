@@ -1,14 +1,7 @@
-"""What every stream of readers.py shares: one shard in order, shard lists, loader plumbing.
-
-Owns `iter_shard` (one shard's (key, image, cls, meta) rows with its corrupt and truncation
-counts), `lost_to_truncation`, `resolve_shards` / `rank_shards`, the shuffle buffer bounded by
-count and bytes (`_shuffle`), `batch_images` (a batch written straight into shared memory in a
-loader worker), `buffer_bytes` / `sample_nbytes` (data.buffer_mb), the DataLoader every stream
-uses (`_loader`, fork workers) and its rank side `BatchStream` (running per-worker counts folded
-into totals, data.decode: device batches finished on the rank), and `Decoding` (the decoder
-contract's limits, where JPEGs are decoded, the buffer cap).
-Tests: tests/unit/test_readers.py (through the streams, the byte-capped shuffle, the counts),
-tests/unit/test_device_decode.py, tests/integration/test_readers_multirank.py.
+"""What every stream of readers.py and multicrop.py shares: one shard in order (`iter_shard`), the
+shard resampler, shard lists, the byte-capped shuffle, the DataLoader and its rank side
+(`BatchStream`: per-worker counts folded into totals). Behaviour: slade_dist/data/README.md "Reading".
+Tests: tests/unit/test_readers.py, tests/unit/test_device_decode.py, tests/integration/test_readers_multirank.py.
 """
 
 from __future__ import annotations
@@ -24,52 +17,43 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .. import dist
 from ..errors import UnusableInput
 from .device_decode import DeviceDecoder, prepare
 from .shards import shard_paths
 from .tars import TarSamples, image_bytes, sample_cls, sample_meta
 from .transforms import DEFAULT_LIMITS, CorruptImage, ImageLimits, normalize_batch
 
-DEFAULT_BUFFER_MB = 128  # data.buffer_mb's default (config.py), for a data config without the key
+LOST = "__lost__"  # the marker resampled_samples yields after each shard: how many samples it lost
 
 
-class _ShardIter:
-    """Iterator of (key, image, cls, meta) over one shard; counts undecodable samples in `corrupt`
-    and, for a truncated tar, the samples it lost in `lost` (its index count minus those met, or 1
-    when the count is not known)."""
+class ShardRows:
+    """(key, image, cls, meta) of one shard in order; image is a uint8 (3,H,W) tensor when transform
+    is None, else transform(that tensor) (on_device: a plain JPEG comes as device_decode.EncodedJpeg).
+    `.corrupt` counts images outside the decoder contract (`limits`), `.lost` the samples a
+    truncated tar lost (`expected` = its index count), `.skipped` both."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        transform: Callable | None,
+        transform: Callable | None = None,
         expected: int | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         on_device: bool = False,
     ) -> None:
         self.tar = TarSamples(path)
-        self.transform = transform or _as_is
+        self.transform = transform or (lambda img: img)
         self.expected, self.limits, self.on_device = expected, limits, on_device
         self.corrupt = 0
         self.lost = 0
-        self.seen = 0
-        self._gen: Iterator[tuple[str, Any, int, dict[str, Any]]] | None = None
 
     @property
     def skipped(self) -> int:
         return self.corrupt + self.lost
 
-    def __iter__(self) -> _ShardIter:
-        return self
-
-    def __next__(self) -> tuple[str, Any, int, dict[str, Any]]:
-        if self._gen is None:
-            self._gen = self._rows()
-        return next(self._gen)
-
-    def _rows(self) -> Iterator[tuple[str, Any, int, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[str, Any, int, dict[str, Any]]]:
+        seen = 0
         for s in self.tar:
-            self.seen += 1
+            seen += 1
             try:
                 img = prepare(image_bytes(s), self.limits, self.transform, self.on_device)
             except CorruptImage:
@@ -77,11 +61,10 @@ class _ShardIter:
                 continue
             yield s["__key__"], img, sample_cls(s), sample_meta(s)
         self.corrupt += self.tar.duplicates  # a key met twice: left out by the tar reader, counted here
-        self.lost = lost_to_truncation(self.expected, self.seen, self.tar.truncated)
+        self.lost = lost_to_truncation(self.expected, seen, self.tar.truncated)
 
 
-def _as_is(img: torch.Tensor) -> torch.Tensor:
-    return img
+iter_shard = ShardRows
 
 
 def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) -> int:
@@ -91,21 +74,19 @@ def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) 
     return max(short, 1) if truncated else short
 
 
-def iter_shard(
-    path: str | os.PathLike[str],
-    transform: Callable | None = None,
-    expected: int | None = None,
-    limits: ImageLimits = DEFAULT_LIMITS,
-    on_device: bool = False,
-) -> _ShardIter:
-    """(key, image, cls, meta) for one shard in order; image is a uint8 (3,H,W) tensor when transform
-    is None, else transform(that tensor) (on_device: a plain JPEG comes as device_decode.EncodedJpeg).
-    `.corrupt` counts images outside the decoder contract (`limits`), `.lost` the samples a
-    truncated tar lost (`expected` = its index count), `.skipped` both."""
-    return _ShardIter(path, transform, expected, limits, on_device)
+def resampled_samples(shards: Sequence[Path], expected: Sequence[int | None], rng: random.Random) -> Iterator[dict]:
+    """Samples of shards drawn at random (with replacement) forever; after each shard a {LOST: n}
+    marker: what a truncated tar lost and the samples the tar reader left out for a repeated key.
+    Every rank reads all shards (no split, so no rank runs dry and hangs a collective)."""
+    while True:
+        i = rng.randrange(len(shards))
+        tar, seen = TarSamples(shards[i]), 0
+        for s in tar:
+            seen += 1
+            yield s
+        yield {LOST: lost_to_truncation(expected[i], seen, tar.truncated) + tar.duplicates}
 
 
-# ------------------------------------------------------------------------------------ helpers
 def resolve_shards(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
     """A shard dir (its index.json, rebuilt if missing) or an explicit list of tar paths."""
     if isinstance(shard_dir_or_paths, (str, os.PathLike)):
@@ -114,11 +95,6 @@ def resolve_shards(shard_dir_or_paths: str | os.PathLike[str] | Sequence[str | o
             return [p]
         return shard_paths(p)
     return [Path(x) for x in shard_dir_or_paths]
-
-
-def rank_shards(paths: Sequence[Path], rank: int, world: int) -> list[Path]:
-    """The disjoint, deterministic shards a rank owns in a finite pass (round-robin)."""
-    return dist.shard_slice(list(paths), rank, world)
 
 
 def _worker() -> tuple[int, int]:
@@ -172,7 +148,7 @@ def sample_nbytes(sample: dict[str, Any]) -> int:
 
 def buffer_bytes(data_cfg: Any) -> int:
     """data.buffer_mb in bytes: the cap of each encoded-sample buffer of a loader worker."""
-    return int(getattr(data_cfg, "buffer_mb", DEFAULT_BUFFER_MB)) << 20
+    return int(data_cfg.buffer_mb) << 20
 
 
 class BatchStream:
@@ -254,10 +230,10 @@ class Decoding:
     """How a stream decodes: the decoder contract's limits, where JPEGs are decoded (data.decode)
     and the byte cap of each encoded-sample buffer (data.buffer_mb)."""
 
-    limits: ImageLimits = DEFAULT_LIMITS
-    on_device: bool = False
-    buffer_bytes: int = DEFAULT_BUFFER_MB << 20
+    limits: ImageLimits
+    on_device: bool
+    buffer_bytes: int
 
     @classmethod
     def of(cls, data_cfg: Any) -> Decoding:
-        return cls(ImageLimits.of(data_cfg), getattr(data_cfg, "decode", "workers") == "device", buffer_bytes(data_cfg))
+        return cls(ImageLimits.of(data_cfg), data_cfg.decode == "device", buffer_bytes(data_cfg))

@@ -1,16 +1,6 @@
-"""The SwAV multi-crop image stream: what the pretrain stage (train/pretrain.py) trains on.
-
-Owns `swav_batches` (an infinite stream of {"view1", "view2", "skipped"} + "local" (V, B, 3, s, s)
-when pretrain.local_crops, over every shard of the given dirs, labels ignored, resampled per
-rank), the view transforms (`two_view_transform`, `local_view_transform`, `local_crop_size`: the
-vocabulary and code of data.augment, transforms.py) and the pieces behind it (`_ResampledTars`,
-`_MultiCropStream`, `_multicrop_batches`).
-Memory per loader worker is bounded by the config, whatever the images: the shuffle buffer holds
-ENCODED image bytes (at most data.shuffle_buffer of them and at most data.buffer_mb MiB), an image
-is decoded only when it leaves the buffer (one at a time, under the decoder contract of
-transforms.py: data.max_image_pixels / data.max_aspect_ratio checked from the header first), and a
-batch holds the crops only. Images outside the contract, samples without an image and what a
-truncated tar loses are skipped and counted ("skipped").
+"""The SwAV multi-crop stream the pretrain stage trains on (`swav_batches`) and its view transforms
+(`two_view_transform`, `local_view_transform`, `local_crop_size`: data.augment's vocabulary, transforms.py).
+Its buffer holds encoded images (slade_dist/data/README.md "Memory per loader worker").
 Tests: tests/unit/test_multicrop.py, tests/unit/test_pretrain.py.
 """
 
@@ -25,14 +15,12 @@ from typing import Any
 import torch
 
 from ..config import AugmentConfig, DataConfig, PretrainConfig, swav_augment
-from .loading import buffer_bytes
+from .loading import LOST, _loader, _worker, buffer_bytes, resampled_samples
 from .shards import index_counts, shard_paths
-from .tars import TarSamples, image_bytes
+from .tars import image_bytes
 from .transforms import CorruptImage, ImageLimits, decode, full_transform, train_geometry
 
 __all__ = ["swav_batches", "two_view_transform", "local_view_transform", "local_crop_size"]
-
-LOST = "__lost__"  # a marker _ResampledTars yields after a truncated tar: how many samples it lost
 
 
 def two_view_transform(data_cfg: DataConfig, augment: AugmentConfig) -> Any:
@@ -64,7 +52,7 @@ def _multicrop_batches(
 ) -> Iterator[dict[str, Any]]:
     """Shuffle encoded images (a buffer of bytes, capped by count and by data.buffer_mb), decode
     each as it leaves the buffer, make two global views (+ `local` = (V, transform) local ones),
-    batch. Images outside the decoder contract and truncation losses are counted, not fatal."""
+    batch. Images outside the decoder contract and truncation losses are counted ("skipped")."""
     rng = random.Random(seed)
     torch.manual_seed(seed)  # this process' augmentation randomness (worker-local under a loader)
     tf = two_view_transform(data_cfg, augment)
@@ -105,33 +93,6 @@ def _multicrop_batches(
             crops, skipped = [], 0
 
 
-class _ResampledTars(torch.utils.data.IterableDataset):
-    """Samples of shards drawn at random (with replacement) forever, read with data.tars; after a
-    truncated tar, a {LOST: n} marker with the samples it lost (its index count minus those read,
-    at least 1) and those the tar reader left out for a repeated key.
-
-    Paths are opened as local files by our own tar reader, never handed to webdataset's URL
-    opener: a directory named like `pipe:cmd` is a directory, not a shell command.
-    """
-
-    def __init__(self, paths: list[Path], seed: int) -> None:
-        self.paths, self.seed = paths, seed
-        self.expected = index_counts(paths)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{self.seed}/{info.id if info else 0}")
-        while True:
-            i = rng.randrange(len(self.paths))
-            tar, seen = TarSamples(self.paths[i]), 0
-            for sample in tar:
-                seen += 1
-                yield sample
-            lost = max((self.expected[i] or 0) - seen, 1) if tar.truncated else 0
-            if lost + tar.duplicates:
-                yield {LOST: lost + tar.duplicates}
-
-
 class _MultiCropStream(torch.utils.data.IterableDataset):
     def __init__(
         self,
@@ -142,12 +103,12 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         seed: int,
         pretrain_cfg: PretrainConfig | None = None,
     ) -> None:
-        self.tars, self.data_cfg, self.batch_size, self.seed = _ResampledTars(paths, seed), data_cfg, batch_size, seed
+        self.paths, self.data_cfg, self.batch_size, self.seed = paths, data_cfg, batch_size, seed
         self.augment, self.pretrain_cfg = augment, pretrain_cfg
+        self.expected = index_counts(paths)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        seed = self.seed * 31 + (info.id if info else 0)
+        wid = _worker()[0]
         pc = self.pretrain_cfg
         local = (
             (pc.local_crops, local_view_transform(pc, self.data_cfg, self.augment))
@@ -155,11 +116,11 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
             else (0, None)
         )
         return _multicrop_batches(
-            iter(self.tars),
+            resampled_samples(self.paths, self.expected, random.Random(f"{self.seed}/{wid}")),
             data_cfg=self.data_cfg,
             augment=self.augment,
             batch_size=self.batch_size,
-            seed=seed,
+            seed=self.seed * 31 + wid,
             local=local,
         )
 
@@ -180,18 +141,6 @@ def swav_batches(
     paths = [p for d in shard_dirs if d for p in shard_paths(d)]
     if not paths:
         raise FileNotFoundError(f"no shards for SwAV pretraining in {shard_dirs}")
-    # resampled per rank: no per-rank split, so no uneven shard counts (a split with fewer shards than
-    # ranks x workers raises or leaves ranks uneven, and an uneven rank hangs a collective)
     augment = swav_augment() if augment is None else augment
     stream = _MultiCropStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank, pretrain_cfg)
-    if data_cfg.num_workers > 0:
-        loader = torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=data_cfg.num_workers,
-            persistent_workers=True,
-            prefetch_factor=2,
-            pin_memory=torch.cuda.is_available(),
-        )
-        return iter(loader)
-    return iter(stream)
+    return iter(_loader(stream, data_cfg.num_workers))

@@ -1,26 +1,9 @@
-"""The cluster -> members index of the pseudo labels: what the student reads instead of label files.
-
-Owns the files the cluster stage writes beside `pl-%06d.npz` (so student start-up reads O(1) small
-files, never one per shard):
-- `clusters.json`: format, k, n, the filters it was built with (data.pseudo_max_dist_percentile,
-  data.pseudo_min_cluster_size), the shard names (entries refer to them by position) and the
-  member files with their cluster ranges; written last, so its presence marks a complete index;
-- `clusters.npz`: per cluster `sizes` (all members), `thresholds` (keep iff dist <= thr; -inf:
-  cluster dropped, smaller than the minimum size; +inf: percentile 100), `kept` (kept members =
-  the first kept[c] rows of the cluster, whose rows are sorted by distance) and `indptr` (rows of
-  cluster c: indptr[c]:indptr[c+1] of the concatenated member files);
-- `members-%05d.npy`: ENTRY rows (tar position, byte offset and length of the whole sample, crc32
-  of its key) of clusters [first, end), one file per rank of the cluster stage, memory-mapped by
-  the student.
-And the pieces around them: `index_rows` (each labelled sample's byte range in its tar, read by
-tars.TarSamples without member data, so a truncated tar holds exactly the samples the embed stage
-saw; key order and coverage are checked with pseudo_join.zip_pseudo_labels' rules and messages),
-`summarise_clusters` (sort, thresholds by pseudo_join.cluster_percentile, kept counts: for the
-clusters one process owns), `TarReader` (one sample read by its byte range, parsed by
-tars.parse_sample), `ClusterIndex` (the read side; P distinct clusters x K distinct members per draw)
-and `build_index` (one process, from the label files: tools and tests; the cluster stage builds
-the same files distributed, slade_dist/pseudo/cluster.py).
-Tests: tests/unit/test_pseudo_index.py, tests/unit/test_cluster.py, tests/unit/test_readers.py,
+"""The cluster -> members index the cluster stage writes beside `pl-%06d.npz`, which the student
+reads instead of label files (`clusters.json`, `clusters.npz`, `members-%05d.npy`: docs/SCALING.md
+"The member index"): the pieces the cluster stage runs across its ranks (`index_rows`,
+`summarise_clusters`, `write_member_file`, `write_summary`; slade_dist/pseudo/cluster.py),
+`build_index` (the same files in one process: tools and tests) and the read side (`ClusterIndex`,
+`TarReader`). Tests: tests/unit/test_pseudo_index.py, tests/unit/test_cluster.py,
 tests/integration/test_pseudo_multirank.py.
 """
 
@@ -82,8 +65,7 @@ def key_crc(key: str) -> int:
 # ------------------------------------------------------------------------------- tar scanning
 def _scan_tar(path: Path) -> tuple[list[dict[str, Any]], bool]:
     """Samples of one tar in order, as {"__key__", "__span__"} (member data seeked over), and whether
-    it ended early: tars.TarSamples, the reader every stage uses, so a truncated tar holds the same
-    samples here as in the embed stage's pass."""
+    it ended early (tars.TarSamples: a truncated tar holds the same samples as in the embed stage)."""
     if not path.is_file():
         raise FileNotFoundError(f"image shard {path} is missing")
     tar = TarSamples(path, read_data=False)
@@ -145,6 +127,7 @@ def summarise_clusters(
         raise ValueError(f"cluster ids outside [{first}, {end}) in the rows to summarise (labels of another k?)")
     rows = rows[np.lexsort((rows["offset"], rows["shard"], rows["dist"], rows["cls"]))]
     sizes = np.bincount(rows["cls"] - first, minlength=end - first).astype(np.int64)
+    # keep iff dist <= thr: -inf drops a cluster under the minimum size, +inf keeps all (percentile 100)
     thr = np.where(sizes >= min_cluster_size, np.inf, -np.inf)
     kept = np.where(sizes >= min_cluster_size, sizes, 0)
     if percentile < 100.0:
@@ -210,7 +193,7 @@ def clear_index(out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------- read side
 class TarReader:
     """Samples read by byte range from a fixed list of tars (a few kept open, least recently used
-    closed first), parsed by webdataset's tar iterator into {"__key__", ext: bytes}."""
+    closed first), parsed by tars.parse_sample into {"__key__", ext: bytes}."""
 
     def __init__(self, tars: Sequence[Path], max_open: int = OPEN_TARS) -> None:
         self.tars, self.max_open = list(tars), max_open
@@ -336,10 +319,6 @@ class ClusterIndex:
     def draw_members(self, rng: np.random.Generator, c: int, K: int) -> np.ndarray:
         """K distinct kept members of cluster c (entries for TarReader)."""
         return self.entries(c, np.sort(rng.choice(int(self.kept[c]), K, replace=False)))
-
-    def draw(self, rng: np.random.Generator, P: int, K: int) -> list[tuple[int, np.ndarray]]:
-        """P distinct clusters and K distinct kept members of each."""
-        return [(c, self.draw_members(rng, c, K)) for c in self.draw_clusters(rng, P, K)]
 
     def draw_step_part(
         self, seed: int, step: int, P: int, K: int, part: int, parts: int

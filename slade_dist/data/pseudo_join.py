@@ -1,13 +1,8 @@
-"""An image shard joined with its pseudo-label file, and the per-cluster filters.
-
-Owns `zip_pseudo_labels` (each image sample paired with its label row, in shard order; a key
-mismatch raises PseudoLabelMismatch naming both files), `check_zip` (one shard checked whole),
-and the per-cluster filters: `cluster_percentile` (the one percentile rule), `cluster_thresholds`
-(per-cluster distance percentile and minimum cluster size from the label files in one process: the
-reference the cluster stage's distributed summaries are tested against, pseudo_index.py) and
-`keep_sample`.
-Tests: tests/unit/test_pseudo_join.py, tests/unit/test_pseudo_index.py,
-tests/integration/test_readers_multirank.py.
+"""An image shard joined with its pseudo-label file (`zip_pseudo_labels`, `check_zip`: a key mismatch
+raises PseudoLabelMismatch naming both files) and the per-cluster filters (`cluster_percentile`, the
+one percentile rule; `cluster_thresholds`, the one-process reference the cluster stage's distributed
+summaries are tested against; `keep_sample`).
+Tests: tests/unit/test_pseudo_join.py, tests/unit/test_pseudo_index.py, tests/integration/test_readers_multirank.py.
 """
 
 from __future__ import annotations
@@ -92,8 +87,9 @@ def cluster_thresholds(
     for p in pl_paths:
         _, c, _ = read_pseudo_labels(p)
         if c.size:
-            counts = _add_counts(counts, np.bincount(c))
-            sizes_total += c.size
+            more = np.bincount(c, minlength=len(counts))
+            more[: len(counts)] += counts
+            counts, sizes_total = more, sizes_total + c.size
     thr = np.full(len(counts), np.inf, dtype=np.float64)
     thr[counts < min_cluster_size] = -np.inf
     if percentile >= 100.0 or sizes_total == 0:
@@ -117,14 +113,6 @@ def cluster_thresholds(
     for cid in np.nonzero((counts >= min_cluster_size) & (ends > starts))[0]:
         thr[cid] = cluster_percentile(d_all[starts[cid] : ends[cid]], percentile)
     return thr
-
-
-def _add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    n = max(len(a), len(b))
-    out = np.zeros(n, dtype=np.int64)
-    out[: len(a)] += a
-    out[: len(b)] += b
-    return out
 
 
 def keep_sample(thresholds: np.ndarray | None, cls: int, dist: float) -> bool:

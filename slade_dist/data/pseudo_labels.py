@@ -1,9 +1,6 @@
-"""Pseudo-label files: `pl-%06d.npz` beside a `meta.json`, one file per unlabeled image shard.
-
-Owns the file format only: arrays `keys`, `cls` (int32 cluster id), `dist` (float32 distance to
-the centroid), same index and key order as the image shard `<prefix>-%06d.tar` (docs/ARCHITECTURE.md
-"Data formats"), atomic writing, validated reading, the shard -> label file mapping and the run
-facts in meta.json. Joining a label file with its image shard is pseudo_join.py.
+"""Pseudo-label files `pl-%06d.npz` (one per unlabeled image shard, same key order: docs/ARCHITECTURE.md
+"Data formats") and their `meta.json`: atomic writing, validated reading, the shard -> label file
+mapping. Joining a label file with its image shard is pseudo_join.py's.
 Tests: tests/unit/test_pseudo_labels.py.
 """
 

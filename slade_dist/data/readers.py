@@ -1,32 +1,8 @@
-"""Streaming readers over WebDataset shards: what the trainers, embed and eval iterate.
-
-Owns three streams, all decoding + augmenting inside torch DataLoader workers:
-- `labeled_batches`: INFINITE resampled P x K batches of labeled shards (teacher/student). Each
-  (rank, worker) draws shards at random with its own seed from (seed, rank, worker), so every rank
-  can take exactly N batches (training counts optimizer steps; no rank runs dry, no collective hangs).
-- `pseudo_labeled_batches`: INFINITE P x K batches of pseudo labels drawn from the cluster stage's
-  cluster -> members index (pseudo_index.py): P distinct clusters, K distinct kept members each,
-  every member read by its byte range in its tar. Start-up reads the index's small files only
-  (never a label file), and a batch holds K distinct images at any k (a buffered stream needs
-  ~K x k buffered images for that; docs/SCALING.md has the measurements).
-- `finite_batches`: ONE pass for embed/eval; each rank owns `shard_slice(shards, rank, world)`, each
-  DataLoader worker a round-robin part of that, samples in shard order; works with fewer shards than
-  ranks x workers (idle readers yield nothing).
-`iter_shard` (one shard) and the plumbing the streams share (shard lists, the byte-capped shuffle,
-the DataLoader and its rank side BatchStream) are loading.py's, importable from here too.
-Sharding is done here (not by webdataset's nodesplitter / split_by_node, which read the env and
-raise or double-read with few shards).
-Tar members are parsed by tars.TarSamples (the one tar reader of every stage; webdataset's key rule).
-Images are decoded under the decoder contract of transforms.py (8-bit RGB, header limits
-data.max_image_pixels / data.max_aspect_ratio checked before decoding, alpha on white, EXIF
-orientation applied), in the loader workers, or with data.decode: device on the rank
-(device_decode.py: workers hand over JPEG bytes).
-A corrupt image (anything outside the contract), a sample without an image, or a truncated tar is
-skipped and counted ("skipped" in every batch: total so far over this rank's workers and the
-rank's own decodes), never a crash.
-Memory per loader worker is bounded by the config, not by the images: buffers hold encoded
-samples only, each buffer at most data.buffer_mb MiB (and its sample count), one image is decoded
-at a time (at most data.max_image_pixels pixels), and batches hold transformed images.
+"""The streams the trainers, embed and eval iterate: `labeled_batches` (INFINITE resampled P x K
+batches), `pseudo_labeled_batches` (INFINITE P x K batches drawn from the cluster index,
+pseudo_index.py) and `finite_batches` (ONE pass, each rank its own shards), decoded and augmented
+in DataLoader workers (data.decode: device, on the rank: device_decode.py). What they share is
+loading.py's, importable from here. Behaviour: slade_dist/data/README.md "Reading".
 Tests: tests/unit/test_readers.py, tests/integration/test_readers_multirank.py.
 """
 
@@ -47,7 +23,7 @@ from ..errors import UnusableInput
 from .batcher import PKBatcher
 from .device_decode import DeviceDecoder, prepare
 from .loading import (
-    DEFAULT_BUFFER_MB,
+    LOST,
     BatchStream,
     Decoding,
     _loader,
@@ -58,17 +34,16 @@ from .loading import (
     buffer_bytes,
     iter_shard,
     lost_to_truncation,
-    rank_shards,
+    resampled_samples,
     resolve_shards,
     sample_nbytes,
 )
 from .pair_truth import UNKNOWN, true_label_id
 from .pseudo_index import ClusterIndex, TarReader
 from .shards import index_counts, read_index
-from .tars import TarSamples, image_bytes, sample_cls, sample_meta
+from .tars import image_bytes, sample_cls, sample_meta
 from .transforms import (
     CorruptImage,
-    ImageLimits,
     eval_geometry,
     eval_max_size,
     eval_resize_for,
@@ -85,12 +60,10 @@ __all__ = [  # loading.py's stream parts stay importable from here
     "finite_batches",
     "iter_shard",
     "BatchStream",
-    "rank_shards",
     "resolve_shards",
     "buffer_bytes",
     "sample_nbytes",
     "lost_to_truncation",
-    "DEFAULT_BUFFER_MB",
 ]
 
 
@@ -108,16 +81,15 @@ class _ResampledPK(IterableDataset):
         shuffle_buffer: int,
         seed: int,
         rank: int,
-        max_samples_without_batch: int = 0,
-        expected: Sequence[int | None] | None = None,
-        decoding: Decoding = Decoding(),
+        expected: Sequence[int | None],
+        decoding: Decoding,
     ) -> None:
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.P, self.K, self.geometry = shards, P, K, geometry
-        self.expected = list(expected) if expected is not None else [None] * len(shards)
+        self.expected = list(expected)
         self.max_buffered, self.shuffle_buffer, self.seed, self.rank = max_buffered, shuffle_buffer, seed, rank
-        self.max_without_batch = max_samples_without_batch or max(50 * max_buffered, 100_000)
+        self.max_without_batch = max(50 * max_buffered, 100_000)
         self.decoding = decoding
         self.skipped = 0
 
@@ -128,16 +100,19 @@ class _ResampledPK(IterableDataset):
         except UnusableInput as e:  # sent as a message: torch would re-raise it with the worker's traceback
             yield {"worker": wid, "skipped": self.skipped, "unusable": str(e)}  # in its text; the rank raises it
 
-    def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
-        rng = random.Random(_seed_for(self.seed, self.rank, wid))
+    def _start(self, wid: int) -> random.Random:
+        """Counts reset, this worker's augmentation seeded; its rng (batcher, shuffle, refills)."""
         torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
+        self.skipped, self._decoded, self._undecodable = 0, 0, 0
+        return random.Random(_seed_for(self.seed, self.rank, wid))
+
+    def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
+        rng = self._start(wid)
         cap = self.decoding.buffer_bytes
         batcher = PKBatcher(
             self.P, self.K, self.max_buffered, seed=rng.randrange(1 << 31), max_bytes=cap, size_of=sample_nbytes
         )
-        self.skipped = 0
         self._since_batch = 0
-        self._decoded, self._undecodable = 0, 0
         samples = _shuffle(self._class_samples(rng), self.shuffle_buffer, rng, cap, _pair_nbytes)
         for batch in batcher(samples):
             self._since_batch = 0
@@ -145,10 +120,6 @@ class _ResampledPK(IterableDataset):
             if out is not None:
                 out["worker"] = wid
                 yield out
-
-    def _draw_shards(self, rng: random.Random) -> Iterator[int]:
-        while True:
-            yield rng.randrange(len(self.shards))
 
     def _count_progress(self) -> None:
         self._since_batch += 1
@@ -159,19 +130,14 @@ class _ResampledPK(IterableDataset):
             )
 
     def _class_samples(self, rng: random.Random) -> Iterator[tuple[dict[str, Any], int]]:
-        for i in self._draw_shards(rng):
-            tar = TarSamples(self.shards[i])
-            seen = 0
-            for s in tar:
-                seen += 1
-                self._count_progress()
-                label = sample_cls(s)
-                if label < 0:
-                    self.skipped += 1  # no usable cls member: corrupt for a labeled stream
-                    continue
+        for s in resampled_samples(self.shards, self.expected, rng):
+            self._count_progress()  # at each shard's end too: a stream of empty shards stops as well
+            if LOST in s:
+                self.skipped += s[LOST]
+            elif (label := sample_cls(s)) < 0:
+                self.skipped += 1  # no usable cls member: corrupt for a labeled stream
+            else:
                 yield s, label
-            self.skipped += lost_to_truncation(self.expected[i], seen, tar.truncated) + tar.duplicates
-            self._count_progress()
 
     def _load(self, sample: dict[str, Any]) -> Any:
         """The image transformed (one full-size decode at a time: never a batch of them), or with
@@ -225,16 +191,7 @@ def _pair_nbytes(pair: tuple[dict[str, Any], int]) -> int:
 
 def _stream(loader: DataLoader, data_cfg: Any, geometry: Callable, group: int | None) -> BatchStream:
     """The rank's side of a loader; with data.decode: device, the decoder of the pending JPEGs."""
-    on_device = getattr(data_cfg, "decode", "workers") == "device"
-    return BatchStream(loader, DeviceDecoder(geometry, group=group) if on_device else None)
-
-
-def _check_pk(P: int, K: int, data_cfg: Any) -> None:
-    if P < 1 or K < 1 or data_cfg.max_buffered < P * K:
-        raise ValueError(
-            f"P x K batches need P, K >= 1 and data.max_buffered >= P*K; got P={P} K={K} "
-            f"max_buffered={data_cfg.max_buffered}"
-        )
+    return BatchStream(loader, DeviceDecoder(geometry, group=group) if data_cfg.decode == "device" else None)
 
 
 def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Callable:
@@ -242,7 +199,7 @@ def _train_geometry(data_cfg: Any, image_size: int | None, train: bool) -> Calla
     if train:  # data.augment: flip, rotation, colour, blur and crop ranges from the config
         return train_geometry(size, data_cfg.crop_scale_min, data_cfg.augment)
     resize = eval_resize_for(size, data_cfg.image_size, data_cfg.resize_size)
-    return eval_geometry(size, resize, eval_max_size(resize, ImageLimits.of(data_cfg).max_aspect_ratio))
+    return eval_geometry(size, resize, eval_max_size(resize, data_cfg.max_aspect_ratio))
 
 
 def labeled_batches(
@@ -264,7 +221,11 @@ def labeled_batches(
     `world` is accepted for symmetry (resampling needs no split).
     """
     rank = dist.rank() if rank is None else rank
-    _check_pk(P, K, data_cfg)
+    if P < 1 or K < 1 or data_cfg.max_buffered < P * K:  # here, not in a worker: one line at start-up
+        raise ValueError(
+            f"P x K batches need P, K >= 1 and data.max_buffered >= P*K; got P={P} K={K} "
+            f"max_buffered={data_cfg.max_buffered}"
+        )
     if Path(shard_dir).is_dir() and read_index(shard_dir).get("kind") == "unlabeled":
         raise UnusableInput(
             f"{shard_dir} holds unlabeled shards (no cls): labeled_batches needs a labeled "
@@ -306,17 +267,15 @@ class _IndexedPK(_ResampledPK):
         rank: int,
         world: int,
         accum: int,
-        decoding: Decoding = Decoding(),
+        decoding: Decoding,
     ):
-        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank, decoding=decoding)
+        super().__init__(tars, P, K, geometry, P * K, 0, seed, rank, [None] * len(tars), decoding)
         self.index, self.world, self.accum = index, world, accum
 
     def _batches(self, wid: int) -> Iterator[dict[str, Any]]:
         workers = _worker()[1]
-        rng = random.Random(_seed_for(self.seed, self.rank, wid))  # augmentation and corrupt-image refills
-        torch.manual_seed(_seed_for("aug", self.seed, self.rank, wid))
+        rng = self._start(wid)
         parts = self.world * self.accum
-        self.skipped, self._decoded, self._undecodable = 0, 0, 0
         reader = TarReader(self.shards)
         try:
             for n in itertools.count(wid, workers):
@@ -387,7 +346,7 @@ class _FinitePass(IterableDataset):
         batch_size: int,
         geometry: Callable,
         expected: Sequence[int | None],
-        decoding: Decoding = Decoding(),
+        decoding: Decoding,
     ) -> None:
         self.shards, self.batch_size, self.geometry = shards, batch_size, geometry
         self.expected = list(expected)
@@ -441,12 +400,12 @@ def finite_batches(
 ) -> BatchStream:
     """ONE pass over this rank's shards with eval transforms, batches of up to batch_size:
     {"images", "keys", "shards" (file name per sample), "labels" (cls, -1 where absent), "meta",
-    "skipped"}. Ranks own disjoint shards (rank_shards); each worker a disjoint part of those;
+    "skipped"}. Ranks own disjoint shards (dist.shard_slice); each worker a disjoint part of those;
     within a shard, samples come in shard order. The union over ranks covers every sample once.
     """
     rank = dist.rank() if rank is None else rank
     world = dist.world_size() if world is None else world
-    mine = rank_shards(resolve_shards(shard_dir_or_paths), rank, world)
+    mine = dist.shard_slice(resolve_shards(shard_dir_or_paths), rank, world)
     if not mine:
         return BatchStream(None)
     geometry = _train_geometry(data_cfg, image_size, train=False)

@@ -1,11 +1,5 @@
-"""What a converter or validator left out, and why: `rejects.txt` in a written shard dir.
-
-Owns the file's format and the reason text. One JSON object per line,
-{"path", "reason", "action": "rejected" | "skipped"}: ASCII, so a newline or tab in a name cannot
-forge a line, and a name that is not UTF-8 is written surrogate-escaped
-(os.fsencode(json.loads(line)["path"]) gives its bytes back). Reasons carry no memory address, so
-the file is the same on every run. Written by writers.py (converters, img2dataset validator) and
-layouts.py (files under a root that are not read).
+"""What a converter or validator left out, and why: the format of `rejects.txt` in a written shard
+dir (slade_dist/data/README.md "Writing shards") and the reason text.
 Tests: tests/unit/test_writers.py (cases 3 and 10 of the crawl hazards), tests/integration/test_hazards.py.
 """
 

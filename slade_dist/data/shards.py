@@ -1,10 +1,7 @@
-"""Shard files on disk: atomic WebDataset tar writing, `index.json` and `classes.json`.
-
-Owns: the naming `<prefix>-%06d.tar` (and parsing it back, `shard_index`), writing one shard
-atomically (temp file + rename, so a killed writer never leaves a half shard that looks
-finished), the shard index every job plans from (shard names + sample counts; rebuilt by scanning
-the tars when missing; a listed shard missing on disk is an error) and the class-name map.
-Every writer (demo generator, dataset converters) goes through here.
+"""Shard files on disk: the naming `<prefix>-%06d.tar` (and `shard_index`, its inverse), atomic
+tar writes (temp file + rename: a killed writer never leaves a half shard that looks finished),
+`index.json` (names + counts; rebuilt by scanning when missing; a listed shard missing on disk is
+an error) and `classes.json`. Every writer (demo, converters) goes through here.
 Tests: tests/unit/test_shards.py.
 """
 

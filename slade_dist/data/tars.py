@@ -1,31 +1,8 @@
-"""One WebDataset tar as a stream of samples: the ONE tar reader of the package, and the members a
-sample carries.
-
-Owns `TarSamples`, which every stage and tool reads tars with (the training and finite streams,
-the SwAV stream, embed, the cluster stage's member index, the img2dataset validator, index
-rebuilds, the pseudo-label checks), so they all agree on which samples a damaged tar holds. Also
-`parse_sample` (one sample's byte range, as the member index stores it, read back by the same
-rules) and the member readers every stage shares: `image_bytes`, `sample_cls`, `sample_meta`.
-Nothing here decodes images (transforms.py does).
-
-Rules (tests/unit/test_tars.py cuts tars at every byte class: inside a header, inside a member's
-data, on a member boundary, inside the end-of-archive blocks):
-- members are grouped into samples by webdataset's key rule (`base_plus_ext`: the key is the
-  name up to the first dot of its last path part; the extension, lower-cased, names the member);
-  non-regular members and webdataset's `__meta__` names are skipped, as its own reader does;
-- a sample is COMPLETE once the header of a member with another key has been read, or the tar
-  ended cleanly (zeros where the next header would be: the end-of-archive blocks, possibly cut);
-- a tar that does not end cleanly (cut anywhere, or garbage where a header should be) is
-  `truncated`: the sample in progress at the cut is dropped, even when its members so far are
-  whole (nothing says no member of it is missing). Every complete sample before the cut is kept;
-- a sample whose key an earlier sample of the tar already had (members of one key that are not
-  consecutive: concatenated or hand-made tars) is left out and counted in `duplicates` (every
-  stage writes one row per key; the readers count these as corrupt).
-Each sample carries `__span__` = (offset of its first header, end of its last member's padded
-data): the byte range the cluster stage's member index stores (webdataset's writer skips
-`_`-prefixed keys, so a sample read here can be written back unchanged).
-Plain (uncompressed) tars only: what every writer of the package and img2dataset write.
-Tests: tests/unit/test_tars.py, tests/unit/test_pseudo_index.py, tests/unit/test_readers.py.
+"""One WebDataset tar as a stream of samples: `TarSamples`, the ONE tar reader of every stage and
+tool (so all agree on which samples a damaged tar holds; the rules: slade_dist/data/README.md "One
+tar reader"), `parse_sample` (one sample's byte range, as the member index stores it, read back by
+the same rules) and the member readers `image_bytes`, `sample_cls`, `sample_meta`.
+Tests: tests/unit/test_tars.py (tars cut at every byte class), tests/unit/test_pseudo_index.py.
 """
 
 from __future__ import annotations
@@ -70,12 +47,14 @@ class TarSamples:
         try:
             f = open(self.path, "rb")  # noqa: SIM115 (closed in the finally below, also when the consumer stops early)
         except OSError as e:
-            self._broke(e)
+            self.truncated, self.error = True, f"{type(e).__name__}: {str(e)[:200]}"
             return
         try:
             walk = _Walk(f, os.fstat(f.fileno()).st_size, self.read_data)
             seen: set[str] = set()
             for sample in walk:
+                # a key met again (its members not consecutive: concatenated or hand-made tars) is left out,
+                # as every stage writes one row per key; the readers count these as corrupt
                 if sample["__key__"] in seen:
                     self.duplicates += 1
                     continue
@@ -84,10 +63,6 @@ class TarSamples:
             self.truncated, self.error = walk.truncated, walk.error
         finally:
             f.close()
-
-    def _broke(self, e: Exception) -> None:
-        self.truncated = True
-        self.error = f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def parse_sample(buf: bytes, base: int = 0) -> dict[str, Any]:
@@ -110,7 +85,7 @@ class _Walk:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cur: dict[str, Any] | None = None
         try:
-            tf = tarfile.open(fileobj=self.f, mode="r:")
+            tf = tarfile.open(fileobj=self.f, mode="r:")  # plain tars: what our writers and img2dataset write
             while (ti := tf.next()) is not None:
                 tf.members = []  # the walk keeps nothing per member
                 prefix, suffix = _split(ti)
@@ -122,7 +97,8 @@ class _Walk:
                 end = -(-(ti.offset_data + ti.size) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if ti.offset_data + ti.size > self.size:
                     raise _Cut(f"member {ti.name!r} runs past the end of the file ({self.size} bytes)")
-                if cur is None:
+                if cur is None:  # __span__: first header to the end of the last member's padded data (what the
+                    # member index stores; webdataset's writer skips `_` keys, so the sample can be written back)
                     cur = {"__key__": prefix, "__span__": (self.base + ti.offset, self.base + end)}
                 cur["__span__"] = (cur["__span__"][0], self.base + end)
                 cur[suffix.lower()] = self._data(tf, ti)
@@ -155,7 +131,9 @@ class _Walk:
 
 
 def _split(ti: tarfile.TarInfo) -> tuple[str | None, str]:
-    """(key, extension) of a member webdataset would read; (None, "") for one it skips."""
+    """(key, extension) of a member webdataset would read, by its key rule (`base_plus_ext`: the name
+    up to the first dot of its last path part); (None, "") for one it skips (not a regular file,
+    webdataset's `__meta__` names)."""
     name = ti.name
     if not ti.isreg() or not name or _SKIP_META.match(name):
         return None, ""

@@ -1,32 +1,7 @@
-"""The image decoder contract of every stage, and the train / eval transforms (torchvision v2).
-
-Owns `decode`: the ONE function that turns encoded bytes into pixels, for the converters
-(writers.py), the img2dataset validator, every stream of readers.py, the SwAV stream
-(multicrop.py) and, through the readers, embed, eval and the cluster stage's checks. Its
-contract, whatever the file:
-- out: a uint8 (3, H, W) RGB tensor;
-- before any pixel is decoded, the HEADER (Pillow's lazy open) is checked: the format (the stages
-  read JPEG, PNG, WEBP; the converters also BMP, PPM/PGM, TIFF), width x height <= max_pixels
-  (data.max_image_pixels), longer / shorter side <= max_aspect_ratio (data.max_aspect_ratio),
-  not animated; so a bomb costs a header read, never its decode;
-- 16-bit samples are scaled down to 8 bits (the high byte, as Pillow and torchvision's to_dtype
-  do), never clipped; gray and palette images become RGB;
-- an alpha channel (RGBA, LA, a palette or gray with transparency) is composited on WHITE
-  (`BACKGROUND`: what a browser shows behind a transparent product photo);
-- the EXIF orientation tag is APPLIED (the image as a viewer shows it), in every stage alike:
-  the stored bytes keep their tag, the stages read it from the header;
-- anything outside this raises `CorruptImage` with a short reason; every caller skips and counts
-  it in its corrupt count (the converters list it in rejects.txt).
-JPEG/PNG/WEBP decode through torchvision's libjpeg-turbo / libpng / libwebp decoders straight into
-a tensor; 16-bit gray and the converters' other formats through Pillow. `read_header` is the
-header half alone (the device-decode path checks images in the loader workers with it).
-Also the per-sample transforms (train: the augmentation an AugmentConfig describes,
-`augment_steps`: RandomResizedCrop, optional flip, rotation, colour jitter, grayscale, blur; eval:
-resize the shorter side to resize_size with the longer side capped (`max_size`), center crop
-image_size), and the float conversion + ImageNet normalisation. `full_transform` is the classic
-per-sample Compose (also what bench/loader.py hands the torchvision ImageFolder baseline); the
-readers run its geometric part per sample on uint8 and `normalize_batch` once per batch (same
-numbers, less work and 4x less memory traffic per sample).
+"""The image decoder contract of every stage, converter and validator (`decode`: encoded bytes ->
+uint8 (3, H, W) RGB, or `CorruptImage` with a short reason, which every caller skips and counts;
+the contract: slade_dist/data/README.md "The decoder contract") and the train / eval transforms
+(torchvision v2) with the per-batch normalisation.
 Tests: tests/unit/test_transforms.py (the contract, case by case), tests/unit/test_readers.py.
 """
 
@@ -44,6 +19,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as tvf
 
+from ..config import DataConfig
+
 try:  # libjpeg-turbo straight into a tensor; deprecated in torchvision 0.29 (torchcodec), PIL otherwise
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # pragma: no cover - a torchvision without image decoding
@@ -54,9 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})  # what a shard's image member may hold
 CONVERTER_FORMATS = STAGE_FORMATS | {"BMP", "PPM", "TIFF"}  # what the converters read (and re-encode)
-BACKGROUND = 255  # alpha is composited on white
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; a 64 Mpx RGB decode is 192 MB
-DEFAULT_MAX_ASPECT_RATIO = 20.0
+BACKGROUND = 255  # alpha is composited on white: what a browser shows behind a transparent product photo
 PILLOW_MAX_PIXELS = 2 * 89_478_485  # Pillow refuses to open larger images (DecompressionBombError)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _PIL_ONLY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # 16/32-bit gray: torchvision fails
@@ -71,21 +46,18 @@ class CorruptImage(ValueError):
 class ImageLimits:
     """What `decode` accepts: header limits and formats (data.max_image_pixels, data.max_aspect_ratio)."""
 
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    max_pixels: int
+    max_aspect_ratio: float
     formats: frozenset[str] = STAGE_FORMATS
 
     @classmethod
     def of(cls, data_cfg: Any, formats: frozenset[str] = STAGE_FORMATS) -> ImageLimits:
-        """The limits a DataConfig sets (its defaults for an object without the keys)."""
-        return cls(
-            int(getattr(data_cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
-            float(getattr(data_cfg, "max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO)),
-            formats,
-        )
+        """The limits a DataConfig sets."""
+        return cls(int(data_cfg.max_image_pixels), float(data_cfg.max_aspect_ratio), formats)
 
 
-DEFAULT_LIMITS = ImageLimits()
+DEFAULT_LIMITS = ImageLimits.of(DataConfig())
+CONVERTER_LIMITS = ImageLimits.of(DataConfig(), CONVERTER_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -106,7 +78,8 @@ class Header:
 
 
 def read_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Header:
-    """The header of encoded bytes, checked against the contract; CorruptImage when outside it."""
+    """The header of encoded bytes, checked against the contract; CorruptImage when outside it (the
+    device-decode path checks images in the loader workers with it, then decodes on the rank)."""
     with _open(data) as im:
         return _checked_header(im, limits)
 
@@ -125,6 +98,7 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _checked_header(im: Image.Image, limits: ImageLimits) -> Header:
+    # Pillow's lazy open parsed the header only: a bomb is refused here before a pixel is decoded
     fmt, (w, h) = im.format or "?", im.size
     if fmt not in limits.formats:
         raise CorruptImage(f"format {fmt} is not read here ({', '.join(sorted(limits.formats))})")
@@ -155,6 +129,8 @@ def decode_with_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tup
     with _open(data) as im:
         head = _checked_header(im, limits)
         try:
+            # torchvision's libjpeg-turbo / libpng / libwebp straight into a tensor; Pillow for 16-bit
+            # gray and the converters' other formats
             if head.format in STAGE_FORMATS and head.mode not in _PIL_ONLY_MODES and decode_image is not None:
                 img = _decode_tv(data, head.alpha)
             else:
@@ -163,7 +139,7 @@ def decode_with_header(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tup
             raise
         except (RuntimeError, UserWarning, ValueError, OSError, SyntaxError, MemoryError) as e:
             raise CorruptImage(_first_line(e)) from e
-    img = composite(tvf.to_dtype(img, torch.uint8, scale=True))
+    img = composite(tvf.to_dtype(img, torch.uint8, scale=True))  # 16 bits: the high byte, never clipped
     if img.ndim != 3 or img.shape[0] != 3 or img.shape[1] < 1 or img.shape[2] < 1:
         raise CorruptImage(f"decoded to an unexpected shape {tuple(img.shape)}")
     return head, orient(img, head.orientation)
@@ -276,7 +252,7 @@ def blur_kernel(image_size: int) -> int:
     return k if k % 2 else k + 1
 
 
-def eval_max_size(resize_size: int, max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> int:
+def eval_max_size(resize_size: int, max_aspect_ratio: float = DEFAULT_LIMITS.max_aspect_ratio) -> int:
     """The eval resize's cap on the longer side: what an image at the aspect-ratio limit reaches,
     so images inside the contract resize exactly as without a cap and none can reach more."""
     return math.ceil(resize_size * max_aspect_ratio) + 1
@@ -299,7 +275,8 @@ def normalization() -> v2.Compose:
 
 
 def full_transform(geometry: v2.Compose) -> v2.Compose:
-    """Per-sample geometry + float + normalize: the textbook pipeline (PIL or tensor input)."""
+    """Per-sample geometry + float + normalize: the textbook pipeline (PIL or tensor input; what
+    bench/loader.py hands the torchvision ImageFolder baseline)."""
     return v2.Compose([geometry, normalization()])
 
 
@@ -309,7 +286,8 @@ _INV_STD = 1.0 / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
 
 def normalize_batch(images_u8: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32 normalised, identical (to float rounding) to `normalization()`;
-    into `out` when given (a loader worker's shared-memory batch)."""
+    into `out` when given (a loader worker's shared-memory batch). The readers run the geometry per
+    sample on uint8 and this once per batch: less work and 4x less memory traffic per sample."""
     out = torch.empty(images_u8.shape, dtype=torch.float32, device=images_u8.device) if out is None else out
     out.copy_(images_u8)
     return out.sub_(_MEAN.to(images_u8.device)).mul_(_INV_STD.to(images_u8.device))

@@ -1,34 +1,18 @@
-"""Dataset converters: dataset layouts -> WebDataset shards (+ img2dataset indexing in place).
-
-Owns the resumable, parallel, deterministic shard writer (`write_split`), `convert` (a format's
-plans from layouts.py, written split by split) and the img2dataset validator. Shard file I/O goes
-through `shards.py` (atomic tar, index.json, classes.json); what is left out goes to `rejects.txt`
-(rejects.py).
-
-Per split: records are sorted by source path, then shuffled with a fixed seed (every shard gets a
-mix of classes, which the P x K batcher needs), keyed `%08d` by that order, and cut into shards of
-`shard_size`. Every image is decoded once here, by the stages' decoder contract
-(transforms.decode: header limits, 16-bit, alpha, EXIF orientation): one outside it is left out,
-counted and listed in `rejects.txt` with the contract's reason. JPEG/PNG/WEBP sources are stored
-byte-for-byte (no quality loss: the stages read them by the same contract); BMP/PPM/TIFF, and
-everything when `resize` is set (shorter side, only ever shrinking), are re-encoded as JPEG from
-the contract's 8-bit RGB. A finished shard leaves a record in `.parts/<shard>.json` (count, rejects
-and a hash of its plan): re-running skips shards whose record matches and rewrites the others.
-Every file under a walked root is accounted for: written, rejected with a reason, or listed as
-skipped (layouts.walk_tree).
-Output: single-split formats write into OUT; cub/cars196/inshop write OUT/<split>/.
-Tests: tests/unit/test_writers.py, tests/integration/test_hazards.py.
+"""Dataset converters: `convert` (a format's plans from layouts.py, written split by split by the
+resumable, parallel, deterministic shard writer `write_split`) and the img2dataset validator
+(`index_img2dataset`). Shard file I/O is shards.py's, `rejects.txt` rejects.py's. What a shard holds
+and the properties (every file accounted for, determinism, resume): slade_dist/data/README.md
+"Writing shards". Tests: tests/unit/test_writers.py, tests/integration/test_hazards.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,22 +22,12 @@ from PIL import Image
 
 from ..fileio import atomic_write_json
 from ..progress import progress as progress_bar
-from .layouts import (
-    FILE_EXTS,
-    FORMATS,
-    MULTI_SPLIT,
-    PLANNERS,
-    DatasetLayoutError,
-    Record,
-    SplitPlan,
-    plan_imagefolder,
-    walk_tree,
-)
-from .rejects import REJECTS_FILE, read_rejects, reason, write_rejects
-from .shards import count_tar_samples, shard_name, write_classes, write_index, write_shard
+from .layouts import FORMATS, MULTI_SPLIT, PLANNERS, DatasetLayoutError, SplitPlan, plan_imagefolder
+from .rejects import reason, write_rejects
+from .shards import encode_jpeg, shard_name, write_classes, write_index, write_shard
 from .tars import TarSamples, image_bytes
 from .transforms import (
-    CONVERTER_FORMATS,
+    CONVERTER_LIMITS,
     DEFAULT_LIMITS,
     CorruptImage,
     ImageLimits,
@@ -66,7 +40,6 @@ PARTS_DIR = ".parts"
 _STORE_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # bumped when what a shard or a validation holds changes (the decoder contract): older records are redone
 WRITER_VERSION = 2
-CONVERTER_LIMITS = ImageLimits(formats=CONVERTER_FORMATS)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -80,16 +53,10 @@ def load_image(src: Path, resize: int = 0, limits: ImageLimits = CONVERTER_LIMIT
     if resize and min(h, w) > resize:
         scale = resize / min(h, w)
         new = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return "jpg", _jpeg(pil_image(img).resize(new, Image.BICUBIC, reducing_gap=3.0))
+        return "jpg", encode_jpeg(pil_image(img).resize(new, Image.BICUBIC, reducing_gap=3.0))
     if fmt in _STORE_AS_IS:  # the stages decode these bytes by the same contract: kept as they are
         return _STORE_AS_IS[fmt], data
-    return "jpg", _jpeg(pil_image(img))
-
-
-def _jpeg(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return "jpg", encode_jpeg(pil_image(img))  # BMP / PPM / TIFF: the contract's 8-bit RGB
 
 
 @dataclass
@@ -181,15 +148,9 @@ def write_split(
     todo = [j for j in jobs if j.path.name not in results]
     bar = progress_bar(len(rows), out_dir.name, "img", enabled=progress)
     bar.update(sum(len(j.rows) for j in jobs if j.path.name in results))
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            for job, rec in zip(todo, pool.map(write_one_shard, todo)):
-                results[job.path.name] = rec
-                bar.update(len(job.rows))
-    else:
-        for job in todo:
-            results[job.path.name] = write_one_shard(job)
-            bar.update(len(job.rows))
+    for job, rec in zip(todo, _map(write_one_shard, todo, workers)):
+        results[job.path.name] = rec
+        bar.update(len(job.rows))
     bar.close()
     ordered = [results[j.path.name] for j in jobs]
     rejects = [r for rec in ordered for r in rec["rejects"]]
@@ -210,6 +171,15 @@ def write_split(
     return write_index(
         out_dir, [r for r in ordered if r["count"] > 0], "labeled" if plan.labeled else "unlabeled", **extra
     )
+
+
+def _map(fn: Callable[[Any], Any], items: list[Any], workers: int) -> Iterator[Any]:
+    """fn over items in order; in up to `workers` processes when there is more than one item."""
+    if workers > 1 and len(items) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            yield from pool.map(fn, items)
+    else:
+        yield from map(fn, items)
 
 
 def _remove_stale(out_dir: Path, prefix: str, keep: set[str]) -> None:
@@ -314,17 +284,13 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
         todo.append(t)
     bar = progress_bar(len(tars), f"validate {root.name}", "shard", enabled=progress)
     bar.update(len(results))
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo))) if workers > 1 and len(todo) > 1 else None
     try:
-        it = pool.map(validate_tar, [str(t) for t in todo]) if pool else map(validate_tar, [str(t) for t in todo])
-        for t, rec in zip(todo, it):
+        for t, rec in zip(todo, _map(validate_tar, [str(t) for t in todo], workers)):
             rec.update(name=os.path.relpath(t, out), stamp=_tar_stamp(t), version=WRITER_VERSION)
             atomic_write_json(out / PARTS_DIR / f"{t.name}.json", rec, indent=None)  # read back on resume
             results[t.name] = rec
             bar.update(1)
     finally:
-        if pool:
-            pool.shutdown()
         bar.close()
     ordered = [results[t.name] for t in tars]
     rejects = [r for rec in ordered for r in rec["rejects"]]
@@ -339,23 +305,3 @@ def index_img2dataset(root: Path, out: Path, *, workers: int = 1, progress: bool
         truncated=[r["name"] for r in ordered if r["truncated"]],
         rejected=len(rejects),
     )
-
-
-__all__ = [  # the layouts' and rejects' names stay importable from here (the converters' front)
-    "convert",
-    "write_split",
-    "index_img2dataset",
-    "load_image",
-    "walk_tree",
-    "read_rejects",
-    "PLANNERS",
-    "FORMATS",
-    "Record",
-    "SplitPlan",
-    "DatasetLayoutError",
-    "count_tar_samples",
-    "FILE_EXTS",
-    "MULTI_SPLIT",
-    "REJECTS_FILE",
-    "write_rejects",
-]

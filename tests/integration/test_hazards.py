@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from slade_dist.data import writers
+from slade_dist.data.rejects import read_rejects
 from slade_dist.data.shards import read_index
 from slade_dist.stages import RunLayout
 
@@ -71,7 +71,7 @@ def _accounted(out: Path) -> dict[str, set[str]]:
     from slade_dist.data.readers import iter_shard
     from slade_dist.data.shards import shard_paths
 
-    recs = writers.read_rejects(out)
+    recs = read_rejects(out)
     return {
         "written": {m["source"] for p in shard_paths(out) for _, _, _, m in iter_shard(p)},
         "rejected": {r["path"] for r in recs if r["action"] == "rejected"},
@@ -99,9 +99,7 @@ def test_every_file_is_written_rejected_or_skipped(chain):
 
 def test_counts_add_up_from_the_validator_to_the_cluster_stage(chain):
     unl = read_index(chain["shards"] / "unl")
-    refused_listed = {
-        r["path"].split(":")[1] for r in writers.read_rejects(chain["shards"] / "unl") if ":" in r["path"]
-    }
+    refused_listed = {r["path"].split(":")[1] for r in read_rejects(chain["shards"] / "unl") if ":" in r["path"]}
     refused = set(chain["corpus"]["unlabeled"]["refused"])
     assert refused_listed <= refused and unl["corrupt"] == len(refused_listed)  # the cut lost the rest
     assert unl["truncated"] and unl["truncated"][0].endswith(chain["corpus"]["unlabeled"]["cut"])

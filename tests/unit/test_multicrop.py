@@ -6,13 +6,14 @@ loses is counted. (Shapes of the views and the pretrain stage on it: tests/unit/
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import torch
 
 from slade_dist.config import DataConfig, swav_augment
-from slade_dist.data import multicrop
-from slade_dist.data.shards import write_index, write_shard
+from slade_dist.data import loading, multicrop
+from slade_dist.data.shards import index_counts, write_index, write_shard
 from tests import _hazards as H
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,7 +76,7 @@ def test_truncation_losses_are_counted(tmp_path):
     write_index(tmp_path, [{"name": "u-000000.tar", "count": n}], "unlabeled")
     tar = tmp_path / "u-000000.tar"
     tar.write_bytes(tar.read_bytes()[: H.cut_points(tar)["inside_image"]])
-    stream = iter(multicrop._ResampledTars([tar], seed=0))
+    stream = loading.resampled_samples([tar], index_counts([tar]), random.Random(0))
     items = [next(stream) for _ in range(12)]
-    lost = [x[multicrop.LOST] for x in items if multicrop.LOST in x]
+    lost = [x[loading.LOST] for x in items if loading.LOST in x]
     assert lost and lost[0] == 10 - 5  # 5 complete samples before the cut, the rest lost

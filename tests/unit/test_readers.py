@@ -452,7 +452,7 @@ def test_buffers_are_capped_in_bytes(tmp_path):
     rng = random.Random(0)
     out = list(readers._shuffle(iter(big), 1000, rng, max_bytes=500_000, size_of=readers.sample_nbytes))
     assert len(out) == 20  # nothing waits for 1000 samples
-    assert readers.buffer_bytes(DataConfig()) == readers.DEFAULT_BUFFER_MB << 20  # the config's default
+    assert readers.buffer_bytes(DataConfig(buffer_mb=3)) == 3 << 20  # data.buffer_mb is in MiB
     b = PKBatcher(2, 2, 10_000, max_bytes=1 << 20, size_of=readers.sample_nbytes)
     for i, s in enumerate(big):
         b.add(s, i % 7)

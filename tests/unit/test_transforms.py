@@ -20,7 +20,6 @@ from tests import _hazards as H
 def test_defaults_agree_with_the_config():
     cfg = DataConfig()
     assert T.ImageLimits.of(cfg) == T.DEFAULT_LIMITS
-    assert (cfg.max_image_pixels, cfg.max_aspect_ratio) == (T.DEFAULT_MAX_IMAGE_PIXELS, T.DEFAULT_MAX_ASPECT_RATIO)
 
 
 def test_16_bit_rgb_is_scaled_to_8_bits_and_stacks_with_jpegs():
@@ -120,7 +119,7 @@ def test_limits_come_from_the_config():
     Image.new("RGB", (8, 8)).save(bmp, "BMP")
     with pytest.raises(T.CorruptImage, match="format BMP"):
         T.decode(bmp.getvalue())  # a shard member must be JPEG / PNG / WEBP
-    assert T.decode(bmp.getvalue(), T.ImageLimits(formats=T.CONVERTER_FORMATS)).shape == (3, 8, 8)
+    assert T.decode(bmp.getvalue(), T.CONVERTER_LIMITS).shape == (3, 8, 8)
 
 
 def test_eval_resize_caps_the_longer_side():

@@ -20,6 +20,7 @@ from PIL import Image
 
 from slade_dist.data import writers
 from slade_dist.data.readers import iter_shard
+from slade_dist.data.rejects import read_rejects
 from slade_dist.data.shards import read_classes, read_index, shard_paths, write_shard
 from tests import _hazards as H
 
@@ -359,7 +360,7 @@ def test_cli_write_prints_and_records_the_split_it_wrote(tmp_path, capsys):
 # ------------------------------------------------------------------------ a crawl's hazards
 def accounted(out: Path) -> dict[str, set[str]]:
     """What the converter did with each file: written (json "source"), rejected, skipped."""
-    recs = writers.read_rejects(out)
+    recs = read_rejects(out)
     return {
         "written": {m["source"] for _, _, m in read_split(out)},
         "rejected": {r["path"] for r in recs if r["action"] == "rejected"},
@@ -390,9 +391,9 @@ def test_flat_root_every_file_written_rejected_or_skipped(tmp_path):
     assert idx["skipped"] == len(want["skipped"]) + 1
     lines = (out / "rejects.txt").read_bytes().splitlines()
     assert len(lines) == idx["rejected"] + idx["skipped"] and all(line.isascii() for line in lines)
-    latin1 = next(r for r in writers.read_rejects(out) if r["path"].startswith("caf"))
+    latin1 = next(r for r in read_rejects(out) if r["path"].startswith("caf"))
     assert os.fsencode(latin1["path"]) == b"caf\xe9.jpg"  # the bytes of the name come back
-    reasons = " ".join(r["reason"] for r in writers.read_rejects(out))
+    reasons = " ".join(r["reason"] for r in read_rejects(out))
     assert " at 0x" not in reasons and "aspect ratio" in reasons and "max_image_pixels" in reasons
     first = (out / "rejects.txt").read_bytes()
     writers.convert("imagefolder", tmp_path / "flat", tmp_path / "again", split="unlabeled", progress=False)
@@ -439,7 +440,7 @@ def test_img2dataset_validator_and_stages_agree(tmp_path):
     write_shard(root / "00000.tar", rows)
     out = tmp_path / "index"
     idx = writers.convert("img2dataset", root, out, progress=False)["unlabeled"]
-    listed = {r["path"].split(":")[1] for r in writers.read_rejects(out)}
+    listed = {r["path"].split(":")[1] for r in read_rejects(out)}
     bad = {f"{100 + j:09d}" for j, (_, ok) in enumerate(H.HAZARDS.values()) if not ok}
     assert listed == bad and idx["corrupt"] == len(bad)
     it = iter_shard(shard_paths(out)[0])
@@ -478,5 +479,5 @@ def test_unknown_extensions_are_listed_as_skipped(tmp_path):
     out = tmp_path / "out"
     idx = writers.convert("imagefolder", src, out, progress=False)["unlabeled"]
     assert idx["total"] == 2 and idx["skipped"] == 3
-    skipped = {r["path"]: r["reason"] for r in writers.read_rejects(out) if r["action"] == "skipped"}
+    skipped = {r["path"]: r["reason"] for r in read_rejects(out) if r["action"] == "skipped"}
     assert set(skipped) == {"c.gif", "d.avif", "e.heic"} and all("unknown extension" in r for r in skipped.values())
