@@ -13,6 +13,7 @@ from .backbones import (
     load_pretrained_backbone,
     load_state_dict_checked,
     read_checkpoint,
+    unsafe_global,
 )
 from .embedder import Embedder, build_embedder, load_embedder, pool_features, save_weights
 from .inference import embed_batches, output_dim
@@ -28,6 +29,7 @@ __all__ = [
     "load_state_dict_checked",
     "read_checkpoint",
     "UnsafeCheckpointError",
+    "unsafe_global",
     "Embedder",
     "build_embedder",
     "load_embedder",

@@ -1,16 +1,11 @@
-"""Backbone registry: name -> a module that maps images (B, 3, H, W) to a feature map.
+"""Backbone registry: name -> a module that maps images (B, 3, H, W) to a feature map or tokens.
 
-Owns: torchvision ResNet-50/18 trunks (always built with weights=None; weights come only from a
-local file, see `load_pretrained_backbone`), `tiny_cnn` (a small BatchNorm conv net for CPU tests
-and the 64x64 demo) and optional `timm:<name>` backbones (timm imported lazily): random, or with
-the model's published weights read through the Hugging Face hub cache (`hub`: offline once cached;
-offline and not cached, `HubWeightsMissing` names the model, the cache and the command that fills
-it). A timm transformer (a model with prefix tokens: ViT, DeiT, DINOv2, EVA...) is built with a
-dynamic image size (its position embedding interpolated to each input size, so SwAV's small crops
-go through the same net) and returns its tokens pooled as model.token_pool says (auto: the model's
-own pooling). Also the checked state-dict loader used for every checkpoint we read, which names
-missing / unexpected / mis-shaped keys exactly, and `read_checkpoint` (torch files with
-weights_only=True, safetensors files). Tests: tests/unit/test_models.py.
+Owns the torchvision ResNet-50/18 trunks (weights only from a local file), `tiny_cnn` (for CPU
+tests and the 64x64 demo), `timm:<name>` backbones (random, or the model's published weights from
+the Hugging Face hub cache, `HubWeightsMissing` when not cached offline; transformers at any input
+size, tokens pooled per model.token_pool), and reading weights: `read_checkpoint` (torch files with
+weights_only=True, safetensors), `load_state_dict_checked` (names every key that does not fit) and
+`load_pretrained_backbone`. Tests: tests/unit/test_models.py.
 """
 
 from __future__ import annotations
@@ -25,24 +20,6 @@ from torch import nn
 
 from ..config import ConfigError
 from ..errors import UserError
-
-__all__ = [
-    "Backbone",
-    "build_backbone",
-    "BACKBONES",
-    "TinyCNN",
-    "ResNetTrunk",
-    "StateDictMismatchError",
-    "KeyReport",
-    "load_state_dict_checked",
-    "read_checkpoint",
-    "UnsafeCheckpointError",
-    "CheckpointError",
-    "HubWeightsMissing",
-    "TimmBackbone",
-    "load_pretrained_backbone",
-    "strip_prefixes",
-]
 
 
 class StateDictMismatchError(RuntimeError, UserError):
@@ -280,6 +257,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that needs code (a class or function import) to unpickle."""
 
 
+def unsafe_global(e: pickle.UnpicklingError) -> str | None:
+    """The line of torch's weights_only refusal naming the global (class or function) a file needs."""
+    return next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+
+
 def _last_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Check the doc")]
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
@@ -321,10 +303,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
         # containers; a file that needs any other class to unpickle is refused here.
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
-        if unsafe:  # a class or function to import: the file could run code when unpickled
+        if unsafe := unsafe_global(e):  # a class or function to import: the file could run code when unpickled
             raise UnsafeCheckpointError(
-                f"checkpoint {str(path)!r} refused: loading it would import code ({unsafe[0]}); "
+                f"checkpoint {str(path)!r} refused: loading it would import code ({unsafe}); "
                 f"only tensors and plain containers are accepted (weights_only=True). Re-save just "
                 f"its state_dict with torch.save if you trust where it came from"
             ) from e

@@ -12,19 +12,12 @@ import dataclasses
 import pytest
 import torch
 
+from slade_dist.data.multicrop import local_view_transform, swav_batches, two_view_transform
 from slade_dist.models import load_embedder
 from slade_dist.stages import RunLayout
 from slade_dist.train import common as C
 from slade_dist.train.common import pretrain_init_path
-from slade_dist.train.pretrain import (
-    _better_of,
-    build_swav_net,
-    local_view_transform,
-    run,
-    swav_batches,
-    swav_groups,
-    two_view_transform,
-)
+from slade_dist.train.pretrain import _better_of, build_swav_net, run, swav_groups
 from slade_dist.train.swav import SwAVNet
 
 from ..integration import _train_workers as W
