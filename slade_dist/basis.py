@@ -30,9 +30,6 @@ class PairBlock:
     same: torch.Tensor  # (B_rank, B_global) same pseudo label
     valid: torch.Tensor  # (B_rank, B_global) j is not i itself
 
-    def detach(self) -> PairBlock:
-        return PairBlock(self.sim.detach(), self.same, self.valid)
-
 
 def global_counts(*masks: torch.Tensor) -> list[int]:
     """The number of True entries of each mask, summed over ranks (collective)."""
@@ -179,14 +176,10 @@ class FeatureBasis(nn.Module):
 
     @torch.no_grad()
     def mining_shares(self, block: PairBlock) -> dict[str, float]:
-        """How the two Eq. 7 readings differ on this global batch, whichever one trains (for logging).
-
-        literal_*_pairs: ordered pairs passing the thresholds alone; agreement_*_pairs: those whose
-        cluster ids also agree (same for positives, different for negatives), i.e. what
-        require_cluster_agreement keeps; literal_pos_same_cluster / literal_neg_diff_cluster: the
-        share of the literal reading's pairs the cluster ids agree with (1 by construction for the
-        agreement reading). Computed with the current thresholds also while mining is off (mu+ <=
-        mu-); {} while a Gaussian is unseeded; a share is left out when its set is empty."""
+        """How the two Eq. 7 readings differ on this global batch, whichever one trains (the mining/*
+        scalars of docs/METHOD.md "Feature basis"). Computed with the current thresholds also while
+        mining is off (mu+ <= mu-); {} while a Gaussian is unseeded; a share is left out when its
+        set is empty."""
         if not (bool(self.seeded_pos) and bool(self.seeded_neg)):
             return {}
         pos, neg = self.literal_masks(block)

@@ -216,16 +216,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Concatenate every rank's tensor along `dim` (rank order). Sizes may differ along dim 0.
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0 (rank order); sizes may differ.
 
     No gradient flows through the result (use it for candidates, not for the local anchors).
     """
     if not is_dist():
         return t.detach()
     n = world_size()
-    if dim != 0:
-        t = t.transpose(0, dim)
     t = t.detach().contiguous()
     sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(n)]
     tdist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.long, device=t.device))
@@ -234,8 +232,7 @@ def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in range(n)]
     tdist.all_gather(out, padded)
-    res = torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)], dim=0)
-    return res.transpose(0, dim) if dim != 0 else res
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)], dim=0)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -37,11 +37,6 @@ def no_autocast(t: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def _zero_loss(emb: torch.Tensor) -> torch.Tensor:
-    """0 with a grad_fn reaching `emb` (so backward() and DDP's hooks still run)."""
-    return (emb * 0.0).sum()
-
-
 def pair_masks(
     n_anchor: int,
     n_cand: int,
@@ -106,7 +101,7 @@ class PairLoss(nn.Module):
             counts = dist.all_reduce_sum(counts.detach().clone())  # the global normalisers
             used = counts > 0
             if not bool(used.any()):  # the same decision on every rank: counts are global
-                return _zero_loss(emb)
+                return (emb * 0.0).sum()  # a 0 reaching emb: backward() and DDP's hooks still run
             return dist.sum_over_ranks((sums[used] / counts[used]).sum())
 
     def _partial(

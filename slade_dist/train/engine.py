@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import math
 import os
 import pickle
+import pkgutil
 import shutil
 import sys
 import time
@@ -107,10 +107,7 @@ def weights_only_loads() -> Iterator[None]:
     """Every torch.load inside runs with weights_only=True, DeepSpeed's included (whose own
     loads opt out; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that), with only
     DeepSpeed's state classes allow-listed. A checkpoint can then never run code."""
-    allowed = []
-    for name in _DEEPSPEED_STATE_TYPES:
-        module, attr = name.split(":")
-        allowed.append(getattr(importlib.import_module(module), attr))
+    allowed = [pkgutil.resolve_name(name) for name in _DEEPSPEED_STATE_TYPES]
     saved = os.environ.get(_FORCE_WEIGHTS_ONLY)
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:

@@ -129,12 +129,10 @@ class FeatureQueue:
 
 
 def queue_length(configured: int, global_batch: int, world: int, prototypes: int) -> int:
-    """Rows per rank of the feature queue. configured > 0: that many GLOBAL rows, split over the
-    ranks; 0: none; -1 (auto): none when the global batch (pretrain.batch_size, per optimizer
-    step) has at least as many images as there are prototypes, else the smallest multiple of the
-    global batch holding 2 x prototypes rows (SwAV: queue 3,840 + batch 256 for 3,000
-    prototypes). Each rank queues its own rows, so the ranks' queues together are the last
-    global rows at any world size."""
+    """Rows per rank of the feature queue: pretrain.queue_length's GLOBAL rows split over the ranks
+    (each rank queues its own rows, so together they are the last global rows at any world size).
+    Auto (-1): the smallest multiple of the global batch holding 2 x prototypes rows (SwAV: queue
+    3,840 + batch 256 for 3,000 prototypes), none when the batch alone has as many rows as K."""
     if configured == 0 or (configured < 0 and global_batch >= prototypes):
         return 0
     rows = configured if configured > 0 else -(-2 * prototypes // global_batch) * global_batch
