@@ -303,6 +303,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = rank()  # for the format's %(rank)s
         return is_main() or record.levelno >= logging.WARNING
 
 
@@ -311,18 +312,13 @@ def get_logger(name: str = "slade_dist") -> logging.Logger:
     logger = logging.getLogger(name)
     if not getattr(logger, "_slade_configured", False):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_RankFormatter())
+        handler.setFormatter(logging.Formatter("[%(asctime)s r%(rank)s] %(message)s", datefmt="%H:%M:%S"))
         handler.addFilter(_RankZeroFilter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
         logger._slade_configured = True  # type: ignore[attr-defined]
     return logger
-
-
-class _RankFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"[{datetime.datetime.now():%H:%M:%S} r{rank()}] {record.getMessage()}"
 
 
 def set_default_accelerator() -> None:

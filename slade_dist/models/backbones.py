@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +28,6 @@ class StateDictMismatchError(RuntimeError, UserError):
 
 class HubWeightsMissing(UserError):
     """model.pretrained=hub, but the weights are neither in the local hub cache nor reachable."""
-
-
-class KeyReport(NamedTuple):
-    missing: list[str]
-    unexpected: list[str]
-    mismatched: list[str]  # "key: checkpoint shape (..) vs model shape (..)"
 
 
 # ------------------------------------------------------------------------------------ backbones
@@ -208,7 +202,16 @@ def build_backbone(name: str, hub: bool = False, token_pool: str = "auto") -> Ba
 
 
 # ---------------------------------------------------------------------------- state-dict loading
-def _key_report(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> KeyReport:
+def _fmt_keys(keys: list[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_checked(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "state dict"
+) -> None:
+    """Load `state_dict` into `module`; any missing / unexpected / mis-shaped key raises
+    StateDictMismatchError listing them all (nothing is loaded)."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
@@ -217,36 +220,16 @@ def _key_report(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Ke
         for k, v in state_dict.items()
         if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
     )
-    return KeyReport(missing, unexpected, mismatched)
-
-
-def _fmt_keys(keys: list[str], limit: int = 40) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_state_dict_checked(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, what: str = "state dict"
-) -> KeyReport:
-    """Load `state_dict` into `module`, naming every key that does not fit.
-
-    strict: any missing / unexpected / mis-shaped key raises StateDictMismatchError listing them all
-    (nothing is loaded). Non-strict: loads the keys that fit and returns the KeyReport.
-    """
-    report = _key_report(module, state_dict)
-    if strict and (report.missing or report.unexpected or report.mismatched):
+    if missing or unexpected or mismatched:
         parts = [f"{what} does not match {type(module).__name__}:"]
-        if report.missing:
-            parts.append(f"  missing keys ({len(report.missing)}): {_fmt_keys(report.missing)}")
-        if report.unexpected:
-            parts.append(f"  unexpected keys ({len(report.unexpected)}): {_fmt_keys(report.unexpected)}")
-        if report.mismatched:
-            parts.append(f"  shape mismatches ({len(report.mismatched)}): {_fmt_keys(report.mismatched)}")
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        if mismatched:
+            parts.append(f"  shape mismatches ({len(mismatched)}): {_fmt_keys(mismatched)}")
         raise StateDictMismatchError("\n".join(parts))
-    bad = {m.split(":")[0] for m in report.mismatched}
-    fitting = {k: v for k, v in state_dict.items() if k not in report.unexpected and k not in bad}
-    module.load_state_dict(fitting, strict=False)
-    return report
+    module.load_state_dict(state_dict)
 
 
 class CheckpointError(RuntimeError, UserError):
@@ -355,7 +338,7 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
     )
 
 
-def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
+def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> None:
     """Load local pretrained weights (torchvision, SwAV `module.` style, timm, or our own
     embedder file) into a backbone; classifier/projection heads are dropped, anything else that
     does not fit raises with the exact keys."""
@@ -365,4 +348,4 @@ def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
         sd = {k[len("net.") :] if k.startswith("net.") else k: v for k, v in sd.items()}
     own = target.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(HEAD_PREFIXES)}
-    return load_state_dict_checked(target, sd, strict=True, what=f"pretrained weights {str(path)!r}")
+    load_state_dict_checked(target, sd, what=f"pretrained weights {str(path)!r}")

@@ -52,7 +52,7 @@ def init_embedder(model_cfg: ModelConfig, init_path: str | os.PathLike[str] | No
     obj = read_checkpoint(init_path)
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise RuntimeError(f"{str(init_path)!r} is not a slade_dist weights file (save_weights format)")
-    load_state_dict_checked(emb, obj["state_dict"], strict=True, what=f"init weights {str(init_path)!r}")
+    load_state_dict_checked(emb, obj["state_dict"], what=f"init weights {str(init_path)!r}")
     return emb
 
 

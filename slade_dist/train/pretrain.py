@@ -212,7 +212,7 @@ def build_swav_net(cfg: Config) -> tuple[SwAVNet, bool]:
     for name, module in (("projection", net.projection), ("prototypes", net.prototypes)):
         part = {key[len(name) + 1 :]: v for key, v in heads.items() if key.startswith(name + ".")}
         if part:
-            load_state_dict_checked(module, part, strict=True, what=f"{what} ({name})")
+            load_state_dict_checked(module, part, what=f"{what} ({name})")
     net.normalize_prototypes_()
     dist.get_logger().info(
         f"pretrain: projection head / {k} prototypes of width {proj_dim} loaded from {cfg.model.pretrained_path}"
