@@ -34,18 +34,14 @@ from .swav import FeatureQueue, SwAVNet, queue_length, swav_loss
 
 
 # ------------------------------------------------------------------------------------ stage
-def export_initial(cfg: Config, stage_dir: Path) -> dict[str, Any]:
-    extra = {"stage": "pretrain", "step": 0, "init": cfg.model.pretrained_path}
-    export_final(stage_dir, build_embedder(cfg.model), cfg.model, extra)
-    return {"steps": 0, "final_loss": None, "init": cfg.model.pretrained_path, "exported_initial": True}
-
-
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     stage_dir = RunLayout(run_dir).stage_dir("pretrain")
     stage_dir.mkdir(parents=True, exist_ok=True)
     if cfg.pretrain.steps == 0:  # no SwAV: the initial (model.pretrained_path) weights, unchanged
-        return export_initial(cfg, stage_dir)
+        extra = {"stage": "pretrain", "step": 0, "init": cfg.model.pretrained_path}
+        export_final(stage_dir, build_embedder(cfg.model), cfg.model, extra)
+        return {"steps": 0, "final_loss": None, "init": cfg.model.pretrained_path, "exported_initial": True}
     lr_mult, why = swav_backbone_lr_mult(cfg)
     dist.get_logger().info(f"pretrain: backbone lr = pretrain.lr x {lr_mult} ({why})")
     pc = dataclasses.replace(cfg.pretrain, backbone_lr_mult=lr_mult)
@@ -53,7 +49,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     net, heads_loaded = build_swav_net(cfg)
     check_trunk_bn(net.embedder, cfg)
     # the input weights, to compare with the output before handing one on (rank 0 decides)
-    initial = _state_copy(net.embedder) if pc.keep_better and dist.is_main() else None
+    initial = copy.deepcopy(net.embedder) if pc.keep_better and dist.is_main() else None
     # pretrain.batch_size is the whole optimizer step's: this rank takes its share per micro-batch
     share = rank_share(pc.batch_size, "pretrain.batch_size", cfg.train.grad_accum)
     trainer = Trainer(
@@ -221,10 +217,6 @@ def build_swav_net(cfg: Config) -> tuple[SwAVNet, bool]:
     return net, True
 
 
-def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 class _PooledFeatures(nn.Module):
     """The embedder's pooled backbone features: what SwAV trains (the embedding head is untouched
     here and random until the teacher trains it, so it would only blur the comparison)."""
@@ -250,7 +242,7 @@ def labeled_knn_map_at_r(cfg: Config, embedder: nn.Module, device: torch.device)
 
 
 def _better_of(
-    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device, seconds: float = 0.0
+    cfg: Config, trained: nn.Module, initial: nn.Module | None, device: torch.device, seconds: float = 0.0
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(the embedder to hand on, {"knn_map_at_r": {"input", "output", "handed_on"}}); the SwAV
     output unless the input weights score higher (pretrain.keep_better). Handing on the input
@@ -258,9 +250,7 @@ def _better_of(
     figures, and the result carries it ("warning") for the closing summary."""
     if initial is None:
         return trained, {}
-    before = copy.deepcopy(trained)
-    before.load_state_dict(initial)
-    scores = {"input": labeled_knn_map_at_r(cfg, before, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
+    scores = {"input": labeled_knn_map_at_r(cfg, initial, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
     keep_input = scores["input"] > scores["output"]  # nan (no labeled pairs) compares False: the output
     scores["handed_on"] = "input" if keep_input else "output"
     figures = f"input {scores['input']:.4f}, SwAV output {scores['output']:.4f}"
@@ -275,4 +265,4 @@ def _better_of(
         f"more steps or another pretrain.backbone_lr_mult may make it pay)"
     )
     dist.get_logger().warning(warning)
-    return before, {"knn_map_at_r": scores, "warning": warning}
+    return initial, {"knn_map_at_r": scores, "warning": warning}
