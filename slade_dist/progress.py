@@ -40,7 +40,7 @@ def steps(items: Iterable[T], desc: str, *, log_every_s: float = 10.0) -> Iterat
         yield from items
     elif _terminal():
         # mininterval=0, miniters=1: each step is slow, so every one is worth a redraw
-        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0, miniters=1) as bar:
+        with progress(total, desc, mininterval=0, miniters=1) as bar:
             for x in items:
                 yield x
                 bar.update(1)

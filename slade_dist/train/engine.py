@@ -385,9 +385,7 @@ def average_bn_buffers(module: torch.nn.Module) -> None:
             and m.running_mean is not None
         ):
             for buf in (m.running_mean, m.running_var):
-                t = buf.detach().clone()
-                dist.all_reduce_sum(t)
-                buf.copy_(t / dist.world_size())
+                buf.copy_(dist.all_reduce_sum(buf.detach().clone()) / dist.world_size())
 
 
 def param_digest(module: torch.nn.Module) -> str:

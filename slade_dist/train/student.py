@@ -254,10 +254,8 @@ class StudentObjective(StepObjective):
         return sum(terms.values()), scalars
 
     def _reseed_after_warmup(self, net: StudentNet, step: int) -> None:
-        """At the first step after the warm-up the Gaussians summarise the frozen warm-up
-        embeddings, with beta = 0.99 for ~100 more steps: forget them so the first moving batch
-        seeds them. Every rank does it at the same step; a resume past that step keeps the
-        checkpointed Gaussians."""
+        """Forget the Gaussians of the frozen warm-up embeddings at the first step after it (why:
+        docs/METHOD.md, stage 4); a resume past that step keeps the checkpointed ones."""
         warm = self.cfg.student.basis_warmup_steps
         if net.basis is not None and warm > 0 and step == warm and not self._reseeded:
             net.basis.reset_gaussians()
