@@ -37,7 +37,7 @@ from ..models import UnsafeCheckpointError, read_checkpoint, unsafe_global
 from .deepspeed_setup import ds_config, ensure_process_group, resolve_precision, setup_deepspeed
 from .sync_bn import sync_batchnorm
 
-META_FILE = "slade_meta.json"
+META_FILE = "slade_meta.json"  # written last: a checkpoint without it (a killed save) does not count
 KEEP_CHECKPOINTS = 2
 
 
