@@ -148,7 +148,8 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
         shutil.rmtree(out, ignore_errors=True)
         args = ["--input_folder", str(ckpt_dir / tag), "--output_folder", str(out)]
         args += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
-        saved, sys.argv = sys.argv, ["ds_to_universal", *args]  # it reads its options from sys.argv only
+        saved = sys.argv
+        sys.argv = ["ds_to_universal", *args]  # it reads its options from sys.argv only
         try:
             parsed = ds_to_universal.parse_arguments()
         finally:

@@ -108,7 +108,7 @@ def _run_steps(trainer: Any, objective: Any, after: Any = None) -> list[dict[str
 
     out = []
     for step in range(STEPS):
-        micros = [objective.draw(step) for _ in range(trainer.accum)]
+        micros = [objective.draw(step) for _ in range(trainer.tcfg.grad_accum)]
         loss, scalars = optimizer_step(trainer, objective, step, micros)
         if after is not None:
             after()
