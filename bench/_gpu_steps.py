@@ -55,8 +55,8 @@ def student_rate(
     """Images/s of the student's optimizer step at `labeled` + `unlabeled` images per device."""
     from slade_dist.basis import FeatureBasis
     from slade_dist.config import load_config
+    from slade_dist.losses import build_loss
     from slade_dist.models import build_embedder
-    from slade_dist.train.common import ranking_loss_fn
     from slade_dist.train.engine import Trainer
     from slade_dist.train.loop import optimizer_step
     from slade_dist.train.student import StudentNet, StudentObjective, param_groups
@@ -90,7 +90,7 @@ def student_rate(
     objective = StudentObjective(
         cfg,
         trainer,
-        ranking_loss_fn(cfg),
+        build_loss(cfg.loss),
         _fixed_stream(labeled, size, device, 1),
         _fixed_stream(unlabeled, size, device, 2),
     )

@@ -1,42 +1,11 @@
-"""SLADE feature basis (student only): W_a, L_CE, basis similarity, L_SD with running Gaussians,
-Eq. 7 pair mining, all over the optimizer step's GLOBAL batch.
+"""SLADE feature basis (student only): W_a, L_CE, basis similarity, L_SD with running Gaussians
+and Eq. 7 pair mining, over the optimizer step's GLOBAL batch (`FeatureBasis`, `PairBlock`).
 
-Owns `FeatureBasis` and `PairBlock`. Method: docs/METHOD.md "Feature basis".
-Tests: tests/unit/test_basis.py (planted clusters, Eq. 6 over several batches, mining, state dict)
-and tests/integration/test_world_invariance.py (1, 2 and 4 gloo ranks on one global batch, one
-pseudo-class per rank included: the same Gaussians, mined pairs, losses and averaged gradients).
-
-Choices where the paper is silent (documented here, stable API):
-- The pairs are those of the GLOBAL batch (every rank's unlabeled rows of the step, rank order),
-  never only a rank's own: with one pseudo-class per rank a rank alone has no negative pair.
-  `pair_block` holds this rank's rows (anchors) against all rows (candidates, dist.gather_rows),
-  so the work is B_rank x B_global per rank. Statistics use ordered pairs (i, j), i != j: each
-  unordered pair twice with the same s_ij, so the mean and variance equal those of the unordered
-  pairs (what one process holding the step computes); the reported pair counts are unordered.
-  Variance is the population variance E[s^2] - E[s]^2 of the batch.
-- Statistics are computed in fp32; each rank's (sum s, sum s^2) of each kind are added over ranks
-  with dist.sum_over_ranks (differentiable) and the counts with an all-reduce, so every rank
-  updates mu/var identically and its averaged gradient is the one process's (dist.py says why).
-- Running update (Eq. 6), once per optimizer step: mu <- (1-beta) * mu_batch + beta * mu_prev
-  (mu_prev a detached buffer), same for var; the first batch that has pairs of a kind seeds that
-  Gaussian (mu = mu_batch); a batch without pairs of a kind leaves it untouched (and it then enters
-  L_SD as a constant). While either Gaussian is unseeded L_SD is a zero connected to the pairs.
-  `reset_gaussians` unseeds both (the student calls it when its basis warm-up ends).
-- Gradient of L_SD (`sd_grad`): L_SD's VALUE always uses the running mu/var above. "damped"
-  back-propagates through the update, so the batch statistics' gradient arrives scaled by
-  1 - beta (0.01 at the paper's beta: |dL_SD/dW_a| ~1e-3 of L_CE's, L_SD then barely trains);
-  "full" (default) gives it the batch statistics' own gradient, mu_used = mu_b + (mu - mu_b).detach(),
-  i.e. the running Gaussians smooth the thresholds and the hinge, not the learning signal.
-- r = normalize(W_a) normalize(f): the vector of cosines to the class bases that L_CE scores, so
-  the basis similarity does not depend on how long W_a's rows have grown.
-- L_SD = relu(mu_neg - mu_pos + margin) + lambda_sd * (var_pos + var_neg).
-- L_CE is the mean over the global labeled batch.
-- Mining (Eq. 7) thresholds are the CURRENT buffers: call sd_loss first in a step and mining
-  uses the Gaussians including this batch. Mined pairs are (this rank's anchor, global candidate)
-  index pairs; over all ranks they are every ordered pair (i, j) and (j, i) of the global batch;
-  n_pos_mined / n_neg_mined count these ordered pairs over all ranks.
-Every method that takes or makes a PairBlock, and ce_loss, is collective when distributed: every
-rank calls it at the same step.
+The method and our choices where the paper is silent (sd_grad, r's normalisation, L_SD's margin,
+seeding) are docs/METHOD.md "Feature basis" and "Any world size". Every method that takes or makes
+a PairBlock, and ce_loss, is collective when distributed: every rank calls it at the same step.
+Tests: tests/unit/test_basis.py, tests/integration/test_world_invariance.py (1, 2 and 4 gloo ranks
+on one global batch, one pseudo-class per rank included).
 """
 
 from __future__ import annotations
@@ -60,9 +29,6 @@ class PairBlock:
     sim: torch.Tensor  # (B_rank, B_global) s_ij = cos(W_a f_i, W_a f_j), fp32
     same: torch.Tensor  # (B_rank, B_global) same pseudo label
     valid: torch.Tensor  # (B_rank, B_global) j is not i itself
-
-    def detach(self) -> PairBlock:
-        return PairBlock(self.sim.detach(), self.same, self.valid)
 
 
 def global_counts(*masks: torch.Tensor) -> list[int]:
@@ -136,10 +102,10 @@ class FeatureBasis(nn.Module):
         """Eq. 6 for one Gaussian; returns (mu, var) carrying the batch gradient."""
         mu_buf, var_buf = getattr(self, f"mu_{kind}"), getattr(self, f"var_{kind}")
         seeded = getattr(self, f"seeded_{kind}")
-        if n <= 0:  # no pair of this kind in the global batch: skip the update
+        if n <= 0:  # no pair of this kind in the global batch: unchanged, a constant in L_SD
             return mu_buf.clone(), var_buf.clone()
         mu_b = s / n
-        var_b = (s2 / n - mu_b * mu_b).clamp_min(0.0)
+        var_b = (s2 / n - mu_b * mu_b).clamp_min(0.0)  # the batch's population variance
         if bool(seeded):
             mu = (1.0 - self.beta) * mu_b + self.beta * mu_buf
             var = (1.0 - self.beta) * var_b + self.beta * var_buf
@@ -166,9 +132,11 @@ class FeatureBasis(nn.Module):
         L_SD and stats. Once per optimizer step."""
         pos, neg = block.same & block.valid, ~block.same & block.valid
         sp, sn = block.sim[pos], block.sim[neg]
+        # fp32 sums added over ranks (differentiable): every rank updates mu/var identically
         tot = dist.sum_over_ranks(torch.stack([sp.sum(), (sp * sp).sum(), sn.sum(), (sn * sn).sum()]))
-        n_pos, n_neg = global_counts(pos, neg)  # ordered pairs: each unordered one twice
-        self._last_counts = (n_pos // 2, n_neg // 2)
+        # ordered pairs: each unordered one twice with the same s_ij, so the same mean and variance
+        n_pos, n_neg = global_counts(pos, neg)
+        self._last_counts = (n_pos // 2, n_neg // 2)  # reported as unordered pairs
         mu_p, var_p = self._update("pos", tot[0], tot[1], n_pos)
         mu_n, var_n = self._update("neg", tot[2], tot[3], n_neg)
         connected = 0.0 * tot.sum()  # the same graph on every rank, also when L_SD is a constant or 0
@@ -187,9 +155,10 @@ class FeatureBasis(nn.Module):
         self, block: PairBlock, require_cluster_agreement: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 7: positives s_ij >= mu+, negatives s_ij <= mu-, i != j, as (2, n) long tensors of
-        (this rank's anchor index, global candidate index). Empty while a Gaussian is unseeded or
-        mu+ <= mu-. require_cluster_agreement also demands same / different pseudo label (the
-        non-literal reading)."""
+        (this rank's anchor index, global candidate index). The thresholds are the current buffers:
+        called after this step's sd_loss, they include this batch. Empty while a Gaussian is
+        unseeded or mu+ <= mu-. require_cluster_agreement also demands same / different pseudo
+        label (the non-literal reading)."""
         pos, neg = self.literal_masks(block)
         if not self.mining_on():
             pos, neg = torch.zeros_like(pos), torch.zeros_like(neg)
@@ -207,14 +176,10 @@ class FeatureBasis(nn.Module):
 
     @torch.no_grad()
     def mining_shares(self, block: PairBlock) -> dict[str, float]:
-        """How the two Eq. 7 readings differ on this global batch, whichever one trains (for logging).
-
-        literal_*_pairs: ordered pairs passing the thresholds alone; agreement_*_pairs: those whose
-        cluster ids also agree (same for positives, different for negatives), i.e. what
-        require_cluster_agreement keeps; literal_pos_same_cluster / literal_neg_diff_cluster: the
-        share of the literal reading's pairs the cluster ids agree with (1 by construction for the
-        agreement reading). Computed with the current thresholds also while mining is off (mu+ <=
-        mu-); {} while a Gaussian is unseeded; a share is left out when its set is empty."""
+        """How the two Eq. 7 readings differ on this global batch, whichever one trains (the mining/*
+        scalars of docs/METHOD.md "Feature basis"). Computed with the current thresholds also while
+        mining is off (mu+ <= mu-); {} while a Gaussian is unseeded; a share is left out when its
+        set is empty."""
         if not (bool(self.seeded_pos) and bool(self.seeded_neg)):
             return {}
         pos, neg = self.literal_masks(block)
@@ -240,6 +205,6 @@ class FeatureBasis(nn.Module):
             "var_neg": float(self.var_neg),
             "n_pos_pairs": self._last_counts[0],
             "n_neg_pairs": self._last_counts[1],
-            "n_pos_mined": self._last_mined[0],
+            "n_pos_mined": self._last_mined[0],  # ordered pairs over all ranks: (i, j) and (j, i)
             "n_neg_mined": self._last_mined[1],
         }

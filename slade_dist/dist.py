@@ -1,13 +1,12 @@
 """The distributed environment: the ONLY module that reads rank/world from the environment.
 
-Owns: detecting how we were started (torchrun-style env vars, which torchrun, DeepSpeed's launcher
-and submitit's export in a Slurm job set, or one plain process; a bare multi-task srun is refused),
-the rendezvous port of cluster jobs (job_master_port), initialising torch.distributed (nccl with
-GPUs, gloo on CPU), rank-0 printing/logging, and collective helpers that degrade to no-ops in a
-single process. Everything else asks this module.
-Tests: tests/unit/test_dist.py (env detection from real env dicts, ports, a taken port's error,
-single-process no-ops), tests/integration/test_dist_multiproc.py (2 real gloo processes) and
-test_slurm.py (2-node jobs, a failing rank ending its job).
+Owns how we were started (torchrun-style variables, which torchrun, DeepSpeed's launcher and
+submitit's export in a Slurm job set, or one plain process; a bare multi-task srun is refused), the
+rendezvous port of cluster jobs, torch.distributed's init (nccl with GPUs, gloo on CPU), rank-0
+logging, and collectives that are no-ops in one process: those of the step's global batch
+(`gather_rows`, `sum_over_ranks`) and those staged through the GPU under NCCL.
+Tests: tests/unit/test_dist.py, tests/integration/test_dist_multiproc.py (2 real gloo processes),
+tests/integration/test_slurm.py (2-node jobs, a failing rank ending its job).
 """
 
 from __future__ import annotations
@@ -25,36 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-
-__all__ = [
-    "DistEnv",
-    "detect_env",
-    "init_distributed",
-    "shutdown",
-    "is_dist",
-    "rank",
-    "world_size",
-    "local_rank",
-    "is_main",
-    "device",
-    "barrier",
-    "all_reduce_sum",
-    "all_to_all_records",
-    "all_gather_cat",
-    "gather_rows",
-    "sum_over_ranks",
-    "row_offset",
-    "all_gather_object",
-    "broadcast_object",
-    "print0",
-    "get_logger",
-    "find_free_port",
-    "run_local_processes",
-    "shard_slice",
-    "set_default_accelerator",
-    "job_master_port",
-    "MASTER_PORT_ENV",
-]
 
 # The rendezvous port of a cluster job, when the user does not choose one. Every task derives it alone
 # from the job id (there is no channel before the store exists). The range lies below Linux's default
@@ -106,13 +75,8 @@ def job_master_port(job_id: str | int, environ: Mapping[str, str] | None = None)
 
 
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Read rank/world from torchrun-style variables (RANK + WORLD_SIZE: torchrun, DeepSpeed's
-    launcher and, in a Slurm job, submitit's TorchDistributedEnvironment.export(), which
-    launch/job.py calls), else a single process.
-
-    A bare `srun` step of several tasks sets only SLURM_* variables: that is an error naming the
-    launchers that set the ranks, not N unrelated single processes writing one run directory.
-    """
+    """Read rank/world from torchrun-style variables (in a Slurm job launch/job.py exports
+    submitit's), else a single process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         world = _int(env, "WORLD_SIZE", 1)
@@ -128,6 +92,8 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=_int(env, "MASTER_PORT", 29500),
             source="torchrun",
         )
+    # a bare srun step of several tasks sets only SLURM_*: N unrelated single processes would write
+    # one run directory
     if "SLURM_STEP_ID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
         raise RuntimeError(
             f"task {env.get('SLURM_PROCID', '?')} of a {env['SLURM_NTASKS']}-task srun step without RANK/WORLD_SIZE: "
@@ -250,16 +216,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Concatenate every rank's tensor along `dim` (rank order). Sizes may differ along dim 0.
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0 (rank order); sizes may differ.
 
     No gradient flows through the result (use it for candidates, not for the local anchors).
     """
     if not is_dist():
         return t.detach()
     n = world_size()
-    if dim != 0:
-        t = t.transpose(0, dim)
     t = t.detach().contiguous()
     sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(n)]
     tdist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.long, device=t.device))
@@ -268,8 +232,7 @@ def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     padded[: t.shape[0]] = t
     out = [torch.empty_like(padded) for _ in range(n)]
     tdist.all_gather(out, padded)
-    res = torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)], dim=0)
-    return res.transpose(0, dim) if dim != 0 else res
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)], dim=0)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
@@ -290,12 +253,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 # ------------------------------------------------------------------ the step's global batch
-# A loss over the global batch is computed by every rank on its own rows (the anchors) against all
-# rows (the candidates), and its partial sums are added over ranks. Both collectives below are
-# differentiable: a candidate row's gradient, from every rank that used it, is summed into its
-# owner's rows, and a summed statistic's gradient reaches every rank's part. Every rank thus
-# back-propagates the same global loss and gets world_size x the one-process gradient of its own
-# rows, which the engine's gradient AVERAGE over ranks turns into exactly that gradient.
+# Differentiable collectives: why the engine's gradient AVERAGE over ranks then gives exactly the
+# one-process gradient is docs/METHOD.md "Any world size".
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -344,6 +303,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 class _RankZeroFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = rank()  # for the format's %(rank)s
         return is_main() or record.levelno >= logging.WARNING
 
 
@@ -352,18 +312,13 @@ def get_logger(name: str = "slade_dist") -> logging.Logger:
     logger = logging.getLogger(name)
     if not getattr(logger, "_slade_configured", False):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_RankFormatter())
+        handler.setFormatter(logging.Formatter("[%(asctime)s r%(rank)s] %(message)s", datefmt="%H:%M:%S"))
         handler.addFilter(_RankZeroFilter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
         logger._slade_configured = True  # type: ignore[attr-defined]
     return logger
-
-
-class _RankFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"[{datetime.datetime.now():%H:%M:%S} r{rank()}] {record.getMessage()}"
 
 
 def set_default_accelerator() -> None:

@@ -1,13 +1,9 @@
 """User errors: what a user causes and fixes, and how every command ends on one.
 
-Owns `UserError`, the base of every exception whose message already says what to fix (a bad
-config, a refused or mismatching weights file, hub weights not in the cache, missing or mismatched
-data, a run directory in use, a full or read-only disk), `is_user_error` (those, plus a missing
-file and the filesystem's own full / read-only / quota errno, which need no base class to be the
-user's to fix) and `exit_on_user_error`, the one wrapper each command's entry point
-(`python -m slade_dist`, `launch/submit.py`, `python -m slade_dist.data`) runs its main through:
-a user error ends the command with ONE line `<prog>: error: <message>` on stderr and exit code 2;
-`--debug` re-raises it with its traceback. Anything else is a bug and keeps its traceback.
+Owns `UserError` (the base of every exception whose message already says what to fix),
+`is_user_error` and `exit_on_user_error`, the one wrapper each command's entry point runs its main
+through: a user error ends the command with ONE line `<prog>: error: <message>` on stderr and exit
+code 2; `--debug` re-raises it with its traceback. Anything else is a bug and keeps its traceback.
 Tests: tests/unit/test_errors.py, tests/integration/test_user_errors.py (every case, as real
 processes).
 """

@@ -1,12 +1,7 @@
-"""Files written safely: `atomic_path` (a temp file in the same directory, renamed into place on
-success, removed on failure) for every file the project writes whole (tars, arrays, weights,
-checkpoints) and `atomic_write_text` / `atomic_write_json` on top of it for every marker, index
-and metadata file, so a killed writer never leaves a half-written file that looks finished;
-`set_aside` (old work renamed, never deleted); `DirLock`, the exclusive lock of a run directory
-(a second launch on a directory in use fails at once naming the holder; a lock left by a killed
-run is detected, reported and taken over); and `WriteFailed`, the one clear error for a
-read-only or full filesystem (the path, the cause, the free space), used by every writer of the
-project instead of a raw OSError about a temp file.
+"""Files written safely: `atomic_path` (temp file + rename) for every file the project writes whole,
+`atomic_write_text` / `atomic_write_json` on top of it, `set_aside` (old work renamed, never
+deleted), `DirLock` (the run directory's lock, a stale one of a killed run detected and taken over)
+and `WriteFailed`, the one clear error of every writer for a read-only or full filesystem.
 Tests: tests/unit/test_fileio.py.
 """
 

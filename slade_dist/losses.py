@@ -1,37 +1,18 @@
-"""Pair-based ranking losses over the step's GLOBAL batch: multi-similarity (with its pair miner)
-and contrastive.
+"""Pair-based ranking losses of the step's GLOBAL batch: multi-similarity (with its pair miner) and
+contrastive (`MultiSimilarityLoss`, `ContrastiveLoss`, `build_loss`, `pair_masks`).
 
-Owns: `MultiSimilarityLoss`, `ContrastiveLoss`, `build_loss(loss_cfg)`, `pair_masks`.
-Tests: tests/unit/test_losses.py (values and gradients against pytorch-metric-learning, explicit
-pair lists, empty pair sets); 1, 2 and 4 real gloo ranks against one process on the same global
-batch: tests/integration/test_world_invariance.py.
-
-Call convention (both losses):
-    loss(emb, labels)                                   pairs derived from labels, a == b excluded
-    loss(emb, pos_pairs=P, neg_pairs=N)                 explicit pairs, each a (2, n) long tensor
-                                                        of (anchor index, candidate index)
-The loss is the one of the GLOBAL batch: every rank's rows in rank order (each rank holds the same
-number of rows, its P x K share). A rank's own rows are its anchors; the candidates are all rows of
-all ranks (slade_dist.dist.gather_rows), so an anchor's row index is local and a candidate's index
-is global (in one process both are the batch's). Memory is O(B_rank x B_global), never
-B_global^2 on a rank. The per-anchor terms are summed on each rank and added over ranks
-(dist.sum_over_ranks), their normalisers (anchors, non-zero terms) counted over ranks: the value
-is the single-process loss of the concatenated batch on every rank, and after the engine averages
-gradients over ranks each parameter's gradient equals that process's (dist.py explains why).
-Collective when distributed: every rank calls it at the same step. Embeddings are L2-normalised
-inside. A call with no pair at all returns a zero connected to `emb` (backward works, gradients 0).
-
-Definitions (identical to pytorch-metric-learning 2.x defaults):
-- MS: s = cosine similarity; per anchor i,
-      l_i = 1/alpha * log(1 + sum_{p in P_i} exp(-alpha (s_ip - lam)))
-          + 1/beta  * log(1 + sum_{n in N_i} exp( beta  (s_in - lam)))
-  loss = mean over ALL anchors (anchors without pairs count as 0). With labels, the MS miner (on
-  by default) first keeps only positives with s_ip - eps < max_n s_in and negatives with
-  s_in + eps > min_p s_ip, per anchor (PML: loss(emb, labels, MultiSimilarityMiner()(emb, labels))).
-  Explicit pair lists are used as given (they come from SLADE's own Eq. 7 mining, and an anchor
-  holding only mined positives would otherwise lose them all); `mine_explicit=True` mines them too.
-- Contrastive: d = L2 distance of normalised embeddings, pos terms relu(d - m_pos), neg terms
-  relu(m_neg - d); loss = mean of the non-zero pos terms + mean of the non-zero neg terms.
+    loss(emb, labels)                        pairs from labels, a == b excluded
+    loss(emb, pos_pairs=P, neg_pairs=N)      explicit (2, n) long tensors of (anchor, candidate)
+A rank's rows are its anchors (local index), every rank's rows in rank order the candidates
+(global index; each rank holds its equal P x K share): the value is the single-process loss of the
+concatenated batch on every rank (docs/METHOD.md "Any world size"). Collective when distributed.
+Embeddings are L2-normalised inside; no pair at all gives a zero connected to `emb`.
+Definitions equal pytorch-metric-learning 2.x defaults (MS: loss(emb, labels,
+MultiSimilarityMiner()(emb, labels)); contrastive: mean of the non-zero pos terms + of the non-zero
+neg terms). Explicit pair lists (SLADE's Eq. 7 mining) are not MS-mined unless `mine_explicit`: an
+anchor holding only mined positives would lose them all.
+Tests: tests/unit/test_losses.py (against pytorch-metric-learning), tests/integration/
+test_world_invariance.py (1, 2 and 4 real gloo ranks against one process).
 """
 
 from __future__ import annotations
@@ -54,11 +35,6 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 def no_autocast(t: torch.Tensor) -> torch.autocast:
     """Losses run in fp32 even inside bf16 autocast (exp(beta * s) with beta = 50 needs it)."""
     return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def _zero_loss(emb: torch.Tensor) -> torch.Tensor:
-    """0 with a grad_fn reaching `emb` (so backward() and DDP's hooks still run)."""
-    return (emb * 0.0).sum()
 
 
 def pair_masks(
@@ -125,7 +101,7 @@ class PairLoss(nn.Module):
             counts = dist.all_reduce_sum(counts.detach().clone())  # the global normalisers
             used = counts > 0
             if not bool(used.any()):  # the same decision on every rank: counts are global
-                return _zero_loss(emb)
+                return (emb * 0.0).sum()  # a 0 reaching emb: backward() and DDP's hooks still run
             return dist.sum_over_ranks((sums[used] / counts[used]).sum())
 
     def _partial(

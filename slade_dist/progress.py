@@ -1,12 +1,7 @@
-"""Rank 0's progress, for every long pass of the project (data writers, demo data, embed, k-means,
-the cluster stage's assignment pass, eval).
-
-Owns `progress` (a bar over counted work, updated as it goes) and `steps` (progress over slow
-steps such as Lloyd iterations): drawn on rank 0 and on a terminal only. In a job log (no
-terminal) a bar's carriage-return redraws end no line and show up only when it closes, so
-`progress` draws nothing there and `steps` logs a plain line "[desc] i/n" instead.
-Imports only dist (rank) and tqdm: a bar costs no TensorBoard or torchvision import.
-Tests: tests/unit/test_progress.py (a real pseudo-terminal and a job log).
+"""Rank 0's progress for every long pass: `progress` (a bar over counted work) and `steps` (progress
+over slow steps such as Lloyd iterations), drawn on rank 0's terminal only; in a job log `steps`
+logs a plain line "[desc] i/n" instead. Imports only dist and tqdm: a bar costs no TensorBoard or
+torchvision import. Tests: tests/unit/test_progress.py (a real pseudo-terminal and a job log).
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ def steps(items: Iterable[T], desc: str, *, log_every_s: float = 10.0) -> Iterat
         yield from items
     elif _terminal():
         # mininterval=0, miniters=1: each step is slow, so every one is worth a redraw
-        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0, miniters=1) as bar:
+        with progress(total, desc, mininterval=0, miniters=1) as bar:
             for x in items:
                 yield x
                 bar.update(1)

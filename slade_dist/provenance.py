@@ -1,13 +1,11 @@
 """Content ids of what a stage reads: the facts a DONE.json and a checkpoint are checked against.
 
-Owns `file_id` (sha256 of a file's bytes, cached per (path, size, mtime) in this process, so the
-launcher's planning pass reads each model file once) and `shard_dir_id` (a shard directory's
-index.json bytes plus the names, sizes and mtimes of its tars: one stat per shard, never a read
-of the data). "missing" stands for an input that is not there yet, so it differs from any id.
-Also whether a shard dir is raw img2dataset output nobody validated (`unvalidated_img2dataset`:
-the stage commands and the launcher refuse it with the command that validates it).
-Tests: tests/unit/test_stages.py (provenance), tests/integration/test_faults.py, tests/unit/test_cli.py
-and tests/unit/test_launch.py (the img2dataset refusal).
+Owns `file_id` (sha256 of a file, cached per (path, size, mtime) in this process, so the
+launcher's planning pass reads each model file once), `shard_dir_id` (one stat per shard, never a
+read of the data; "missing" for an input not there yet) and `unvalidated_img2dataset` (raw
+img2dataset output nobody validated, which the stage commands and the launcher refuse).
+Tests: tests/unit/test_stages.py, tests/integration/test_faults.py, tests/unit/test_cli.py and
+tests/unit/test_launch.py (the img2dataset refusal).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""Backbone registry: name -> a module that maps images (B, 3, H, W) to a feature map.
+"""Backbone registry: name -> a module that maps images (B, 3, H, W) to a feature map or tokens.
 
-Owns: torchvision ResNet-50/18 trunks (always built with weights=None; weights come only from a
-local file, see `load_pretrained_backbone`), `tiny_cnn` (a small BatchNorm conv net for CPU tests
-and the 64x64 demo) and optional `timm:<name>` backbones (timm imported lazily): random, or with
-the model's published weights read through the Hugging Face hub cache (`hub`: offline once cached;
-offline and not cached, `HubWeightsMissing` names the model, the cache and the command that fills
-it). A timm transformer (a model with prefix tokens: ViT, DeiT, DINOv2, EVA...) is built with a
-dynamic image size (its position embedding interpolated to each input size, so SwAV's small crops
-go through the same net) and returns its tokens pooled as model.token_pool says (auto: the model's
-own pooling). Also the checked state-dict loader used for every checkpoint we read, which names
-missing / unexpected / mis-shaped keys exactly, and `read_checkpoint` (torch files with
-weights_only=True, safetensors files). Tests: tests/unit/test_models.py.
+Owns the torchvision ResNet-50/18 trunks (weights only from a local file), `tiny_cnn` (for CPU
+tests and the 64x64 demo), `timm:<name>` backbones (random, or the model's published weights from
+the Hugging Face hub cache, `HubWeightsMissing` when not cached offline; transformers at any input
+size, tokens pooled per model.token_pool), and reading weights: `read_checkpoint` (torch files with
+weights_only=True, safetensors), `load_state_dict_checked` (names every key that does not fit) and
+`load_pretrained_backbone`. Tests: tests/unit/test_models.py.
 """
 
 from __future__ import annotations
@@ -18,31 +13,13 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
 from ..errors import UserError
-
-__all__ = [
-    "Backbone",
-    "build_backbone",
-    "BACKBONES",
-    "TinyCNN",
-    "ResNetTrunk",
-    "StateDictMismatchError",
-    "KeyReport",
-    "load_state_dict_checked",
-    "read_checkpoint",
-    "UnsafeCheckpointError",
-    "CheckpointError",
-    "HubWeightsMissing",
-    "TimmBackbone",
-    "load_pretrained_backbone",
-    "strip_prefixes",
-]
 
 
 class StateDictMismatchError(RuntimeError, UserError):
@@ -51,12 +28,6 @@ class StateDictMismatchError(RuntimeError, UserError):
 
 class HubWeightsMissing(UserError):
     """model.pretrained=hub, but the weights are neither in the local hub cache nor reachable."""
-
-
-class KeyReport(NamedTuple):
-    missing: list[str]
-    unexpected: list[str]
-    mismatched: list[str]  # "key: checkpoint shape (..) vs model shape (..)"
 
 
 # ------------------------------------------------------------------------------------ backbones
@@ -231,7 +202,16 @@ def build_backbone(name: str, hub: bool = False, token_pool: str = "auto") -> Ba
 
 
 # ---------------------------------------------------------------------------- state-dict loading
-def _key_report(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> KeyReport:
+def _fmt_keys(keys: list[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_checked(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "state dict"
+) -> None:
+    """Load `state_dict` into `module`; any missing / unexpected / mis-shaped key raises
+    StateDictMismatchError listing them all (nothing is loaded)."""
     own = module.state_dict()
     missing = sorted(k for k in own if k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
@@ -240,36 +220,16 @@ def _key_report(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Ke
         for k, v in state_dict.items()
         if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
     )
-    return KeyReport(missing, unexpected, mismatched)
-
-
-def _fmt_keys(keys: list[str], limit: int = 40) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_state_dict_checked(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True, what: str = "state dict"
-) -> KeyReport:
-    """Load `state_dict` into `module`, naming every key that does not fit.
-
-    strict: any missing / unexpected / mis-shaped key raises StateDictMismatchError listing them all
-    (nothing is loaded). Non-strict: loads the keys that fit and returns the KeyReport.
-    """
-    report = _key_report(module, state_dict)
-    if strict and (report.missing or report.unexpected or report.mismatched):
+    if missing or unexpected or mismatched:
         parts = [f"{what} does not match {type(module).__name__}:"]
-        if report.missing:
-            parts.append(f"  missing keys ({len(report.missing)}): {_fmt_keys(report.missing)}")
-        if report.unexpected:
-            parts.append(f"  unexpected keys ({len(report.unexpected)}): {_fmt_keys(report.unexpected)}")
-        if report.mismatched:
-            parts.append(f"  shape mismatches ({len(report.mismatched)}): {_fmt_keys(report.mismatched)}")
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        if mismatched:
+            parts.append(f"  shape mismatches ({len(mismatched)}): {_fmt_keys(mismatched)}")
         raise StateDictMismatchError("\n".join(parts))
-    bad = {m.split(":")[0] for m in report.mismatched}
-    fitting = {k: v for k, v in state_dict.items() if k not in report.unexpected and k not in bad}
-    module.load_state_dict(fitting, strict=False)
-    return report
+    module.load_state_dict(state_dict)
 
 
 class CheckpointError(RuntimeError, UserError):
@@ -278,6 +238,11 @@ class CheckpointError(RuntimeError, UserError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that needs code (a class or function import) to unpickle."""
+
+
+def unsafe_global(e: pickle.UnpicklingError) -> str | None:
+    """The line of torch's weights_only refusal naming the global (class or function) a file needs."""
+    return next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
 
 
 def _last_line(e: Exception) -> str:
@@ -321,10 +286,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> Any:
         # containers; a file that needs any other class to unpickle is refused here.
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
-        if unsafe:  # a class or function to import: the file could run code when unpickled
+        if unsafe := unsafe_global(e):  # a class or function to import: the file could run code when unpickled
             raise UnsafeCheckpointError(
-                f"checkpoint {str(path)!r} refused: loading it would import code ({unsafe[0]}); "
+                f"checkpoint {str(path)!r} refused: loading it would import code ({unsafe}); "
                 f"only tensors and plain containers are accepted (weights_only=True). Re-save just "
                 f"its state_dict with torch.save if you trust where it came from"
             ) from e
@@ -374,7 +338,7 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
     )
 
 
-def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
+def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> None:
     """Load local pretrained weights (torchvision, SwAV `module.` style, timm, or our own
     embedder file) into a backbone; classifier/projection heads are dropped, anything else that
     does not fit raises with the exact keys."""
@@ -384,4 +348,4 @@ def load_pretrained_backbone(backbone: Backbone, path: str | Path) -> KeyReport:
         sd = {k[len("net.") :] if k.startswith("net.") else k: v for k, v in sd.items()}
     own = target.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(HEAD_PREFIXES)}
-    return load_state_dict_checked(target, sd, strict=True, what=f"pretrained weights {str(path)!r}")
+    load_state_dict_checked(target, sd, what=f"pretrained weights {str(path)!r}")

@@ -134,5 +134,5 @@ def load_embedder(path: str | os.PathLike[str], map_location: Any = "cpu") -> Em
     # the saved state dict replaces any pretrained init: nothing is read from a file or the hub
     cfg.pretrained, cfg.pretrained_path = PRETRAINED_NONE, ""
     emb = build_embedder(cfg)
-    load_state_dict_checked(emb, obj["state_dict"], strict=True, what=f"weights file {str(path)!r}")
+    load_state_dict_checked(emb, obj["state_dict"], what=f"weights file {str(path)!r}")
     return emb

@@ -1,10 +1,6 @@
-"""The one inference pass: a model over a finite batch stream -> L2-normalised embeddings.
-
-Owns `embed_batches`, used by the eval stage, the trainers' periodic eval (both through
-eval/stage.py's `embed_split`) and the embed stage (pseudo/embed.py): eval mode, no autograd, bf16
-autocast on CUDA around the backbone only (the head runs in fp32, `forward_fp32_head`), outputs
-normalised in fp32. The model's train/eval mode is restored afterwards. Also used by the pretrain
-stage's kNN check (train/pretrain.py) on pooled features.
+"""The one inference pass (`embed_batches`: a model over a finite batch stream -> L2-normalised
+embeddings) of eval, the trainers' periodic eval, the embed stage and the pretrain stage's kNN
+check; its precision rule is docs/METHOD.md "Inference". The model's train/eval mode is restored.
 Tests: tests/unit/test_models.py, tests/unit/test_embed.py.
 """
 
@@ -36,11 +32,9 @@ def embed_batches(
 
 
 def forward_fp32_head(model: torch.nn.Module, x: torch.Tensor, autocast: bool) -> torch.Tensor:
-    """The model's output in fp32; under `autocast` only the backbone runs in bf16.
-
-    The head is small and its output IS the embedding: in bf16 (8-bit mantissa) near neighbours'
-    cosines round together, so kNN order and k-means assignments would depend on the precision.
-    A model without the Embedder's features/head split runs under autocast as a whole."""
+    """The model's output in fp32; under `autocast` only the backbone runs in bf16 (the head's output
+    is the embedding: in bf16 near neighbours' cosines round together). A model without the
+    Embedder's features/head split runs under autocast as a whole."""
     features, head = getattr(model, "features", None), getattr(model, "head", None)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         if not (callable(features) and isinstance(head, torch.nn.Module)):

@@ -1,12 +1,7 @@
 """MAP@R, once: `map_at_r` (the per-query formula, Musgrave et al.) for eval/metrics.py's FAISS
-search and for `knn_map_at_r`, a small exact kNN MAP@R for the trainers' own model choices (train/
-must not import eval/, and eval/ may import models/: the formula lives here).
-
-`knn_map_at_r`: embeddings of one labeled set searched against itself, query left out (the number
-eval/metrics.py's `retrieval_metrics` reports as map_at_r, up to the order of exactly tied
-neighbours). Exact search by chunked matrix products in torch (on the embeddings' device), memory
-rows x n per chunk. Used by the pretrain stage to compare its input and output weights on the
-labeled train classes.
+search and `knn_map_at_r`, an exact kNN MAP@R (chunked matrix products in torch, self protocol,
+query left out) for the pretrain stage's choice of its input or output weights: train/ must not
+import eval/, so the formula lives here.
 Tests: tests/unit/test_models.py, tests/unit/test_metrics.py.
 """
 

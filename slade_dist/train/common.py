@@ -1,10 +1,7 @@
-"""What the three trainers (pretrain, teacher, student) share, so no stage imports another.
-
-Owns: stream seeds of a (resumed) stage, the embedder's initial weights (a previous stage's export
-or model.pretrained_path), its two lr groups, the ranking loss of cfg.loss (over the step's global
-batch), the refusal of per-micro-batch BatchNorm under train.grad_accum, the stage's TensorBoard
-writer, the periodic-eval hook (the evaluator itself is handed in by the stage runner: train/
-never imports eval/) and the result summary a trainer returns for DONE.json.
+"""What the three trainers (pretrain, teacher, student) share, so no stage imports another:
+stream seeds, the embedder's initial weights and lr groups, the refusal of per-micro-batch
+BatchNorm under train.grad_accum, the stage's TensorBoard writer, the periodic-eval hook and the
+result summary for DONE.json.
 Tests: tests/unit/test_engine.py, tests/unit/test_pretrain.py, tests/unit/test_student.py.
 """
 
@@ -18,10 +15,10 @@ from typing import Any
 
 import torch
 
+from .. import dist
 from ..config import Config, ConfigError, ModelConfig, TrainConfig
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..losses import build_loss
-from ..models import build_embedder, load_state_dict_checked, read_checkpoint
+from ..models import build_embedder, load_state_dict_checked, read_checkpoint, save_weights
 from ..stages import RunLayout
 from ..tb import TBWriter
 from .engine import ParamGroup
@@ -55,7 +52,7 @@ def init_embedder(model_cfg: ModelConfig, init_path: str | os.PathLike[str] | No
     obj = read_checkpoint(init_path)
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise RuntimeError(f"{str(init_path)!r} is not a slade_dist weights file (save_weights format)")
-    load_state_dict_checked(emb, obj["state_dict"], strict=True, what=f"init weights {str(init_path)!r}")
+    load_state_dict_checked(emb, obj["state_dict"], what=f"init weights {str(init_path)!r}")
     return emb
 
 
@@ -66,11 +63,6 @@ def embedder_groups(embedder: Any, tcfg: TrainConfig, *, start: int = 0) -> list
         ParamGroup("backbone", parts["backbone"], tcfg.lr * tcfg.backbone_lr_mult, start),
         ParamGroup("head", parts["head"], tcfg.lr, start),
     ]
-
-
-def ranking_loss_fn(cfg: Config) -> Callable[..., torch.Tensor]:
-    """loss(emb, labels=None, pos_pairs=..., neg_pairs=...) of the step's global batch (losses.py)."""
-    return build_loss(cfg.loss)
 
 
 def check_trunk_bn(trunk: torch.nn.Module, cfg: Config) -> None:
@@ -98,19 +90,16 @@ def open_tb(cfg: Config, run_dir: str | os.PathLike[str], stage: str, round_: in
 def eval_every(
     evaluate: Evaluate | None, module: Callable[[], torch.nn.Module]
 ) -> Callable[[int], dict[str, float]] | None:
-    """fit()'s eval_fn: the stage's evaluator on the current model, which is left in train mode."""
-    if evaluate is None:
-        return None
+    """fit()'s eval_fn: the stage's evaluator on the current model (the evaluator's one inference
+    pass, models/inference.py, puts the model back in train mode)."""
+    return None if evaluate is None else lambda step: evaluate(module())
 
-    def run_eval(step: int) -> dict[str, float]:
-        model = module()
-        was_training = model.training
-        try:
-            return evaluate(model)
-        finally:
-            model.train(was_training)
 
-    return run_eval
+def export_final(stage_dir: Path, module: torch.nn.Module, model_cfg: ModelConfig, extra: dict[str, Any]) -> None:
+    """<stage_dir>/final.pt, written by rank 0 (fit left the replicas equal); every rank waits for it."""
+    if dist.is_main():
+        save_weights(stage_dir / "final.pt", module, model_cfg, extra=extra)
+    dist.barrier()
 
 
 def fit_summary(result: FitResult, resumed: dict[str, Any]) -> dict[str, Any]:

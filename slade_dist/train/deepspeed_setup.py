@@ -1,11 +1,8 @@
 """DeepSpeed on any machine, and the DeepSpeed config of a trainer.
 
-Owns: importing DeepSpeed ready for this machine (CPU accelerator, the shared-memory op build
-skipped), a world-1 process group for one plain process (no launcher or MPI needed), train.precision
-(bf16 through `torch_autocast` on GPU: BatchNorm stays fp32; fp32 on CPU unless set) and the JSON
-config (`ds_config`: micro-batch, accumulation owned by the loop, clipping, ZeRO stage from
-train.zero_stage, universal checkpoint loads). The engine that uses them is engine.py.
-Tests: tests/unit/test_engine.py.
+Owns importing DeepSpeed ready for this machine (CPU accelerator, no shared-memory op build), a
+world-1 process group for one plain process, train.precision ('auto': bf16 on GPU, fp32 on CPU)
+and `ds_config`. The engine that uses them is engine.py. Tests: tests/unit/test_engine.py.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ from ..config import TrainConfig
 
 def setup_deepspeed() -> Any:
     """Import DeepSpeed ready for this machine (CPU accelerator + no JIT shm op without CUDA)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.set_default_accelerator()
     import deepspeed
 
     if os.environ.get("DS_ACCELERATOR") == "cpu":

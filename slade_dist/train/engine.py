@@ -1,36 +1,25 @@
-"""The DeepSpeed engine every trainer (pretrain, teacher, student) runs on.
+"""The DeepSpeed engine every trainer (pretrain, teacher, student) runs on: `Trainer`.
 
-Owns:
-- The engine over DeepSpeed (set up for this machine, with its config: deepspeed_setup.py).
-- The client optimizer (AdamW, or SGD) with named parameter groups and per-group learning rates,
-  and the warmup + cosine schedule (a group can start late: lr 0 until its start step, which is
-  how the student's basis warm-up and SwAV's frozen prototypes are done without touching grads).
-- Checkpoints: `Trainer.save` writes <stage_dir>/ckpt/step%08d via `save_checkpoint` on all ranks;
-  a checkpoint counts only once its `slade_meta.json` exists (written after every rank finished),
-  so a run killed mid-save resumes from the previous one. Each carries the stage id (config hash +
-  input ids, slade_dist.stages.stage_id): checkpoints of another id are moved aside and training
-  starts from step 0. Otherwise on start the latest complete checkpoint is loaded (module,
-  optimizer, scheduler, step, client state), every torch.load inside DeepSpeed with
-  weights_only=True (`weights_only_loads`). At another world size ZeRO-0 loads directly;
-  ZeRO-1/2 go through DeepSpeed's universal conversion (`ds_to_universal`, run once by
-  rank 0) and `checkpoint.load_universal`; a universal load restores parameters only, so buffers
-  (BatchNorm statistics, basis Gaussians) are copied from the converted module state. The run
-  directory must be on a filesystem every rank sees.
-- BatchNorm running statistics averaged over ranks (`average_bn_buffers`; DeepSpeed syncs
-  gradients only), and an exact parameter fingerprint (`param_digest`) to compare replicas.
-The step loop that drives a Trainer is train/loop.py. Tests: tests/unit/test_engine.py,
-tests/integration/test_train_multirank.py, tests/integration/test_resume.py.
+Owns the client optimizer (AdamW or SGD) over named lr groups with a warmup + cosine schedule (a
+group can start late: lr 0 until its start step, which is how the student's basis warm-up and
+SwAV's frozen prototypes are done without touching grads), checkpoints and resume (stage ids,
+weights_only loads, the universal conversion: docs/ARCHITECTURE.md "Trainer checkpoints"; the run
+directory must be on a filesystem every rank sees), BatchNorm running statistics averaged over
+ranks and an exact parameter fingerprint. DeepSpeed's setup and config: deepspeed_setup.py; the
+step loop: loop.py.
+Tests: tests/unit/test_engine.py, tests/integration/test_train_multirank.py,
+tests/integration/test_resume.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import math
 import os
 import pickle
+import pkgutil
 import shutil
 import sys
 import time
@@ -44,11 +33,11 @@ import torch
 from .. import dist
 from ..config import TrainConfig
 from ..fileio import atomic_write_json, explained_writes, set_aside
-from ..models import UnsafeCheckpointError, read_checkpoint
+from ..models import UnsafeCheckpointError, read_checkpoint, unsafe_global
 from .deepspeed_setup import ds_config, ensure_process_group, resolve_precision, setup_deepspeed
 from .sync_bn import sync_batchnorm
 
-META_FILE = "slade_meta.json"
+META_FILE = "slade_meta.json"  # written last: a checkpoint without it (a killed save) does not count
 KEEP_CHECKPOINTS = 2
 
 
@@ -118,10 +107,7 @@ def weights_only_loads() -> Iterator[None]:
     """Every torch.load inside runs with weights_only=True, DeepSpeed's included (whose own
     loads opt out; torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that), with only
     DeepSpeed's state classes allow-listed. A checkpoint can then never run code."""
-    allowed = []
-    for name in _DEEPSPEED_STATE_TYPES:
-        module, attr = name.split(":")
-        allowed.append(getattr(importlib.import_module(module), attr))
+    allowed = [pkgutil.resolve_name(name) for name in _DEEPSPEED_STATE_TYPES]
     saved = os.environ.get(_FORCE_WEIGHTS_ONLY)
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
@@ -135,15 +121,6 @@ def weights_only_loads() -> Iterator[None]:
 
 
 _FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-
-
-def _global_named(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
-    return lines[0] if lines else f"{type(e).__name__}"
-
-
-def _tag(step: int) -> str:
-    return f"step{step:08d}"
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str, dict[str, Any]]]:
@@ -160,44 +137,28 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str, dict[str, Any]]
     return sorted(out)
 
 
-def _universal_tag(tag: str) -> str:
-    return f"{tag}_universal"
-
-
 def convert_to_universal(ckpt_dir: Path, tag: str) -> str:
     """Run DeepSpeed's ds_to_universal on <ckpt_dir>/<tag> once (rank 0); returns the new tag."""
     from deepspeed.checkpoint import ds_to_universal
 
-    out_tag = _universal_tag(tag)
+    out_tag = f"{tag}_universal"
     out = ckpt_dir / out_tag
     done = out / "CONVERTED"
     if dist.is_main() and not done.exists():
         shutil.rmtree(out, ignore_errors=True)
-        tmp_args = [
-            "--input_folder",
-            str(ckpt_dir / tag),
-            "--output_folder",
-            str(out),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
-        parsed = _parse_ds_to_universal_args(ds_to_universal, tmp_args)
+        args = ["--input_folder", str(ckpt_dir / tag), "--output_folder", str(out)]
+        args += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
+        saved = sys.argv
+        sys.argv = ["ds_to_universal", *args]  # it reads its options from sys.argv only
+        try:
+            parsed = ds_to_universal.parse_arguments()
+        finally:
+            sys.argv = saved
         with weights_only_loads():
             ds_to_universal.main(parsed)
         done.write_text("ok\n")
     dist.barrier()
     return out_tag
-
-
-def _parse_ds_to_universal_args(module: Any, argv: list[str]) -> Any:
-    old = sys.argv
-    try:
-        sys.argv = ["ds_to_universal", *argv]
-        return module.parse_arguments()
-    finally:
-        sys.argv = old
 
 
 class Trainer:
@@ -267,10 +228,6 @@ class Trainer:
     def device(self) -> torch.device:
         return self.engine.device
 
-    @property
-    def accum(self) -> int:
-        return int(self.tcfg.grad_accum)
-
     def lrs(self) -> dict[str, float]:
         return {n: float(g["lr"]) for n, g in zip(self.group_names, self.optimizer.param_groups)}
 
@@ -299,6 +256,7 @@ class Trainer:
             return None, False
         step, tag, meta = ckpts[-1]
         world = dist.world_size()
+        # ZeRO-0 loads at any world size; ZeRO-1/2 at another one only through the universal conversion
         if int(meta.get("world_size", world)) != world and int(meta.get("zero_stage", 0)) > 0:
             self.log.info(
                 f"checkpoint {tag} was written by {meta['world_size']} ranks with ZeRO-"
@@ -326,7 +284,7 @@ class Trainer:
             raise UnsafeCheckpointError(
                 f"checkpoint {self.ckpt_dir / tag} refused: it needs more than tensors, plain containers and "
                 f"DeepSpeed's own state classes to load (weights_only=True), so it could run code; move "
-                f"{self.ckpt_dir} away to restart the stage from scratch ({_global_named(e)})"
+                f"{self.ckpt_dir} away to restart the stage from scratch ({unsafe_global(e) or type(e).__name__})"
             ) from e
         if path is None:
             raise RuntimeError(
@@ -376,7 +334,7 @@ class Trainer:
             UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         )
 
-        tag = _tag(self.step)
+        tag = f"step{self.step:08d}"
         state = {
             "step": self.step,
             "world_size": dist.world_size(),
@@ -428,9 +386,7 @@ def average_bn_buffers(module: torch.nn.Module) -> None:
             and m.running_mean is not None
         ):
             for buf in (m.running_mean, m.running_var):
-                t = buf.detach().clone()
-                dist.all_reduce_sum(t)
-                buf.copy_(t / dist.world_size())
+                buf.copy_(dist.all_reduce_sum(buf.detach().clone()) / dist.world_size())
 
 
 def param_digest(module: torch.nn.Module) -> str:

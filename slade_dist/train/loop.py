@@ -1,23 +1,13 @@
 """The step loop: optimizer steps over infinite streams, logging, periodic eval, checkpoints.
 
-Owns `fit(trainer, objective, ...)`: runs optimizer steps from the trainer's (resumed) step to its
-total, counted in optimizer steps so every rank runs the same number of micro-batches and no
-collective can hang. A stage hands in a `StepObjective`: how to draw one micro-batch, the trunk
-(the engine forward of one micro-batch) and the loss of the WHOLE step from every micro-batch's
-trunk outputs. So every statistic a loss or threshold uses (the ranking loss's pairs, SLADE's
-Gaussians and mined pairs, SwAV's codes) is the optimizer step's, whatever train.grad_accum is:
-- one micro-batch (grad_accum 1): trunk with grad -> loss -> backward -> step;
-- grad_accum > 1: every micro-batch's trunk runs without grad first (its RNG state kept), the
-  step's loss is computed on those outputs as leaves and back-propagated once (parameters outside
-  the trunk get their gradient there: heads, W_a), then each micro-batch's trunk runs again with
-  grad under the same RNG state and back-propagates its outputs' gradient (the gradient-cache
-  rule: exact, at one extra trunk forward per micro-batch; memory stays one micro-batch's).
-  The engine accumulates the backward passes and steps once (DeepSpeed's unmanaged accumulation).
-Also TensorBoard scalars (each loss term, lr per group, images/s, data-wait %, skipped samples)
-averaged over ranks every train.log_every steps; the rank-0 progress bar; the stage's periodic
-evaluation (a callable handed in, every train.eval_every steps); a checkpoint every
-train.ckpt_every steps and at the end. And the small stream helpers an objective uses
-(`timed_next`, `SkipDelta`).
+Owns `fit(trainer, objective, ...)`: optimizer steps from the trainer's (resumed) step to its total,
+counted in optimizer steps so every rank runs the same micro-batches and no collective can hang.
+A stage hands in a `StepObjective` (draw a micro-batch, the trunk of one micro-batch, the loss of
+the WHOLE step from every micro-batch's trunk outputs), so every statistic a loss uses is the
+optimizer step's whatever train.grad_accum is (`optimizer_step`: the gradient cache, docs/METHOD.md
+"Any world size"). Also the scalars averaged over ranks every train.log_every steps (TensorBoard,
+a plain line in job logs), the rank-0 bar, periodic eval and checkpoints, and the stream helpers
+an objective uses (`timed_next`, `SkipDelta`).
 Tests: tests/unit/test_engine.py, tests/integration/test_world_invariance.py (grad_accum 2 = one
 micro-batch), tests/integration/test_train_multirank.py, tests/integration/test_resume.py.
 """
@@ -32,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .. import dist
 from ..progress import progress
@@ -83,8 +74,13 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
 
 
 def optimizer_step(trainer: Trainer, objective: StepObjective, step: int, micros: list[Micro]) -> tuple[float, dict]:
-    """One optimizer step of `objective` over `micros` (see the module docstring); returns the
-    step's loss value and scalars."""
+    """One optimizer step of `objective` over `micros`; returns the step's loss value and scalars.
+
+    Several micro-batches: the gradient cache. Every trunk runs without grad first, the step's loss
+    is computed once on those outputs as leaves and back-propagated (the parameters outside the
+    trunk get their gradient there: heads, W_a), then each trunk runs again with grad under the
+    same RNG state and back-propagates its leaf's gradient: exact, at one extra trunk forward per
+    micro-batch, memory one micro-batch's. The engine accumulates and steps once."""
     trains = objective.trunk_trains(step)
     if len(micros) == 1:
         with torch.set_grad_enabled(trains):
@@ -170,7 +166,7 @@ def fit(
     bar = progress(total, desc, initial=start, leave=True)
     try:
         while trainer.step < total:
-            micros = [objective.draw(trainer.step) for _ in range(trainer.accum)]
+            micros = [objective.draw(trainer.step) for _ in range(tcfg.grad_accum)]
             loss, scalars = optimizer_step(trainer, objective, trainer.step, micros)
             window["loss/total"] += loss
             for k, v in scalars.items():
@@ -222,19 +218,12 @@ def _log_line(desc: str, step: int, total: int, start: int, logged: Mapping[str,
     losses = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in logged.items() if k.startswith("loss/"))
     lrs = " ".join(f"{k}={v:.2e}" for k, v in logged.items() if k.startswith("lr/"))
     rate = (step - start) / max(elapsed, 1e-9)
-    eta = (total - step) / rate if rate > 0 else float("inf")
+    eta = tqdm.format_interval((total - step) / rate) if rate > 0 else "?"
     dist.get_logger().info(
         f"[{desc}] step {step}/{total} {losses} {lrs} "
         f"images/s={logged.get('perf/images_per_s', 0.0):.1f} "
-        f"data_wait={logged.get('perf/data_wait_pct', 0.0):.0f}% eta={_hms(eta)}"
+        f"data_wait={logged.get('perf/data_wait_pct', 0.0):.0f}% eta={eta}"
     )
-
-
-def _hms(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _log_window(

@@ -1,37 +1,10 @@
 """Pretrain stage: SwAV (Caron et al., NeurIPS 2020) continued on labeled + unlabeled shards.
 
-Owns `run(cfg, run_dir)` and the stage around SwAV's objective (train/swav.py: `SwAVNet`,
-`sinkhorn`, `FeatureQueue`, `swav_loss`); the multi-crop image stream is data/multicrop.py:
-- The net: the Embedder built from cfg.model, a projection MLP to pretrain.proj_dim and
-  K = pretrain.prototypes prototypes. When model.pretrained_path is a SwAV checkpoint
-  (`projection_head.*`, `prototypes.weight`, possibly under `module.`), its projection head and
-  prototypes are loaded too (K and the width from the file): continued SwAV then starts from a
-  consistent objective instead of random heads.
-- The batch: pretrain.batch_size images per optimizer step over all ranks and micro-batches
-  (each rank takes its share, train/batch_split.py); the backbone runs per micro-batch, the
-  projection head (its BatchNorm synchronised over ranks, model.sync_bn), the prototypes, the
-  codes and the loss once per step on all of it (SwAVObjective, train/loop.py): the same SwAV on
-  1 GPU or 64.
-- Codes: Sinkhorn over the GLOBAL batch, epsilon = pretrain.epsilon, pretrain.sinkhorn_iters
-  iterations, shifted by the global max only. When the global batch (pretrain.batch_size) is
-  smaller than K, a feature queue (pretrain.queue_length, auto) joins each global crop's Sinkhorn
-  input from step pretrain.queue_start_step on.
-- Multi-crop: 2 global views at data.image_size plus pretrain.local_crops local views at
-  pretrain.local_crop_size (scale pretrain.local_crop_scale_min..max), all augmented as
-  pretrain.augment says; every view predicts the codes of both global views but its own.
-- Learning rates: projection pretrain.lr; backbone pretrain.lr x pretrain.backbone_lr_mult (auto:
-  1.0 from random weights, 0.1 from pretrained ones, config.swav_backbone_lr_mult) from
-  step pretrain.freeze_backbone_steps; prototypes frozen for the first
-  pretrain.freeze_prototypes_steps optimizer steps (their lr group starts late), as in the paper.
-- The image stream: every shard of data.train_shards + data.unlabeled_shards, resampled per
-  rank, labels ignored; undecodable images are skipped and counted.
-- The hand-on (pretrain.keep_better): before the teacher starts, rank 0 measures kNN MAP@R of
-  the pooled backbone features on the labeled train classes for the input weights and for the
-  SwAV output, and exports the better one (both figures in the result and final.pt's extra), so
-  the stage cannot hand on a worse init than it was given; handing on the input is a WARNING
-  (both figures, the seconds spent) kept in the result as "warning" for the closing summary.
-pretrain.steps == 0 exports the initial (model.pretrained_path) weights unchanged.
-The export <run>/pretrain/final.pt is a plain Embedder file (backbone + head) the teacher loads.
+Owns `run(cfg, run_dir)` around SwAV's objective (train/swav.py) and the multi-crop stream
+(data/multicrop.py): the SwAV net with a SwAV checkpoint's heads, the step objective (backbone per
+micro-batch; head, prototypes, queue and codes once per step over all ranks), the lr groups and
+the hand-on of the better of input and output weights (pretrain.keep_better). The method and its
+choices: docs/METHOD.md, stage 1. The export <run>/pretrain/final.pt is a plain Embedder file.
 Tests: tests/unit/test_pretrain.py, tests/unit/test_swav.py.
 """
 
@@ -47,44 +20,28 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..config import Config, PretrainConfig, TrainConfig, swav_backbone_lr_mult
-from ..data.multicrop import (  # noqa: F401 (the stream moved to data/; also importable from here)
-    local_crop_size,
-    local_view_transform,
-    swav_batches,
-    two_view_transform,
-)
+from ..config import Config, PretrainConfig, swav_backbone_lr_mult
+from ..data.multicrop import swav_batches
 from ..data.readers import finite_batches
 from ..models import build_embedder, embed_batches, load_state_dict_checked, read_checkpoint, save_weights
 from ..models.retrieval import knn_map_at_r
 from ..stages import RunLayout, stage_id
 from .batch_split import rank_share
-from .common import check_trunk_bn, fit_summary, open_tb, stream_seed
+from .common import check_trunk_bn, export_final, fit_summary, open_tb, stream_seed
 from .engine import ParamGroup, Trainer
 from .loop import Micro, StepObjective, fit, timed_next
 from .swav import FeatureQueue, SwAVNet, queue_length, swav_loss
 
 
 # ------------------------------------------------------------------------------------ stage
-def export_initial(cfg: Config, stage_dir: Path) -> dict[str, Any]:
-    emb = build_embedder(cfg.model)
-    if dist.is_main():
-        save_weights(
-            stage_dir / "final.pt",
-            emb,
-            cfg.model,
-            extra={"stage": "pretrain", "step": 0, "init": cfg.model.pretrained_path},
-        )
-    dist.barrier()
-    return {"steps": 0, "final_loss": None, "init": cfg.model.pretrained_path, "exported_initial": True}
-
-
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     stage_dir = RunLayout(run_dir).stage_dir("pretrain")
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.pretrain.steps == 0:
-        return export_initial(cfg, stage_dir)
+    if cfg.pretrain.steps == 0:  # no SwAV: the initial (model.pretrained_path) weights, unchanged
+        extra = {"stage": "pretrain", "step": 0, "init": cfg.model.pretrained_path}
+        export_final(stage_dir, build_embedder(cfg.model), cfg.model, extra)
+        return {"steps": 0, "final_loss": None, "init": cfg.model.pretrained_path, "exported_initial": True}
     lr_mult, why = swav_backbone_lr_mult(cfg)
     dist.get_logger().info(f"pretrain: backbone lr = pretrain.lr x {lr_mult} ({why})")
     pc = dataclasses.replace(cfg.pretrain, backbone_lr_mult=lr_mult)
@@ -92,14 +49,13 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     net, heads_loaded = build_swav_net(cfg)
     check_trunk_bn(net.embedder, cfg)
     # the input weights, to compare with the output before handing one on (rank 0 decides)
-    initial = _state_copy(net.embedder) if pc.keep_better and dist.is_main() else None
-    tcfg = _pretrain_train_cfg(cfg)
+    initial = copy.deepcopy(net.embedder) if pc.keep_better and dist.is_main() else None
     # pretrain.batch_size is the whole optimizer step's: this rank takes its share per micro-batch
-    share = rank_share(pc.batch_size, "pretrain.batch_size", tcfg.grad_accum)
+    share = rank_share(pc.batch_size, "pretrain.batch_size", cfg.train.grad_accum)
     trainer = Trainer(
         net,
         swav_groups(net, pc),
-        tcfg,
+        cfg.train,  # the optimisation knobs; SwAV's own lr is in its groups
         stage_dir=stage_dir,
         total_steps=pc.steps,
         micro_batch=share,
@@ -121,7 +77,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     objective = SwAVObjective(pc, trainer, stream, tb)
 
     def after_step(step: int) -> dict[str, float]:
-        if tcfg.zero_stage == 0:  # ZeRO-0: the parameter is the optimizer's master copy
+        if cfg.train.zero_stage == 0:  # ZeRO-0: the parameter is the optimizer's master copy
             trainer.module.normalize_prototypes_()
         return {}
 
@@ -205,11 +161,6 @@ def _k(trainer: Trainer) -> int:
     return int(trainer.module.prototypes.weight.shape[0])
 
 
-def _pretrain_train_cfg(cfg: Config) -> TrainConfig:
-    """train.* optimisation knobs with SwAV's own lr, backbone multiplier and steps."""
-    return dataclasses.replace(cfg.train, lr=cfg.pretrain.lr, backbone_lr_mult=swav_backbone_lr_mult(cfg)[0])
-
-
 def swav_groups(net: SwAVNet, pc: PretrainConfig) -> list[ParamGroup]:
     """backbone at lr x backbone_lr_mult from freeze_backbone_steps on (a pretrained trunk is not
     shaken by a random head's first gradients), projection at lr, prototypes from
@@ -257,17 +208,13 @@ def build_swav_net(cfg: Config) -> tuple[SwAVNet, bool]:
     for name, module in (("projection", net.projection), ("prototypes", net.prototypes)):
         part = {key[len(name) + 1 :]: v for key, v in heads.items() if key.startswith(name + ".")}
         if part:
-            load_state_dict_checked(module, part, strict=True, what=f"{what} ({name})")
+            load_state_dict_checked(module, part, what=f"{what} ({name})")
     net.normalize_prototypes_()
     dist.get_logger().info(
         f"pretrain: projection head / {k} prototypes of width {proj_dim} loaded from {cfg.model.pretrained_path}"
         + (f" (pretrain.prototypes={pc.prototypes} is not used)" if protos is not None and k != pc.prototypes else "")
     )
     return net, True
-
-
-def _state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 class _PooledFeatures(nn.Module):
@@ -295,7 +242,7 @@ def labeled_knn_map_at_r(cfg: Config, embedder: nn.Module, device: torch.device)
 
 
 def _better_of(
-    cfg: Config, trained: nn.Module, initial: dict[str, torch.Tensor] | None, device: torch.device, seconds: float = 0.0
+    cfg: Config, trained: nn.Module, initial: nn.Module | None, device: torch.device, seconds: float = 0.0
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(the embedder to hand on, {"knn_map_at_r": {"input", "output", "handed_on"}}); the SwAV
     output unless the input weights score higher (pretrain.keep_better). Handing on the input
@@ -303,9 +250,7 @@ def _better_of(
     figures, and the result carries it ("warning") for the closing summary."""
     if initial is None:
         return trained, {}
-    before = copy.deepcopy(trained)
-    before.load_state_dict(initial)
-    scores = {"input": labeled_knn_map_at_r(cfg, before, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
+    scores = {"input": labeled_knn_map_at_r(cfg, initial, device), "output": labeled_knn_map_at_r(cfg, trained, device)}
     keep_input = scores["input"] > scores["output"]  # nan (no labeled pairs) compares False: the output
     scores["handed_on"] = "input" if keep_input else "output"
     figures = f"input {scores['input']:.4f}, SwAV output {scores['output']:.4f}"
@@ -320,4 +265,4 @@ def _better_of(
         f"more steps or another pretrain.backbone_lr_mult may make it pay)"
     )
     dist.get_logger().warning(warning)
-    return before, {"knn_map_at_r": scores, "warning": warning}
+    return initial, {"knn_map_at_r": scores, "warning": warning}

@@ -1,30 +1,14 @@
 """Student stage of round r: labels + pseudo labels + feature basis W_a + pair mining.
 
-Owns `run(cfg, run_dir)`. Each optimizer step draws a labeled P x K batch and a pseudo-labeled
-P x K batch (pseudo labels of RunLayout.stage_dir("cluster", r)); both go through the embedder in
-one forward. For the first student.basis_warmup_steps only W_a trains (embeddings computed without
-grad; the embedder's lr groups start after the warm-up), then
-    L = L_rank(labeled) + lambda1 * L_rank(mined unlabeled pairs) + lambda2 * (L_CE + L_SD).
-Ablations (student.ablation, the paper's Table 4):
-    full       the objective above
-    no_mining  no unlabeled ranking term: L_rank(labeled) + lambda2 * (L_CE + L_SD)
-    no_basis   no W_a: L_rank(labeled) + lambda1 * L_rank(unlabeled, pseudo labels as classes)
-    raw_pairs  pseudo-label pairs used directly in L_rank, plus the basis losses
-When the warm-up ends the running Gaussians are reset, so the first batch of the moving embedder
-seeds them (not the frozen warm-up embeddings). L_SD's gradient follows basis.sd_grad (basis.py).
-Every term is the optimizer step's (StudentObjective.loss runs once per step on every micro-batch's
-embeddings, train/loop.py): the ranking losses, L_CE, the Eq. 6 Gaussians, the Eq. 7 thresholds
-and mined pairs are those of the global batch of all ranks (basis.py, losses.py), so 1 GPU and 64
-train the same method, also with one pseudo-class per rank. Every step after the warm-up logs how
-the two Eq. 7 readings differ on that batch (mining/literal_*, mining/agreement_*:
-FeatureBasis.mining_shares), whichever trains, and, where the unlabeled samples carry a hidden
-class (`true_labels` of the pseudo-labeled batches), the precision of the pseudo-positive pairs and
-of both readings' mined pairs against it (truth/*, `TruthPrecision`; run totals in DONE.json).
-W_a and its running Gaussians live in the engine's module (buffers are checkpointed with it) and
-are exported in final.pt's `extra`.
-Tests: tests/unit/test_student.py (terms of each ablation, warm-up), tests/integration/test_train_multirank.py,
-tests/integration/test_resume.py, tests/integration/test_world_invariance.py (1, 2, 4 ranks and
-grad_accum 2 on one global batch, one pseudo-class per rank).
+Owns `run(cfg, run_dir)`, `StudentObjective` (the loss of one optimizer step over every
+micro-batch of every rank, with the student.ablation variants of the paper's Table 4) and
+`TruthPrecision`. The objective, the basis warm-up and the ablations: docs/METHOD.md, stage 4 and
+"What the paper reports". Each step also logs how the two Eq. 7 readings differ (mining/*) and,
+where the unlabeled samples carry a hidden class, the precision of the pairs it trains on
+(truth/*). W_a and its Gaussians live in the engine's module (checkpointed with it) and are
+exported in final.pt's `extra`.
+Tests: tests/unit/test_student.py, tests/integration/test_train_multirank.py,
+tests/integration/test_resume.py, tests/integration/test_world_invariance.py.
 """
 
 from __future__ import annotations
@@ -41,7 +25,7 @@ from ..basis import FeatureBasis, PairBlock, global_counts
 from ..config import Config
 from ..data.readers import labeled_batches, pseudo_labeled_batches
 from ..data.shards import read_classes
-from ..models import save_weights
+from ..losses import build_loss
 from ..stages import RunLayout, stage_id
 from ..tb import TBWriter
 from .batch_split import rank_share
@@ -50,11 +34,11 @@ from .common import (
     check_trunk_bn,
     embedder_groups,
     eval_every,
+    export_final,
     fit_summary,
     init_embedder,
     open_tb,
     pretrain_init_path,
-    ranking_loss_fn,
     stream_seed,
 )
 from .engine import ParamGroup, Trainer
@@ -148,29 +132,12 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         "labeled_stream_seed": stream_seed(cfg.run.seed, trainer.step, salt=r),
         "pseudo_stream_seed": stream_seed(cfg.run.seed, trainer.step, salt=1000 + r),
     }
-    lab_stream = labeled_batches(
-        cfg.data.train_shards,
-        cfg.data,
-        P,
-        K,
-        seed=seeds["labeled_stream_seed"],
-        rank=dist.rank(),
-        world=dist.world_size(),
-        train=True,
-    )
-    unl_stream = pseudo_labeled_batches(
-        cfg.data.unlabeled_shards,
-        pseudo_dir,
-        cfg.data,
-        Pu,
-        Ku,
-        seed=seeds["pseudo_stream_seed"],  # the same on every rank: the ranks share each step's draw
-        rank=dist.rank(),
-        world=dist.world_size(),
-        accum=accum,
+    lab_stream = labeled_batches(cfg.data.train_shards, cfg.data, P, K, seed=seeds["labeled_stream_seed"])
+    unl_stream = pseudo_labeled_batches(  # one seed on every rank: the ranks share each step's draw
+        cfg.data.unlabeled_shards, pseudo_dir, cfg.data, Pu, Ku, seed=seeds["pseudo_stream_seed"], accum=accum
     )
     tb = open_tb(cfg, run_dir, "student", r, trainer.step)
-    objective = StudentObjective(cfg, trainer, ranking_loss_fn(cfg), lab_stream, unl_stream, tb=tb)
+    objective = StudentObjective(cfg, trainer, build_loss(cfg.loss), lab_stream, unl_stream, tb=tb)
     resumed = dict(trainer.resume_info)
     if resumed and trainer.module.basis is not None:  # the Gaussians as restored from the checkpoint
         resumed["basis"] = {
@@ -189,19 +156,17 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
     tb.close()
     module: StudentNet = trainer.module  # type: ignore[assignment]
     basis_stats = module.basis.stats() if module.basis is not None else {}
-    if dist.is_main():
-        extra: dict[str, Any] = {
-            "stage": "student",
-            "round": r,
-            "step": trainer.step,
-            "ablation": cfg.student.ablation,
-            "init": str(init) if init else "",
-        }
-        if module.basis is not None:
-            extra["basis_state_dict"] = {k: v.detach().cpu() for k, v in module.basis.state_dict().items()}
-            extra["basis_num_classes"] = num_classes
-        save_weights(stage_dir / "final.pt", module.embedder, cfg.model, extra=extra)
-    dist.barrier()
+    extra: dict[str, Any] = {
+        "stage": "student",
+        "round": r,
+        "step": trainer.step,
+        "ablation": cfg.student.ablation,
+        "init": str(init) if init else "",
+    }
+    if module.basis is not None:
+        extra["basis_state_dict"] = {k: v.detach().cpu() for k, v in module.basis.state_dict().items()}
+        extra["basis_num_classes"] = num_classes
+    export_final(stage_dir, module.embedder, cfg.model, extra)
     return {
         **fit_summary(result, resumed),
         "round": r,
@@ -289,10 +254,8 @@ class StudentObjective(StepObjective):
         return sum(terms.values()), scalars
 
     def _reseed_after_warmup(self, net: StudentNet, step: int) -> None:
-        """At the first step after the warm-up the Gaussians summarise the frozen warm-up
-        embeddings, with beta = 0.99 for ~100 more steps: forget them so the first moving batch
-        seeds them. Every rank does it at the same step; a resume past that step keeps the
-        checkpointed Gaussians."""
+        """Forget the Gaussians of the frozen warm-up embeddings at the first step after it (why:
+        docs/METHOD.md, stage 4); a resume past that step keeps the checkpointed ones."""
         warm = self.cfg.student.basis_warmup_steps
         if net.basis is not None and warm > 0 and step == warm and not self._reseeded:
             net.basis.reset_gaussians()
@@ -320,12 +283,12 @@ class StudentObjective(StepObjective):
             if truth is not None:
                 scalars.update(self.truth.measure(basis, block, truth))
         if self.mining and not warmup:
-            mined, n_pos, n_neg = mined_loss(
-                basis, self.rank_loss, emb_u, block, require_agreement=cfg.mining.require_cluster_agreement
-            )
-            scalars["mining/pos_pairs"] = float(n_pos)
-            scalars["mining/neg_pairs"] = float(n_neg)
-            terms["rank_mined"] = cfg.student.lambda1 * mined
+            # Eq. 7's pairs of the global batch (this rank's anchors x all candidates, as the ranking
+            # loss reads them), with thresholds that include this batch (sd_loss ran above)
+            pos, neg = basis.mine_pairs(block, cfg.mining.require_cluster_agreement)
+            scalars["mining/pos_pairs"] = float(basis.stats()["n_pos_mined"])
+            scalars["mining/neg_pairs"] = float(basis.stats()["n_neg_mined"])
+            terms["rank_mined"] = cfg.student.lambda1 * self.rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg)
         return terms
 
 
@@ -375,17 +338,3 @@ class TruthPrecision:
             for name, (agree, n) in self.totals.items()
             if n
         }
-
-
-def mined_loss(
-    basis: FeatureBasis, rank_loss: Any, emb_u: torch.Tensor, block: PairBlock, *, require_agreement: bool = False
-) -> tuple[torch.Tensor, int, int]:
-    """(L_rank on the pairs Eq. 7 mines from the step's global unlabeled batch, #positive,
-    #negative ordered pairs over all ranks). `block` is basis.pair_block(emb_u, pseudo labels)
-    after this step's sd_loss (the thresholds include this batch). The pairs index this rank's
-    anchors and the global candidates, as the ranking loss reads them (losses.py): value and
-    averaged gradient equal one process holding the whole step. Collective. With no mined pair
-    the loss is a zero connected to emb_u (the same graph on every rank)."""
-    pos, neg = basis.mine_pairs(block, require_agreement)
-    n_pos, n_neg = basis.stats()["n_pos_mined"], basis.stats()["n_neg_mined"]
-    return rank_loss(emb_u, pos_pairs=pos, neg_pairs=neg), int(n_pos), int(n_neg)

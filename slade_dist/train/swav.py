@@ -1,22 +1,9 @@
 """SwAV's objective (Caron et al., NeurIPS 2020), as the pretrain stage (train/pretrain.py) uses it.
 
-Owns:
-- `SwAVNet`: the Embedder (its backbone is what SwAV trains), a projection MLP (feature_dim ->
-  feature_dim -> proj_dim) and K prototype vectors; scores = <normalised projection, normalised
-  prototype>. It takes one batch or a list of batches of different crop sizes (multi-crop: each
-  size goes through the backbone on its own, the projection sees them all, as SwAV's wrapper
-  does). The prototypes are normalised in the forward (correct under every ZeRO stage, where the
-  optimizer may hold its own fp32 copy) and, with ZeRO-0, also in place after each step.
-- `sinkhorn`: Sinkhorn-Knopp codes over the GLOBAL batch (row sums all-reduced across ranks).
-  The global batch is the optimizer step's (pretrain.batch_size over all ranks and micro-batches):
-  the pretrain stage runs the head and the codes once per step (train/loop.py).
-- `FeatureQueue`: the last projections of each global crop on this rank. When the global batch
-  is smaller than the prototypes the equipartition constraint is meaningless on the batch alone
-  (B < K images cannot use K prototypes equally), so the queue's scores join the Sinkhorn input
-  and only the batch's codes are kept (SwAV's queue). It is not checkpointed: after a resume it
-  refills, and until it is full the codes come from the batch alone.
-- `swav_loss`: swapped prediction over multi-crop views: every crop predicts the codes of each
-  global crop other than itself; the mean over those pairs (2 crops: the classic two-view loss).
+Owns `SwAVNet` (the Embedder, a projection MLP feature_dim -> feature_dim -> proj_dim and K
+prototypes; multi-crop: each crop size through the backbone on its own, the projection over all),
+`sinkhorn` (codes over the GLOBAL batch), `FeatureQueue`, `queue_length` and `swav_loss`
+(swapped prediction over multi-crop views). Method and choices: docs/METHOD.md, stage 1.
 Tests: tests/unit/test_swav.py.
 """
 
@@ -67,6 +54,8 @@ class SwAVNet(nn.Module):
         BatchNorm sees them together, as SwAV's head does); `queue` (views, L, proj_dim) is scored
         too (inside the forward, so the prototypes are whole under ZeRO-3)."""
         z = F.normalize(self.projection(feats), dim=1)
+        # normalised in the forward: correct under every ZeRO stage (the optimizer may hold its own
+        # fp32 copy); only under ZeRO-0 does normalize_prototypes_ also fix them in place
         protos = F.normalize(self.prototypes.weight, dim=1)
         queue_scores = None
         if queue is not None:
@@ -92,17 +81,13 @@ class SwAVNet(nn.Module):
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
-    """SwAV codes for this rank's (B, K) scores, equipartitioned over the global batch.
-
-    Returns (B, K) float32 with rows summing to 1 (computed in float64: B x K is small).
-    exp(scores / epsilon) is shifted by ONE constant, the maximum over every rank's scores: that
-    cancels in the first normalisation, so the codes are exactly those of SwAV's unshifted
-    exp(scores / epsilon) at any iteration count. A per-image shift (each image by its own max)
-    scales the columns differently, which the iterations only undo at convergence (on peaked
-    scores, B 64, K 300, 3 iterations: L1 1.0 per image from the converged codes vs 0.0002).
-    """
+    """SwAV codes for this rank's (B, K) scores, equipartitioned over the global batch: (B, K)
+    float32 with rows summing to 1 (computed in float64: B x K is small)."""
     s = scores.double() / epsilon
-    top = dist.all_gather_cat(s.max().reshape(1)).max()  # every rank shifts by the same constant
+    # ONE shift for every image of every rank: it cancels in the first normalisation, so the codes
+    # are SwAV's unshifted ones at any iteration count (a per-image shift is exact only at
+    # convergence: docs/METHOD.md, stage 1)
+    top = dist.all_gather_cat(s.max().reshape(1)).max()
     Q = torch.exp((s - top).clamp_min(EXP_FLOOR)).t()  # K x B
     K, B_local = Q.shape
     B = torch.tensor([float(B_local)], device=Q.device)
@@ -122,7 +107,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
 
 
 class FeatureQueue:
-    """This rank's last `length` projections of each of the `views` global crops (newest first)."""
+    """This rank's last `length` projections of each of the `views` global crops (newest first).
+    Not checkpointed: after a resume it refills, and until full the codes come from the batch."""
 
     def __init__(self, views: int, length: int, dim: int, device: torch.device | str = "cpu") -> None:
         if length < 1:
@@ -143,12 +129,10 @@ class FeatureQueue:
 
 
 def queue_length(configured: int, global_batch: int, world: int, prototypes: int) -> int:
-    """Rows per rank of the feature queue. configured > 0: that many GLOBAL rows, split over the
-    ranks; 0: none; -1 (auto): none when the global batch (pretrain.batch_size, per optimizer
-    step) has at least as many images as there are prototypes, else the smallest multiple of the
-    global batch holding 2 x prototypes rows (SwAV: queue 3,840 + batch 256 for 3,000
-    prototypes). Each rank queues its own rows, so the ranks' queues together are the last
-    global rows at any world size."""
+    """Rows per rank of the feature queue: pretrain.queue_length's GLOBAL rows split over the ranks
+    (each rank queues its own rows, so together they are the last global rows at any world size).
+    Auto (-1): the smallest multiple of the global batch holding 2 x prototypes rows (SwAV: queue
+    3,840 + batch 256 for 3,000 prototypes), none when the batch alone has as many rows as K."""
     if configured == 0 or (configured < 0 and global_batch >= prototypes):
         return 0
     rows = configured if configured > 0 else -(-2 * prototypes // global_batch) * global_batch

@@ -1,15 +1,10 @@
 """BatchNorm over the step's global batch when several ranks train (model.sync_bn).
 
-Owns `sync_batchnorm(module)`: every BatchNorm layer of `module` that is in training mode (frozen
-BatchNorm, model.freeze_bn, keeps its running statistics and is left alone) is replaced by one
-that normalises with the statistics of every rank's rows: torch.nn.SyncBatchNorm on CUDA, and on
-CPU (where torch's refuses to run) `GlobalBatchNorm`, the same computation over gloo. So 1 GPU
-and 64 normalise the same global batch; per-rank BatchNorm would normalise (P x K) / world
-images (8 at 8 ranks on the demo's shape). Weights, running statistics and requires_grad carry
-over (the same Parameter objects, so optimizer groups built before stay valid); the layers keep
-their state-dict names, so checkpoints load either way.
-Also `bn_trains(module)`, which the trainers use to refuse per-micro-batch BatchNorm under
-train.grad_accum > 1 (a micro-batch's statistics are not the step's).
+Owns `sync_batchnorm(module)`: every BatchNorm layer that trains (frozen BatchNorm,
+model.freeze_bn, is left alone) becomes one that normalises with every rank's rows:
+torch.nn.SyncBatchNorm on CUDA, `GlobalBatchNorm` on CPU (where torch's refuses to run); per-rank
+BatchNorm would normalise (P x K) / world images. The layers keep their state-dict names, so
+checkpoints load either way. Also `bn_trains`, for the refusal under train.grad_accum > 1.
 Tests: tests/unit/test_sync_bn.py (one process equals nn.BatchNorm), tests/integration/
 test_world_invariance.py (1, 2, 4 ranks give one process's outputs, running stats and gradients).
 """

@@ -1,10 +1,8 @@
 """Teacher stage: the embedder trained with the ranking loss on labeled P x K batches.
 
-Owns `run(cfg, run_dir)`: init from the pretrain stage's final.pt when it exists (else from
-model.pretrained_path / random), cfg.train.teacher_steps optimizer steps of
-train.classes_per_batch x samples_per_class images each (over all ranks and micro-batches:
-train/batch_split.py) on the DeepSpeed engine
-(train/engine.py + train/loop.py: checkpoint/resume, schedule, TensorBoard), export <run>/teacher/final.pt.
+Owns `run(cfg, run_dir)` and `TeacherObjective`: init from the pretrain stage's export when it
+exists (else model.pretrained_path / random), train.teacher_steps optimizer steps on the engine
+(train/engine.py, train/loop.py), export <run>/teacher/final.pt. Method: docs/METHOD.md, stage 2.
 Tests: tests/integration/test_train_multirank.py, tests/integration/test_resume.py.
 """
 
@@ -15,10 +13,9 @@ from typing import Any
 
 import torch
 
-from .. import dist
 from ..config import Config
 from ..data.readers import labeled_batches
-from ..models import save_weights
+from ..losses import build_loss
 from ..stages import RunLayout, stage_id
 from ..tb import TBWriter
 from .batch_split import rank_share
@@ -27,11 +24,11 @@ from .common import (
     check_trunk_bn,
     embedder_groups,
     eval_every,
+    export_final,
     fit_summary,
     init_embedder,
     open_tb,
     pretrain_init_path,
-    ranking_loss_fn,
     stream_seed,
 )
 from .engine import Trainer
@@ -60,11 +57,9 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         sync_bn=cfg.model.sync_bn,
     )
     seed = stream_seed(cfg.run.seed, trainer.step)
-    stream = labeled_batches(
-        cfg.data.train_shards, cfg.data, P, K, seed=seed, rank=dist.rank(), world=dist.world_size(), train=True
-    )
+    stream = labeled_batches(cfg.data.train_shards, cfg.data, P, K, seed=seed)
     tb = open_tb(cfg, run_dir, "teacher", None, trainer.step)
-    objective = TeacherObjective(trainer, stream, ranking_loss_fn(cfg), tb, K)
+    objective = TeacherObjective(trainer, stream, build_loss(cfg.loss), tb, K)
     seeds = {"labeled_stream_seed": seed}
     resumed = dict(trainer.resume_info)
     result = fit(
@@ -76,14 +71,8 @@ def run(cfg: Config, run_dir: Path, evaluate: Evaluate | None = None) -> dict[st
         desc="teacher",
     )
     tb.close()
-    if dist.is_main():
-        save_weights(
-            stage_dir / "final.pt",
-            trainer.module,
-            cfg.model,
-            extra={"stage": "teacher", "step": trainer.step, "init": str(init) if init else ""},
-        )
-    dist.barrier()
+    extra = {"stage": "teacher", "step": trainer.step, "init": str(init) if init else ""}
+    export_final(stage_dir, trainer.module, cfg.model, extra)
     return {**fit_summary(result, resumed), "init": str(init) if init else cfg.model.pretrained_path}
 
 

@@ -1,5 +1,5 @@
 """Worker for tests/integration/test_global_batch.py: one optimizer step of the teacher objective
-(Trainer + ranking_loss_fn: the loss of the step's global batch) on this rank's share of a fixed
+(Trainer + losses.build_loss: the loss of the step's global batch) on this rank's share of a fixed
 64-image batch.
 
 Module level so dist.run_local_processes can spawn it; rank 0 writes the parameter change.
@@ -46,9 +46,10 @@ def overrides(stage_dir: Path) -> list[str]:
 def step_worker(out_dir: str) -> None:
     from slade_dist import dist
     from slade_dist.config import load_config
+    from slade_dist.losses import build_loss
     from slade_dist.models import build_embedder
     from slade_dist.train.batch_split import rank_share
-    from slade_dist.train.common import embedder_groups, ranking_loss_fn
+    from slade_dist.train.common import embedder_groups
     from slade_dist.train.engine import Trainer
 
     torch.set_num_threads(1)
@@ -69,7 +70,7 @@ def step_worker(out_dir: str) -> None:
         total_steps=1,
         micro_batch=share * K,
     )
-    loss = ranking_loss_fn(cfg)(tr.forward(x[mine]).float(), y[mine])
+    loss = build_loss(cfg.loss)(tr.forward(x[mine]).float(), y[mine])
     tr.backward(loss)
     tr.step_optimizer()
     if r == 0:

@@ -108,7 +108,7 @@ def _run_steps(trainer: Any, objective: Any, after: Any = None) -> list[dict[str
 
     out = []
     for step in range(STEPS):
-        micros = [objective.draw(step) for _ in range(trainer.accum)]
+        micros = [objective.draw(step) for _ in range(trainer.tcfg.grad_accum)]
         loss, scalars = optimizer_step(trainer, objective, step, micros)
         if after is not None:
             after()
@@ -121,11 +121,12 @@ def world_worker(out_dir: str, accum: int, freeze_bn: bool) -> None:
     from slade_dist import dist
     from slade_dist.basis import FeatureBasis
     from slade_dist.config import load_config
+    from slade_dist.losses import build_loss
     from slade_dist.models import build_embedder
     from slade_dist.tb import TBWriter
-    from slade_dist.train.common import embedder_groups, ranking_loss_fn
+    from slade_dist.train.common import embedder_groups
     from slade_dist.train.engine import Trainer
-    from slade_dist.train.pretrain import SwAVObjective, _pretrain_train_cfg, build_swav_net, swav_groups
+    from slade_dist.train.pretrain import SwAVObjective, build_swav_net, swav_groups
     from slade_dist.train.student import StudentNet, StudentObjective, param_groups
     from slade_dist.train.teacher import TeacherObjective
 
@@ -144,7 +145,7 @@ def world_worker(out_dir: str, accum: int, freeze_bn: bool) -> None:
     # SwAV: backbone per micro-batch, head + queue + Sinkhorn once per step
     torch.manual_seed(0)
     net, _ = build_swav_net(cfg)
-    tr = trainer(net, swav_groups(net, cfg.pretrain), _pretrain_train_cfg(cfg), "pretrain")
+    tr = trainer(net, swav_groups(net, cfg.pretrain), cfg.train, "pretrain")
     obj = SwAVObjective(cfg.pretrain, tr, _swav_stream(world, accum, r), TBWriter(None))
     results["pretrain"] = _run_steps(tr, obj, after=tr.module.normalize_prototypes_)
 
@@ -152,7 +153,7 @@ def world_worker(out_dir: str, accum: int, freeze_bn: bool) -> None:
     torch.manual_seed(0)
     emb = build_embedder(cfg.model)
     tr = trainer(emb, embedder_groups(emb, cfg.train), cfg.train, "teacher")
-    obj = TeacherObjective(tr, _labeled_stream(world, accum, r, 1, 6), ranking_loss_fn(cfg), TBWriter(None), K)
+    obj = TeacherObjective(tr, _labeled_stream(world, accum, r, 1, 6), build_loss(cfg.loss), TBWriter(None), K)
     results["teacher"] = _run_steps(tr, obj)
 
     # student: labeled + pseudo-labeled, W_a, L_CE, L_SD, Eq. 7 mining (warm-up 1 step)
@@ -162,7 +163,7 @@ def world_worker(out_dir: str, accum: int, freeze_bn: bool) -> None:
     net = StudentNet(emb, FeatureBasis(6, emb.embed_dim, b.scale, b.beta, b.margin, b.lambda_sd, b.sd_grad))
     tr = trainer(net, param_groups(net, cfg), cfg.train, "student")
     lab, unl = _labeled_stream(world, accum, r, 1, 6), _labeled_stream(world, accum, r, 2, 6)
-    obj = StudentObjective(cfg, tr, ranking_loss_fn(cfg), lab, unl)
+    obj = StudentObjective(cfg, tr, build_loss(cfg.loss), lab, unl)
     results["student"] = _run_steps(tr, obj)
 
     if r == 0:

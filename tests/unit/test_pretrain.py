@@ -12,19 +12,12 @@ import dataclasses
 import pytest
 import torch
 
+from slade_dist.data.multicrop import local_view_transform, swav_batches, two_view_transform
 from slade_dist.models import load_embedder
 from slade_dist.stages import RunLayout
 from slade_dist.train import common as C
 from slade_dist.train.common import pretrain_init_path
-from slade_dist.train.pretrain import (
-    _better_of,
-    build_swav_net,
-    local_view_transform,
-    run,
-    swav_batches,
-    swav_groups,
-    two_view_transform,
-)
+from slade_dist.train.pretrain import _better_of, build_swav_net, run, swav_groups
 from slade_dist.train.swav import SwAVNet
 
 from ..integration import _train_workers as W
@@ -133,8 +126,7 @@ def test_the_better_of_input_and_output_is_handed_on(tmp_path):
     with torch.no_grad():
         for p in broken.backbone.parameters():
             p.zero_()  # constant features: every neighbour ties, chance-level MAP@R
-    state = lambda m: {k: v.clone() for k, v in m.state_dict().items()}  # noqa: E731
-    out, info = _better_of(cfg, broken, state(good), torch.device("cpu"), seconds=42.0)
+    out, info = _better_of(cfg, broken, copy.deepcopy(good), torch.device("cpu"), seconds=42.0)
     assert (
         info["knn_map_at_r"]["handed_on"] == "input" and info["knn_map_at_r"]["input"] > info["knn_map_at_r"]["output"]
     )
@@ -142,7 +134,7 @@ def test_the_better_of_input_and_output_is_handed_on(tmp_path):
     assert f"input {knn['input']:.4f}, SwAV output {knn['output']:.4f}" in info["warning"]
     assert "42 s of SwAV were spent for nothing" in info["warning"]
     assert torch.equal(out.backbone.features[0].weight, good.backbone.features[0].weight)
-    out, info = _better_of(cfg, good, state(broken), torch.device("cpu"))
+    out, info = _better_of(cfg, good, copy.deepcopy(broken), torch.device("cpu"))
     assert info["knn_map_at_r"]["handed_on"] == "output" and out is good and "warning" not in info
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slade_dist.losses import build_loss
 from slade_dist.train import engine as E
-from slade_dist.train.common import ranking_loss_fn
 from slade_dist.train.loop import optimizer_step
 from slade_dist.train.student import StudentNet, StudentObjective, param_groups
 
@@ -60,7 +60,7 @@ def _run(tmp_path, ablation: str, steps: int = 4, warmup: int = 2, before_step=N
     tr = E.Trainer(
         net, param_groups(net, cfg), cfg.train, stage_dir=tmp_path / ablation, total_steps=steps, micro_batch=32
     )
-    step_fn = StudentObjective(cfg, tr, ranking_loss_fn(cfg), _batches(6, 1), _batches(6, 2, truth))
+    step_fn = StudentObjective(cfg, tr, build_loss(cfg.loss), _batches(6, 1), _batches(6, 2, truth))
     seen = []
     for s in range(steps):
         if before_step is not None:
