@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..dist import faiss_gpu_count
-from ..models.retrieval import map_at_r
+from ..models.retrieval import map_at_r, nmi_from_table
 
 __all__ = ["retrieval_metrics", "query_gallery_metrics", "knn_search", "drop_self", "nmi_score", "kmeans_assign"]
 
@@ -229,30 +229,15 @@ def kmeans_assign(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.n
     return assign.reshape(-1)
 
 
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0].astype(np.float64)
-    p /= p.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def nmi_score(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """NMI = I(U;V) / ((H(U) + H(V)) / 2) (natural log; 1.0 when both have a single cluster)."""
+    """NMI of two labelings (models/retrieval.nmi_from_table)."""
     _, u = np.unique(np.asarray(labels_true), return_inverse=True)
     _, v = np.unique(np.asarray(labels_pred), return_inverse=True)
     u, v = u.reshape(-1), v.reshape(-1)
-    nu, nv, n = u.max(initial=-1) + 1, v.max(initial=-1) + 1, u.shape[0]
-    if (nu == nv == 1) or (nu == nv == 0):
+    nu, nv = u.max(initial=-1) + 1, v.max(initial=-1) + 1
+    if nu == 0 or nv == 0:
         return 1.0
-    joint = np.bincount(u * nv + v, minlength=nu * nv).reshape(nu, nv).astype(np.float64)
-    pu, pv = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    pij = joint[nz] / n
-    mi = float(
-        (pij * (np.log(joint[nz]) + np.log(n) - np.log(pu[np.nonzero(nz)[0]]) - np.log(pv[np.nonzero(nz)[1]]))).sum()
-    )
-    mi = max(mi, 0.0)
-    denom = (_entropy(pu) + _entropy(pv)) / 2.0
-    return float(mi / max(denom, np.finfo(np.float64).eps))
+    return nmi_from_table(np.bincount(u * nv + v, minlength=nu * nv).reshape(nu, nv))
 
 
 def retrieval_metrics(

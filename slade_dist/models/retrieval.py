@@ -1,7 +1,8 @@
-"""MAP@R, once: `map_at_r` (the per-query formula, Musgrave et al.) for eval/metrics.py's FAISS
+"""MAP@R and NMI, once: `map_at_r` (the per-query formula, Musgrave et al.) for eval/metrics.py's FAISS
 search and `knn_map_at_r`, an exact kNN MAP@R (chunked matrix products in torch, self protocol,
 query left out) for the pretrain stage's choice of its input or output weights: train/ must not
-import eval/, so the formula lives here.
+import eval/, so the formula lives here. `nmi_from_table`: the NMI of eval's k-means and of the
+cluster stage's pseudo labels against the truth (pseudo/ and eval/ may not import each other).
 Tests: tests/unit/test_models.py, tests/unit/test_metrics.py.
 """
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_map_at_r", "map_at_r"]
+__all__ = ["knn_map_at_r", "map_at_r", "nmi_from_table"]
 
 
 def map_at_r(hits: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -48,3 +49,21 @@ def _chunk_map(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, lo: int, hi: i
     within_r = torch.arange(1, k + 1, device=x.device)[None, :] <= r[lo:hi, None]  # only the first R_i count
     hits = (y[idx] == y[lo:hi, None]) & within_r
     return map_at_r(hits.cpu().numpy(), r[lo:hi].cpu().numpy())
+
+
+def nmi_from_table(table: np.ndarray) -> float:
+    """NMI of a contingency table (rows: true classes, columns: clusters, counts) = I / ((H_true +
+    H_pred) / 2), natural log (sklearn's default normalisation); 1.0 when both sides are one class."""
+    table = np.asarray(table, dtype=np.float64)
+    n = table.sum()
+    p_true, p_pred = table.sum(1) / n, table.sum(0) / n
+    rows, cols = np.nonzero(table)
+    p = table[rows, cols] / n
+    mi = float((p * (np.log(p) - np.log(p_true[rows]) - np.log(p_pred[cols]))).sum())
+    denom = (_entropy(p_true) + _entropy(p_pred)) / 2
+    return min(max(mi / denom, 0.0), 1.0) if denom > 0 else 1.0
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())

@@ -36,6 +36,7 @@ from ..data.tars import TarSamples, image_bytes
 from ..data.transforms import CorruptImage, ImageLimits, decode
 from ..errors import UnusableInput
 from ..fileio import atomic_path, atomic_write_json
+from ..models.retrieval import nmi_from_table
 from ..progress import steps
 from ..stages import RunLayout
 from ..tb import TBWriter, thumbnail
@@ -376,21 +377,12 @@ def contingency_scores(pairs: Counter) -> dict[str, Any]:
     for (t, c), v in pairs.items():
         table[ti[t], ci[c]] += v
     n = table.sum()
-    purity = float(table.max(axis=0).sum() / n)
-    pt, pc = table.sum(1) / n, table.sum(0) / n
-    nz = table > 0
-    p = table[nz] / n
-    mi = float((p * (np.log(p) - np.log(np.outer(pt, pc)[nz]))).sum())
-    h_t = float(-(pt[pt > 0] * np.log(pt[pt > 0])).sum())
-    h_c = float(-(pc[pc > 0] * np.log(pc[pc > 0])).sum())
-    denom = (h_t + h_c) / 2
-    nmi = mi / denom if denom > 0 else 1.0
     return {
-        "purity": purity,
-        "nmi": float(min(max(nmi, 0.0), 1.0)),
+        "purity": float(table.max(axis=0).sum() / n),
+        "nmi": nmi_from_table(table),
         "n_labeled": int(n),
         "n_true_classes": len(truths),
-        "chance_purity": float(pt.max()),
+        "chance_purity": float(table.sum(1).max() / n),
     }
 
 
