@@ -92,7 +92,8 @@ def _upstream(stage: str) -> Resolve:
     """The id in the DONE.json of the stage (same round) whose outputs are read."""
 
     def resolve(cfg: Config, layout: RunLayout) -> dict[str, str]:
-        marker = read_done(layout.done_file(stage, cfg.run.round))
+        round_ = cfg.run.round if STAGES[stage].per_round else None  # a once-per-run stage has no round
+        marker = read_done(layout.done_file(stage, round_))
         return {stage: str(marker.get("stage_id", MISSING)) if marker else MISSING}
 
     return resolve
@@ -175,11 +176,12 @@ STAGES: dict[str, Stage] = {
             "slade_dist.train.pretrain:run",
             ("run.dir", "run.seed", "model", "pretrain", *_OPTIM, "eval.batch_size", "data.train_shards")
             + ("data.unlabeled_shards", "data.augment", "data.crop_scale_min", "data.image_size", "data.resize_size")
-            + ("data.num_workers", "data.shuffle_buffer", *_DECODE),
+            + ("data.num_workers", "data.shuffle_buffer", *_DECODE, "curate.enabled"),
             False,
             ("data.train_shards", "data.unlabeled_shards"),
-            "SwAV self-supervised training on labeled + unlabeled images (labels ignored)",
-            inputs=(_weights("model.pretrained_path", lambda cfg, _: cfg.model.pretrained_path),),
+            "SwAV self-supervised training on labeled + unlabeled images (labels ignored; the pool's copies of "
+            "test images left out when curate.enabled)",
+            inputs=(_weights("model.pretrained_path", lambda cfg, _: cfg.model.pretrained_path), _curated),
         ),
         Stage(
             "teacher",

@@ -44,6 +44,7 @@ __all__ = [
     "read_decisions",
     "read_keep",
     "read_summary",
+    "test_copies",
     "CurationMissing",
 ]
 
@@ -119,6 +120,19 @@ def read_keep(curate_dir: str | os.PathLike[str], shard: str | os.PathLike[str],
             f"(first: {first!r}): the shard changed after curation; run the curate stage again"
         )
     return d["keep"][rows]
+
+
+def test_copies(curate_dir: str | os.PathLike[str], shards: Sequence[Path]) -> dict[Path, frozenset[int]]:
+    """{shard: key ids of its samples the curate stage found to be copies of a test image} (a near
+    copy or the same bytes): what no stage trains on, SwAV's pretraining included."""
+    out: dict[Path, frozenset[int]] = {}
+    for shard in shards:
+        path = decisions_path(curate_dir, shard)
+        if not path.exists():
+            raise CurationMissing(f"{path} is missing: run the curate stage (curate.enabled is true)")
+        d = read_decisions(path)
+        out[Path(shard)] = frozenset(d["key_id"][np.isin(d["reason"], (NEAR_TEST, SAME_BYTES))].tolist())
+    return out
 
 
 def read_summary(curate_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

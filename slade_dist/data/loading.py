@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UnusableInput
+from .curation import key_ids
 from .device_decode import DeviceDecoder, prepare
 from .shards import shard_paths
 from .tars import TarSamples, image_bytes, sample_cls, sample_meta
@@ -74,15 +75,24 @@ def lost_to_truncation(expected: int | None, seen: int, truncated: bool = True) 
     return max(short, 1) if truncated else short
 
 
-def resampled_samples(shards: Sequence[Path], expected: Sequence[int | None], rng: random.Random) -> Iterator[dict]:
+def resampled_samples(
+    shards: Sequence[Path],
+    expected: Sequence[int | None],
+    rng: random.Random,
+    leave_out: Mapping[Path, frozenset[int]] | None = None,
+) -> Iterator[dict]:
     """Samples of shards drawn at random (with replacement) forever; after each shard a {LOST: n}
     marker: what a truncated tar lost and the samples the tar reader left out for a repeated key.
-    Every rank reads all shards (no split, so no rank runs dry and hangs a collective)."""
+    Every rank reads all shards (no split, so no rank runs dry and hangs a collective).
+    `leave_out`: {shard: key ids (curation.key_ids)} never yielded (the pool's copies of test images)."""
     while True:
         i = rng.randrange(len(shards))
         tar, seen = TarSamples(shards[i]), 0
+        skip = (leave_out or {}).get(shards[i], frozenset())
         for s in tar:
             seen += 1
+            if skip and int(key_ids([s["__key__"]])[0]) in skip:
+                continue
             yield s
         yield {LOST: lost_to_truncation(expected[i], seen, tar.truncated) + tar.duplicates}
 

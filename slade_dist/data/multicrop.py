@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,10 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         batch_size: int,
         seed: int,
         pretrain_cfg: PretrainConfig | None = None,
+        leave_out: Mapping[Path, frozenset[int]] | None = None,
     ) -> None:
         self.paths, self.data_cfg, self.batch_size, self.seed = paths, data_cfg, batch_size, seed
-        self.augment, self.pretrain_cfg = augment, pretrain_cfg
+        self.augment, self.pretrain_cfg, self.leave_out = augment, pretrain_cfg, leave_out
         self.expected = index_counts(paths)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -116,7 +117,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
             else (0, None)
         )
         return _multicrop_batches(
-            resampled_samples(self.paths, self.expected, random.Random(f"{self.seed}/{wid}")),
+            resampled_samples(self.paths, self.expected, random.Random(f"{self.seed}/{wid}"), self.leave_out),
             data_cfg=self.data_cfg,
             augment=self.augment,
             batch_size=self.batch_size,
@@ -135,12 +136,14 @@ def swav_batches(
     world: int,
     augment: AugmentConfig | None = None,
     pretrain_cfg: PretrainConfig | None = None,
+    leave_out: Mapping[Path, frozenset[int]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Infinite stream of {"view1", "view2", "skipped"} (+ "local" (V, B, 3, s, s) when
-    pretrain_cfg.local_crops) over the shards of every dir (labels ignored)."""
+    pretrain_cfg.local_crops) over the shards of every dir (labels ignored), less the `leave_out`
+    keys of each shard (loading.resampled_samples)."""
     paths = [p for d in shard_dirs if d for p in shard_paths(d)]
     if not paths:
         raise FileNotFoundError(f"no shards for SwAV pretraining in {shard_dirs}")
     augment = swav_augment() if augment is None else augment
-    stream = _MultiCropStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank, pretrain_cfg)
+    stream = _MultiCropStream(paths, data_cfg, augment, batch_size, seed * 1009 + rank, pretrain_cfg, leave_out)
     return iter(_loader(stream, data_cfg.num_workers))

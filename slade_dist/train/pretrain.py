@@ -21,8 +21,10 @@ from torch import nn
 
 from .. import dist
 from ..config import Config, PretrainConfig, swav_backbone_lr_mult
+from ..data.curation import test_copies
 from ..data.multicrop import swav_batches
 from ..data.readers import finite_batches
+from ..data.shards import shard_paths
 from ..models import build_embedder, embed_batches, load_state_dict_checked, read_checkpoint, save_weights
 from ..models.retrieval import knn_map_at_r
 from ..stages import RunLayout, stage_id
@@ -63,6 +65,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         sync_bn=cfg.model.sync_bn,
     )
     seed = stream_seed(cfg.run.seed, trainer.step, salt=7)
+    leave_out = _test_copies(cfg)
     stream = swav_batches(
         [cfg.data.train_shards, cfg.data.unlabeled_shards],
         cfg.data,
@@ -72,6 +75,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         world=dist.world_size(),
         augment=pc.augment,
         pretrain_cfg=pc,
+        leave_out=leave_out,
     )
     tb = open_tb(cfg, run_dir, "pretrain", None, trainer.step)
     objective = SwAVObjective(pc, trainer, stream, tb)
@@ -102,7 +106,19 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         )
     knn = dist.broadcast_object(knn)
     dist.barrier()
-    return {**fit_summary(result, resumed), "init": cfg.model.pretrained_path, "heads_from_init": heads_loaded, **knn}
+    left_out = {"test_copies_left_out": sum(map(len, leave_out.values()))} if cfg.curate.enabled else {}
+    summary = {**fit_summary(result, resumed), "init": cfg.model.pretrained_path, "heads_from_init": heads_loaded}
+    return {**summary, **left_out, **knn}
+
+
+def _test_copies(cfg: Config) -> dict[Path, frozenset[int]]:
+    """The pool's copies of test images (the curate stage's decisions, curate.enabled): SwAV never
+    sees them, so no stage trains on a test image. Near-duplicates stay: SSL only sees them more often."""
+    if not cfg.curate.enabled:
+        return {}
+    copies = test_copies(RunLayout(cfg.run.dir).stage_dir("curate"), shard_paths(cfg.data.unlabeled_shards))
+    dist.get_logger().info(f"pretrain: {sum(map(len, copies.values()))} pool images that copy a test image left out")
+    return copies
 
 
 class SwAVObjective(StepObjective):

@@ -5,6 +5,7 @@ text and hparams) or hash the declaration itself are not reads of a stage's inpu
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -121,3 +122,12 @@ def test_the_run_directory_map_in_the_docs_names_every_file_the_chain_wrote(reco
     assert not undocumented, (
         f"files the chain wrote that docs/ARCHITECTURE.md's run-directory map lacks: {undocumented}"
     )
+
+
+def test_swav_pretraining_leaves_out_what_curate_found_to_copy_a_test_image(recorded):
+    _, run_dir = recorded
+    curate = json.loads((Path(run_dir) / "curate" / "curate.json").read_text())
+    pretrain = json.loads((Path(run_dir) / "pretrain" / "DONE.json").read_text())
+    removed = curate["removed"]["near_test"] + curate["removed"]["same_bytes"]
+    assert pretrain["result"]["test_copies_left_out"] == removed
+    assert "curate" in pretrain["inputs"]  # new curation decisions rerun pretrain

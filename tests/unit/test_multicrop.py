@@ -6,14 +6,18 @@ loses is counted. (Shapes of the views and the pretrain stage on it: tests/unit/
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import random
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from slade_dist.config import DataConfig, swav_augment
-from slade_dist.data import loading, multicrop
-from slade_dist.data.shards import index_counts, write_index, write_shard
+from slade_dist.data import curation, loading, multicrop
+from slade_dist.data.shards import index_counts, shard_paths, write_index, write_shard
 from tests import _hazards as H
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,3 +84,30 @@ def test_truncation_losses_are_counted(tmp_path):
     items = [next(stream) for _ in range(12)]
     lost = [x[loading.LOST] for x in items if loading.LOST in x]
     assert lost and lost[0] == 10 - 5  # 5 complete samples before the cut, the rest lost
+
+
+def test_the_pools_copies_of_test_images_are_never_drawn(tmp_path):
+    """SwAV's stream leaves out the keys the curate stage found to copy a test image (curation.test_copies:
+    near copies and same bytes), in their own shard only; duplicates stay."""
+    pool, curate = tmp_path / "unlabeled", tmp_path / "curate"
+    pool.mkdir()
+    keys = [f"{i:04d}" for i in range(8)]
+    for s in range(2):  # the same keys in both shards: a decision belongs to its shard
+        rows = [
+            {"__key__": k, "jpg": H.photo_jpeg(i), "json": json.dumps({"shard": s}).encode()}
+            for i, k in enumerate(keys)
+        ]
+        write_shard(pool / f"u-{s:06d}.tar", rows)
+    write_index(pool, [{"name": f"u-{s:06d}.tar", "count": 8} for s in range(2)], "unlabeled")
+    reasons = [curation.NEAR_TEST, curation.SAME_BYTES, curation.DUPLICATE] + [curation.KEPT] * 5
+    none = -np.ones(8)
+    curation.write_decisions(curation.decisions_path(curate, 0), curation.key_ids(keys), reasons, none, none)
+    curation.write_decisions(curation.decisions_path(curate, 1), curation.key_ids(keys), [0] * 8, none, none)
+    shards = shard_paths(pool)
+    leave_out = curation.test_copies(curate, shards)
+    assert [len(leave_out[p]) for p in shards] == [2, 0]
+    stream = loading.resampled_samples(shards, index_counts(shards), random.Random(0), leave_out)
+    drawn = {(json.loads(s["json"])["shard"], s["__key__"]) for s in itertools.islice(stream, 300) if "json" in s}
+    assert drawn == {(s, k) for s in range(2) for k in keys} - {(0, "0000"), (0, "0001")}
+    with pytest.raises(curation.CurationMissing, match="run the curate stage"):
+        curation.test_copies(tmp_path / "nowhere", shards)
