@@ -68,10 +68,11 @@ def test_a_run_dir_config_with_the_old_launch_stage_keys_loads_as_launch_shapes(
         "launch": {"student": {"nodes": 4}, "cluster_job": {"gpus_per_node": 2}, "shapes": {"student": {"nodes": 8}}}
     }
     run = write(tmp_path, "config.yaml", old)
-    with pytest.warns(
-        UserWarning, match=r"launch.cluster_job \(from .*config.yaml\) is the old spelling of launch.shapes.cluster"
-    ):
+    with pytest.warns(UserWarning) as caught:
         cfg = load_config(run, ["launch.teacher.time_min=5"])
+    said = sorted(str(w.message) for w in caught)
+    assert f"launch.cluster_job (from {run}) is the old spelling of launch.shapes.cluster: read as that" in said
+    assert len(said) == 3 and "launch.teacher (from command line) is the old spelling" in said[2]
     assert cfg.launch.shapes["student"].nodes == 8  # the new spelling wins where both are set
     assert cfg.launch.shapes["cluster"].gpus_per_node == 2 and cfg.launch.shapes["teacher"].time_min == 5
     assert cfg.source_of("launch.shapes.teacher.time_min") == "command line"
