@@ -252,18 +252,20 @@ def one_seed(args: argparse.Namespace, seed: int, alternatives: list[str]) -> di
     over += QUICK_STEPS if args.quick else []
     cfg = load_config(DEMO, over)
     seconds = {}
+    layout = RunLayout(run_dir)
+    unlabeled = Path(cfg.data.unlabeled_shards)
+    planted = read_planted(cfg.demo.out)
     for stage in ("curate", "pretrain", "teacher", "embed", "cluster", "eval"):
         t0 = time.time()
         run_stage(cfg, stage, force=stage == "curate")  # the curate code may have changed: measured afresh
         seconds[stage] = round(time.time() - t0, 1)
         print(f"  seed {seed} {stage}: {seconds[stage]}s", flush=True)
-    layout = RunLayout(run_dir)
+        if stage == "curate":
+            res = measure(decisions(run_dir, unlabeled), planted)
+            print(f"  seed {seed} curation: " + json.dumps({k: v for k, v in res.items() if k != "others"}), flush=True)
     rows = students(cfg, over, run_dir, alternatives) if args.student else {}
     teacher = metrics_of(layout.stage_dir("teacher") / "final.pt", cfg)
     eval_curation = json.loads((layout.stage_dir("eval") / "metrics.json").read_text()).get("curation")
-    unlabeled = Path(cfg.data.unlabeled_shards)
-    planted = read_planted(cfg.demo.out)
-    res = measure(decisions(run_dir, unlabeled), planted)
     curate_done = json.loads(layout.done_file("curate").read_text())["result"]
     truth = hidden_truth(run_dir, unlabeled)
     group_of = {k: g for g, grp in enumerate(planted["duplicate_groups"]) for k in grp["keys"]}
