@@ -454,6 +454,14 @@ class CurateConfig:
         hi=2.0,
         help="colour-histogram distance (unit vectors) within which a candidate is checked; null: calibrated",
     )
+    radius_margin: float = _f(
+        1.25,
+        lo=1.0,
+        hi=4.0,
+        help="the calibrated candidate radius is this multiple of the copies' histogram-distance quantile: the "
+        "radius only picks what gets the pixel check (which decides), so a margin keeps copies just beyond the "
+        "calibration's tail at the cost of more checks",
+    )
     match_threshold: float | None = _f(
         None,
         lo=-1.0,

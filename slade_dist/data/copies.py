@@ -111,9 +111,7 @@ def signature(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (4 * THUMB, 4 * THUMB))  # JPEG: decode at a reduced scale, enough for both
     rgb = img.convert("RGB")
-    q = np.asarray(rgb, dtype=np.int32) // (256 // HIST_BINS)
-    bins = np.bincount(((q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]).ravel(), minlength=HIST_DIM)
-    hist = np.sqrt(bins.astype(np.float32))
+    hist = np.sqrt(_soft_histogram(np.asarray(rgb).reshape(-1, 3))).astype(np.float32)
     hist /= max(float(np.linalg.norm(hist)), 1e-12)
     w, h = rgb.size
     s = THUMB / max(w, h)
@@ -121,6 +119,24 @@ def signature(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     thumb = np.zeros((THUMB, THUMB, 3), np.uint8)
     thumb[:th, :tw] = np.asarray(rgb.resize((tw, th), Image.BILINEAR), np.uint8)
     return hist, thumb, (th, tw)
+
+
+def _soft_histogram(pixels: np.ndarray) -> np.ndarray:
+    """(HIST_DIM,) colour histogram with each pixel shared between the 2 x 2 x 2 nearest bin
+    centres (trilinear weights). Why not hard bins: a flat background whose colour sits at a bin
+    edge jumps to the next bin under a JPEG re-encode, and an edited copy then lands far from its
+    original (measured on the demo: copy-to-original distances 0.50 at the 99th percentile hard,
+    0.29 soft, and 27x fewer distinct candidates within the radius that keeps the copies)."""
+    x = pixels.astype(np.float32) / (256 // HIST_BINS) - 0.5  # bin centres at integers
+    lo = np.floor(x)
+    frac = x - lo
+    lo = lo.astype(np.int64)
+    bins = np.zeros(HIST_DIM, np.float64)
+    for corner in np.ndindex(2, 2, 2):
+        idx = np.clip(lo + corner, 0, HIST_BINS - 1)
+        weight = np.prod(np.where(corner, frac, 1.0 - frac), axis=1)
+        bins += np.bincount((idx[:, 0] * HIST_BINS + idx[:, 1]) * HIST_BINS + idx[:, 2], weight, HIST_DIM)
+    return bins
 
 
 def copy_match(a: np.ndarray, b: np.ndarray, min_area: float, max_rotation: float) -> Match:

@@ -130,9 +130,20 @@ def test_thresholds_rule_and_cell_targets():
     assert mixed["structure"]["overlap"] and mixed["colour"]["overlap"]
     assert mixed["match_threshold"] == pytest.approx(np.quantile(copies[:, 0], 0.01))
     assert mixed["colour_threshold"] == pytest.approx(np.quantile(copies[:, 1], 0.99))
-    alone = curate.choose_thresholds(copy_d, copies, np.zeros((0, 2)), 0.99, 0.01)  # no distinct candidate
-    assert alone["colour_threshold"] == pytest.approx(np.quantile(copies[:, 1], 0.99))
+    # no distinct candidate: as far beyond the copy quantile as the copies' median lies before it
+    alone = curate.choose_thresholds(copy_d, copies, np.zeros((0, 2)), 0.99, 0.01)
+    q, med = np.quantile(copies[:, 1], 0.99), np.median(copies[:, 1])
+    assert alone["colour_threshold"] == pytest.approx(2 * q - med) and alone["colour_threshold"] > q
     assert alone["structure"]["distinct_quantile_value"] is None
+    # images without a candidate (NaN) can never be flagged: with 0.5 % of 1000 allowed, 3 with one
+    # leave the copy quantile alone; 100 with one put the line below the 5th best of those 100
+    few = np.full((1000, 2), np.nan)
+    few[:3] = [0.95, 2.0]
+    q, med = np.quantile(copies[:, 0], 0.01), np.median(copies[:, 0])
+    assert curate.choose_thresholds(copy_d, copies, few, 0.99, 0.005)["match_threshold"] == pytest.approx(2 * q - med)
+    few[:100] = distinct[:100]
+    some = curate.choose_thresholds(copy_d, copies, few, 0.99, 0.005)["structure"]
+    assert some["distinct_quantile_value"] == pytest.approx(np.quantile(distinct[:100, 0], 0.95))
     # a point at distance 0.1 from its cell's centroid: another cell at 0.25 may hold a partner
     # within radius 0.1 (0.25 <= 0.1 + 2 x 0.1), one at 0.35 cannot; the last probed still qualifies
     i, cells, unresolved = curate.cell_targets(
@@ -172,11 +183,13 @@ def test_planted_test_copies_are_removed_and_listed(curated):
     assert result["pool"] == len(reason) and result["kept"] == sum(r == KEPT for r in reason.values())
     assert read_summary(RunLayout(root / "run").stage_dir("curate"))["token"]
     report = json.loads((RunLayout(root / "run").stage_dir("curate") / "calibration.json").read_text())
-    assert report["copies"]["score"]["n"] == 40 and report["distinct"]["score"]["n"] > 0
+    assert report["copies"]["score"]["n"] == 40 and report["distinct"]["queries"] == 40
+    assert report["distinct"]["best_score"]["n"] == report["distinct"]["queries_with_a_candidate"]
     assert report["match_threshold_source"] == report["colour_threshold_source"] == "calibrated"
     assert "quantile" in report["rule"] and report["copies"]["colour_difference"]["n"] == 40
     assert 0.0 < report["candidate_radius"] <= 2.0 and -1.0 < report["match_threshold"] <= 1.0
-    assert 0.0 < report["colour_threshold"] < 255.0 and report["distinct"]["best_colour_difference"]["n"] == 40
+    assert report["copies"]["score"]["quantiles"]["0.0"] > 0.9 and report["match_threshold"] > 0.85
+    assert 0.0 < report["colour_threshold"] < 255.0
     assert result["colour_threshold"] == report["colour_threshold"]
 
 

@@ -5,15 +5,18 @@ histogram, then data/copies.copy_match: a structure score from `match_threshold`
 difference up to `colour_threshold`), `choose_thresholds` (the rule) and `calibrate`: rank 0 gives
 `curate.calibration_images` test images one edited copy each (data/copies.make_copy within the
 `curate.copy_*` ranges) and checks up to twice as many test images against their candidates among
-the other test images (the hardest distinct images the check meets); the radius keeps the
-`copy_quantile` of copy-to-original histogram distances. Each of the two pixel measures gets its
-threshold the same way (`split_point`): the false-positive budget is a share of IMAGES (a pool image
-is removed when one of its candidates passes), so the distinct side is each distinct image's best
-candidate on that measure; the threshold keeps the `copy_quantile` of copies and lies halfway to
-the value only `distinct_quantile` of distinct images reach when that lies beyond it; when the two
-overlap, the copy quantile alone. A copy must pass both, so the report estimates the joint rule on
-the same pairs (copies kept, distinct images flagged); a WARNING when the flagged share exceeds
-`distinct_quantile`. Values set in the config are used as given (and reported).
+the other test images (the hardest distinct images the check meets); the radius is `radius_margin`
+x the distance that keeps the `copy_quantile` of copy-to-original histogram distances (it only
+picks what the pixel check sees). Each of the two pixel measures gets its threshold the same way
+(`split_point`): the false-positive budget is a share of IMAGES (a pool image is removed when one
+of its candidates passes), so the distinct side is each distinct image's best candidate on that
+measure (an image without a candidate within the radius can never be flagged); the threshold keeps
+the `copy_quantile` of copies and lies halfway to the value only `distinct_quantile` of distinct
+images reach when that lies beyond it; when the two overlap, the copy quantile alone; when no
+distinct image bounds it, as far beyond the copy quantile as the copies' median lies before it. A copy must
+pass both, so the report estimates the joint rule on the same pairs (copies kept, distinct images
+flagged); a WARNING when the flagged share exceeds `distinct_quantile`. Values set in the config
+are used as given (and reported).
 Tests: tests/unit/test_curate.py.
 """
 
@@ -42,26 +45,40 @@ def split_point(
 ) -> dict[str, Any]:
     """A threshold on one measure: keeps copy_q of the copies' values; halfway between that and the
     value only distinct_q of the distinct images reach with their best candidate when that lies
-    beyond, else (`overlap`) the copy quantile alone. copy_high: copies score high (structure),
+    beyond, else (`overlap`) the copy quantile alone. distinct_best: NaN for an image without a
+    candidate (it can never be flagged); when no more than distinct_q of the images have one, the
+    budget holds at any value and nothing distinct bounds the line: it lies as far beyond the copy
+    quantile as that quantile lies from the copies' median (few calibration copies estimate a tail
+    quantile poorly; the margin keeps the copies just beyond it). copy_high: copies score high (structure),
     else low (colour difference)."""
     sign = 1.0 if copy_high else -1.0
     c, d = sign * np.asarray(copies, np.float64), sign * np.asarray(distinct_best, np.float64)
     t_copy = float(np.quantile(c, 1.0 - copy_q))
-    t_distinct = float(np.quantile(d, 1.0 - distinct_q)) if len(d) else -np.inf
-    overlap = t_distinct >= t_copy
-    t = t_copy if overlap or not np.isfinite(t_distinct) else (t_copy + t_distinct) / 2
+    seen = d[np.isfinite(d)]
+    allowed = distinct_q * len(d)  # distinct images the budget lets reach the threshold
+    t_distinct = float(np.quantile(seen, 1.0 - allowed / len(seen))) if len(seen) > allowed else None
+    overlap = t_distinct is not None and t_distinct >= t_copy
+    if t_distinct is None:  # nothing distinct bounds it: as far beyond as the copies' own spread
+        t = 2 * t_copy - float(np.median(c))
+    else:
+        t = t_copy if overlap else (t_copy + t_distinct) / 2
     return {
         "threshold": sign * t,
         "copy_quantile_value": sign * t_copy,
-        "distinct_quantile_value": sign * t_distinct if np.isfinite(t_distinct) else None,
+        "distinct_quantile_value": None if t_distinct is None else sign * t_distinct,
         "overlap": bool(overlap),
     }
 
 
 def choose_thresholds(
-    copy_dist: np.ndarray, copy_match: np.ndarray, distinct_best: np.ndarray, copy_q: float, distinct_q: float
+    copy_dist: np.ndarray,
+    copy_match: np.ndarray,
+    distinct_best: np.ndarray,
+    copy_q: float,
+    distinct_q: float,
+    margin: float = 1.0,
 ) -> dict[str, Any]:
-    """Radius: keeps copy_q of the copies' histogram distances. copy_match: (n, 2) the copies'
+    """Radius: margin x the distance that keeps copy_q of the copies. copy_match: (n, 2) the copies'
     (structure, colour difference); distinct_best: (m, 2) each distinct image's best candidate on
     each measure (highest structure, lowest colour difference). Each threshold by split_point."""
     if len(copy_match) == 0:
@@ -70,7 +87,7 @@ def choose_thresholds(
     structure = split_point(copy_match[:, 0], distinct_best[:, 0], copy_q, distinct_q)
     colour = split_point(copy_match[:, 1], distinct_best[:, 1], copy_q, distinct_q, copy_high=False)
     return {
-        "candidate_radius": float(np.quantile(copy_dist, copy_q)),
+        "candidate_radius": float(min(2.0, margin * np.quantile(copy_dist, copy_q))),
         "match_threshold": structure["threshold"],
         "colour_threshold": colour["threshold"],
         "structure": structure,
@@ -79,6 +96,7 @@ def choose_thresholds(
 
 
 def _describe(x: np.ndarray) -> dict[str, Any]:
+    x = np.asarray(x)[np.isfinite(x)]  # NaN: no candidate (counted beside)
     if len(x) == 0:
         return {"n": 0}
     x = np.asarray(x, dtype=np.float64)  # float32 cannot hold 40 bins of a 1e-6 range (all values equal)
@@ -151,10 +169,12 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
         np.float64,
     ).reshape(-1, 2)
     queries = np.sort(rng.choice(len(tests.keys), min(2 * c.calibration_images, len(tests.keys)), replace=False))
-    loose = float(np.quantile(copy_dist, c.copy_quantile)) if c.candidate_radius is None else c.candidate_radius
+    loose = c.candidate_radius
+    if loose is None:
+        loose = min(2.0, c.radius_margin * float(np.quantile(copy_dist, c.copy_quantile)))
     distinct, of_query = _distinct_matches(tests, index, queries, loose, probe, c.candidates)
-    cal = choose_thresholds(copy_dist, copy_match, _best_per_query(distinct, of_query, len(queries)),
-                            c.copy_quantile, c.distinct_quantile)  # fmt: skip
+    best = _best_per_query(distinct, of_query, len(queries))
+    cal = choose_thresholds(copy_dist, copy_match, best, c.copy_quantile, c.distinct_quantile, c.radius_margin)
     radius, radius_source = _given_or(c.candidate_radius, cal["candidate_radius"])
     threshold, threshold_source = _given_or(c.match_threshold, cal["match_threshold"])
     colour, colour_source = _given_or(c.colour_threshold, cal["colour_threshold"])
@@ -164,7 +184,8 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
     np.logical_or.at(flagged, of_query, check.passes(distinct) & (distinct[:, 2] <= radius))
     report = {
         "rule": (
-            f"candidate radius = the {c.copy_quantile} quantile of copy-to-original colour-histogram distances; "
+            f"candidate radius = {c.radius_margin} x the {c.copy_quantile} quantile of copy-to-original "
+            f"colour-histogram distances; "
             f"match threshold (structure: gradient correlation) and colour threshold (mean RGB difference at the "
             f"best alignment) = each the value all but {1 - c.copy_quantile:.3g} of copies reach, placed halfway to "
             f"the value only {c.distinct_quantile} of distinct test images reach with their best candidate when that "
@@ -183,9 +204,7 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
             "copy_recall": float(np.mean(found & (copy_dist <= radius) & check.passes(copy_match))),
             "copy_original_among_candidates": float(np.mean(found)),
             "distinct_flagged_share": float(np.mean(flagged)) if len(flagged) else 0.0,
-            "distinct_flagged_by_structure_alone": float(
-                np.mean(_best_per_query(distinct, of_query, len(queries))[:, 0] >= threshold)
-            )
+            "distinct_flagged_by_structure_alone": float(np.mean(np.nan_to_num(best[:, 0], nan=-1.0) >= threshold))
             if len(queries)
             else 0.0,
         },
@@ -199,12 +218,14 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
         "distinct": {
             "score": _describe(distinct[:, 0]),
             "colour_difference": _describe(distinct[:, 1]),
-            "best_score": _describe(_best_per_query(distinct, of_query, len(queries))[:, 0]),
-            "best_colour_difference": _describe(_best_per_query(distinct, of_query, len(queries))[:, 1]),
+            "best_score": _describe(best[:, 0]),
+            "best_colour_difference": _describe(best[:, 1]),
+            "queries": len(queries),
+            "queries_with_a_candidate": int(np.isfinite(best[:, 0]).sum()),
             "what": (
                 f"pixel checks of {len(queries)} test images against their candidates among the other test images "
-                f"(other bytes, within the radius): the hardest distinct pairs the check meets; best_*: each image's "
-                f"best candidate on that measure (score -1 / colour 255: no candidate within the radius)"
+                f"(other bytes, within the radius): the hardest distinct pairs the check meets; best_*: each image "
+                f"with a candidate: its best candidate on that measure"
             ),
         },
         "test_images": len(tests.keys),
@@ -254,10 +275,11 @@ def _distinct_matches(
 
 def _best_per_query(distinct: np.ndarray, of_query: np.ndarray, n: int) -> np.ndarray:
     """(n, 2): each query's highest structure and lowest colour difference over its candidates
-    (-1 / 255 without one)."""
-    best = np.tile([-1.0, 255.0], (n, 1))
+    (NaN without one)."""
+    best = np.tile([-np.inf, np.inf], (n, 1))
     np.maximum.at(best[:, 0], of_query, distinct[:, 0])
     np.minimum.at(best[:, 1], of_query, distinct[:, 1])
+    best[~np.isfinite(best)] = np.nan
     return best
 
 
