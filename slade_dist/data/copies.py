@@ -92,6 +92,7 @@ def _crop(img: Image.Image, rng: np.random.Generator, min_area: float) -> tuple[
 THUMB = 32  # pixels on a signature thumbnail's long side (the pixel check's resolution)
 HIST_BINS = 8  # per RGB channel: a 512-bin colour histogram
 HIST_DIM = HIST_BINS**3
+HIST_SIDE = 64  # pixels: larger images are box-reduced to about this long side for the histogram
 BINOMIAL = np.array([1, 4, 6, 4, 1], np.float32) / 16
 
 
@@ -111,7 +112,9 @@ def signature(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (4 * THUMB, 4 * THUMB))  # JPEG: decode at a reduced scale, enough for both
     rgb = img.convert("RGB")
-    hist = np.sqrt(_soft_histogram(np.asarray(rgb).reshape(-1, 3))).astype(np.float32)
+    factor = max(rgb.size) // HIST_SIDE  # the colours of a few thousand pixels are enough
+    small = rgb.reduce(factor) if factor > 1 else rgb
+    hist = np.sqrt(_soft_histogram(np.asarray(small).reshape(-1, 3))).astype(np.float32)
     hist /= max(float(np.linalg.norm(hist)), 1e-12)
     w, h = rgb.size
     s = THUMB / max(w, h)
@@ -122,21 +125,20 @@ def signature(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
 
 
 def _soft_histogram(pixels: np.ndarray) -> np.ndarray:
-    """(HIST_DIM,) colour histogram with each pixel shared between the 2 x 2 x 2 nearest bin
-    centres (trilinear weights). Why not hard bins: a flat background whose colour sits at a bin
-    edge jumps to the next bin under a JPEG re-encode, and an edited copy then lands far from its
-    original (measured on the demo: copy-to-original distances 0.50 at the 99th percentile hard,
+    """(HIST_DIM,) colour histogram of (n, 3) RGB pixels, each shared between the 2 x 2 x 2 nearest
+    bin centres (trilinear weights). Why not hard bins: a flat background whose colour sits at a
+    bin edge jumps to the next bin under a JPEG re-encode, and an edited copy then lands far from
+    its original (measured on the demo: copy-to-original distances 0.50 at the 99th percentile hard,
     0.29 soft, and 27x fewer distinct candidates within the radius that keeps the copies)."""
     x = pixels.astype(np.float32) / (256 // HIST_BINS) - 0.5  # bin centres at integers
     lo = np.floor(x)
     frac = x - lo
-    lo = lo.astype(np.int64)
-    bins = np.zeros(HIST_DIM, np.float64)
-    for corner in np.ndindex(2, 2, 2):
-        idx = np.clip(lo + corner, 0, HIST_BINS - 1)
-        weight = np.prod(np.where(corner, frac, 1.0 - frac), axis=1)
-        bins += np.bincount((idx[:, 0] * HIST_BINS + idx[:, 1]) * HIST_BINS + idx[:, 2], weight, HIST_DIM)
-    return bins
+    # per channel, the lower and upper bin (2, n, 3) as offsets into the flat histogram, and weights
+    idx = np.clip(np.stack([lo, lo + 1]).astype(np.int64), 0, HIST_BINS - 1) * np.array([HIST_BINS**2, HIST_BINS, 1])
+    w = np.stack([1.0 - frac, frac])
+    flat = idx[:, None, None, :, 0] + idx[None, :, None, :, 1] + idx[None, None, :, :, 2]
+    weight = w[:, None, None, :, 0] * w[None, :, None, :, 1] * w[None, None, :, :, 2]
+    return np.bincount(flat.ravel(), weight.ravel(), HIST_DIM)
 
 
 def copy_match(a: np.ndarray, b: np.ndarray, min_area: float, max_rotation: float) -> Match:
