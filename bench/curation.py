@@ -16,15 +16,20 @@ teacher -> embed -> cluster -> eval (the teacher). Measured against planted.json
   the members the cap leaves out.
 - rates (the figures docs/SCALING.md extrapolates from), one thread: copy signatures per second of
   500x375 photo-like JPEGs (decode at a reduced scale, colour histogram, thumbnail), pixel checks
-  per second (copy_score of pairs that are not copies: the full search), and FAISS IndexFlatIP
+  per second (copy_match of pairs that are not copies: the full search, then the colours), and FAISS IndexFlatIP
   GFLOP/s on 512-d histograms (2 x d FLOP per distance).
 - student (--student): the student of round 1 on the default clusters (curate.cluster_cap 0): the
   precision of its pseudo-positive pairs and of both Eq. 7 readings' mined pairs against the hidden
-  classes (its DONE.json `truth_precision`, train/student.py TruthPrecision).
+  classes (its DONE.json `truth_precision`, train/student.py TruthPrecision) and its MAP@R / P@1
+  on the test classes (bench/_demo.py metrics_of, the eval stage's numbers); --alternatives: the
+  same for each named alternative pseudo-label setting (ALTERNATIVES: the cluster stage and the
+  student rerun on the same teacher), so each comparison is paired within a seed.
+--seeds N: the whole measure on N demos (demo.seed = run.seed = 0 .. N-1: other classes, images,
+  planted copies and training draws), reported per seed and as mean +- std.
 --quick: the demo at 32 px (bench/_demo.py "quick"), 30 pretrain / 100 teacher / 100 student steps.
 --rates-only: only the rates.
-The last line is one JSON object {"bench": "curation", "ours": planted test copies removed (share),
-"baseline": the hash check's share, "unit", "ratio", ...}.
+The last line is one JSON object {"bench": "curation", "ours": planted test copies removed (share,
+mean over seeds), "baseline": the hash check's share, "unit", "ratio", "per_seed", "students", ...}.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _demo import DEMO, ROOT, prepare_data
+from _demo import DEMO, ROOT, metrics_of, prepare_data, summarise
 
 from slade_dist.config import load_config
 from slade_dist.data.curation import KEPT, NEAR_TEST, SAME_BYTES, decisions_path, read_decisions
@@ -51,11 +56,22 @@ from slade_dist.runner import run_stage
 from slade_dist.stages import RunLayout
 
 QUICK_STEPS = ["pretrain.steps=30", "train.teacher_steps=100", "train.student_steps=100"]
+# alternative pseudo-label settings measured beside the defaults (--alternatives): each reruns the
+# cluster stage and the student from the same teacher
+ALTERNATIVES: dict[str, list[str]] = {
+    "no_curation": ["curate.enabled=false"],
+    "k50": ["pseudo.k=50"],
+    "k200": ["pseudo.k=200"],
+    "dist50": ["data.pseudo_max_dist_percentile=50"],
+}
 
 
-def prepare(bench_dir: Path, quick: bool, copies: int, groups: int) -> list[str]:
+def prepare(bench_dir: Path, quick: bool, copies: int, groups: int, seed: int = 0) -> list[str]:
+    """The planted demo of a seed (seed 0: the demo's own draw, in the directory it always had)."""
     planted = [f"demo.planted_test_copies={copies}", f"demo.duplicate_groups={groups}"]
-    return prepare_data(bench_dir, quick, demo=planted, tag="-planted")
+    if seed:
+        planted.append(f"demo.seed={seed}")
+    return prepare_data(bench_dir, quick, demo=planted, tag="-planted" + (f"-s{seed}" if seed else ""))
 
 
 def decisions(run_dir: Path, unlabeled: Path) -> dict[str, tuple[int, int]]:
@@ -163,7 +179,7 @@ def rates(seconds: float = 5.0) -> dict[str, float]:
     import faiss
     from PIL import Image
 
-    from slade_dist.data.copies import HIST_DIM, copy_score, signature
+    from slade_dist.data.copies import HIST_DIM, copy_match, signature
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -186,7 +202,7 @@ def rates(seconds: float = 5.0) -> dict[str, float]:
     thumbs = [t[:h, :w] for _, t, (h, w) in sigs[:16]]
     t0, n = time.time(), 0
     while time.time() - t0 < seconds:
-        copy_score(thumbs[n % 16], thumbs[(n + 1) % 16], 0.75, 3.0)
+        copy_match(thumbs[n % 16], thumbs[(n + 1) % 16], 0.75, 3.0)
         n += 1
     out["pixel_checks_per_s"] = n / (time.time() - t0)
     db = rng.random((100_000, HIST_DIM), dtype=np.float32)
@@ -199,6 +215,104 @@ def rates(seconds: float = 5.0) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def student_row(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """The round-1 student trained afresh: truth precision of its pairs, MAP@R / P@1, seconds."""
+    t0 = time.time()
+    run_stage(cfg, "student", force=True)
+    layout = RunLayout(run_dir)
+    truth = json.loads(layout.done_file("student", 1).read_text())["result"]["truth_precision"]
+    return {
+        "truth_precision": truth,
+        **metrics_of(layout.stage_dir("student", 1) / "final.pt", cfg),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def students(cfg: Any, over: list[str], run_dir: Path, alternatives: list[str]) -> dict[str, dict[str, Any]]:
+    """The defaults' student, then each alternative's (the cluster stage rerun with it first);
+    the defaults' clusters are restored last."""
+    rows = {"defaults": student_row(cfg, run_dir)}
+    print(f"  student defaults: {rows['defaults']}", flush=True)
+    for name in alternatives:
+        acfg = load_config(DEMO, [*over, *ALTERNATIVES[name]])
+        run_stage(acfg, "cluster", force=True)
+        rows[name] = student_row(acfg, run_dir)
+        print(f"  student {name}: {rows[name]}", flush=True)
+    if alternatives:
+        run_stage(cfg, "cluster", force=True)
+    return rows
+
+
+def one_seed(args: argparse.Namespace, seed: int, alternatives: list[str]) -> dict[str, Any]:
+    """The curate stage and the chain on the planted demo of one seed, measured."""
+    bench_dir = Path(args.dir)
+    data = prepare(bench_dir, args.quick, args.copies, args.groups, seed)
+    run_dir = bench_dir / f"curation-{'quick' if args.quick else 'demo'}{f'-s{seed}' if seed else ''}"
+    over = [*data, f"run.dir={run_dir}", f"run.seed={seed}", "run.rounds=1", "run.round=1", "curate.enabled=true"]
+    over += QUICK_STEPS if args.quick else []
+    cfg = load_config(DEMO, over)
+    seconds = {}
+    layout = RunLayout(run_dir)
+    unlabeled = Path(cfg.data.unlabeled_shards)
+    planted = read_planted(cfg.demo.out)
+    for stage in ("curate", "pretrain", "teacher", "embed", "cluster", "eval"):
+        t0 = time.time()
+        run_stage(cfg, stage, force=stage == "curate")  # the curate code may have changed: measured afresh
+        seconds[stage] = round(time.time() - t0, 1)
+        print(f"  seed {seed} {stage}: {seconds[stage]}s", flush=True)
+        if stage == "curate":
+            res = measure(decisions(run_dir, unlabeled), planted)
+            print(f"  seed {seed} curation: " + json.dumps({k: v for k, v in res.items() if k != "others"}), flush=True)
+    rows = students(cfg, over, run_dir, alternatives) if args.student else {}
+    teacher = metrics_of(layout.stage_dir("teacher") / "final.pt", cfg)
+    eval_curation = json.loads((layout.stage_dir("eval") / "metrics.json").read_text()).get("curation")
+    curate_done = json.loads(layout.done_file("curate").read_text())["result"]
+    truth = hidden_truth(run_dir, unlabeled)
+    group_of = {k: g for g, grp in enumerate(planted["duplicate_groups"]) for k in grp["keys"]}
+    balance = {}
+    for cap in [float(c) for c in args.caps.split(",")]:
+        ccfg = load_config(DEMO, [*over, f"curate.cluster_cap={cap}"])
+        run_stage(ccfg, "cluster")
+        index, key_of = member_truth(run_dir, unlabeled, ccfg)
+        balance[str(cap)] = index_facts(index, key_of, truth, group_of)
+        print(f"  seed {seed} cluster_cap {cap}: {balance[str(cap)]}", flush=True)
+    for name, v in res.items():
+        print(f"  seed {seed} {name:32s} {v}")
+    return {
+        "seed": seed,
+        "measures": res,
+        "thresholds": {k: curate_done[k] for k in ("candidate_radius", "match_threshold", "colour_threshold")},
+        "pixel_checks": curate_done["pixel_checks"],
+        "curate_seconds": curate_done["seconds"],
+        "curate_done": {k: curate_done[k] for k in ("pool", "kept", "removed", "per_test_set")},
+        "calibration": curate_done["calibration"],
+        "eval_curation": eval_curation,
+        "teacher": teacher,
+        "students": rows,
+        "balance": balance,
+        "seconds": seconds,
+    }
+
+
+def student_table(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per student row: MAP@R and P@1 mean +- std over seeds, and the same for the precision of
+    its pseudo-positive pairs and of the agreement reading's positives."""
+    runs = [s["students"] for s in per_seed if s["students"]]
+    if not runs:
+        return {}
+    table = summarise(runs)
+    for name in table:
+        for key in ("pseudo_pos", "agreement_pos", "literal_pos"):
+            vals = [float(r[name]["truth_precision"][key]["precision"]) for r in runs]
+            table[name][f"{key}_precision"] = round(float(np.mean(vals)), 4)
+            table[name][f"{key}_precision_std"] = round(float(np.std(vals, ddof=1)), 4) if len(vals) > 1 else 0.0
+        table[name]["map_at_r_per_seed"] = [round(r[name]["map_at_r"], 4) for r in runs]
+        table[name]["pseudo_pos_precision_per_seed"] = [
+            float(r[name]["truth_precision"]["pseudo_pos"]["precision"]) for r in runs
+        ]
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 px demo, short stages")
@@ -208,80 +322,56 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "runs" / "bench"), help="where data and runs go")
     ap.add_argument("--rates-only", action="store_true", help="only the single-thread rates")
     ap.add_argument(
-        "--student", action="store_true", help="also train the round-1 student: truth precision of its pairs"
+        "--student", action="store_true", help="also train the round-1 student: truth precision of its pairs, MAP@R"
+    )
+    ap.add_argument("--seeds", type=int, default=1, help="demos measured: demo.seed = run.seed = 0 .. N-1")
+    ap.add_argument(
+        "--alternatives",
+        default="",
+        help=f"with --student: comma-separated alternative pseudo-label settings ({', '.join(ALTERNATIVES)})",
     )
     args = ap.parse_args()
+    alternatives = [a for a in args.alternatives.split(",") if a]
+    if set(alternatives) - set(ALTERNATIVES) or (alternatives and not args.student):
+        ap.error(f"--alternatives needs --student and names of {', '.join(ALTERNATIVES)} (got {alternatives})")
     measured = rates()
     print(f"  rates (1 thread): {measured}", flush=True)
     if args.rates_only:
         print(json.dumps({"bench": "curation", "ours": None, "baseline": None, "unit": "rates only", "ratio": None,
                           "rates": measured}))  # fmt: skip
         return
-    bench_dir = Path(args.dir)
-    data = prepare(bench_dir, args.quick, args.copies, args.groups)
-    run_dir = bench_dir / f"curation-{'quick' if args.quick else 'demo'}"
-    over = [*data, f"run.dir={run_dir}", "run.rounds=1", "run.round=1", "curate.enabled=true"]
-    over += QUICK_STEPS if args.quick else []
-    cfg = load_config(DEMO, over)
-    seconds = {}
-    for stage in ("curate", "pretrain", "teacher", "embed", "cluster", "eval"):
-        t0 = time.time()
-        run_stage(cfg, stage, force=stage == "curate")  # the curate code may have changed: measured afresh
-        seconds[stage] = round(time.time() - t0, 1)
-        print(f"  {stage}: {seconds[stage]}s", flush=True)
-    truth_precision = None
-    if args.student:
-        t0 = time.time()
-        run_stage(cfg, "student")
-        seconds["student"] = round(time.time() - t0, 1)
-        truth_precision = json.loads(RunLayout(run_dir).done_file("student", 1).read_text())["result"][
-            "truth_precision"
-        ]
-        print(f"  student: {seconds['student']}s; truth precision {truth_precision}", flush=True)
-    eval_curation = json.loads((RunLayout(run_dir).stage_dir("eval") / "metrics.json").read_text()).get("curation")
-    unlabeled = Path(cfg.data.unlabeled_shards)
-    planted = read_planted(cfg.demo.out)
-    decided = decisions(run_dir, unlabeled)
-    res = measure(decided, planted)
-    curate_done = json.loads(RunLayout(run_dir).done_file("curate").read_text())["result"]
-    truth = hidden_truth(run_dir, unlabeled)
-    group_of = {k: g for g, grp in enumerate(planted["duplicate_groups"]) for k in grp["keys"]}
-    balance = {}
-    for cap in [float(c) for c in args.caps.split(",")]:
-        ccfg = load_config(DEMO, [*over, f"curate.cluster_cap={cap}"])
-        run_stage(ccfg, "cluster")
-        index, key_of = member_truth(run_dir, unlabeled, ccfg)
-        balance[str(cap)] = index_facts(index, key_of, truth, group_of)
-        print(f"  cluster_cap {cap}: {balance[str(cap)]}", flush=True)
-    for name, v in res.items():
-        print(f"{name:32s} {v}")
+    per_seed = [one_seed(args, seed, alternatives) for seed in range(args.seeds)]
+    table = student_table(per_seed)
+    for name, row in table.items():
+        print(
+            f"{name:12s} MAP@R {row['map_at_r']:.4f} +- {row['map_at_r_std']:.4f}  pseudo-positive precision "
+            f"{row['pseudo_pos_precision']:.4f} +- {row['pseudo_pos_precision_std']:.4f}"
+        )
+    mean = {k: float(np.mean([s["measures"][k] for s in per_seed])) for k in MEAN_MEASURES}
     print(
         json.dumps(
             {
                 "bench": "curation",
-                "ours": round(res["test_copies_removed"], 4),
-                "baseline": round(res["hash_only_removed"], 4),
-                "unit": "share of planted test copies removed (ours: colour-histogram search + pixel check + hash; "
-                "baseline: hash only)",
-                "ratio": round(res["test_copies_removed"] / max(res["hash_only_removed"], 1e-9), 3),
-                "others_removed": round(res["others_removed"], 5),
-                "groups_collapsed": round(res["groups_collapsed"], 4),
-                "hash_only_groups_collapsed": round(res["hash_only_groups_collapsed"], 4),
-                "thresholds": {k: curate_done[k] for k in ("candidate_radius", "match_threshold")},
-                "pixel_checks": curate_done["pixel_checks"],
-                "curate_seconds": curate_done["seconds"],
-                "curate_done": {k: curate_done[k] for k in ("pool", "kept", "removed", "per_test_set")},
-                "eval_curation": eval_curation,
-                "truth_precision": truth_precision,
-                "calibration": curate_done["calibration"],
-                "balance": balance,
-                "measures": res,
+                "ours": round(mean["test_copies_removed"], 4),
+                "baseline": round(mean["hash_only_removed"], 4),
+                "unit": "share of planted test copies removed, mean over seeds (ours: colour-histogram search + "
+                "pixel check + hash; baseline: hash only)",
+                "ratio": round(mean["test_copies_removed"] / max(mean["hash_only_removed"], 1e-9), 3),
+                "others_removed": round(mean["others_removed"], 5),
+                "groups_collapsed": round(mean["groups_collapsed"], 4),
+                "hash_only_groups_collapsed": round(mean["hash_only_groups_collapsed"], 4),
+                "seeds": args.seeds,
+                "students": table,
+                "per_seed": per_seed,
                 "rates": measured,
-                "seconds": seconds,
                 "quick": args.quick,
             }
         )
     )
+
+
+MEAN_MEASURES = ("test_copies_removed", "hash_only_removed", "others_removed", "groups_collapsed",
+                 "hash_only_groups_collapsed")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -438,8 +438,9 @@ class CurateConfig:
     """The unlabeled pool checked once, before anything reads it (the curate stage,
     slade_dist/pseudo/curate/): copies of test images out, near-duplicate groups down to one
     image; plus the cluster stage's balance cap and collapse warning (those act either way). A copy
-    is found by a colour-histogram search (FAISS) and confirmed by a pixel check (copy_score:
-    gradient maps correlated over crops, scales and small rotations), both thresholds calibrated."""
+    is found by a colour-histogram search (FAISS) and confirmed by a pixel check (copy_match:
+    gradient maps correlated over crops, scales and small rotations, then the colours compared at
+    the best alignment), every threshold calibrated."""
 
     enabled: bool = _f(
         False, help="run the curate stage (once, before pretrain); cluster and student use what it keeps"
@@ -454,12 +455,27 @@ class CurateConfig:
         hi=2.0,
         help="colour-histogram distance (unit vectors) within which a candidate is checked; null: calibrated",
     )
+    radius_margin: float = _f(
+        1.25,
+        lo=1.0,
+        hi=4.0,
+        help="the calibrated candidate radius is this multiple of the copies' histogram-distance quantile: the "
+        "radius only picks what gets the pixel check (which decides), so a margin keeps copies just beyond the "
+        "calibration's tail at the cost of more checks",
+    )
     match_threshold: float | None = _f(
         None,
         lo=-1.0,
         hi=1.0,
-        help="pixel-check score (normalised cross-correlation, 1 = same picture) from which a candidate is a "
-        "copy; null: calibrated (calibration.json beside the outputs)",
+        help="pixel-check structure score (normalised cross-correlation of gradient maps, 1 = same picture) "
+        "from which a candidate is a copy; null: calibrated (calibration.json beside the outputs)",
+    )
+    colour_threshold: float | None = _f(
+        None,
+        lo=0.0,
+        hi=255.0,
+        help="pixel-check colour difference (mean absolute RGB difference at the best alignment, grey levels) "
+        "up to which a candidate is a copy (and its structure score passes too); null: calibrated",
     )
     calibration_images: int = _f(512, lo=16, help="test images given an edited copy each to calibrate the thresholds")
     copy_quantile: float = _f(
@@ -469,8 +485,8 @@ class CurateConfig:
         0.005,
         lo=0.0,
         hi=0.5,
-        help="the false-positive budget: where the two distributions allow it, the match threshold lies halfway "
-        "to the score only this share of distinct test images reach with their best candidate",
+        help="the false-positive budget: where the two distributions allow it, each pixel-check threshold lies "
+        "halfway to the value only this share of distinct test images reach with their best candidate",
     )
     copy_min_area: float = _f(0.75, lo=0.05, hi=1.0, help="copies: least area a crop keeps (calibration and search)")
     copy_max_rotation: float = _f(3.0, lo=0.0, hi=45.0, help="copies: rotation in [-d, d] degrees")

@@ -6,8 +6,9 @@ slade_dist/pseudo/curate/):
   (uint64 digest of each key: readers look their keys up by it, a key it lacks is an error),
   `keep` (bool), `reason` (uint8: KEPT, NEAR_TEST, SAME_BYTES, DUPLICATE, UNREADABLE), `group`
   (int64: the pool row of the near-duplicate group's representative, -1 outside any group; pool
-  rows number every shard's samples in index order), `test_score` (float32: the best pixel-check
-  score against a test image among its candidates, -1 when none was close enough to check);
+  rows number every shard's samples in index order), `test_score` (float32: the pixel check's
+  structure score against the test image it copies, else the best among its candidates, -1 when
+  none was close enough to check);
 - `curate.json`: the stage's summary (pool size, what was removed per test set and why, the
   thresholds, the duplicate groups, a `token` unique to the run that wrote it); written last, so
   its presence marks complete decisions. The cluster stage keys its centroids to the token, the

@@ -46,7 +46,7 @@ def test_two_ranks_decide_as_one(runs):
     one, two, single, double = runs
     assert double["world_size"] == 2 and double["duplicate_groups"]["cells"] == 3
     assert double["duplicate_groups"]["rows_sent"] > double["duplicate_groups"]["candidates"]  # border copies
-    for key in ("pool", "kept", "removed", "per_test_set", "match_threshold", "candidate_radius"):
+    for key in ("pool", "kept", "removed", "per_test_set", "match_threshold", "colour_threshold", "candidate_radius"):
         assert double[key] == single[key], key
     assert double["removed"]["near_test"] > 0 and double["removed"]["duplicates"] > 0
     for shard in shard_paths(one / "demo" / "unlabeled"):
@@ -66,7 +66,7 @@ def test_four_ranks_decide_as_one(runs, tmp_path):
     dist.run_local_processes(curate_worker, 4, args=(str(tmp_path), OVERRIDES, str(tmp_path / "r.json")), extra_env=ENV)
     four = json.loads((tmp_path / "r.json").read_text())
     assert four["world_size"] == 4 and four["duplicate_groups"]["cells"] == 3
-    for key in ("pool", "kept", "removed", "per_test_set", "match_threshold", "candidate_radius"):
+    for key in ("pool", "kept", "removed", "per_test_set", "match_threshold", "colour_threshold", "candidate_radius"):
         assert four[key] == single[key], key
     for shard in shard_paths(one / "demo" / "unlabeled"):
         a = read_decisions(decisions_path(RunLayout(one / "run").stage_dir("curate"), shard))

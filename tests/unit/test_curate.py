@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from slade_dist.config import ConfigError, load_config
-from slade_dist.data.copies import CopyEdits, copy_score, make_copy, signature
+from slade_dist.data.copies import CopyEdits, copy_match, make_copy, signature
 from slade_dist.data.curation import (
     DUPLICATE,
     KEPT,
@@ -85,32 +85,65 @@ def test_copy_check_tells_copies_from_other_photos(tmp_path):
     edits = CopyEdits(min_area=0.8, max_rotation=3, min_scale=0.5, max_scale=2.0, min_quality=50)
     sig = [signature(b) for b in images]
     thumbs = [t[:h, :w] for _, t, (h, w) in sig]
+    copies, distinct = [], []
     for i, data in enumerate(images):
         copy, what = make_copy(data, rng, edits)
         _, t, (h, w) = signature(copy)
-        assert copy_score(t[:h, :w], thumbs[i], 0.75, 3.0) > 0.9, what
-        others = [copy_score(t[:h, :w], thumbs[j], 0.75, 3.0) for j in range(len(images)) if j != i]
-        assert max(others) < copy_score(t[:h, :w], thumbs[i], 0.75, 3.0)
+        m = copy_match(t[:h, :w], thumbs[i], 0.75, 3.0)
+        assert m.structure > 0.9 and m.colour < 10, what
+        others = [copy_match(t[:h, :w], thumbs[j], 0.75, 3.0) for j in range(len(images)) if j != i]
+        assert max(o.structure for o in others) < m.structure and min(o.colour for o in others) > m.colour
+        copies.append(m)
+        distinct += others
+    # the two measures together: no distinct pair is as alike as the least alike copy on both
+    least = (min(m.structure for m in copies), max(m.colour for m in copies))
+    assert not any(o.structure >= least[0] and o.colour <= least[1] for o in distinct)
+    # the same picture in other colours (another exposure, another background): one outline, so a
+    # structure score like a copy's; the colour difference tells it apart
+    recoloured = np.clip(thumbs[0].astype(np.int16) + np.array([60, -40, 30], np.int16), 0, 255).astype(np.uint8)
+    other_light = copy_match(recoloured, thumbs[0], 0.75, 3.0)
+    assert other_light.structure > 0.9 and other_light.colour > 2 * least[1]
     same, _ = make_copy(images[0], np.random.default_rng(1), CopyEdits(exact_share=1.0))
     assert same == images[0]  # a re-upload
     again = make_copy(images[0], np.random.default_rng(5), edits)
     assert again == make_copy(images[0], np.random.default_rng(5), edits)  # a seed fixes the copy
     hist, thumb, (h, w) = sig[0]
     assert hist.shape == (512,) and np.linalg.norm(hist) == pytest.approx(1.0, abs=1e-5)
-    assert thumb.shape == (32, 32) and max(h, w) == 32
+    assert thumb.shape == (32, 32, 3) and max(h, w) == 32
 
 
 def test_thresholds_rule_and_cell_targets():
     rng = np.random.default_rng(0)
-    copy_d, copies = rng.uniform(0, 0.4, 1000), rng.uniform(0.9, 1.0, 1000)
-    apart = curate.choose_thresholds(copy_d, copies, rng.uniform(0.2, 0.7, 1000), 0.99, 0.01)
-    assert not apart["overlap"] and apart["candidate_radius"] == pytest.approx(np.quantile(copy_d, 0.99))
-    assert apart["copy_quantile_score"] == pytest.approx(np.quantile(copies, 0.01))
-    assert apart["match_threshold"] == pytest.approx(
-        (apart["copy_quantile_score"] + apart["distinct_quantile_score"]) / 2
-    )
-    mixed = curate.choose_thresholds(copy_d, copies, rng.uniform(0.5, 0.95, 1000), 0.99, 0.01)
-    assert mixed["overlap"] and mixed["match_threshold"] == pytest.approx(np.quantile(copies, 0.01))
+    copy_d = rng.uniform(0, 0.4, 1000)
+    copies = np.stack([rng.uniform(0.9, 1.0, 1000), rng.uniform(1, 5, 1000)], axis=1)  # (structure, colour)
+    distinct = np.stack([rng.uniform(0.2, 0.7, 1000), rng.uniform(8, 40, 1000)], axis=1)
+    apart = curate.choose_thresholds(copy_d, copies, distinct, 0.99, 0.01)
+    assert apart["candidate_radius"] == pytest.approx(np.quantile(copy_d, 0.99))
+    s, c = apart["structure"], apart["colour"]
+    assert not s["overlap"] and s["copy_quantile_value"] == pytest.approx(np.quantile(copies[:, 0], 0.01))
+    assert apart["match_threshold"] == pytest.approx((s["copy_quantile_value"] + s["distinct_quantile_value"]) / 2)
+    # colour: copies low, distinct high; halfway between the copies' 0.99 and the distinct 0.01 quantile
+    assert not c["overlap"] and c["copy_quantile_value"] == pytest.approx(np.quantile(copies[:, 1], 0.99))
+    assert c["distinct_quantile_value"] == pytest.approx(np.quantile(distinct[:, 1], 0.01))
+    assert apart["colour_threshold"] == pytest.approx((c["copy_quantile_value"] + c["distinct_quantile_value"]) / 2)
+    mixed = curate.choose_thresholds(copy_d, copies, distinct * [1.0, 0.1] + [0.25, 0.0], 0.99, 0.01)
+    assert mixed["structure"]["overlap"] and mixed["colour"]["overlap"]
+    assert mixed["match_threshold"] == pytest.approx(np.quantile(copies[:, 0], 0.01))
+    assert mixed["colour_threshold"] == pytest.approx(np.quantile(copies[:, 1], 0.99))
+    # no distinct candidate: as far beyond the copy quantile as the copies' median lies before it
+    alone = curate.choose_thresholds(copy_d, copies, np.zeros((0, 2)), 0.99, 0.01)
+    q, med = np.quantile(copies[:, 1], 0.99), np.median(copies[:, 1])
+    assert alone["colour_threshold"] == pytest.approx(2 * q - med) and alone["colour_threshold"] > q
+    assert alone["structure"]["distinct_quantile_value"] is None
+    # images without a candidate (NaN) can never be flagged: with 0.5 % of 1000 allowed, 3 with one
+    # leave the copy quantile alone; 100 with one put the line below the 5th best of those 100
+    few = np.full((1000, 2), np.nan)
+    few[:3] = [0.95, 2.0]
+    q, med = np.quantile(copies[:, 0], 0.01), np.median(copies[:, 0])
+    assert curate.choose_thresholds(copy_d, copies, few, 0.99, 0.005)["match_threshold"] == pytest.approx(2 * q - med)
+    few[:100] = distinct[:100]
+    some = curate.choose_thresholds(copy_d, copies, few, 0.99, 0.005)["structure"]
+    assert some["distinct_quantile_value"] == pytest.approx(np.quantile(distinct[:100, 0], 0.95))
     # a point at distance 0.1 from its cell's centroid: another cell at 0.25 may hold a partner
     # within radius 0.1 (0.25 <= 0.1 + 2 x 0.1), one at 0.35 cannot; the last probed still qualifies
     i, cells, unresolved = curate.cell_targets(
@@ -142,7 +175,7 @@ def test_planted_test_copies_are_removed_and_listed(curated):
     assert sum(reason[k] in (NEAR_TEST, SAME_BYTES) for k in others) <= 0.02 * len(others)
     # the list, the counts, the summary the eval stage reads, the calibration report
     listed = (RunLayout(root / "run").stage_dir("curate") / "decontaminated.tsv").read_text().splitlines()
-    assert listed[0].startswith("shard\tkey\treason") and len(listed) - 1 == sum(
+    assert listed[0].startswith("shard\tkey\treason\tscore\tcolour_difference") and len(listed) - 1 == sum(
         r in (NEAR_TEST, SAME_BYTES) for r in reason.values()
     )
     removed = result["removed"]["near_test"] + result["removed"]["same_bytes"]
@@ -150,9 +183,14 @@ def test_planted_test_copies_are_removed_and_listed(curated):
     assert result["pool"] == len(reason) and result["kept"] == sum(r == KEPT for r in reason.values())
     assert read_summary(RunLayout(root / "run").stage_dir("curate"))["token"]
     report = json.loads((RunLayout(root / "run").stage_dir("curate") / "calibration.json").read_text())
-    assert report["copies"]["score"]["n"] == 40 and report["distinct"]["score"]["n"] > 0
-    assert report["match_threshold_source"] == "calibrated" and "quantile" in report["rule"]
+    assert report["copies"]["score"]["n"] == 40 and report["distinct"]["queries"] == 40
+    assert report["distinct"]["best_score"]["n"] == report["distinct"]["queries_with_a_candidate"]
+    assert report["match_threshold_source"] == report["colour_threshold_source"] == "calibrated"
+    assert "quantile" in report["rule"] and report["copies"]["colour_difference"]["n"] == 40
     assert 0.0 < report["candidate_radius"] <= 2.0 and -1.0 < report["match_threshold"] <= 1.0
+    assert report["copies"]["score"]["quantiles"]["0.0"] > 0.9 and report["match_threshold"] > 0.85
+    assert 0.0 < report["colour_threshold"] < 255.0
+    assert result["colour_threshold"] == report["colour_threshold"]
 
 
 def test_near_duplicate_groups_keep_one_image_and_the_same_groups_in_many_cells(curated, tmp_path):
@@ -183,8 +221,13 @@ def test_a_rerun_reuses_the_scans_and_a_set_threshold_is_used_as_given(curated, 
     again = curate.run(curate_cfg(tmp_path), tmp_path / "run")
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("scan-*.npz")} == scans  # read back, not redone
     assert again["removed"] == result["removed"] and again["pixel_checks"] < result["pixel_checks"]
-    strict = curate.run(curate_cfg(tmp_path, "curate.match_threshold=0.999", "curate.dedup=false"), tmp_path / "run")
-    assert strict["match_threshold"] == 0.999 and strict["thresholds_source"]["match_threshold"] == "config"
+    strict = curate.run(
+        curate_cfg(tmp_path, "curate.match_threshold=0.999", "curate.colour_threshold=1.5", "curate.dedup=false"),
+        tmp_path / "run",
+    )
+    assert strict["match_threshold"] == 0.999 and strict["colour_threshold"] == 1.5
+    assert set(strict["thresholds_source"].values()) == {"config", "calibrated"}  # the radius stays calibrated
+    assert strict["thresholds_source"]["colour_threshold"] == strict["thresholds_source"]["match_threshold"] == "config"
     assert strict["removed"]["near_test"] < result["removed"]["near_test"] and strict["removed"]["duplicates"] == 0
     assert strict["removed"]["same_bytes"] == result["removed"]["same_bytes"]
 
@@ -279,6 +322,9 @@ def test_bad_inputs_fail_with_one_clear_line(curated, tmp_path):
     errors.append(e.value)
     with pytest.raises(ConfigError, match="curate.match_threshold .* above the maximum 1.0") as e:
         curate_cfg(tmp_path, "curate.match_threshold=1.5")
+    errors.append(e.value)
+    with pytest.raises(ConfigError, match="curate.colour_threshold .* above the maximum 255.0") as e:
+        curate_cfg(tmp_path, "curate.colour_threshold=300")
     errors.append(e.value)
     with pytest.raises(ConfigError, match="curate.candidate_radius .* below the minimum") as e:
         curate_cfg(tmp_path, "curate.candidate_radius=-0.1")

@@ -10,11 +10,12 @@ student drawing from the clusters.
    components); the group's first row in shard order stays, the others are removed.
 3. **Balance** is the cluster stage's (pseudo/cluster_pool.py: `curate.cluster_cap`, the collapse
    warning).
-How a copy is found (data/copies.py): each image gets a signature (a colour histogram and a
-grayscale thumbnail). FAISS finds each image's `candidates` nearest by histogram (exact inner
+How a copy is found (data/copies.py): each image gets a signature (a colour histogram and a 32-px
+colour thumbnail). FAISS finds each image's `candidates` nearest by histogram (exact inner
 product; on a GPU where faiss-gpu sees one); a candidate within `candidate_radius` gets the pixel
-check (`copy_score`: gradient maps correlated over the crops, scales and rotations of the copy
-ranges), and a score from `match_threshold` makes it a copy. Not the teacher embedding: a
+check (`copy_match`: gradient maps correlated over the crops, scales and rotations of the copy
+ranges, then the colours compared at the best alignment): a structure score from `match_threshold`
+and a colour difference up to `colour_threshold` make it a copy. Not the teacher embedding: a
 metric-learning embedding puts every image of a class together by design, so it cannot tell a copy
 of a test image from another photo of its class (measured on the demo, docs/SCALING.md), and a
 check on pixels needs no teacher, so the pool is curated once, before pretrain.

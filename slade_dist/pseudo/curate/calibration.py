@@ -1,17 +1,22 @@
 """The curate stage's thresholds, calibrated on edited copies of test images (calibration.json).
 
 Owns `PairCheck` (the copy decision of a candidate pair: within `candidate_radius` by colour
-histogram, then data/copies.copy_score from `match_threshold`), `choose_thresholds` (the rule) and
-`calibrate`: rank 0 gives `curate.calibration_images` test images one edited copy each
-(data/copies.make_copy within the `curate.copy_*` ranges) and scores up to twice as many test
-images against their candidates among the other test images (the hardest distinct images the check
-meets); the radius keeps the `copy_quantile` of copy-to-original histogram distances. The match
-threshold keeps the `copy_quantile` of copy scores; the false-positive budget is a share of IMAGES
-(a pool image is removed when its best candidate passes), so the distinct side is each distinct
-image's best score, and the threshold lies halfway between the two quantiles when only
-`distinct_quantile` of distinct images reach a score below the copies'; when the two overlap, the
-copy quantile alone and a WARNING with the expected share of distinct images flagged. Values set
-in the config are used as given (and reported).
+histogram, then data/copies.copy_match: a structure score from `match_threshold` AND a colour
+difference up to `colour_threshold`), `choose_thresholds` (the rule) and `calibrate`: rank 0 gives
+`curate.calibration_images` test images one edited copy each (data/copies.make_copy within the
+`curate.copy_*` ranges) and checks up to twice as many test images against their candidates among
+the other test images (the hardest distinct images the check meets); the radius is `radius_margin`
+x the distance that keeps the `copy_quantile` of copy-to-original histogram distances (it only
+picks what the pixel check sees). Each of the two pixel measures gets its threshold the same way
+(`split_point`): the false-positive budget is a share of IMAGES (a pool image is removed when one
+of its candidates passes), so the distinct side is each distinct image's best candidate on that
+measure (an image without a candidate within the radius can never be flagged); the threshold keeps
+the `copy_quantile` of copies and lies halfway to the value only `distinct_quantile` of distinct
+images reach when that lies beyond it; when the two overlap, the copy quantile alone; when no
+distinct image bounds it, as far beyond the copy quantile as the copies' median lies before it. A copy must
+pass both, so the report estimates the joint rule on the same pairs (copies kept, distinct images
+flagged); a WARNING when the flagged share exceeds `distinct_quantile`. Values set in the config
+are used as given (and reported).
 Tests: tests/unit/test_curate.py.
 """
 
@@ -24,7 +29,7 @@ import numpy as np
 
 from ... import dist
 from ...config import Config
-from ...data.copies import CopyEdits, copy_score, make_copy, signature
+from ...data.copies import CopyEdits, Match, copy_match, make_copy, signature
 from ...data.tars import TarSamples, image_bytes
 from ...errors import UnusableInput
 from ...fileio import atomic_write_json
@@ -35,30 +40,63 @@ CALIBRATION_FILE = "calibration.json"
 QUANTILES = (0.0, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.995, 0.998, 0.999, 1.0)
 
 
-def choose_thresholds(
-    copy_dist: np.ndarray, copy_scores: np.ndarray, distinct_best: np.ndarray, copy_q: float, distinct_q: float
+def split_point(
+    copies: np.ndarray, distinct_best: np.ndarray, copy_q: float, distinct_q: float, copy_high: bool = True
 ) -> dict[str, Any]:
-    """Radius: keeps copy_q of the copies' histogram distances. Match threshold: keeps copy_q of the
-    copies' scores; halfway between that and the score only distinct_q of the distinct images reach
-    with their best candidate (distinct_best: -1 without one) when that lies below, else
-    (`overlap`) the copy quantile alone."""
-    if len(copy_scores) == 0:
-        raise UnusableInput("curate: the calibration has no copies (too few readable test images?)")
-    radius = float(np.quantile(copy_dist, copy_q))
-    t_copy = float(np.quantile(copy_scores, 1.0 - copy_q))
-    t_distinct = float(np.quantile(distinct_best, 1.0 - distinct_q)) if len(distinct_best) else -1.0
-    overlap = t_distinct >= t_copy
-    t = t_copy if overlap else (t_copy + t_distinct) / 2
+    """A threshold on one measure: keeps copy_q of the copies' values; halfway between that and the
+    value only distinct_q of the distinct images reach with their best candidate when that lies
+    beyond, else (`overlap`) the copy quantile alone. distinct_best: NaN for an image without a
+    candidate (it can never be flagged); when no more than distinct_q of the images have one, the
+    budget holds at any value and nothing distinct bounds the line: it lies as far beyond the copy
+    quantile as that quantile lies from the copies' median (few calibration copies estimate a tail
+    quantile poorly; the margin keeps the copies just beyond it). copy_high: copies score high (structure),
+    else low (colour difference)."""
+    sign = 1.0 if copy_high else -1.0
+    c, d = sign * np.asarray(copies, np.float64), sign * np.asarray(distinct_best, np.float64)
+    t_copy = float(np.quantile(c, 1.0 - copy_q))
+    seen = d[np.isfinite(d)]
+    allowed = distinct_q * len(d)  # distinct images the budget lets reach the threshold
+    t_distinct = float(np.quantile(seen, 1.0 - allowed / len(seen))) if len(seen) > allowed else None
+    overlap = t_distinct is not None and t_distinct >= t_copy
+    if t_distinct is None:  # nothing distinct bounds it: as far beyond as the copies' own spread
+        t = 2 * t_copy - float(np.median(c))
+    else:
+        t = t_copy if overlap else (t_copy + t_distinct) / 2
     return {
-        "candidate_radius": radius,
-        "match_threshold": t,
-        "copy_quantile_score": t_copy,
-        "distinct_quantile_score": t_distinct,
-        "overlap": overlap,
+        "threshold": sign * t,
+        "copy_quantile_value": sign * t_copy,
+        "distinct_quantile_value": None if t_distinct is None else sign * t_distinct,
+        "overlap": bool(overlap),
+    }
+
+
+def choose_thresholds(
+    copy_dist: np.ndarray,
+    copy_match: np.ndarray,
+    distinct_best: np.ndarray,
+    copy_q: float,
+    distinct_q: float,
+    margin: float = 1.0,
+) -> dict[str, Any]:
+    """Radius: margin x the distance that keeps copy_q of the copies. copy_match: (n, 2) the copies'
+    (structure, colour difference); distinct_best: (m, 2) each distinct image's best candidate on
+    each measure (highest structure, lowest colour difference). Each threshold by split_point."""
+    if len(copy_match) == 0:
+        raise UnusableInput("curate: the calibration has no copies (too few readable test images?)")
+    copy_match, distinct_best = np.asarray(copy_match).reshape(-1, 2), np.asarray(distinct_best).reshape(-1, 2)
+    structure = split_point(copy_match[:, 0], distinct_best[:, 0], copy_q, distinct_q)
+    colour = split_point(copy_match[:, 1], distinct_best[:, 1], copy_q, distinct_q, copy_high=False)
+    return {
+        "candidate_radius": float(min(2.0, margin * np.quantile(copy_dist, copy_q))),
+        "match_threshold": structure["threshold"],
+        "colour_threshold": colour["threshold"],
+        "structure": structure,
+        "colour": colour,
     }
 
 
 def _describe(x: np.ndarray) -> dict[str, Any]:
+    x = np.asarray(x)[np.isfinite(x)]  # NaN: no candidate (counted beside)
     if len(x) == 0:
         return {"n": 0}
     x = np.asarray(x, dtype=np.float64)  # float32 cannot hold 40 bins of a 1e-6 range (all values equal)
@@ -82,32 +120,40 @@ def copy_edits(cfg: Config) -> CopyEdits:
 
 
 class PairCheck:
-    """The copy decision of a candidate pair: within the radius, then the pixel check."""
+    """The copy decision of a candidate pair: within the radius, then both pixel measures."""
 
-    def __init__(self, radius: float, threshold: float, cfg: Config) -> None:
-        self.radius, self.threshold = radius, threshold
+    def __init__(self, radius: float, threshold: float, colour_threshold: float, cfg: Config) -> None:
+        self.radius, self.threshold, self.colour_threshold = radius, threshold, colour_threshold
         self.min_area, self.max_rotation = cfg.curate.copy_min_area, cfg.curate.copy_max_rotation
         self.checked = 0
 
-    def score(self, a: np.ndarray, b: np.ndarray, stop: bool = True) -> float:
+    def match(self, a: np.ndarray, b: np.ndarray) -> Match:
         self.checked += 1
-        return copy_score(a, b, self.min_area, self.max_rotation, self.threshold if stop else 2.0)
+        return copy_match(a, b, self.min_area, self.max_rotation)
+
+    def passes(self, m: Match | np.ndarray) -> bool | np.ndarray:
+        """Whether a match (or (n, 2) rows of them) is a copy."""
+        m = np.asarray(m)
+        return (m[..., 0] >= self.threshold) & (m[..., 1] <= self.colour_threshold)
 
 
 def calibrate(tests: TestImages, out_dir: Path, cfg: Config) -> dict[str, Any]:
     """Rank 0 measures copies and distinct pairs and picks the thresholds; every rank gets them."""
     report = _calibration_report(tests, out_dir, cfg) if dist.is_main() else None
     report = dist.broadcast_object(report)
-    if report["calibrated"]["overlap"] and report["match_threshold_source"] == "calibrated" and dist.is_main():
-        c = report["calibrated"]
+    flagged = report["estimates"]["distinct_flagged_share"]
+    if flagged > cfg.curate.distinct_quantile and dist.is_main():
         dist.get_logger().warning(
-            f"[curate] copies and distinct test images overlap: the score {1 - cfg.curate.copy_quantile:.3g} of the "
-            f"copies stay under ({c['copy_quantile_score']:.4f}) is below the one {cfg.curate.distinct_quantile:.3g} "
-            f"of distinct test images reach with their best candidate ({c['distinct_quantile_score']:.4f}); at "
-            f"threshold {report['match_threshold']:.4f} {report['estimates']['distinct_flagged_share']:.2%} of "
-            f"distinct test images would be flagged (calibration.json)"
+            f"[curate] copies and distinct test images overlap: at structure >= {report['match_threshold']:.4f} and "
+            f"colour difference <= {report['colour_threshold']:.2f}, {flagged:.2%} of distinct test images would be "
+            f"flagged as copies of another (budget curate.distinct_quantile {cfg.curate.distinct_quantile:.3g}), "
+            f"{report['estimates']['copy_recall']:.2%} of calibration copies found (calibration.json)"
         )
     return report
+
+
+def _given_or(value: float | None, calibrated: float) -> tuple[float, str]:
+    return (float(value), "config") if value is not None else (float(calibrated), "calibrated")
 
 
 def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[str, Any]:
@@ -116,53 +162,70 @@ def _calibration_report(tests: TestImages, out_dir: Path, cfg: Config) -> dict[s
     rows = np.sort(rng.choice(len(tests.keys), min(c.calibration_images, len(tests.keys)), replace=False))
     copies, edits = _copies(tests, rows, cfg, rng)
     index = FlatIndex(tests.hist)
-    probe = PairCheck(2.0, 2.0, cfg)
+    probe = PairCheck(2.0, 2.0, 0.0, cfg)
     copy_dist = np.linalg.norm(unit_rows(copies["hist"]) - tests.hist[rows], axis=1)
-    copy_scores = np.array(
-        [
-            probe.score(cut(t, s), tests.thumb(int(r)), stop=False)
-            for t, s, r in zip(copies["thumb"], copies["shape"], rows)
-        ]
-    )
+    copy_match = np.array(
+        [probe.match(cut(t, s), tests.thumb(int(r))) for t, s, r in zip(copies["thumb"], copies["shape"], rows)],
+        np.float64,
+    ).reshape(-1, 2)
     queries = np.sort(rng.choice(len(tests.keys), min(2 * c.calibration_images, len(tests.keys)), replace=False))
-    loose = float(np.quantile(copy_dist, c.copy_quantile)) if c.candidate_radius is None else c.candidate_radius
-    distinct, distinct_best = _distinct_scores(tests, index, queries, loose, probe, c.candidates)
-    cal = choose_thresholds(copy_dist, copy_scores, distinct_best, c.copy_quantile, c.distinct_quantile)
-    radius = c.candidate_radius if c.candidate_radius is not None else cal["candidate_radius"]
-    threshold = c.match_threshold if c.match_threshold is not None else cal["match_threshold"]
+    loose = c.candidate_radius
+    if loose is None:
+        loose = min(2.0, c.radius_margin * float(np.quantile(copy_dist, c.copy_quantile)))
+    distinct, of_query = _distinct_matches(tests, index, queries, loose, probe, c.candidates)
+    best = _best_per_query(distinct, of_query, len(queries))
+    cal = choose_thresholds(copy_dist, copy_match, best, c.copy_quantile, c.distinct_quantile, c.radius_margin)
+    radius, radius_source = _given_or(c.candidate_radius, cal["candidate_radius"])
+    threshold, threshold_source = _given_or(c.match_threshold, cal["match_threshold"])
+    colour, colour_source = _given_or(c.colour_threshold, cal["colour_threshold"])
+    check = PairCheck(radius, threshold, colour, cfg)
     found = _retrieved(index, unit_rows(copies["hist"]), rows, c.candidates)
+    flagged = np.zeros(len(queries), bool)
+    np.logical_or.at(flagged, of_query, check.passes(distinct) & (distinct[:, 2] <= radius))
     report = {
         "rule": (
-            f"candidate radius = the {c.copy_quantile} quantile of copy-to-original colour-histogram distances; "
-            f"match threshold = the score all but {1 - c.copy_quantile:.3g} of copies reach, placed halfway to the "
-            f"score only {c.distinct_quantile} of distinct test images reach with their best candidate when that "
-            f"lies below (else the copy quantile alone, with a warning). A pool image is a copy of a test image when "
-            f"one of its {c.candidates} nearest test images by histogram lies within the radius and scores >= the "
-            f"threshold"
+            f"candidate radius = {c.radius_margin} x the {c.copy_quantile} quantile of copy-to-original "
+            f"colour-histogram distances; "
+            f"match threshold (structure: gradient correlation) and colour threshold (mean RGB difference at the "
+            f"best alignment) = each the value all but {1 - c.copy_quantile:.3g} of copies reach, placed halfway to "
+            f"the value only {c.distinct_quantile} of distinct test images reach with their best candidate when that "
+            f"lies beyond (else the copy quantile alone). A pool image is a copy of a test image when one of its "
+            f"{c.candidates} nearest test images by histogram lies within the radius, scores >= the match threshold "
+            f"and differs in colour by <= the colour threshold"
         ),
-        "candidate_radius": float(radius),
-        "candidate_radius_source": "config" if c.candidate_radius is not None else "calibrated",
-        "match_threshold": float(threshold),
-        "match_threshold_source": "config" if c.match_threshold is not None else "calibrated",
+        "candidate_radius": radius,
+        "candidate_radius_source": radius_source,
+        "match_threshold": threshold,
+        "match_threshold_source": threshold_source,
+        "colour_threshold": colour,
+        "colour_threshold_source": colour_source,
         "calibrated": cal,
         "estimates": {
-            "copy_recall": float(np.mean(found & (copy_dist <= radius) & (copy_scores >= threshold))),
+            "copy_recall": float(np.mean(found & (copy_dist <= radius) & check.passes(copy_match))),
             "copy_original_among_candidates": float(np.mean(found)),
-            "distinct_flagged_share": float(np.mean(distinct_best >= threshold)) if len(distinct_best) else 0.0,
+            "distinct_flagged_share": float(np.mean(flagged)) if len(flagged) else 0.0,
+            "distinct_flagged_by_structure_alone": float(np.mean(np.nan_to_num(best[:, 0], nan=-1.0) >= threshold))
+            if len(queries)
+            else 0.0,
         },
         "copies": {
             "histogram_distance": _describe(copy_dist),
-            "score": _describe(copy_scores),
+            "score": _describe(copy_match[:, 0]),
+            "colour_difference": _describe(copy_match[:, 1]),
             "edits": vars(copy_edits(cfg)),
             "examples": edits[:20],
         },
         "distinct": {
-            "score": _describe(distinct),
-            "best_score": _describe(distinct_best),
+            "score": _describe(distinct[:, 0]),
+            "colour_difference": _describe(distinct[:, 1]),
+            "best_score": _describe(best[:, 0]),
+            "best_colour_difference": _describe(best[:, 1]),
+            "queries": len(queries),
+            "queries_with_a_candidate": int(np.isfinite(best[:, 0]).sum()),
             "what": (
-                f"pixel-check scores of {len(queries)} test images against their candidates among the other test "
-                f"images (other bytes, within the radius): the hardest distinct pairs the check meets; best_score: "
-                f"each image's best (-1: no candidate within the radius)"
+                f"pixel checks of {len(queries)} test images against their candidates among the other test images "
+                f"(other bytes, within the radius): the hardest distinct pairs the check meets; best_*: each image "
+                f"with a candidate: its best candidate on that measure"
             ),
         },
         "test_images": len(tests.keys),
@@ -193,23 +256,31 @@ def _copies(
     }, [made[r][3] for r in order]
 
 
-def _distinct_scores(
+def _distinct_matches(
     tests: TestImages, index: FlatIndex, queries: np.ndarray, radius: float, check: PairCheck, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of each query test image against its candidates among the OTHER test images (other
-    bytes, within the radius), and each query's best score (-1 without a candidate)."""
+    """(structure, colour difference, histogram distance) of each query test image against each of
+    its candidates among the OTHER test images (other bytes, within the radius), and the query
+    (index into queries) of each row."""
     d, nn = index.search(tests.hist[queries], k + 1)
-    scores, best = [], []
-    for q, ds, ns in zip(queries, d, nn):
-        top = -1.0
+    rows, of_query = [], []
+    for qi, (q, ds, ns) in enumerate(zip(queries, d, nn)):
         for dj, j in zip(ds, ns):
             if j < 0 or dj > radius or tests.byte_twin[j] == tests.byte_twin[q]:
                 continue
-            s = check.score(tests.thumb(int(q)), tests.thumb(int(j)), stop=False)
-            scores.append(s)
-            top = max(top, s)
-        best.append(top)
-    return np.asarray(scores, np.float32), np.asarray(best, np.float32)
+            rows.append((*check.match(tests.thumb(int(q)), tests.thumb(int(j))), float(dj)))
+            of_query.append(qi)
+    return np.array(rows, np.float64).reshape(-1, 3), np.array(of_query, np.int64)
+
+
+def _best_per_query(distinct: np.ndarray, of_query: np.ndarray, n: int) -> np.ndarray:
+    """(n, 2): each query's highest structure and lowest colour difference over its candidates
+    (NaN without one)."""
+    best = np.tile([-np.inf, np.inf], (n, 1))
+    np.maximum.at(best[:, 0], of_query, distinct[:, 0])
+    np.minimum.at(best[:, 1], of_query, distinct[:, 1])
+    best[~np.isfinite(best)] = np.nan
+    return best
 
 
 def _retrieved(index: FlatIndex, hists: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

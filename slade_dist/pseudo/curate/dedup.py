@@ -187,10 +187,11 @@ def _cell_pairs(rows: np.ndarray, check: PairCheck, k: int) -> tuple[np.ndarray,
     copies = [
         (x, y)
         for x, y in cand
-        if check.score(
-            cut(rows["thumb"][pos[x]], rows["shape"][pos[x]]), cut(rows["thumb"][pos[y]], rows["shape"][pos[y]])
+        if check.passes(
+            check.match(
+                cut(rows["thumb"][pos[x]], rows["shape"][pos[x]]), cut(rows["thumb"][pos[y]], rows["shape"][pos[y]])
+            )
         )
-        >= check.threshold
     ]
     return np.array(copies, np.int64).reshape(-1, 2), len(cand)
 
@@ -202,7 +203,7 @@ def _row_dtype() -> np.dtype:
             ("row", "<i8"),
             ("cell", "<i4"),
             ("hist", "<f2", (HIST_DIM,)),
-            ("thumb", "u1", (THUMB, THUMB)),
+            ("thumb", "u1", (THUMB, THUMB, 3)),
             ("shape", "u1", (2,)),
         ]
     )

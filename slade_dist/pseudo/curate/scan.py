@@ -2,12 +2,13 @@
 
 Owns `scan_pool`: the rank owning a shard (round-robin, as embed) signs each of its samples
 (search.shard_signatures), looks its bytes up among the test images' (`curate.hash_check`) and
-checks its `curate.candidates` nearest test images by colour histogram (FAISS) with the pixel
-check (calibration.PairCheck); the scan (`scan-%06d.npz`: signatures, same-bytes test row, copied
-test row and best score) is written once (fileio.atomic_path) and read back by a rerun with the same
-test sets and thresholds (the stage checks `scan.json`). `PoolShard` is one scanned shard with its
-pool rows (numbered across all ranks in index order) and its reason codes after decontamination
-(data/curation.py: KEPT, NEAR_TEST, SAME_BYTES, UNREADABLE).
+checks its `curate.candidates` nearest test images by colour histogram (FAISS) with the pixel check
+(calibration.PairCheck); the scan (`scan-%06d.npz`: signatures, same-bytes test row, copied test
+row, the best structure score and smallest colour difference seen) is written once
+(fileio.atomic_path) and read back by a rerun with the same test sets and thresholds (the stage
+checks `scan.json`). `PoolShard` is one scanned shard with its pool rows (numbered across all ranks
+in index order) and its reason codes after decontamination (data/curation.py: KEPT, NEAR_TEST,
+SAME_BYTES, UNREADABLE).
 Tests: tests/unit/test_curate.py, tests/integration/test_curate_multirank.py.
 """
 
@@ -88,31 +89,34 @@ def _scan_shard(
     same = np.full(n, -1, np.int64)
     copy_of = np.full(n, -1, np.int64)
     best = np.full(n, -1.0, np.float32)
+    colour = np.full(n, 255.0, np.float32)
     ok = np.flatnonzero(scan["readable"])
     if cfg.curate.hash_check:
         same[ok] = [tests.digest_row.get(scan["digest"][i].tobytes(), -1) for i in ok]
     d, nn = index.search(unit_rows(scan["hist"][ok]), cfg.curate.candidates)
     for i, ds, ns in zip(ok, d, nn):
         if same[i] < 0:  # same bytes already decide it
-            copy_of[i], best[i] = _first_copy(cut(scan["thumb"][i], scan["shape"][i]), ds, ns, tests, check)
-    scan.update(same_row=same, copy_row=copy_of, test_score=best)
+            copy_of[i], best[i], colour[i] = _first_copy(cut(scan["thumb"][i], scan["shape"][i]), ds, ns, tests, check)
+    scan.update(same_row=same, copy_row=copy_of, test_score=best, test_colour=colour)
     save_arrays(path, scan)
     return scan
 
 
 def _first_copy(
     thumb: np.ndarray, dists: np.ndarray, rows: np.ndarray, tests: TestImages, check: PairCheck
-) -> tuple[int, float]:
-    """(the first candidate test row it is a copy of or -1, the best score seen) over candidates
-    in order of histogram distance, those within the radius only."""
-    best = -1.0
+) -> tuple[int, float, float]:
+    """(the first candidate test row it is a copy of or -1, and that copy's structure score and
+    colour difference, or the best of each seen) over candidates in order of histogram distance,
+    those within the radius only."""
+    best, colour = -1.0, 255.0
     for d, j in zip(dists, rows):
         if j < 0 or d > check.radius:
             continue
-        best = max(best, check.score(thumb, tests.thumb(int(j))))
-        if best >= check.threshold:
-            return int(j), best
-    return -1, best
+        m = check.match(thumb, tests.thumb(int(j)))
+        if check.passes(m):
+            return int(j), m.structure, m.colour
+        best, colour = max(best, m.structure), min(colour, m.colour)
+    return -1, best, colour
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray] | np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """What the curate stage searches with: an image's signature, the exact FAISS index, rank totals.
 
 Owns `shard_signatures` (every sample of a tar: key ids, readable or not, a blake2b digest of its
-bytes, its copy signature of data/copies.py: a colour histogram and a grayscale thumbnail),
+bytes, its copy signature of data/copies.py: a colour histogram and a colour thumbnail),
 `FlatIndex` (exact inner-product kNN over unit rows; on a GPU where faiss-gpu sees one),
 `unit_rows` / `unit_distances` / `cut` (the forms the rows are searched and checked in) and
 `summed` (counts summed over ranks through dist.staged_all_reduce_sum).
@@ -70,7 +70,8 @@ def shard_signatures(shard: Path) -> dict[str, np.ndarray]:
             hist, thumb, shape = signature(data)
             rows.append((True, _digest(data), hist, thumb, shape))
         except Exception:  # noqa: BLE001 (any undecodable image: PIL raises many types) counted as unreadable
-            rows.append((False, b"\0" * 16, np.zeros(HIST_DIM, np.float32), np.zeros((THUMB, THUMB), np.uint8), (0, 0)))
+            blank = np.zeros((THUMB, THUMB, 3), np.uint8)
+            rows.append((False, b"\0" * 16, np.zeros(HIST_DIM, np.float32), blank, (0, 0)))
     n = len(keys)
     return {
         "keys": np.array(keys, dtype=str),
@@ -78,7 +79,7 @@ def shard_signatures(shard: Path) -> dict[str, np.ndarray]:
         "readable": np.array([r[0] for r in rows], dtype=bool),
         "digest": np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(n, 16),
         "hist": np.array([r[2] for r in rows], dtype=np.float16).reshape(n, HIST_DIM),
-        "thumb": np.array([r[3] for r in rows], dtype=np.uint8).reshape(n, THUMB, THUMB),
+        "thumb": np.array([r[3] for r in rows], dtype=np.uint8).reshape(n, THUMB, THUMB, 3),
         "shape": np.array([r[4] for r in rows], dtype=np.uint8).reshape(n, 2),
     }
 

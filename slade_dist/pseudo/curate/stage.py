@@ -1,13 +1,13 @@
 """The curate stage's entry: `run`, what it writes and what it reports.
 
 Order: the test images (references.py), the thresholds (calibration.py), each unlabeled shard
-scanned against them (scan.py), near-duplicate groups among what is left (dedup.py), then each
-rank writes its shards' decisions (data/curation.py: `cur-%06d.npz`, what the cluster stage reads)
-and rank 0 the removed list (`decontaminated.tsv`: every removed-for-test image, its score and the
-test image it copies), TensorBoard `tb/curate` and, last, `curate.json` (the summary: counts per
-test set and reason, thresholds and where they came from, the groups, timings; its presence marks
-a complete curation). A rerun keeps the per-shard scans made against the same test sets with the
-same thresholds (`scan.json`) and redoes the rest.
+scanned against them (scan.py), near-duplicate groups among what is left (dedup.py), then each rank
+writes its shards' decisions (data/curation.py: `cur-%06d.npz`, what the cluster stage reads) and
+rank 0 the removed list (`decontaminated.tsv`: every removed-for-test image, its structure score,
+colour difference and the test image it copies), TensorBoard `tb/curate` and, last, `curate.json`
+(the summary: counts per test set and reason, thresholds and where they came from, the groups,
+timings; its presence marks a complete curation). A rerun keeps the per-shard scans made against
+the same test sets with the same thresholds (`scan.json`) and redoes the rest.
 Tests: tests/unit/test_curate.py, tests/integration/test_curate_multirank.py.
 """
 
@@ -60,7 +60,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     tests = load_test_images(sets)
     report = calibrate(tests, out_dir, cfg)
-    check = PairCheck(report["candidate_radius"], report["match_threshold"], cfg)
+    check = PairCheck(report["candidate_radius"], report["match_threshold"], report["colour_threshold"], cfg)
     if dist.is_main():
         _reset(out_dir, _fingerprint(sets, shards, check, cfg))
     dist.barrier()
@@ -92,7 +92,14 @@ def _fingerprint(sets: dict[str, str], shards: list[Path], check: PairCheck, cfg
     return {
         "tests": {name: shard_dir_id(d) for name, d in sets.items()},
         "shards": [p.name for p in shards],
-        "check": [check.radius, check.threshold, check.min_area, check.max_rotation, cfg.curate.candidates],
+        "check": [
+            check.radius,
+            check.threshold,
+            check.colour_threshold,
+            check.min_area,
+            check.max_rotation,
+            cfg.curate.candidates,
+        ],
         "hash_check": cfg.curate.hash_check,
     }
 
@@ -135,6 +142,7 @@ def _write_decisions(
             per_set[tests.set_of[t_row], int(same)] += 1
             rows.append((s.path.name, str(s.scan["keys"][i]), REASONS[int(reason[i])],
                          1.0 if same else float(s.scan["test_score"][i]),
+                         0.0 if same else float(s.scan["test_colour"][i]),
                          tests.names[int(tests.set_of[t_row])], tests.keys[t_row]))  # fmt: skip
     totals, per_set = summed(totals), summed(per_set)
     counts = dict(zip(("pool", "kept", "near_test", "same_bytes", "duplicates", "unreadable"), map(int, totals)))
@@ -167,7 +175,10 @@ def _summary(
         "decontaminate": cfg.curate.decontaminate,
         "candidate_radius": report["candidate_radius"],
         "match_threshold": report["match_threshold"],
-        "thresholds_source": {k: report[f"{k}_source"] for k in ("candidate_radius", "match_threshold")},
+        "colour_threshold": report["colour_threshold"],
+        "thresholds_source": {
+            k: report[f"{k}_source"] for k in ("candidate_radius", "match_threshold", "colour_threshold")
+        },
         "calibration": report["estimates"],
         "duplicate_groups": groups,
         "shards": n_shards,
@@ -184,8 +195,8 @@ def _summary(
 
 
 def _write_removed_list(out_dir: Path, rows: list[tuple]) -> None:
-    head = "shard\tkey\treason\tscore\ttest_set\ttest_key\n"
-    body = "".join(f"{a}\t{b}\t{c}\t{d:.4f}\t{e}\t{f}\n" for a, b, c, d, e, f in rows)
+    head = "shard\tkey\treason\tscore\tcolour_difference\ttest_set\ttest_key\n"
+    body = "".join(f"{a}\t{b}\t{c}\t{d:.4f}\t{e:.2f}\t{f}\t{g}\n" for a, b, c, d, e, f, g in rows)
     atomic_write_text(out_dir / REMOVED_FILE, head + body)
 
 
@@ -195,6 +206,7 @@ def _tensorboard(tb_dir: Path, report: dict[str, Any], summary: dict[str, Any]) 
             {
                 "curate/candidate_radius": summary["candidate_radius"],
                 "curate/match_threshold": summary["match_threshold"],
+                "curate/colour_threshold": summary["colour_threshold"],
                 "curate/removed_copies": summary["removed"]["near_test"],
                 "curate/removed_same_bytes": summary["removed"]["same_bytes"],
                 "curate/removed_duplicates": summary["removed"]["duplicates"],
@@ -218,6 +230,7 @@ def _closing_line(s: dict[str, Any]) -> str:
     for_tests = s["removed"]["near_test"] + s["removed"]["same_bytes"]
     return (
         f"[curate] pool {s['pool']}, kept {s['kept']}; removed as copies of test images {for_tests} ({per_set}; "
-        f"{s['removed']['same_bytes']} same bytes); {dups}; threshold {s['match_threshold']:.4f} within "
-        f"{s['candidate_radius']:.4f}; {s['pixel_checks']} pixel checks"
+        f"{s['removed']['same_bytes']} same bytes); {dups}; structure >= {s['match_threshold']:.4f}, colour "
+        f"difference <= {s['colour_threshold']:.2f} within {s['candidate_radius']:.4f}; "
+        f"{s['pixel_checks']} pixel checks"
     )
