@@ -184,7 +184,8 @@ def curation_report(layout: RunLayout, cfg: Config) -> dict[str, Any]:
         f"[eval] curation removed from the {s['pool']} unlabeled images: copies of {sets}; "
         f"{s['removed']['duplicates']} near-duplicates"
     )
-    return {k: s[k] for k in ("pool", "kept", "removed", "per_test_set", "match_threshold")}
+    keys = ("pool", "kept", "removed", "per_test_set", "candidate_radius", "match_threshold", "colour_threshold")
+    return {k: s[k] for k in keys if k in s}
 
 
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:

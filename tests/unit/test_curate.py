@@ -359,6 +359,10 @@ def test_eval_says_what_was_removed_or_that_nothing_was_checked(curated, caplog)
         report = curation_report(layout, cfg)
     removed = result["per_test_set"]["test"]["removed"]
     assert report["per_test_set"]["test"]["removed"] == removed
+    summary = json.loads((layout.stage_dir("curate") / "curate.json").read_text())
+    assert {k: report[k] for k in ("match_threshold", "colour_threshold")} == {
+        k: summary[k] for k in ("match_threshold", "colour_threshold")
+    }
     assert f"curation removed from the {result['pool']} unlabeled images: copies of test {removed}" in caplog.text
     cfg_off = load_config(None, [f"run.dir={root / 'run'}"], check_paths=False)
     with caplog.at_level("WARNING", logger="slade_dist"):
