@@ -9,11 +9,13 @@ slade_dist/pseudo/curate/):
   rows number every shard's samples in index order), `test_score` (float32: the pixel check's
   structure score against the test image it copies, else the best among its candidates, -1 when
   none was close enough to check);
+- `decontaminated.tsv`: a row per image removed as a test copy (shard, key, reason, scores, the
+  test image it copies); SwAV's pretraining leaves these keys out (`test_copies`);
 - `curate.json`: the stage's summary (pool size, what was removed per test set and why, the
   thresholds, the duplicate groups, a `token` unique to the run that wrote it); written last, so
   its presence marks complete decisions. The cluster stage keys its centroids to the token, the
   eval stage prints the removal counts from it.
-Tests: tests/unit/test_curate.py.
+Tests: tests/unit/test_curate.py, tests/unit/test_multicrop.py (test_copies).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, atomic_write_text
 from .shards import shard_index
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "read_keep",
     "read_summary",
     "test_copies",
+    "write_removed_list",
+    "REMOVED_FILE",
     "CurationMissing",
 ]
 
@@ -58,6 +62,8 @@ REASONS = {
     UNREADABLE: "unreadable",  # no decodable image: every stage skips it anyway
 }
 SUMMARY_FILE = "curate.json"
+REMOVED_FILE = "decontaminated.tsv"
+REMOVED_HEADER = "shard\tkey\treason\tscore\tcolour_difference\ttest_set\ttest_key\n"
 
 
 class CurationMissing(FileNotFoundError, UserError):
@@ -123,17 +129,28 @@ def read_keep(curate_dir: str | os.PathLike[str], shard: str | os.PathLike[str],
     return d["keep"][rows]
 
 
+def write_removed_list(curate_dir: str | os.PathLike[str], rows: Sequence[tuple]) -> None:
+    """decontaminated.tsv: one row per pool image removed as a test copy (rank 0, atomically)."""
+    body = "".join(f"{a}\t{b}\t{c}\t{d:.4f}\t{e:.2f}\t{f}\t{g}\n" for a, b, c, d, e, f, g in rows)
+    atomic_write_text(Path(curate_dir) / REMOVED_FILE, REMOVED_HEADER + body)
+
+
 def test_copies(curate_dir: str | os.PathLike[str], shards: Sequence[Path]) -> dict[Path, frozenset[int]]:
     """{shard: key ids of its samples the curate stage found to be copies of a test image} (a near
-    copy or the same bytes): what no stage trains on, SwAV's pretraining included."""
-    out: dict[Path, frozenset[int]] = {}
-    for shard in shards:
-        path = decisions_path(curate_dir, shard)
-        if not path.exists():
-            raise CurationMissing(f"{path} is missing: run the curate stage (curate.enabled is true)")
-        d = read_decisions(path)
-        out[Path(shard)] = frozenset(d["key_id"][np.isin(d["reason"], (NEAR_TEST, SAME_BYTES))].tolist())
-    return out
+    copy or the same bytes): what no stage trains on, SwAV's pretraining included. Read from
+    decontaminated.tsv, whose size follows what was removed, not the pool: every rank reads it."""
+    path = Path(curate_dir) / REMOVED_FILE
+    if not path.exists():
+        raise CurationMissing(f"{path} is missing: run the curate stage (curate.enabled is true)")
+    by_name = {Path(s).name: Path(s) for s in shards}
+    keys: dict[Path, list[str]] = {p: [] for p in by_name.values()}
+    with path.open() as f:
+        next(f)  # the header
+        for line in f:
+            shard, key = line.split("\t", 2)[:2]
+            if shard in by_name:
+                keys[by_name[shard]].append(key)
+    return {p: frozenset(key_ids(k).tolist()) for p, k in keys.items()}
 
 
 def read_summary(curate_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

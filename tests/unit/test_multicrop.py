@@ -11,7 +11,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -87,8 +86,8 @@ def test_truncation_losses_are_counted(tmp_path):
 
 
 def test_the_pools_copies_of_test_images_are_never_drawn(tmp_path):
-    """SwAV's stream leaves out the keys the curate stage found to copy a test image (curation.test_copies:
-    near copies and same bytes), in their own shard only; duplicates stay."""
+    """SwAV's stream leaves out the keys the curate stage listed as copies of a test image
+    (decontaminated.tsv, read by curation.test_copies), in their own shard only."""
     pool, curate = tmp_path / "unlabeled", tmp_path / "curate"
     pool.mkdir()
     keys = [f"{i:04d}" for i in range(8)]
@@ -99,10 +98,9 @@ def test_the_pools_copies_of_test_images_are_never_drawn(tmp_path):
         ]
         write_shard(pool / f"u-{s:06d}.tar", rows)
     write_index(pool, [{"name": f"u-{s:06d}.tar", "count": 8} for s in range(2)], "unlabeled")
-    reasons = [curation.NEAR_TEST, curation.SAME_BYTES, curation.DUPLICATE] + [curation.KEPT] * 5
-    none = -np.ones(8)
-    curation.write_decisions(curation.decisions_path(curate, 0), curation.key_ids(keys), reasons, none, none)
-    curation.write_decisions(curation.decisions_path(curate, 1), curation.key_ids(keys), [0] * 8, none, none)
+    # shard 0 lost keys 0000 (near copy) and 0001 (same bytes) to the test set; shard 1 nothing
+    rows = [("u-000000.tar", k, reason, 0.95, 1.0, "test", "t1") for k, reason in [("0000", "near"), ("0001", "bytes")]]
+    curation.write_removed_list(curate, rows)
     shards = shard_paths(pool)
     leave_out = curation.test_copies(curate, shards)
     assert [len(leave_out[p]) for p in shards] == [2, 0]

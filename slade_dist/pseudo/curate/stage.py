@@ -33,9 +33,10 @@ from ...data.curation import (
     UNREADABLE,
     decisions_path,
     write_decisions,
+    write_removed_list,
 )
 from ...data.shards import unlabeled_pool
-from ...fileio import atomic_write_json, atomic_write_text
+from ...fileio import atomic_write_json
 from ...provenance import shard_dir_id
 from ...stages import RunLayout
 from ...tb import TBWriter
@@ -46,7 +47,6 @@ from .scan import PoolShard, scan_pool
 from .search import summed, summed_int
 
 FINGERPRINT_FILE = "scan.json"
-REMOVED_FILE = "decontaminated.tsv"
 
 
 def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     summary["pixel_checks"] = summed_int(check.checked)
     summary["seconds"] = {"scan": round(t_scan, 2), "dedup": round(t_dedup, 2), "total": round(time.time() - t0, 2)}
     if dist.is_main():
-        _write_removed_list(out_dir, removed_rows)
+        write_removed_list(out_dir, removed_rows)
         _tensorboard(layout.tb_dir("curate"), report, summary)
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, "token": f"{time.time_ns()}-{os.getpid()}"}, indent=1)
     dist.barrier()
@@ -192,12 +192,6 @@ def _summary(
             "removed_duplicates": counts["duplicates"],
         },
     }
-
-
-def _write_removed_list(out_dir: Path, rows: list[tuple]) -> None:
-    head = "shard\tkey\treason\tscore\tcolour_difference\ttest_set\ttest_key\n"
-    body = "".join(f"{a}\t{b}\t{c}\t{d:.4f}\t{e:.2f}\t{f}\t{g}\n" for a, b, c, d, e, f, g in rows)
-    atomic_write_text(out_dir / REMOVED_FILE, head + body)
 
 
 def _tensorboard(tb_dir: Path, report: dict[str, Any], summary: dict[str, Any]) -> None:
